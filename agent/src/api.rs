@@ -1,0 +1,400 @@
+//! The agent's HTTP/JSON API, served on a unix socket and optionally TCP:
+//! instance lifecycle, logs, cell state, health and metrics.
+
+use crate::executor::{ExecError, Executor};
+use bytes::Bytes;
+use corral_proto::{InstanceId, InstanceSpec};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use prometheus_client::registry::Registry;
+use std::convert::Infallible;
+use std::io::{Read, Seek, SeekFrom};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+pub type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub struct ApiState {
+    pub exec: Arc<Executor>,
+    pub registry: Registry,
+    pub ready: AtomicBool,
+}
+
+/// A streaming body fed through a channel (followed logs).
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+fn full(status: StatusCode, ctype: &str, body: impl Into<Bytes>) -> Response<RespBody> {
+    let mut r = Response::new(Full::new(body.into()).boxed());
+    *r.status_mut() = status;
+    if let Ok(v) = ctype.parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+fn json(status: StatusCode, v: &impl serde::Serialize) -> Response<RespBody> {
+    match serde_json::to_vec_pretty(v) {
+        Ok(mut b) => {
+            b.push(b'\n');
+            full(status, "application/json", b)
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding response: {e}"),
+            vec![],
+        ),
+    }
+}
+
+fn error(status: StatusCode, msg: String, details: Vec<String>) -> Response<RespBody> {
+    let mut v = serde_json::json!({ "error": msg });
+    if !details.is_empty() {
+        v["details"] = details.into();
+    }
+    json(status, &v)
+}
+
+fn exec_error(e: ExecError) -> Response<RespBody> {
+    let status = match &e {
+        ExecError::BadSpec(_) | ExecError::BadRootfs(_) => StatusCode::BAD_REQUEST,
+        ExecError::Conflict { .. } | ExecError::NoCapacity(_) => StatusCode::CONFLICT,
+        ExecError::NotFound(_) => StatusCode::NOT_FOUND,
+        ExecError::StopTimeout { .. } | ExecError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    let details = match &e {
+        ExecError::BadSpec(s) => s.problems.clone(),
+        _ => vec![],
+    };
+    error(status, e.to_string(), details)
+}
+
+fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| v.to_owned())
+    })
+}
+
+pub async fn handle(
+    state: Arc<ApiState>,
+    metrics_only: bool,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let method = req.method().clone();
+    let resp = match (&method, segs.as_slice()) {
+        (_, ["metrics" | "healthz"]) | (_, _)
+            if metrics_only && !matches!(segs.as_slice(), ["metrics" | "healthz"]) =>
+        {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("the metrics listener serves only /metrics and /healthz, not {path}"),
+                vec![],
+            )
+        }
+        (&Method::GET, ["healthz"]) => full(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, ["readyz"]) => {
+            if state.ready.load(Ordering::Acquire) {
+                full(StatusCode::OK, "text/plain", "ready\n")
+            } else {
+                full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "re-adopting instances\n",
+                )
+            }
+        }
+        (&Method::GET, ["metrics"]) => full(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            crate::metrics::render(&state.registry),
+        ),
+        _ if !state.ready.load(Ordering::Acquire) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent is starting: re-adopting instances".into(),
+            vec![],
+        ),
+        (&Method::GET, ["v1", "state"]) => {
+            let exec = &state.exec;
+            let cfg = exec.config();
+            let instances: Vec<_> = exec.snapshot().into_iter().map(|s| s.info).collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "cell_id": cfg.cell_id,
+                    "zone": cfg.zone,
+                    "capacity": { "total": exec.total(), "available": exec.available() },
+                    "instances": instances,
+                }),
+            )
+        }
+        (&Method::GET, ["v1", "instances"]) => {
+            let instances: Vec<_> = state.exec.snapshot().into_iter().map(|s| s.info).collect();
+            json(
+                StatusCode::OK,
+                &serde_json::json!({ "instances": instances }),
+            )
+        }
+        (_, ["v1", "instances", raw, rest @ ..]) => match InstanceId::new(*raw) {
+            Err(e) => error(StatusCode::BAD_REQUEST, e.to_string(), vec![]),
+            Ok(id) => instance_route(&state, method, id, rest, req).await,
+        },
+        _ => error(
+            StatusCode::NOT_FOUND,
+            format!("no route for {method} {path}"),
+            vec![],
+        ),
+    };
+    Ok(resp)
+}
+
+async fn instance_route(
+    state: &Arc<ApiState>,
+    method: Method,
+    id: InstanceId,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    match (method, rest) {
+        (Method::GET, []) => match state.exec.get(&id) {
+            Some(i) => json(StatusCode::OK, &i),
+            None => error(StatusCode::NOT_FOUND, format!("no instance {id}"), vec![]),
+        },
+        (Method::PUT, []) => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("reading body (limit {MAX_BODY} bytes): {e}"),
+                        vec![],
+                    )
+                }
+            };
+            let spec: InstanceSpec = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("invalid instance spec: {e}"),
+                        vec![],
+                    )
+                }
+            };
+            match state.exec.put(id, spec).await {
+                Ok((true, info)) => json(StatusCode::CREATED, &info),
+                Ok((false, info)) => json(StatusCode::OK, &info),
+                Err(e) => exec_error(e),
+            }
+        }
+        (Method::DELETE, []) => {
+            let grace = match query(&req, "grace_secs").map(|g| g.parse::<u64>()) {
+                None => None,
+                Some(Ok(g)) if g <= 3600 => Some(g),
+                Some(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "grace_secs must be 0..=3600".into(),
+                        vec![],
+                    )
+                }
+            };
+            match state.exec.delete(&id, grace).await {
+                Ok(info) => json(StatusCode::OK, &info),
+                Err(e) => exec_error(e),
+            }
+        }
+        (Method::GET, ["logs"]) => logs(state, id, &req),
+        (m, _) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{m} is not allowed here"),
+            vec![],
+        ),
+    }
+}
+
+fn logs(state: &Arc<ApiState>, id: InstanceId, req: &Request<Incoming>) -> Response<RespBody> {
+    let Some(mut status) = state.exec.watch(&id) else {
+        return error(StatusCode::NOT_FOUND, format!("no instance {id}"), vec![]);
+    };
+    let tail = match query(req, "tail").map(|t| t.parse::<usize>()) {
+        None => None,
+        Some(Ok(t)) => Some(t),
+        Some(Err(_)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "tail must be a number of lines".into(),
+                vec![],
+            )
+        }
+    };
+    let follow = matches!(query(req, "follow").as_deref(), Some("true" | "1" | ""));
+    let path = state.exec.paths(&id).log_file();
+    let keep = state.exec.config().log_keep;
+    // Open the live file first and read the history through the same handle,
+    // so following continues exactly where the history ended.
+    let mut live = std::fs::File::open(&path).ok();
+    let mut history = Vec::new();
+    for n in (1..=keep).rev() {
+        if let Ok(mut b) = std::fs::read(crate::logs::rotated(&path, n)) {
+            history.append(&mut b);
+        }
+    }
+    if let Some(f) = live.as_mut() {
+        let _ = f.read_to_end(&mut history);
+    }
+    if let Some(n) = tail {
+        history = tail_lines(history, n);
+    }
+    if !follow {
+        return full(StatusCode::OK, "text/plain; charset=utf-8", history);
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        if tx.send(Bytes::from(history)).await.is_err() {
+            return;
+        }
+        let mut buf = Vec::new();
+        loop {
+            let ended = status.borrow_and_update().state.is_final();
+            buf.clear();
+            if let Some(f) = live.as_mut() {
+                let _ = f.read_to_end(&mut buf);
+            }
+            // Rotated away: finish the old file, then switch to the new one.
+            let rotated = match (live.as_ref(), std::fs::metadata(&path)) {
+                (Some(f), Ok(m)) => f
+                    .metadata()
+                    .map(|fm| {
+                        use std::os::unix::fs::MetadataExt;
+                        fm.ino() != m.ino()
+                    })
+                    .unwrap_or(false),
+                (None, Ok(_)) => true,
+                _ => false,
+            };
+            if rotated {
+                live = std::fs::File::open(&path).ok();
+                if let Some(f) = live.as_mut() {
+                    let _ = f.seek(SeekFrom::Start(0));
+                    let _ = f.read_to_end(&mut buf);
+                }
+            }
+            if !buf.is_empty() && tx.send(Bytes::copy_from_slice(&buf)).await.is_err() {
+                return;
+            }
+            if ended && buf.is_empty() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                r = status.changed() => if r.is_err() { return },
+            }
+        }
+    });
+    let mut r = Response::new(ChannelBody(rx).boxed());
+    if let Ok(v) = "text/plain; charset=utf-8".parse() {
+        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// The last `n` lines of `data`.
+pub fn tail_lines(mut data: Vec<u8>, n: usize) -> Vec<u8> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let mut seen = 0;
+    let end = if data.last() == Some(&b'\n') {
+        data.len() - 1
+    } else {
+        data.len()
+    };
+    for i in (0..end).rev() {
+        if data[i] == b'\n' {
+            seen += 1;
+            if seen == n {
+                data.drain(..=i);
+                return data;
+            }
+        }
+    }
+    data
+}
+
+/// Serves the API on a listener until the process ends.
+pub async fn serve_unix(state: Arc<ApiState>, listener: tokio::net::UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_conn(state.clone(), false, stream),
+            Err(e) => {
+                tracing::warn!("accept on unix socket: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+pub async fn serve_tcp(
+    state: Arc<ApiState>,
+    listener: tokio::net::TcpListener,
+    metrics_only: bool,
+) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => spawn_conn(state.clone(), metrics_only, stream),
+            Err(e) => {
+                tracing::warn!("accept on tcp: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn spawn_conn<S>(state: Arc<ApiState>, metrics_only: bool, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let svc = hyper::service::service_fn(move |req| handle(state.clone(), metrics_only, req));
+        let io = hyper_util::rt::TokioIo::new(stream);
+        if let Err(e) = hyper::server::conn::http1::Builder::new()
+            .serve_connection(io, svc)
+            .await
+        {
+            tracing::debug!("connection: {e}");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_lines;
+
+    #[test]
+    fn tail() {
+        assert_eq!(tail_lines(b"a\nb\nc\n".to_vec(), 2), b"b\nc\n");
+        assert_eq!(tail_lines(b"a\nb\nc\n".to_vec(), 5), b"a\nb\nc\n");
+        assert_eq!(tail_lines(b"a\nb\nc".to_vec(), 1), b"c");
+        assert!(tail_lines(b"a\n".to_vec(), 0).is_empty());
+    }
+}

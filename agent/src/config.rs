@@ -1,0 +1,380 @@
+//! The agent's configuration file (TOML). Every field has a documented
+//! default; [`Config::load`] reports every problem in the file at once.
+
+use corral_proto::{Capacity, CellId};
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// The file as written; every field optional so that missing ones get defaults
+/// and all problems can be collected before giving up.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    cell_id: Option<String>,
+    zone: Option<String>,
+    data_dir: Option<PathBuf>,
+    run_dir: Option<PathBuf>,
+    cgroup_root: Option<String>,
+    stop_grace_secs: Option<u64>,
+    #[serde(default)]
+    api: RawApi,
+    #[serde(default)]
+    metrics: RawMetrics,
+    #[serde(default)]
+    capacity: RawCapacity,
+    #[serde(default)]
+    logs: RawLogs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    listen: Option<String>,
+    socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapacity {
+    memory_mb: Option<u64>,
+    disk_mb: Option<u64>,
+    max_containers: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLogs {
+    max_bytes: Option<u64>,
+    keep: Option<u32>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// This cell's id. Default: the host name.
+    pub cell_id: CellId,
+    /// Failure domain for placement. Default: "default".
+    pub zone: String,
+    /// Durable state: instance specs, logs, writable layers. Default: /var/lib/corral.
+    pub data_dir: PathBuf,
+    /// Runtime state lost at reboot: shim records, container state, rootfs
+    /// mounts, the API socket. Default: /run/corral.
+    pub run_dir: PathBuf,
+    /// Name of the cgroup (under every v1 controller, and under the cgroup2
+    /// mount) that holds this agent's instances. Default: "corral".
+    pub cgroup_root: String,
+    /// Seconds between SIGTERM and SIGKILL when stopping an instance. Default: 10.
+    pub stop_grace_secs: u64,
+    /// TCP address of the admin API; `None` disables it. Default: 127.0.0.1:7800.
+    pub api_listen: Option<SocketAddr>,
+    /// Unix socket of the admin API. Default: `<run_dir>/agent.sock`.
+    pub api_socket: PathBuf,
+    /// TCP address of `/metrics`; `None` disables it. Default: 127.0.0.1:9800.
+    pub metrics_listen: Option<SocketAddr>,
+    /// What this cell offers. Defaults: memory = host RAM minus 10 % (at most
+    /// 2 GiB reserved), disk = free space of `data_dir`, containers = 250.
+    pub capacity: Capacity,
+    /// Size at which an instance's log file is rotated. Default: 10 MiB.
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per instance. Default: 3.
+    pub log_keep: u32,
+}
+
+/// Facts about the host that defaults are derived from; passed in so that
+/// validation stays pure and testable.
+#[derive(Debug, Clone)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub memory_mb: u64,
+    pub disk_free_mb: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} has {} problem(s):\n  - {}", .problems.len(), .problems.join("\n  - "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+fn parse_addr(
+    what: &str,
+    v: Option<&str>,
+    default: &str,
+    p: &mut Vec<String>,
+) -> Option<SocketAddr> {
+    let v = v.unwrap_or(default);
+    if v.is_empty() || v == "off" {
+        return None;
+    }
+    match v.parse() {
+        Ok(a) => Some(a),
+        Err(e) => {
+            p.push(format!("{what} {v:?} is not an address:port ({e})"));
+            None
+        }
+    }
+}
+
+fn check_abs(what: &str, v: &Path, p: &mut Vec<String>) {
+    if !v.is_absolute() {
+        p.push(format!("{what} {} must be an absolute path", v.display()));
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path, host: &HostFacts) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, host).map_err(|problems| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    /// Parses and validates; returns every problem found.
+    pub fn parse(text: &str, host: &HostFacts) -> Result<Config, Vec<String>> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| vec![e.to_string()])?;
+        let mut p = Vec::new();
+
+        let cell_id =
+            match CellId::new(raw.cell_id.clone().unwrap_or_else(|| host.hostname.clone())) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    p.push(format!("cell_id: {e}"));
+                    None
+                }
+            };
+        let zone = raw.zone.unwrap_or_else(|| "default".into());
+        if zone.is_empty() || zone.len() > 63 {
+            p.push("zone must be 1 to 63 characters".into());
+        }
+        let data_dir = raw.data_dir.unwrap_or_else(|| "/var/lib/corral".into());
+        check_abs("data_dir", &data_dir, &mut p);
+        let run_dir = raw.run_dir.unwrap_or_else(|| "/run/corral".into());
+        check_abs("run_dir", &run_dir, &mut p);
+        let cgroup_root = raw.cgroup_root.unwrap_or_else(|| "corral".into());
+        if corral_proto::InstanceId::new(cgroup_root.as_str()).is_err() {
+            p.push(format!(
+                "cgroup_root {cgroup_root:?} must be one path component of letters, digits, '.', '_' or '-'"
+            ));
+        }
+        let stop_grace_secs = raw.stop_grace_secs.unwrap_or(10);
+        if stop_grace_secs > 3600 {
+            p.push(format!(
+                "stop_grace_secs {stop_grace_secs} is more than an hour"
+            ));
+        }
+        let api_listen = parse_addr(
+            "api.listen",
+            raw.api.listen.as_deref(),
+            "127.0.0.1:7800",
+            &mut p,
+        );
+        let api_socket = raw.api.socket.unwrap_or_else(|| run_dir.join("agent.sock"));
+        check_abs("api.socket", &api_socket, &mut p);
+        let metrics_listen = parse_addr(
+            "metrics.listen",
+            raw.metrics.listen.as_deref(),
+            "127.0.0.1:9800",
+            &mut p,
+        );
+        if api_listen.is_some() && api_listen == metrics_listen {
+            p.push("api.listen and metrics.listen must differ".into());
+        }
+
+        let reserve = (host.memory_mb / 10).min(2048);
+        let capacity = Capacity {
+            memory_mb: raw
+                .capacity
+                .memory_mb
+                .unwrap_or(host.memory_mb.saturating_sub(reserve)),
+            disk_mb: raw.capacity.disk_mb.unwrap_or(host.disk_free_mb),
+            containers: raw.capacity.max_containers.unwrap_or(250),
+        };
+        if capacity.memory_mb == 0 {
+            p.push("capacity.memory_mb must be above 0".into());
+        } else if capacity.memory_mb > host.memory_mb {
+            p.push(format!(
+                "capacity.memory_mb {} is more than the host's {} MB",
+                capacity.memory_mb, host.memory_mb
+            ));
+        }
+        if capacity.disk_mb == 0 {
+            p.push("capacity.disk_mb must be above 0".into());
+        }
+        if !(1..=10_000).contains(&capacity.containers) {
+            p.push(format!(
+                "capacity.max_containers {} is outside 1..=10000",
+                capacity.containers
+            ));
+        }
+        let log_max_bytes = raw.logs.max_bytes.unwrap_or(10 << 20);
+        if !(4096..=1 << 34).contains(&log_max_bytes) {
+            p.push(format!(
+                "logs.max_bytes {log_max_bytes} is outside 4096..=17179869184"
+            ));
+        }
+        let log_keep = raw.logs.keep.unwrap_or(3);
+        if log_keep > 100 {
+            p.push(format!("logs.keep {log_keep} is more than 100"));
+        }
+
+        match cell_id {
+            Some(cell_id) if p.is_empty() => Ok(Config {
+                cell_id,
+                zone,
+                data_dir,
+                run_dir,
+                cgroup_root,
+                stop_grace_secs,
+                api_listen,
+                api_socket,
+                metrics_listen,
+                capacity,
+                log_max_bytes,
+                log_keep,
+            }),
+            _ => Err(p),
+        }
+    }
+}
+
+impl HostFacts {
+    /// Reads the host name, RAM and free space of `data_dir` (or its nearest
+    /// existing parent).
+    pub fn probe(data_dir_hint: &Path) -> HostFacts {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| "cell".into());
+        let memory_mb = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("MemTotal:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            })
+            .map(|kb| kb / 1024)
+            .unwrap_or(0);
+        let mut dir = data_dir_hint.to_path_buf();
+        while !dir.exists() {
+            if !dir.pop() {
+                break;
+            }
+        }
+        let disk_free_mb = nix::sys::statvfs::statvfs(&dir)
+            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / (1 << 20))
+            .unwrap_or(0);
+        HostFacts {
+            hostname,
+            memory_mb,
+            disk_free_mb,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostFacts {
+        HostFacts {
+            hostname: "node-a".into(),
+            memory_mb: 16_000,
+            disk_free_mb: 50_000,
+        }
+    }
+
+    #[test]
+    fn empty_file_gets_documented_defaults() {
+        let c = Config::parse("", &host()).unwrap();
+        assert_eq!(c.cell_id.as_str(), "node-a");
+        assert_eq!(c.data_dir, Path::new("/var/lib/corral"));
+        assert_eq!(c.api_socket, Path::new("/run/corral/agent.sock"));
+        assert_eq!(c.api_listen, Some("127.0.0.1:7800".parse().unwrap()));
+        assert_eq!(
+            c.capacity,
+            Capacity {
+                memory_mb: 14_400,
+                disk_mb: 50_000,
+                containers: 250
+            }
+        );
+        assert_eq!(c.stop_grace_secs, 10);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+            cell_id = "cell-1"
+            zone = "z1"
+            data_dir = "/d"
+            run_dir = "/r"
+            cgroup_root = "corral-test"
+            stop_grace_secs = 2
+            [api]
+            listen = "off"
+            socket = "/r/a.sock"
+            [metrics]
+            listen = "127.0.0.1:9999"
+            [capacity]
+            memory_mb = 1024
+            disk_mb = 2048
+            max_containers = 10
+            [logs]
+            max_bytes = 8192
+            keep = 2
+            "#,
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(c.api_listen, None);
+        assert_eq!(c.capacity.containers, 10);
+        assert_eq!(c.log_keep, 2);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let problems = Config::parse(
+            r#"
+            cell_id = "bad/id"
+            data_dir = "relative"
+            cgroup_root = "../x"
+            [api]
+            listen = "nonsense"
+            [capacity]
+            memory_mb = 999999
+            max_containers = 0
+            "#,
+            &host(),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 6, "{problems:#?}");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let problems = Config::parse("[api]\nlisten_on = \"x\"\n", &host()).unwrap_err();
+        assert!(
+            problems[0].contains("unknown field `listen_on`"),
+            "{problems:?}"
+        );
+    }
+}

@@ -1,0 +1,660 @@
+//! The agent's side of instances: admits them against capacity, launches a
+//! shim per instance, watches shims through pidfds, stops and removes
+//! instances, and re-adopts running ones after an agent restart.
+//!
+//! The agent never calls libcontainer itself: creation happens in the shim and
+//! clean-up of an instance whose shim died in `corral-agent cleanup`, both
+//! single-threaded processes.
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::paths::{InstancePaths, Layout};
+use crate::shim::{self, Launch, Record, StartReport};
+use crate::sys;
+use corral_proto::{
+    Capacity, CapacityError, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState,
+    SpecError, Status,
+};
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::watch;
+
+/// How long a shim may take to report that its container started.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    BadSpec(#[from] SpecError),
+    #[error("{0}")]
+    BadRootfs(String),
+    #[error("instance {id} already exists with a different spec; delete it first")]
+    Conflict { id: InstanceId },
+    #[error("instance does not fit on this cell: {0}")]
+    NoCapacity(#[from] CapacityError),
+    #[error("no instance {0}")]
+    NotFound(InstanceId),
+    #[error("instance {id} did not stop within {secs} s (shim pid {pid})")]
+    StopTimeout { id: InstanceId, secs: u64, pid: u32 },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExecError {
+    let what = what.into();
+    move |source| ExecError::Io { what, source }
+}
+
+struct Entry {
+    spec: InstanceSpec,
+    status: watch::Sender<Status>,
+    /// The shim's pid and start time, once known.
+    shim: Option<(u32, u64)>,
+    init: Option<(u32, u64)>,
+    /// Final figures recorded by the shim.
+    cpu_ns: Option<u64>,
+    oom_kills: u64,
+    deleting: bool,
+}
+
+/// A read-only view of one instance for the API and metrics.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub info: InstanceInfo,
+    pub paths: InstancePaths,
+    pub final_cpu_ns: Option<u64>,
+    pub final_oom_kills: u64,
+}
+
+pub struct Executor {
+    cfg: Config,
+    layout: Layout,
+    cgroup2_root: Option<PathBuf>,
+    exe: PathBuf,
+    table: Mutex<BTreeMap<InstanceId, Entry>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Executor {
+    pub fn new(cfg: Config, exe: PathBuf, metrics: Arc<Metrics>) -> Arc<Self> {
+        let layout = Layout {
+            data_dir: cfg.data_dir.clone(),
+            run_dir: cfg.run_dir.clone(),
+            cgroup_root: cfg.cgroup_root.clone(),
+        };
+        let cgroup2_root = Path::new(crate::paths::CGROUP2_HYBRID)
+            .join("cgroup.procs")
+            .exists()
+            .then(|| layout.cgroup2_root());
+        Arc::new(Self {
+            cfg,
+            layout,
+            cgroup2_root,
+            exe,
+            table: Mutex::new(BTreeMap::new()),
+            metrics,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn cgroup2_root(&self) -> Option<&Path> {
+        self.cgroup2_root.as_deref()
+    }
+
+    fn table(&self) -> MutexGuard<'_, BTreeMap<InstanceId, Entry>> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Vec<Snapshot> {
+        self.table()
+            .iter()
+            .map(|(id, e)| Snapshot {
+                info: InstanceInfo::new(id, &e.spec, &e.status.borrow()),
+                paths: self.layout.instance(id),
+                final_cpu_ns: e.cpu_ns,
+                final_oom_kills: e.oom_kills,
+            })
+            .collect()
+    }
+
+    pub fn get(&self, id: &InstanceId) -> Option<InstanceInfo> {
+        self.table()
+            .get(id)
+            .map(|e| InstanceInfo::new(id, &e.spec, &e.status.borrow()))
+    }
+
+    pub fn paths(&self, id: &InstanceId) -> InstancePaths {
+        self.layout.instance(id)
+    }
+
+    /// Subscribes to an instance's status changes.
+    pub fn watch(&self, id: &InstanceId) -> Option<watch::Receiver<Status>> {
+        self.table().get(id).map(|e| e.status.subscribe())
+    }
+
+    pub fn total(&self) -> Capacity {
+        self.cfg.capacity
+    }
+
+    pub fn available(&self) -> Capacity {
+        let t = self.table();
+        let states: Vec<(&InstanceSpec, InstanceState)> = t
+            .values()
+            .map(|e| (&e.spec, e.status.borrow().state))
+            .collect();
+        Capacity::available(self.cfg.capacity, states)
+    }
+
+    /// Creates and starts an instance; returns whether it was created (false:
+    /// the same spec already existed) and its state once the start is decided.
+    pub async fn put(
+        self: &Arc<Self>,
+        id: InstanceId,
+        spec: InstanceSpec,
+    ) -> Result<(bool, InstanceInfo), ExecError> {
+        spec.validate()?;
+        check_rootfs(&spec)?;
+        let (tx, paths) = {
+            let mut t = self.table();
+            if let Some(e) = t.get(&id) {
+                return if e.spec == spec {
+                    Ok((false, InstanceInfo::new(&id, &e.spec, &e.status.borrow())))
+                } else {
+                    Err(ExecError::Conflict { id })
+                };
+            }
+            let states: Vec<(&InstanceSpec, InstanceState)> = t
+                .values()
+                .map(|e| (&e.spec, e.status.borrow().state))
+                .collect();
+            let avail = Capacity::available(self.cfg.capacity, states);
+            Capacity::check_fit(self.cfg.capacity, avail, Capacity::of(&spec))?;
+            let (tx, _) = watch::channel(Status::new());
+            t.insert(
+                id.clone(),
+                Entry {
+                    spec: spec.clone(),
+                    status: tx.clone(),
+                    shim: None,
+                    init: None,
+                    cpu_ns: None,
+                    oom_kills: 0,
+                    deleting: false,
+                },
+            );
+            (tx, self.layout.instance(&id))
+        };
+        let started = Instant::now();
+        let span =
+            tracing::info_span!("instance", id = %id, app = %spec.app, tenant = %spec.tenant);
+        let _g = span.enter();
+        if let Err(e) = self.prepare(&id, &spec, &paths) {
+            self.table().remove(&id);
+            let _ = std::fs::remove_dir_all(&paths.data);
+            let _ = std::fs::remove_dir_all(&paths.run);
+            return Err(e);
+        }
+        let report = self.launch(&paths).await;
+        match report {
+            Ok(StartReport::Running {
+                pid,
+                shim_pid,
+                shim_start,
+            }) => {
+                self.metrics
+                    .start_latency
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::info!(pid, shim_pid, "instance running");
+                let init_start = sys::start_time(pid).unwrap_or(0);
+                if let Some(e) = self.table().get_mut(&id) {
+                    e.shim = Some((shim_pid, shim_start));
+                    e.init = Some((pid, init_start));
+                }
+                self.refresh_from_record(&id, &paths);
+                self.spawn_watcher(id.clone(), shim_pid, shim_start);
+            }
+            Ok(StartReport::Failed { reason, .. }) => {
+                tracing::warn!(%reason, "instance failed to start");
+                self.refresh_from_record(&id, &paths);
+                let still_starting = tx.borrow().state == InstanceState::Starting;
+                if still_starting {
+                    tx.send_modify(|s| {
+                        let _ = s.apply(
+                            spec.kind,
+                            Event::StartFailed {
+                                reason,
+                                at: shim::now(),
+                            },
+                        );
+                    });
+                }
+                self.count_end(&id);
+            }
+            Err(reason) => {
+                tracing::error!(%reason, "shim did not report");
+                self.refresh_from_record(&id, &paths);
+                if tx.borrow().state == InstanceState::Starting {
+                    tx.send_modify(|s| {
+                        let _ = s.apply(
+                            spec.kind,
+                            Event::StartFailed {
+                                reason,
+                                at: shim::now(),
+                            },
+                        );
+                    });
+                    self.cleanup_orphan(&id, &paths);
+                }
+                self.count_end(&id);
+            }
+        }
+        let info = self
+            .get(&id)
+            .ok_or_else(|| ExecError::NotFound(id.clone()))?;
+        Ok((true, info))
+    }
+
+    fn prepare(
+        &self,
+        id: &InstanceId,
+        spec: &InstanceSpec,
+        p: &InstancePaths,
+    ) -> Result<(), ExecError> {
+        std::fs::create_dir_all(&p.data).map_err(io(format!("creating {}", p.data.display())))?;
+        std::fs::create_dir_all(&p.run).map_err(io(format!("creating {}", p.run.display())))?;
+        let spec_json = serde_json::to_vec_pretty(spec)
+            .map_err(|e| io("encoding spec")(std::io::Error::other(e)))?;
+        write_atomic(&p.spec(), &spec_json).map_err(io("writing spec.json"))?;
+        let launch = Launch {
+            id: id.clone(),
+            spec: spec.clone(),
+            paths: p.clone(),
+            stop_grace_secs: self.cfg.stop_grace_secs,
+            log_max_bytes: self.cfg.log_max_bytes,
+            log_keep: self.cfg.log_keep,
+            cgroup2_root: self.cgroup2_root.clone(),
+        };
+        let launch_json = serde_json::to_vec_pretty(&launch)
+            .map_err(|e| io("encoding launch")(std::io::Error::other(e)))?;
+        write_atomic(&p.launch(), &launch_json).map_err(io("writing launch.json"))
+    }
+
+    async fn launch(&self, p: &InstancePaths) -> Result<StartReport, String> {
+        let mut child = tokio::process::Command::new(&self.exe)
+            .arg("shim")
+            .arg(p.launch())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| format!("cannot run the shim {}: {e}", self.exe.display()))?;
+        let stdout = child.stdout.take().ok_or("shim has no stdout")?;
+        // The first process forks the real shim and exits at once.
+        let _ = child.wait().await;
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
+            Err(_) => Err(format!(
+                "the shim did not report within {} s",
+                START_TIMEOUT.as_secs()
+            )),
+            Ok(Err(e)) => Err(format!("reading the shim's report: {e}")),
+            Ok(Ok(None)) => Err("the shim exited without reporting".into()),
+            Ok(Ok(Some(line))) => {
+                serde_json::from_str(&line).map_err(|e| format!("bad shim report {line:?}: {e}"))
+            }
+        }
+    }
+
+    /// Copies the shim's record (status, final figures) into the table.
+    fn refresh_from_record(&self, id: &InstanceId, p: &InstancePaths) -> Option<Record> {
+        let rec = shim::read_record(&p.record()).ok()?;
+        let mut t = self.table();
+        let e = t.get_mut(id)?;
+        e.cpu_ns = rec.cpu_ns;
+        e.oom_kills = rec.oom_kills;
+        e.status.send_replace(rec.status.clone());
+        Some(rec)
+    }
+
+    fn count_end(&self, id: &InstanceId) {
+        if let Some(info) = self.get(id) {
+            if info.state.is_final() {
+                self.metrics.count_end(&info);
+            }
+        }
+    }
+
+    fn spawn_watcher(self: &Arc<Self>, id: InstanceId, pid: u32, start: u64) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            match sys::pidfd_for(pid, start) {
+                Ok(Some(fd)) => wait_pidfd(fd).await,
+                Ok(None) => {}
+                Err(e) => tracing::error!(instance = %id, "pidfd_open({pid}): {e}"),
+            }
+            this.shim_gone(&id);
+        });
+    }
+
+    /// The shim has exited: its record holds the end, unless it died.
+    fn shim_gone(&self, id: &InstanceId) {
+        let p = self.layout.instance(id);
+        let rec = self.refresh_from_record(id, &p);
+        let ended = rec.as_ref().is_some_and(|r| r.status.state.is_final());
+        if !ended {
+            tracing::error!(instance = %id, "shim exited without recording the instance's end");
+            self.mark_lost(id, "the instance's shim died; the instance was stopped");
+            self.cleanup_orphan(id, &p);
+        }
+        self.count_end(id);
+    }
+
+    fn mark_lost(&self, id: &InstanceId, reason: &str) {
+        let p = self.layout.instance(id);
+        let mut t = self.table();
+        let Some(e) = t.get_mut(id) else { return };
+        let kind = e.spec.kind;
+        let mut st = e.status.borrow().clone();
+        if st
+            .apply(
+                kind,
+                Event::Lost {
+                    reason: reason.into(),
+                    at: shim::now(),
+                },
+            )
+            .is_ok()
+        {
+            e.status.send_replace(st.clone());
+            let rec = Record {
+                shim_pid: e.shim.map_or(0, |s| s.0),
+                shim_start: e.shim.map_or(0, |s| s.1),
+                init_pid: e.init.map(|s| s.0),
+                init_start: e.init.map(|s| s.1),
+                status: st,
+                cpu_ns: None,
+                oom_kills: 0,
+                logs_dropped: 0,
+            };
+            drop(t);
+            let _ = std::fs::create_dir_all(&p.run);
+            if let Err(e) = shim::write_record(&p.record(), &rec) {
+                tracing::error!(instance = %id, "cannot write record: {e}");
+            }
+        }
+    }
+
+    /// Releases the resources of an instance whose shim is gone: kills its
+    /// container's init if it still runs, then runs `corral-agent cleanup`.
+    fn cleanup_orphan(&self, id: &InstanceId, p: &InstancePaths) {
+        if let Ok(rec) = shim::read_record(&p.record()) {
+            if let (Some(pid), Some(start)) = (rec.init_pid, rec.init_start) {
+                if let Ok(Some(fd)) = sys::pidfd_for(pid, start) {
+                    let _ = sys::pidfd_signal(&fd, libc::SIGKILL);
+                }
+            }
+        }
+        let args = CleanupArgs {
+            id: id.clone(),
+            paths: p.clone(),
+            cgroup2: self.cgroup2_root.is_some(),
+        };
+        let Ok(arg) = serde_json::to_string(&args) else {
+            return;
+        };
+        match std::process::Command::new(&self.exe)
+            .arg("cleanup")
+            .arg(arg)
+            .status()
+        {
+            Ok(s) if s.success() => {}
+            Ok(s) => tracing::error!(instance = %id, "cleanup helper failed: {s}"),
+            Err(e) => tracing::error!(instance = %id, "cannot run the cleanup helper: {e}"),
+        }
+    }
+
+    /// Stops an instance (SIGTERM, `grace`, SIGKILL) and removes it and
+    /// everything it had. Returns its last state.
+    pub async fn delete(
+        &self,
+        id: &InstanceId,
+        grace_secs: Option<u64>,
+    ) -> Result<InstanceInfo, ExecError> {
+        let mut rx = {
+            let mut t = self.table();
+            let e = t
+                .get_mut(id)
+                .ok_or_else(|| ExecError::NotFound(id.clone()))?;
+            e.deleting = true;
+            e.status.subscribe()
+        };
+        let span = tracing::info_span!("instance", id = %id);
+        let _g = span.enter();
+        // A start in progress is decided first.
+        let _ = rx.wait_for(|s| s.state != InstanceState::Starting).await;
+        let grace = grace_secs.unwrap_or(self.cfg.stop_grace_secs);
+        let p = self.layout.instance(id);
+        if !rx.borrow().state.is_final() {
+            let shim = self.table().get(id).and_then(|e| e.shim);
+            let _ = std::fs::write(p.stop_request(), grace.to_string());
+            let signalled = match shim {
+                Some((pid, start)) => match sys::pidfd_for(pid, start) {
+                    Ok(Some(fd)) => sys::pidfd_signal(&fd, libc::SIGTERM).unwrap_or(false),
+                    _ => false,
+                },
+                None => false,
+            };
+            if !signalled {
+                // Its watcher will notice the shim is gone and record it.
+                tracing::warn!("shim not running while stopping");
+            } else {
+                let kind = self.table().get(id).map(|e| e.spec.kind);
+                if let (Some(kind), Some(e)) = (kind, self.table().get(id)) {
+                    e.status.send_modify(|s| {
+                        let _ = s.apply(kind, Event::StopRequested);
+                    });
+                }
+            }
+            let limit = Duration::from_secs(grace + 30);
+            if tokio::time::timeout(limit, rx.wait_for(|s| s.state.is_final()))
+                .await
+                .is_err()
+            {
+                if let Some(e) = self.table().get_mut(id) {
+                    e.deleting = false;
+                }
+                return Err(ExecError::StopTimeout {
+                    id: id.clone(),
+                    secs: limit.as_secs(),
+                    pid: shim.map_or(0, |s| s.0),
+                });
+            }
+        }
+        let info = self
+            .get(id)
+            .ok_or_else(|| ExecError::NotFound(id.clone()))?;
+        for d in [&p.data, &p.run] {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(io(format!("removing {}", d.display()))(e));
+                }
+            }
+        }
+        self.table().remove(id);
+        tracing::info!("instance removed");
+        Ok(info)
+    }
+
+    /// Rebuilds the table from disk after an agent (re)start: running
+    /// instances are re-adopted through their shims, ended ones keep their
+    /// exit status, and ones whose shim vanished are marked crashed.
+    pub fn adopt(self: &Arc<Self>) -> Result<usize, ExecError> {
+        let dir = self.layout.instances_data();
+        std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        std::fs::create_dir_all(self.layout.instances_run()).map_err(io("creating the run dir"))?;
+        let mut adopted = 0;
+        for ent in std::fs::read_dir(&dir).map_err(io(format!("reading {}", dir.display())))? {
+            let Ok(ent) = ent else { continue };
+            let name = ent.file_name().to_string_lossy().into_owned();
+            let Ok(id) = InstanceId::new(name.as_str()) else {
+                tracing::warn!("ignoring {}: not an instance id", ent.path().display());
+                continue;
+            };
+            let p = self.layout.instance(&id);
+            let spec: InstanceSpec = match std::fs::read(p.spec())
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(instance = %id, "ignoring instance with unreadable spec.json: {e}");
+                    continue;
+                }
+            };
+            let rec = shim::read_record(&p.record()).ok();
+            let (tx, _) =
+                watch::channel(rec.as_ref().map_or_else(Status::new, |r| r.status.clone()));
+            self.table().insert(
+                id.clone(),
+                Entry {
+                    spec,
+                    status: tx,
+                    shim: rec.as_ref().map(|r| (r.shim_pid, r.shim_start)),
+                    init: rec.as_ref().and_then(|r| r.init_pid.zip(r.init_start)),
+                    cpu_ns: rec.as_ref().and_then(|r| r.cpu_ns),
+                    oom_kills: rec.as_ref().map_or(0, |r| r.oom_kills),
+                    deleting: false,
+                },
+            );
+            match rec {
+                None => {
+                    self.mark_lost(
+                        &id,
+                        "no runtime record: the node restarted or the start was interrupted",
+                    );
+                    self.cleanup_orphan(&id, &p);
+                }
+                Some(r) if r.status.state.is_final() => {}
+                Some(r) => match sys::pidfd_for(r.shim_pid, r.shim_start) {
+                    Ok(Some(_)) => {
+                        tracing::info!(instance = %id, shim_pid = r.shim_pid, "re-adopted running instance");
+                        adopted += 1;
+                        self.spawn_watcher(id.clone(), r.shim_pid, r.shim_start);
+                    }
+                    _ => self.shim_gone(&id),
+                },
+            }
+        }
+        Ok(adopted)
+    }
+}
+
+/// Arguments of `corral-agent cleanup`.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct CleanupArgs {
+    pub id: InstanceId,
+    pub paths: InstancePaths,
+    pub cgroup2: bool,
+}
+
+async fn wait_pidfd(fd: OwnedFd) {
+    match sys::async_fd(fd) {
+        Ok(afd) => {
+            let _ = afd.readable().await;
+        }
+        Err(e) => {
+            tracing::error!("cannot watch pidfd: {e}");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, data)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Checks that the rootfs exists and holds the command, so that a typo is a
+/// 400 and not a crashed instance.
+fn check_rootfs(spec: &InstanceSpec) -> Result<(), ExecError> {
+    let root = Path::new(&spec.rootfs);
+    if !root.is_dir() {
+        return Err(ExecError::BadRootfs(format!(
+            "rootfs {} does not exist or is not a directory",
+            spec.rootfs
+        )));
+    }
+    let prog = &spec.command[0];
+    let path_var = spec
+        .env
+        .get("PATH")
+        .map(String::as_str)
+        .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
+    let candidates: Vec<PathBuf> = if prog.contains('/') {
+        vec![PathBuf::from(prog)]
+    } else {
+        path_var
+            .split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| Path::new(d).join(prog))
+            .collect()
+    };
+    let found = candidates.iter().any(|c| is_executable_in(root, c));
+    if found {
+        Ok(())
+    } else {
+        Err(ExecError::BadRootfs(format!(
+            "command {prog:?} is not an executable file in rootfs {}",
+            spec.rootfs
+        )))
+    }
+}
+
+/// Whether `path` (absolute, inside the container) is an executable file in
+/// `root`, following symlinks within the rootfs as the container would.
+fn is_executable_in(root: &Path, path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let mut cur = path.to_path_buf();
+    for _ in 0..16 {
+        // Resolve '.' and '..' lexically, never above the rootfs.
+        let mut rel = PathBuf::new();
+        for c in cur.components() {
+            match c {
+                std::path::Component::Normal(n) => rel.push(n),
+                std::path::Component::ParentDir => {
+                    rel.pop();
+                }
+                _ => {}
+            }
+        }
+        let host = root.join(&rel);
+        match std::fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => match std::fs::read_link(&host) {
+                Ok(t) if t.is_absolute() => cur = t,
+                Ok(t) => {
+                    cur = Path::new("/")
+                        .join(rel.parent().unwrap_or(Path::new("")))
+                        .join(t)
+                }
+                Err(_) => return false,
+            },
+            Ok(m) => return m.is_file() && m.permissions().mode() & 0o111 != 0,
+            Err(_) => return false,
+        }
+    }
+    false
+}

@@ -1,0 +1,14 @@
+//! corral-agent: the cell daemon. See ARCHITECTURE.md for the map.
+#![deny(rust_2018_idioms)]
+
+pub mod api;
+pub mod cgroups;
+pub mod config;
+pub mod executor;
+pub mod logs;
+pub mod metrics;
+pub mod oci;
+pub mod paths;
+pub mod preflight;
+pub mod shim;
+pub mod sys;

@@ -1,0 +1,190 @@
+//! corral-agent: the cell daemon, and (hidden) its per-instance shim and
+//! clean-up helper, which are the same binary re-executed.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use corral_agent::config::{Config, HostFacts};
+use corral_agent::executor::{CleanupArgs, Executor};
+use corral_agent::metrics::Metrics;
+use corral_agent::{api, cgroups, preflight, shim};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+#[derive(Parser)]
+#[command(
+    name = "corral-agent",
+    version,
+    about = "corral cell agent: runs application instances as containers"
+)]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(long, short, default_value = "/etc/corral/agent.toml")]
+    config: PathBuf,
+    /// Only validate the configuration and the host, then exit.
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Per-instance supervisor (started by the agent).
+    #[command(hide = true)]
+    Shim { launch: PathBuf },
+    /// Releases an instance's resources after its shim died (started by the agent).
+    #[command(hide = true)]
+    Cleanup { args: String },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    match cli.cmd {
+        // The shim and the helper stay single-threaded: no runtime is built.
+        Some(Cmd::Shim { launch }) => shim::main(&launch),
+        Some(Cmd::Cleanup { args }) => {
+            let code = match serde_json::from_str::<CleanupArgs>(&args) {
+                Ok(a) => {
+                    shim::cleanup(&a.id, &a.paths, a.cgroup2);
+                    0
+                }
+                Err(e) => {
+                    eprintln!("corral-agent cleanup: bad arguments: {e}");
+                    2
+                }
+            };
+            std::process::exit(code)
+        }
+        None => {}
+    }
+    init_tracing();
+    let host = HostFacts::probe(std::path::Path::new("/var/lib/corral"));
+    let cfg = match Config::load(&cli.config, &host) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("corral-agent: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = preflight::ensure_bpffs(&preflight::Facts::read().mountinfo) {
+        tracing::warn!("{e}");
+    }
+    let problems = preflight::check(&preflight::Facts::read());
+    if !problems.is_empty() {
+        eprintln!("corral-agent: this host cannot run instances:");
+        for p in &problems {
+            eprintln!("  - {p}");
+        }
+        std::process::exit(1);
+    }
+    if cli.check {
+        println!("configuration {} and host are fine", cli.config.display());
+        return;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("corral-agent: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cfg)) {
+        tracing::error!("{e:#}");
+        eprintln!("corral-agent: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("CORRAL_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
+    for d in [&cfg.data_dir, &cfg.run_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let exec = Executor::new(cfg.clone(), exe, metrics.clone());
+    cgroups::ensure_roots(&cfg.cgroup_root, exec.cgroup2_root())
+        .with_context(|| format!("creating the agent's cgroups {:?}", cfg.cgroup_root))?;
+    let registry = metrics.registry(Arc::downgrade(&exec));
+    let state = Arc::new(api::ApiState {
+        exec: exec.clone(),
+        registry,
+        ready: false.into(),
+    });
+
+    if let Some(parent) = cfg.api_socket.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    match std::fs::remove_file(&cfg.api_socket) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("removing stale socket {}", cfg.api_socket.display()))
+        }
+    }
+    let unix = tokio::net::UnixListener::bind(&cfg.api_socket)
+        .with_context(|| format!("binding {}", cfg.api_socket.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.api_socket, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("restricting {}", cfg.api_socket.display()))?;
+    }
+    tokio::spawn(api::serve_unix(state.clone(), unix));
+    if let Some(addr) = cfg.api_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding api.listen {addr}"))?;
+        tokio::spawn(api::serve_tcp(state.clone(), l, false));
+    }
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics.listen {addr}"))?;
+        tokio::spawn(api::serve_tcp(state.clone(), l, true));
+    }
+
+    let adopted = tokio::task::block_in_place(|| exec.adopt()).context("re-adopting instances")?;
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(
+        cell = %cfg.cell_id,
+        adopted,
+        socket = %cfg.api_socket.display(),
+        api = ?cfg.api_listen,
+        metrics = ?cfg.metrics_listen,
+        "agent ready"
+    );
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    let running = exec
+        .snapshot()
+        .iter()
+        .filter(|s| !s.info.state.is_final())
+        .count();
+    tracing::info!(running, "agent stopping; instances keep running");
+    let _ = std::fs::remove_file(&cfg.api_socket);
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! `/metrics`: the agent's Prometheus metrics. Event metrics (start latency,
+//! instance ends) are recorded as they happen; per-instance usage and cell
+//! capacity are read at scrape time by [`CellCollector`].
+
+use crate::executor::Executor;
+use corral_proto::{InstanceInfo, InstanceState};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::sync::{Arc, Weak};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndLabels {
+    pub kind: String,
+    pub state: String,
+}
+
+pub struct Metrics {
+    pub start_latency: Histogram,
+    pub instance_ends: Family<EndLabels, Counter>,
+    pub oom_kills: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        Self {
+            // 5 ms .. ~20 s
+            start_latency: Histogram::new(exponential_buckets(0.005, 2.0, 13)),
+            instance_ends: Family::default(),
+            oom_kills: Counter::default(),
+        }
+    }
+
+    pub fn count_end(&self, info: &InstanceInfo) {
+        let kind = match info.kind {
+            corral_proto::InstanceKind::Lrp => "lrp",
+            corral_proto::InstanceKind::Task => "task",
+        };
+        self.instance_ends
+            .get_or_create(&EndLabels {
+                kind: kind.into(),
+                state: info.state.as_str().into(),
+            })
+            .inc();
+        if info.oom_killed {
+            self.oom_kills.inc();
+        }
+    }
+
+    /// Builds the registry: the event metrics plus a collector reading the
+    /// executor at scrape time.
+    pub fn registry(self: &Arc<Self>, exec: Weak<Executor>) -> Registry {
+        let mut r = Registry::with_prefix("corral");
+        r.register(
+            "instance_start_duration_seconds",
+            "Time from an instance start request to its process running",
+            self.start_latency.clone(),
+        );
+        r.register(
+            "instance_ends",
+            "Instances that ended, by kind and final state (exited or crashed)",
+            self.instance_ends.clone(),
+        );
+        r.register(
+            "oom_kills",
+            "Instances ended by the out-of-memory killer",
+            self.oom_kills.clone(),
+        );
+        r.register_collector(Box::new(CellCollector { exec }));
+        r
+    }
+}
+
+#[derive(Debug)]
+struct CellCollector {
+    exec: Weak<Executor>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+fn family<M: EncodeMetric>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    ty: MetricType,
+    rows: impl IntoIterator<Item = (Labels, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut me = enc.encode_descriptor(name, help, None, ty)?;
+    for (labels, m) in rows {
+        m.encode(me.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for CellCollector {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let Some(exec) = self.exec.upgrade() else {
+            return Ok(());
+        };
+        let total = exec.total();
+        let avail = exec.available();
+        const MB: i64 = 1 << 20;
+        let cap = |v: u64| ConstGauge::new(v as i64);
+        family(
+            &mut enc,
+            "cell_memory_capacity_bytes",
+            "Memory this cell offers to instances",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(total.memory_mb as i64 * MB))],
+        )?;
+        family(
+            &mut enc,
+            "cell_memory_available_bytes",
+            "Memory not reserved by instances",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(avail.memory_mb as i64 * MB))],
+        )?;
+        family(
+            &mut enc,
+            "cell_disk_capacity_bytes",
+            "Disk this cell offers to instances",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(total.disk_mb as i64 * MB))],
+        )?;
+        family(
+            &mut enc,
+            "cell_disk_available_bytes",
+            "Disk not reserved by instances",
+            MetricType::Gauge,
+            [(vec![], ConstGauge::new(avail.disk_mb as i64 * MB))],
+        )?;
+        family(
+            &mut enc,
+            "cell_containers_capacity",
+            "Containers this cell can run",
+            MetricType::Gauge,
+            [(vec![], cap(total.containers))],
+        )?;
+        family(
+            &mut enc,
+            "cell_containers_available",
+            "Container slots not in use",
+            MetricType::Gauge,
+            [(vec![], cap(avail.containers))],
+        )?;
+
+        let snaps = exec.snapshot();
+        let by_state = InstanceState::ALL.map(|st| {
+            let n = snaps.iter().filter(|s| s.info.state == st).count();
+            (
+                vec![("state", st.as_str().to_owned())],
+                ConstGauge::new(n as i64),
+            )
+        });
+        family(
+            &mut enc,
+            "instances",
+            "Instances on this cell by state",
+            MetricType::Gauge,
+            by_state,
+        )?;
+
+        // Usage of instances that hold a container, read from their cgroups.
+        let live: Vec<_> = snaps
+            .iter()
+            .filter(|s| !s.info.state.is_final())
+            .map(|s| {
+                let labels: Labels = vec![
+                    ("instance", s.info.id.to_string()),
+                    ("tenant", s.info.tenant.to_string()),
+                    ("app", s.info.app.to_string()),
+                ];
+                (
+                    labels,
+                    crate::cgroups::read_v1(&s.paths),
+                    s.info.resources.memory_mb,
+                )
+            })
+            .collect();
+        family(
+            &mut enc,
+            "instance_cpu_seconds",
+            "CPU time used by an instance",
+            MetricType::Counter,
+            live.iter().filter_map(|(l, u, _)| {
+                u.cpu_ns
+                    .map(|c| (l.clone(), ConstCounter::new(c as f64 / 1e9)))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "instance_memory_bytes",
+            "Memory used by an instance (page cache included)",
+            MetricType::Gauge,
+            live.iter().filter_map(|(l, u, _)| {
+                u.memory_bytes
+                    .map(|m| (l.clone(), ConstGauge::new(m as i64)))
+            }),
+        )?;
+        family(
+            &mut enc,
+            "instance_memory_limit_bytes",
+            "Memory limit of an instance",
+            MetricType::Gauge,
+            live.iter()
+                .map(|(l, _, mb)| (l.clone(), ConstGauge::new(*mb as i64 * MB))),
+        )?;
+        family(
+            &mut enc,
+            "instance_oom_kills",
+            "Processes of an instance killed by the OOM killer",
+            MetricType::Counter,
+            live.iter()
+                .filter_map(|(l, u, _)| u.oom_kills.map(|n| (l.clone(), ConstCounter::new(n)))),
+        )?;
+        family(
+            &mut enc,
+            "instance_pids",
+            "Processes and threads in an instance",
+            MetricType::Gauge,
+            live.iter()
+                .filter_map(|(l, u, _)| u.pids.map(|n| (l.clone(), ConstGauge::new(n as i64)))),
+        )?;
+        Ok(())
+    }
+}
+
+/// Renders the registry in the Prometheus text format.
+pub fn render(reg: &Registry) -> String {
+    let mut out = String::new();
+    if prometheus_client::encoding::text::encode(&mut out, reg).is_err() {
+        out.clear();
+    }
+    out
+}

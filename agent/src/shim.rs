@@ -1,0 +1,564 @@
+//! The shim: one single-threaded process per instance, the agent binary
+//! re-executed as `corral-agent shim <launch.json>`.
+//!
+//! libcontainer forks and changes process-wide state, so it never runs in the
+//! multi-threaded agent. The shim detaches from the agent (fork + setsid), so
+//! the agent can restart or die without touching the instance; it creates and
+//! starts the container, stays its parent (child subreaper), copies its
+//! stdout/stderr into rotated log files, forwards a stop request (SIGTERM to
+//! the shim) as SIGTERM then SIGKILL after the grace period, and when the
+//! container ends it records the exit status, releases every resource the
+//! instance had (cgroups, mount, writable layer) and exits.
+//!
+//! Everything the agent needs to know is in `record.json` (written atomically),
+//! plus one line on the shim's stdout once the start has succeeded or failed.
+
+use crate::logs::{format_record, LineSplitter, LogWriter, Stream};
+use crate::paths::InstancePaths;
+use crate::{cgroups, oci, sys};
+use corral_proto::{Event, InstanceId, InstanceSpec, Status, Timestamp};
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::Container;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::default::DefaultExecutor;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What the agent hands a shim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Launch {
+    pub id: InstanceId,
+    pub spec: InstanceSpec,
+    pub paths: InstancePaths,
+    pub stop_grace_secs: u64,
+    pub log_max_bytes: u64,
+    pub log_keep: u32,
+    /// The agent's cgroup2 directory, when the host has a separate cgroup2
+    /// hierarchy (hybrid); the instance also gets a directory below it.
+    pub cgroup2_root: Option<PathBuf>,
+}
+
+/// What the shim records about its instance; the agent's source of truth.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    pub shim_pid: u32,
+    pub shim_start: u64,
+    pub init_pid: Option<u32>,
+    pub init_start: Option<u64>,
+    pub status: Status,
+    /// CPU time used, recorded when the instance ended.
+    pub cpu_ns: Option<u64>,
+    pub oom_kills: u64,
+    pub logs_dropped: u64,
+}
+
+/// The one line a shim prints to the agent once the start is decided.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartReport {
+    Running {
+        pid: u32,
+        shim_pid: u32,
+        shim_start: u64,
+    },
+    Failed {
+        reason: String,
+        shim_pid: u32,
+    },
+}
+
+pub fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp(d.as_nanos() as u64)
+}
+
+pub fn write_record(path: &Path, rec: &Record) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    let data = serde_json::to_vec_pretty(rec).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+pub fn read_record(path: &Path) -> std::io::Result<Record> {
+    let data = std::fs::read(path)?;
+    serde_json::from_slice(&data).map_err(std::io::Error::other)
+}
+
+fn container_id(id: &InstanceId) -> String {
+    id.to_string()
+}
+
+/// Entry point of `corral-agent shim`. Never returns.
+pub fn main(launch_path: &Path) -> ! {
+    let launch: Launch = match std::fs::read(launch_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            report(&StartReport::Failed {
+                reason: format!("cannot read launch file: {e}"),
+                shim_pid: 0,
+            });
+            std::process::exit(1);
+        }
+    };
+    // Detach: the agent reaps the parent at once; the child is adopted by init
+    // (or a subreaper) and lives in its own session, beyond the agent's reach.
+    // SAFETY: the shim is single-threaded here; the child only continues
+    // running ordinary Rust code.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { .. }) => std::process::exit(0),
+        Ok(nix::unistd::ForkResult::Child) => {}
+        Err(e) => {
+            report(&StartReport::Failed {
+                reason: format!("fork failed: {e}"),
+                shim_pid: 0,
+            });
+            std::process::exit(1);
+        }
+    }
+    let _ = nix::unistd::setsid();
+    redirect_stderr(&launch.paths.shim_log());
+    let code = Shim::new(launch).run();
+    std::process::exit(code)
+}
+
+fn report(r: &StartReport) {
+    if let Ok(line) = serde_json::to_string(r) {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{line}");
+        let _ = out.flush();
+    }
+}
+
+fn redirect_stderr(path: &Path) {
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = nix::unistd::dup2(f.as_raw_fd(), 2);
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .try_init();
+}
+
+struct Shim {
+    launch: Launch,
+    record: Record,
+    /// The container's last stderr line, quoted in a crash reason.
+    last_err: Option<String>,
+}
+
+struct Running {
+    init: Pid,
+    out: Option<OwnedFd>,
+    err: Option<OwnedFd>,
+}
+
+impl Shim {
+    fn new(launch: Launch) -> Self {
+        let shim_pid = std::process::id();
+        let shim_start = sys::start_time(shim_pid).unwrap_or(0);
+        Self {
+            launch,
+            record: Record {
+                shim_pid,
+                shim_start,
+                init_pid: None,
+                init_start: None,
+                status: Status::new(),
+                cpu_ns: None,
+                oom_kills: 0,
+                logs_dropped: 0,
+            },
+            last_err: None,
+        }
+    }
+
+    fn save(&self) {
+        if let Err(e) = write_record(&self.launch.paths.record(), &self.record) {
+            tracing::error!("cannot write record: {e}");
+        }
+    }
+
+    fn apply(&mut self, ev: Event) {
+        if let Err(e) = self.record.status.apply(self.launch.spec.kind, ev) {
+            tracing::warn!("{e}");
+        }
+        self.save();
+    }
+
+    fn run(mut self) -> i32 {
+        self.save();
+        if let Err(e) = sys::set_child_subreaper() {
+            return self.fail(format!("cannot become a child subreaper: {e}"));
+        }
+        let running = match self.start() {
+            Ok(r) => r,
+            Err(reason) => return self.fail(reason),
+        };
+        let pid = running.init.as_raw() as u32;
+        self.record.init_pid = Some(pid);
+        self.record.init_start = sys::start_time(pid).ok();
+        self.apply(Event::Started { pid, at: now() });
+        report(&StartReport::Running {
+            pid,
+            shim_pid: self.record.shim_pid,
+            shim_start: self.record.shim_start,
+        });
+        // The agent has its answer; nothing more goes to it through stdout.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+        }
+        let exit = self.supervise(running);
+        self.finish(exit);
+        0
+    }
+
+    fn fail(&mut self, reason: String) -> i32 {
+        tracing::error!("start failed: {reason}");
+        self.cleanup();
+        self.apply(Event::StartFailed {
+            reason: reason.clone(),
+            at: now(),
+        });
+        report(&StartReport::Failed {
+            reason,
+            shim_pid: self.record.shim_pid,
+        });
+        1
+    }
+
+    /// Creates the writable layer, the container and its cgroups, and starts
+    /// it. On error the caller cleans up whatever was made.
+    fn start(&mut self) -> Result<Running, String> {
+        let l = &self.launch;
+        let p = &l.paths;
+        for d in [
+            p.logs(),
+            p.upper(),
+            p.work(),
+            p.rootfs_mount(),
+            p.bundle(),
+            p.container_state(),
+        ] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            l.spec.rootfs,
+            p.upper().display(),
+            p.work().display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &p.rootfs_mount(),
+            Some("overlay"),
+            nix::mount::MsFlags::MS_NODEV,
+            Some(opts.as_str()),
+        )
+        .map_err(|e| {
+            format!(
+                "cannot mount the instance's overlay on {}: {e}",
+                p.rootfs_mount().display()
+            )
+        })?;
+
+        let spec =
+            oci::build(&l.id, &l.spec, &p.rootfs_mount(), &p.cgroup).map_err(|e| e.to_string())?;
+        spec.save(p.bundle().join("config.json"))
+            .map_err(|e| format!("cannot write config.json: {e}"))?;
+
+        let (out_r, out_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let (err_r, err_w) =
+            nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        for fd in [&out_r, &err_r] {
+            fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK))
+                .map_err(|e| format!("fcntl: {e}"))?;
+        }
+        let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+
+        let mut container = ContainerBuilder::new(container_id(&l.id), SyscallType::default())
+            .with_root_path(p.container_state())
+            .map_err(|e| format!("container state dir: {e}"))?
+            .with_executor(DefaultExecutor {})
+            .with_stdin(OwnedFd::from(null))
+            .with_stdout(out_w)
+            .with_stderr(err_w)
+            .validate_id()
+            .map_err(|e| format!("container id: {e}"))?
+            .as_init(p.bundle())
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| format!("cannot create the container: {e}"))?;
+        let init = container.pid().ok_or("the container has no init process")?;
+
+        if let Some(root) = &l.cgroup2_root {
+            let dir = p.cgroup2();
+            debug_assert!(dir.starts_with(root));
+            std::fs::create_dir_all(&dir)
+                .and_then(|()| std::fs::write(dir.join("cgroup.procs"), init.as_raw().to_string()))
+                .map_err(|e| {
+                    format!(
+                        "cannot place the instance in cgroup2 {}: {e}",
+                        dir.display()
+                    )
+                })?;
+        }
+        container
+            .start()
+            .map_err(|e| format!("cannot start the container: {e}"))?;
+        Ok(Running {
+            init,
+            out: Some(out_r),
+            err: Some(err_r),
+        })
+    }
+
+    /// Waits for the container's init to end, copying its output into the
+    /// logs and carrying out a stop request. Returns how it ended.
+    fn supervise(&mut self, mut r: Running) -> WaitStatus {
+        let mut mask = SigSet::empty();
+        for s in [
+            Signal::SIGCHLD,
+            Signal::SIGTERM,
+            Signal::SIGINT,
+            Signal::SIGHUP,
+        ] {
+            mask.add(s);
+        }
+        let _ = mask.thread_block();
+        let mut sfd =
+            match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    tracing::error!("signalfd: {e}; polling instead");
+                    None
+                }
+            };
+        let p = self.launch.paths.clone();
+        let mut log = LogWriter::open(
+            p.log_file(),
+            self.launch.log_max_bytes,
+            self.launch.log_keep,
+        )
+        .ok();
+        let mut split = [LineSplitter::default(), LineSplitter::default()];
+        let mut last_err_line: Option<String> = None;
+        let mut exit: Option<WaitStatus> = None;
+        let mut kill_at: Option<Instant> = None;
+        let mut drain_until: Option<Instant> = None;
+        let mut buf = vec![0u8; 64 * 1024];
+
+        loop {
+            // Reap first: a SIGCHLD may have come before the signalfd existed.
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(ws) => {
+                        if ws.pid() == Some(r.init) && exit.is_none() {
+                            exit = Some(ws);
+                            drain_until = Some(Instant::now() + Duration::from_secs(2));
+                        }
+                    }
+                }
+            }
+            if let Some(at) = kill_at {
+                if Instant::now() >= at && exit.is_none() {
+                    // SIGKILL to a pid namespace's init kills the whole namespace.
+                    let _ = kill(r.init, Signal::SIGKILL);
+                    kill_at = None;
+                }
+            }
+            let pipes_open = r.out.is_some() || r.err.is_some();
+            if let Some(ws) = exit {
+                if !pipes_open || drain_until.is_some_and(|d| Instant::now() >= d) {
+                    for (i, s) in split.iter_mut().enumerate() {
+                        if let (Some(rest), Some(w)) = (s.finish(), log.as_mut()) {
+                            let stream = if i == 0 {
+                                Stream::Stdout
+                            } else {
+                                Stream::Stderr
+                            };
+                            w.write(&format_record(now(), stream, false, &rest));
+                        }
+                    }
+                    self.record.logs_dropped = log.as_ref().map_or(0, |w| w.dropped);
+                    self.last_err = last_err_line;
+                    return ws;
+                }
+            }
+
+            let deadline = [kill_at, drain_until].into_iter().flatten().min();
+            let timeout = match deadline {
+                Some(d) => d
+                    .saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(1000) as u16,
+                None if sfd.is_none() => 200,
+                None => 1000,
+            };
+            let mut fds = Vec::with_capacity(3);
+            if let Some(s) = &sfd {
+                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+            }
+            let n_sig = fds.len();
+            if let Some(o) = &r.out {
+                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
+            }
+            if let Some(e) = &r.err {
+                fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
+            }
+            let _ = poll(&mut fds, PollTimeout::from(timeout));
+            let ready: Vec<bool> = fds
+                .iter()
+                .map(|f| f.revents().is_some_and(|e| !e.is_empty()))
+                .collect();
+            drop(fds);
+
+            if n_sig == 1 && ready[0] {
+                while let Some(Ok(Some(info))) = sfd.as_mut().map(|s| s.read_signal()) {
+                    let sig = info.ssi_signo as i32;
+                    if (sig == libc::SIGTERM || sig == libc::SIGINT)
+                        && exit.is_none()
+                        && kill_at.is_none()
+                    {
+                        let grace = std::fs::read_to_string(p.stop_request())
+                            .ok()
+                            .and_then(|s| s.trim().parse::<u64>().ok())
+                            .unwrap_or(self.launch.stop_grace_secs);
+                        self.apply(Event::StopRequested);
+                        let _ = kill(r.init, Signal::SIGTERM);
+                        kill_at = Some(Instant::now() + Duration::from_secs(grace));
+                    }
+                }
+            }
+            let mut idx = n_sig;
+            for (slot, stream) in [(0usize, Stream::Stdout), (1usize, Stream::Stderr)] {
+                let fd_opt = if slot == 0 { &mut r.out } else { &mut r.err };
+                if fd_opt.is_none() {
+                    continue;
+                }
+                let is_ready = ready.get(idx).copied().unwrap_or(false);
+                idx += 1;
+                if !is_ready && exit.is_none() {
+                    continue;
+                }
+                loop {
+                    let Some(fd) = fd_opt.as_ref() else { break };
+                    match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+                        Ok(0) => {
+                            *fd_opt = None;
+                        }
+                        Ok(n) => {
+                            for (text, partial) in split[slot].push(&buf[..n]) {
+                                if stream == Stream::Stderr && !text.is_empty() {
+                                    last_err_line =
+                                        Some(String::from_utf8_lossy(&text).into_owned());
+                                }
+                                if let Some(w) = log.as_mut() {
+                                    w.write(&format_record(now(), stream, partial, &text));
+                                }
+                            }
+                            continue;
+                        }
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(_) => {}
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, ws: WaitStatus) {
+        let stats = cgroups::read_v1(&self.launch.paths);
+        self.record.cpu_ns = stats.cpu_ns;
+        self.record.oom_kills = stats.oom_kills.unwrap_or(0);
+        let (code, signal) = match ws {
+            WaitStatus::Exited(_, c) => (Some(c), None),
+            WaitStatus::Signaled(_, s, _) => (None, Some(s as i32)),
+            _ => (None, None),
+        };
+        // A SIGKILL while the memory cgroup recorded an OOM kill is the OOM killer's.
+        let oom_killed = self.record.oom_kills > 0 && signal == Some(libc::SIGKILL);
+        self.cleanup();
+        self.apply(Event::Exited {
+            code,
+            signal,
+            oom_killed,
+            at: now(),
+        });
+        if let Some(line) = self.last_err.take() {
+            if self.record.status.state == corral_proto::InstanceState::Crashed {
+                let mut line = line;
+                line.truncate(200);
+                if let Some(r) = self.record.status.reason.as_mut() {
+                    r.push_str(&format!(" (last stderr line: {line:?})"));
+                }
+                self.save();
+            }
+        }
+    }
+
+    /// Releases what the instance had: container (and its v1 cgroups),
+    /// cgroup2 directory, overlay mount, writable layer, bundle. Idempotent.
+    fn cleanup(&mut self) {
+        cleanup(
+            &self.launch.id,
+            &self.launch.paths,
+            self.launch.cgroup2_root.is_some(),
+        );
+    }
+}
+
+/// Removes every kernel and filesystem resource of an instance except its
+/// record, spec and logs. Safe to call on a half-created instance and more
+/// than once. Must run in a single-threaded process (libcontainer).
+pub fn cleanup(id: &InstanceId, p: &InstancePaths, cgroup2: bool) {
+    let state = p.container_state().join(container_id(id));
+    if state.exists() {
+        match Container::load(state.clone()) {
+            Ok(mut c) => {
+                if let Err(e) = c.delete(true) {
+                    tracing::warn!("deleting container: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("loading container state {}: {e}", state.display()),
+        }
+    }
+    cgroups::remove(p, cgroup2);
+    let mnt = p.rootfs_mount();
+    if mnt.exists() {
+        let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH);
+    }
+    for d in [
+        p.rootfs_mount(),
+        p.bundle(),
+        p.container_state(),
+        p.data.join("layer"),
+    ] {
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

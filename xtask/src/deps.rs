@@ -1,0 +1,64 @@
+//! `cargo xtask deps`: the Debian packages the build, tests, demo and
+//! benchmarks need.
+
+use std::process::Command;
+
+use anyhow::{bail, Result};
+
+use crate::util::{self, is_root};
+
+/// clang + libbpf for the eBPF programs, libseccomp + pkg-config for
+/// libcontainer, busybox for the test rootfs, iproute2 for network
+/// namespaces, runc as the benchmark peer, bpftool for inspecting maps,
+/// xfsprogs for the project-quota disk limits.
+const PACKAGES: &[&str] = &[
+    "clang-19",
+    "libbpf-dev",
+    "libseccomp-dev",
+    "pkg-config",
+    "busybox-static",
+    "iproute2",
+    "runc",
+    "bpftool",
+    "xfsprogs",
+];
+
+pub fn run() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        println!("all {} required packages are installed", PACKAGES.len());
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !is_root() {
+        bail!(
+            "missing packages {list}: run `cargo xtask deps` as root or `apt-get install {list}`"
+        );
+    }
+    println!("installing missing packages: {list}");
+    util::run(Command::new("apt-get").arg("update"))?;
+    util::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    let still: Vec<&str> = missing.into_iter().filter(|p| !installed(p)).collect();
+    if !still.is_empty() {
+        bail!(
+            "apt-get reported success but these packages are still not installed: {}",
+            still.join(" ")
+        );
+    }
+    Ok(())
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).trim() == "install ok installed"
+        })
+}

@@ -1,0 +1,68 @@
+//! `cargo xtask`: the project's developer tasks.
+//!
+//! Everything here shells out to the same tools a person would use (cargo,
+//! apt-get, ip, runc) and prints what it does, so a failing step can be
+//! re-run by hand.
+
+mod bench;
+mod demo;
+mod deps;
+mod http;
+mod rootfs;
+mod sandbox;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command> [args]
+
+commands:
+  deps                 install the Debian packages the build and tests need (root)
+  rootfs               build the busybox test rootfs under target/rootfs/busybox
+  test [--unit] [ARGS] fmt, clippy, build, unit tests, then the privileged
+                       end-to-end tests as root (ARGS go to that last cargo test,
+                       e.g. a test name filter); --unit stops before them
+  demo                 run a cell agent in a throw-away network namespace and
+                       show what it does (root)
+  bench start          benchmark instance start latency against runc and
+                       measure memory; appends to docs/benchmarks.md (root)
+  help                 print this message
+
+environment:
+  CORRAL_AGENT_BIN     agent binary for demo and bench, used as it is (default:
+                       build the workspace, use target/{debug,release}/corral-agent)";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let result = match (cmd.as_str(), rest) {
+        ("deps", []) => deps::run(),
+        ("rootfs", []) => rootfs::run(),
+        ("test", rest) => test::run(rest),
+        ("demo", []) => demo::run(),
+        ("bench", [sub]) if sub == "start" => bench::run(),
+        ("help" | "-h" | "--help", _) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprintln!("unknown command: {}\n\n{USAGE}", args.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        // The signal handler is cleaning up and will exit with 130 itself;
+        // an error seen here is only the consequence of that.
+        Err(_) if sandbox::interrupted() => sandbox::wait_for_interrupt_exit(),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! `cargo xtask test`: everything CI checks, in the order that fails fastest.
+
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+
+use crate::util::{self, cargo, fmt_duration, is_root, step, workspace_root};
+use crate::{deps, rootfs};
+
+pub fn run(args: &[String]) -> Result<()> {
+    let (unit_only, extra) = parse_args(args);
+    if !unit_only && !is_root() {
+        // Checked up front rather than after ten minutes of unit steps.
+        bail!(
+            "the privileged end-to-end tests need root: run `sudo cargo xtask test`, \
+             or `cargo xtask test --unit` for everything else"
+        );
+    }
+    let start = Instant::now();
+    step("deps", deps::run)?;
+    step("fmt", || {
+        util::run(cargo().args(["fmt", "--all", "--", "--check"]))
+    })?;
+    step("clippy", || {
+        util::run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
+    step("build", || {
+        util::run(cargo().args(["build", "--workspace", "--bins"]))
+    })?;
+    // Default members only: the privileged `tests` crate is left out of them.
+    step("unit tests", || {
+        util::run(cargo().args(["test", "--workspace"]))
+    })?;
+    let rootfs = step("rootfs", rootfs::ensure)?;
+    if unit_only {
+        println!("\n--unit: skipped the privileged end-to-end tests");
+    } else {
+        let target = workspace_root().join("target/debug");
+        step("privileged end-to-end tests", || {
+            util::run(
+                cargo()
+                    .args(["test", "-p", "corral-tests", "--", "--test-threads=1"])
+                    .args(extra)
+                    .env("CORRAL_AGENT_BIN", target.join("corral-agent"))
+                    .env("CORRAL_CLI_BIN", target.join("corral"))
+                    .env("CORRAL_TEST_ROOTFS", &rootfs),
+            )
+        })?;
+    }
+    println!("\nall steps passed ({})", fmt_duration(start.elapsed()));
+    Ok(())
+}
+
+/// A leading `--unit`; everything else goes to the privileged
+/// test run (a leading `--` is accepted and dropped).
+fn parse_args(args: &[String]) -> (bool, &[String]) {
+    match args.split_first() {
+        Some((first, rest)) if first == "--unit" => {
+            let (_, extra) = parse_args(rest);
+            (true, extra)
+        }
+        Some((first, rest)) if first == "--" => (false, rest),
+        _ => (false, args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(a: &[&str]) -> Vec<String> {
+        a.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn splits_unit_flag_from_test_args() {
+        let a = strings(&["--unit"]);
+        assert_eq!(parse_args(&a), (true, &[][..]));
+        let a = strings(&["netns", "--nocapture"]);
+        assert_eq!(parse_args(&a), (false, &a[..]));
+        let a = strings(&["--", "--unit"]);
+        assert_eq!(parse_args(&a), (false, &a[1..]));
+        let a = strings(&["--unit", "--", "x"]);
+        assert_eq!(parse_args(&a), (true, &a[2..]));
+    }
+}
