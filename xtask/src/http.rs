@@ -1,7 +1,7 @@
 //! A tiny HTTP/1.1 client over the agent's unix socket: one request per
 //! connection (`Connection: close`), body read to EOF.
 
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -90,7 +90,12 @@ impl Client {
         stream.write_all(head.as_bytes()).with_context(what)?;
         stream.write_all(body.as_bytes()).with_context(what)?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).with_context(what)?;
+        if let Err(e) = stream.read_to_end(&mut raw) {
+            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                bail!("{}: no answer within {}s", what(), self.timeout.as_secs());
+            }
+            return Err(e).with_context(what);
+        }
         let mut response = parse_response(&raw).with_context(what)?;
         response.request = format!("{method} {path}");
         Ok(response)

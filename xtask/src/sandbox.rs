@@ -1,5 +1,6 @@
-//! A cell agent running in a network namespace of its own, for the demo and
-//! the benchmarks, and the guard that removes everything again.
+//! A cell agent running in a network namespace of its own (entered with
+//! `nsenter --net`), for the demo and the benchmarks, and the guard that
+//! removes everything again.
 //!
 //! Everything the sandbox creates is named after our pid (`<prefix>-<pid>`):
 //! the network namespace, the state directory under /tmp and the agent's
@@ -280,8 +281,13 @@ impl Cleanup {
         let log = fs::File::create(&self.log)
             .with_context(|| format!("create {}", self.log.display()))?;
         let log_err = log.try_clone().context("duplicate the log file handle")?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.netns])
+        // Not `ip netns exec`: that also unshares the mount namespace and
+        // mounts a fresh sysfs on /sys, which hides /sys/fs/cgroup and
+        // /sys/fs/bpf from the agent. nsenter only switches the network
+        // namespace, then execs, so the child's pid is the agent's.
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.netns))
+            .arg("--")
             .arg(bin)
             .arg("--config")
             .arg(config)
@@ -381,8 +387,9 @@ impl Cleanup {
                 let _ = fs::remove_dir(parent); // only if empty
             }
         }
-        if self.dir.exists() {
-            release_mounts_and_loops(&self.dir);
+        // remove_dir_all would descend into a mount that is still there, such
+        // as a bind mount of the shared rootfs, and delete its files.
+        if self.dir.exists() && release_mounts_and_loops(&self.dir) {
             if let Err(e) = fs::remove_dir_all(&self.dir) {
                 eprintln!(
                     "warning: remove {}: {e}: remove it with `rm -rf {}`",
@@ -553,20 +560,23 @@ fn remove_cgroups(root: &str) {
         if dirs.is_empty() {
             return;
         }
+        // The same process shows up once per hierarchy.
+        let mut procs = std::collections::BTreeSet::new();
         for dir in &dirs {
             // A frozen process does not die until thawed.
             let _ = fs::write(dir.join("freezer.state"), "THAWED");
             let _ = fs::write(dir.join("cgroup.freeze"), "0");
-            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-            for pid in procs.lines().filter_map(|l| l.trim().parse().ok()) {
-                if attempt == 0 {
-                    println!(
-                        "killing leftover process {pid} ({})",
-                        cmdline(pid).join(" ")
-                    );
-                }
-                kill(pid, libc::SIGKILL);
+            let text = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            procs.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        for pid in procs {
+            if attempt == 0 {
+                println!(
+                    "killing leftover process {pid} ({})",
+                    cmdline(pid).join(" ")
+                );
             }
+            kill(pid, libc::SIGKILL);
         }
         // Deepest first: a cgroup can only be removed once its children are.
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
@@ -594,39 +604,55 @@ fn collect_dirs(dir: &Path, out: &mut Vec<PathBuf>) {
     out.push(dir.to_path_buf());
 }
 
-/// The agent's own mounts live in the private mount namespace of
-/// `ip netns exec` and vanish with it; this catches anything that leaked
-/// into ours, and loop devices backed by files in `dir`.
-fn release_mounts_and_loops(dir: &Path) {
-    let prefix = dir.to_string_lossy().into_owned();
-    let under = |p: &str| p == prefix || p.starts_with(&format!("{prefix}/"));
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut mounts: Vec<String> = mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mount_path)
-        .filter(|p| under(p))
-        .collect();
+/// Unmounts whatever the agent left mounted under `dir` (overlays, the
+/// quota filesystem) and detaches loop devices backed by files in it.
+/// Returns whether `dir` is free of mounts, and so safe to delete.
+fn release_mounts_and_loops(dir: &Path) -> bool {
+    let mut mounts = mounts_under(dir);
+    // Innermost first.
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {
         if let Err(e) = util::run(Command::new("umount").args(["-l", &m])) {
             eprintln!("warning: {e:#}");
         }
     }
-    let Ok(blocks) = fs::read_dir("/sys/block") else {
-        return;
-    };
-    for dev in blocks.flatten() {
-        let name = dev.file_name().to_string_lossy().into_owned();
-        let backing = fs::read_to_string(dev.path().join("loop/backing_file")).unwrap_or_default();
-        let backing = backing.trim().trim_end_matches(" (deleted)");
-        if name.starts_with("loop") && under(backing) {
-            if let Err(e) = util::run(Command::new("losetup").args(["-d", &format!("/dev/{name}")]))
-            {
-                eprintln!("warning: {e:#}");
+    if let Ok(blocks) = fs::read_dir("/sys/block") {
+        for dev in blocks.flatten() {
+            let name = dev.file_name().to_string_lossy().into_owned();
+            let backing =
+                fs::read_to_string(dev.path().join("loop/backing_file")).unwrap_or_default();
+            let backing = backing.trim().trim_end_matches(" (deleted)");
+            if name.starts_with("loop") && is_under(Path::new(backing), dir) {
+                let dev = format!("/dev/{name}");
+                if let Err(e) = util::run(Command::new("losetup").args(["-d", &dev])) {
+                    eprintln!("warning: {e:#}");
+                }
             }
         }
     }
+    let left = mounts_under(dir);
+    if !left.is_empty() {
+        eprintln!(
+            "warning: not removing {}: still mounted: {}",
+            dir.display(),
+            left.join(", ")
+        );
+    }
+    left.is_empty()
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| is_under(Path::new(p), dir))
+        .collect()
+}
+
+fn is_under(path: &Path, dir: &Path) -> bool {
+    path.is_absolute() && path.starts_with(dir)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

@@ -1,0 +1,425 @@
+//! Test harness: a cell agent in its own node network namespace (and its own
+//! mount namespace), with RAII clean-up of everything a test makes.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use corral_cli::client::{Client, Response};
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+pub fn agent_bin() -> PathBuf {
+    std::env::var_os("CORRAL_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/debug/corral-agent"))
+}
+
+pub fn rootfs() -> PathBuf {
+    std::env::var_os("CORRAL_TEST_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/rootfs/busybox"))
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    #[allow(unsafe_code)]
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "privileged tests must run as root (cargo xtask test)"
+    );
+    assert!(
+        agent_bin().exists(),
+        "build the agent first: {}",
+        agent_bin().display()
+    );
+    assert!(
+        rootfs().join("bin/busybox").exists(),
+        "build the rootfs first: cargo xtask rootfs"
+    );
+}
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"))
+}
+
+/// An instance spec with the busybox rootfs.
+pub fn spec(kind: &str, command: &[&str]) -> Value {
+    json!({
+        "tenant": "acme",
+        "app": "app",
+        "index": 0,
+        "kind": kind,
+        "rootfs": rootfs(),
+        "command": command,
+        "env": {},
+        "resources": {"memory_mb": 32, "disk_mb": 64, "cpu_weight": 100, "max_pids": 64},
+        "ports": []
+    })
+}
+
+pub fn lrp(script: &str) -> Value {
+    spec("lrp", &["/bin/sh", "-c", script])
+}
+
+pub fn task(script: &str) -> Value {
+    spec("task", &["/bin/sh", "-c", script])
+}
+
+/// A cell: a node namespace, state directories and an agent.
+pub struct Cell {
+    pub name: String,
+    pub netns: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    pub cgroup_root: String,
+    pub client: Client,
+    agent: Option<Child>,
+}
+
+impl Cell {
+    pub fn start() -> Cell {
+        Self::start_with("")
+    }
+
+    /// Starts a cell; `extra` is appended to the generated config.
+    pub fn start_with(extra: &str) -> Cell {
+        require_root();
+        let name = format!(
+            "ct{}x{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        );
+        let netns = format!("corral-{name}");
+        let out = run("ip", &["netns", "add", &netns]);
+        assert!(
+            out.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        run("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        let dir = tempfile::Builder::new()
+            .prefix("corral-test-")
+            .tempdir()
+            .unwrap();
+        let config = dir.path().join("agent.toml");
+        let cgroup_root = format!("corral-{name}");
+        let d = dir.path().display();
+        let text = format!(
+            "cell_id = \"{name}\"\nzone = \"z1\"\ndata_dir = \"{d}/data\"\nrun_dir = \"{d}/run\"\n\
+             cgroup_root = \"{cgroup_root}\"\nstop_grace_secs = 2\n{extra}\n"
+        );
+        // Sections given in `extra` win; add the defaults only where missing.
+        let mut text = text;
+        if !extra.contains("[api]") {
+            text.push_str(&format!(
+                "[api]\nlisten = \"off\"\nsocket = \"{d}/run/agent.sock\"\n"
+            ));
+        }
+        if !extra.contains("[metrics]") {
+            text.push_str("[metrics]\nlisten = \"off\"\n");
+        }
+        if !extra.contains("[capacity]") {
+            text.push_str("[capacity]\nmemory_mb = 2048\ndisk_mb = 8192\nmax_containers = 50\n");
+        }
+        std::fs::write(&config, text).unwrap();
+        let client = Client::unix(dir.path().join("run/agent.sock"))
+            .with_timeout(Some(Duration::from_secs(90)));
+        let mut cell = Cell {
+            name,
+            netns,
+            dir,
+            config,
+            cgroup_root,
+            client,
+            agent: None,
+        };
+        cell.spawn_agent();
+        cell
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.path().join("run")
+    }
+
+    /// Starts the agent inside the node's network namespace and a private
+    /// mount namespace, and waits for /readyz.
+    pub fn spawn_agent(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("agent.log"))
+            .unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.netns))
+            .args(["unshare", "--mount", "--propagation", "slave"])
+            .arg(agent_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agent = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(c) = self.agent.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    panic!("agent exited early ({st}):\n{}", self.agent_log());
+                }
+            }
+            if let Ok(r) = self.client.get("/readyz") {
+                if r.status == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    /// The agent's pid (nsenter and unshare exec it in place).
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("agent running").id()
+    }
+
+    pub fn kill9_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    pub fn stop_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            #[allow(unsafe_code)]
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    pub fn put(&self, id: &str, spec: &Value) -> Response {
+        self.client
+            .put_json(&format!("/v1/instances/{id}"), spec)
+            .unwrap()
+    }
+
+    pub fn put_ok(&self, id: &str, spec: &Value) -> Value {
+        let r = self.put(id, spec);
+        assert!(
+            r.is_success(),
+            "PUT {id}: {} {}\n{}",
+            r.status,
+            r.text(),
+            self.agent_log()
+        );
+        r.json().unwrap()
+    }
+
+    pub fn get(&self, id: &str) -> Value {
+        let r = self.client.get(&format!("/v1/instances/{id}")).unwrap();
+        assert_eq!(r.status, 200, "GET {id}: {}", r.text());
+        r.json().unwrap()
+    }
+
+    pub fn delete(&self, id: &str) -> Value {
+        let r = self
+            .client
+            .delete(&format!("/v1/instances/{id}?grace_secs=1"))
+            .unwrap();
+        assert_eq!(r.status, 200, "DELETE {id}: {}", r.text());
+        r.json().unwrap()
+    }
+
+    pub fn logs(&self, id: &str) -> String {
+        self.client
+            .get(&format!("/v1/instances/{id}/logs"))
+            .unwrap()
+            .text()
+    }
+
+    pub fn metrics(&self) -> String {
+        self.client.get("/metrics").unwrap().text()
+    }
+
+    /// Polls an instance until `pred` holds.
+    pub fn wait_for(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = self.get(id);
+            if pred(&v) {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{id} never became {what}: {v:#}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_state(&self, id: &str, state: &str) -> Value {
+        self.wait_for(id, state, |v| v["state"] == state)
+    }
+
+    pub fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        let mut found = vec![];
+        for entry in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
+            let d = entry.path().join(&self.cgroup_root);
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                found.extend(rd.flatten().filter(|e| e.path().is_dir()).map(|e| e.path()));
+            }
+        }
+        found
+    }
+
+    /// Processes (other than the agent) whose command line mentions this
+    /// cell's directory: its shims and helpers.
+    pub fn shim_pids(&self) -> Vec<u32> {
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let agent = self.agent.as_ref().map(|c| c.id());
+        let mut pids = vec![];
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if Some(pid) == agent {
+                continue;
+            }
+            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+                if String::from_utf8_lossy(&cmd).contains(&needle) {
+                    pids.push(pid);
+                }
+            }
+        }
+        pids
+    }
+
+    /// Asserts that no instance left anything behind: no instance cgroups,
+    /// mounts, state directories, shims, or network interfaces.
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            self.cgroup_dirs(),
+            Vec::<PathBuf>::new(),
+            "leftover cgroups"
+        );
+        for d in [
+            self.data().join("instances"),
+            self.run_dir().join("instances"),
+        ] {
+            let left: Vec<_> = std::fs::read_dir(&d)
+                .map(|r| r.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(
+                left.is_empty(),
+                "leftover state in {}: {left:?}",
+                d.display()
+            );
+        }
+        let needle = self.dir.path().to_string_lossy().into_owned();
+        let mut mountinfos = vec![std::fs::read_to_string("/proc/self/mountinfo").unwrap()];
+        if let Some(c) = &self.agent {
+            mountinfos.push(
+                std::fs::read_to_string(format!("/proc/{}/mountinfo", c.id())).unwrap_or_default(),
+            );
+        }
+        for m in mountinfos {
+            let left: Vec<_> = m.lines().filter(|l| l.contains(&needle)).collect();
+            assert!(left.is_empty(), "leftover mounts: {left:?}");
+        }
+        assert_eq!(
+            self.shim_pids(),
+            Vec::<u32>::new(),
+            "leftover shim processes"
+        );
+        let links = run("ip", &["-n", &self.netns, "-o", "link", "show"]);
+        let links = String::from_utf8_lossy(&links.stdout).into_owned();
+        assert_eq!(
+            links.lines().count(),
+            1,
+            "only lo may exist in the node namespace: {links}"
+        );
+    }
+
+    /// Deletes every instance through the API.
+    pub fn delete_all(&self) {
+        if let Ok(r) = self.client.get("/v1/instances") {
+            if let Ok(v) = r.json() {
+                for i in v["instances"].as_array().cloned().unwrap_or_default() {
+                    let id = i["id"].as_str().unwrap_or_default().to_owned();
+                    let _ = self
+                        .client
+                        .delete(&format!("/v1/instances/{id}?grace_secs=0"));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cell {
+    fn drop(&mut self) {
+        // Bring an agent back if a test killed it, so that instances are
+        // stopped through the normal path; then remove everything.
+        if self.agent.is_none() && !std::thread::panicking() {
+            self.spawn_agent();
+        } else if self.agent.is_none() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.spawn_agent()));
+        }
+        self.delete_all();
+        self.stop_agent();
+        for pid in self.shim_pids() {
+            // Last resort after a failed test: only processes of this cell.
+            #[allow(unsafe_code)]
+            // SAFETY: kill(2) on pids whose command line names this test's directory.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+        }
+        for entry in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let d = entry.path().join(&self.cgroup_root);
+            if let Ok(rd) = std::fs::read_dir(&d) {
+                for sub in rd.flatten().filter(|e| e.path().is_dir()) {
+                    let _ = std::fs::remove_dir(sub.path());
+                }
+            }
+            let _ = std::fs::remove_dir(&d);
+        }
+        let _ = run("ip", &["netns", "del", &self.netns]);
+    }
+}
