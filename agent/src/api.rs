@@ -143,6 +143,7 @@ pub async fn handle(
                     "cell_id": cfg.cell_id,
                     "zone": cfg.zone,
                     "capacity": { "total": exec.total(), "available": exec.available() },
+                    "disk_limits": if exec.disk_quota() { "filesystem-per-instance" } else { "none" },
                     "instances": instances,
                 }),
             )

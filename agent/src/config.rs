@@ -25,6 +25,15 @@ struct RawConfig {
     capacity: RawCapacity,
     #[serde(default)]
     logs: RawLogs,
+    #[serde(default)]
+    disk: RawDisk,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDisk {
+    layers_dir: Option<PathBuf>,
+    enforce: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +94,13 @@ pub struct Config {
     pub log_max_bytes: u64,
     /// Rotated log files kept per instance. Default: 3.
     pub log_keep: u32,
+    /// Where instances' writable layers (and their disk images) live.
+    /// Default: `<data_dir>/layers`.
+    pub layers_dir: PathBuf,
+    /// Give each instance a filesystem of its own of `disk_mb` (a sparse ext4
+    /// image), so that its disk limit holds. When false, `disk_mb` is only
+    /// accounted. Default: true.
+    pub disk_enforce: bool,
 }
 
 /// Facts about the host that defaults are derived from; passed in so that
@@ -199,6 +215,12 @@ impl Config {
             p.push("api.listen and metrics.listen must differ".into());
         }
 
+        let layers_dir = raw
+            .disk
+            .layers_dir
+            .unwrap_or_else(|| data_dir.join("layers"));
+        check_abs("disk.layers_dir", &layers_dir, &mut p);
+        let disk_enforce = raw.disk.enforce.unwrap_or(true);
         let reserve = (host.memory_mb / 10).min(2048);
         let capacity = Capacity {
             memory_mb: raw
@@ -250,6 +272,8 @@ impl Config {
                 capacity,
                 log_max_bytes,
                 log_keep,
+                layers_dir,
+                disk_enforce,
             }),
             _ => Err(p),
         }

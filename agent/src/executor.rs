@@ -78,6 +78,7 @@ pub struct Executor {
     cfg: Config,
     layout: Layout,
     cgroup2_root: Option<PathBuf>,
+    disk_quota: bool,
     exe: PathBuf,
     table: Mutex<BTreeMap<InstanceId, Entry>>,
     metrics: Arc<Metrics>,
@@ -88,8 +89,10 @@ impl Executor {
         let layout = Layout {
             data_dir: cfg.data_dir.clone(),
             run_dir: cfg.run_dir.clone(),
+            layers_dir: cfg.layers_dir.clone(),
             cgroup_root: cfg.cgroup_root.clone(),
         };
+        let disk_quota = cfg.disk_enforce;
         let cgroup2_root = Path::new(crate::paths::CGROUP2_HYBRID)
             .join("cgroup.procs")
             .exists()
@@ -98,6 +101,7 @@ impl Executor {
             cfg,
             layout,
             cgroup2_root,
+            disk_quota,
             exe,
             table: Mutex::new(BTreeMap::new()),
             metrics,
@@ -106,6 +110,11 @@ impl Executor {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// Whether instances' disk limits are enforced (a filesystem each).
+    pub fn disk_quota(&self) -> bool {
+        self.disk_quota
     }
 
     pub fn cgroup2_root(&self) -> Option<&Path> {
@@ -285,6 +294,7 @@ impl Executor {
             log_max_bytes: self.cfg.log_max_bytes,
             log_keep: self.cfg.log_keep,
             cgroup2_root: self.cgroup2_root.clone(),
+            disk_quota: self.disk_quota,
         };
         let launch_json = serde_json::to_vec_pretty(&launch)
             .map_err(|e| io("encoding launch")(std::io::Error::other(e)))?;

@@ -5,6 +5,7 @@ pub mod api;
 pub mod cgroups;
 pub mod config;
 pub mod executor;
+pub mod layer;
 pub mod logs;
 pub mod metrics;
 pub mod oci;

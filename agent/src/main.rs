@@ -119,6 +119,8 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     for d in [&cfg.data_dir, &cfg.run_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
     }
+    std::fs::create_dir_all(&cfg.layers_dir)
+        .with_context(|| format!("creating {}", cfg.layers_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
     let exec = Executor::new(cfg.clone(), exe, metrics.clone());
     cgroups::ensure_roots(&cfg.cgroup_root, exec.cgroup2_root())
@@ -163,6 +165,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         tokio::spawn(api::serve_tcp(state.clone(), l, true));
     }
 
+    if !exec.disk_quota() {
+        tracing::warn!(
+            "disk limits are not enforced ([disk] enforce = false): disk_mb is only accounted"
+        );
+    }
     let adopted = tokio::task::block_in_place(|| exec.adopt()).context("re-adopting instances")?;
     state.ready.store(true, Ordering::Release);
     tracing::info!(

@@ -14,6 +14,7 @@ pub const CGROUP2_HYBRID: &str = "/sys/fs/cgroup/unified";
 pub struct Layout {
     pub data_dir: PathBuf,
     pub run_dir: PathBuf,
+    pub layers_dir: PathBuf,
     pub cgroup_root: String,
 }
 
@@ -24,6 +25,9 @@ pub struct InstancePaths {
     pub data: PathBuf,
     /// Runtime: shim record, bundle, container state, rootfs mount point.
     pub run: PathBuf,
+    /// The writable layer (overlay upper and work dirs); the mount point of
+    /// the instance's own filesystem when disk limits are enforced.
+    pub layer: PathBuf,
     /// The cgroup path below each controller mount, e.g. `/corral/web-0`.
     pub cgroup: String,
 }
@@ -41,6 +45,7 @@ impl Layout {
         InstancePaths {
             data: self.instances_data().join(id.as_str()),
             run: self.instances_run().join(id.as_str()),
+            layer: self.layers_dir.join(id.as_str()),
             cgroup: format!("/{}/{}", self.cgroup_root, id),
         }
     }
@@ -62,11 +67,17 @@ impl InstancePaths {
     pub fn log_file(&self) -> PathBuf {
         self.logs().join("output.log")
     }
+    /// The sparse filesystem image behind `layer` (when disk limits are enforced).
+    pub fn layer_image(&self) -> PathBuf {
+        let mut s = self.layer.as_os_str().to_owned();
+        s.push(".img");
+        PathBuf::from(s)
+    }
     pub fn upper(&self) -> PathBuf {
-        self.data.join("layer").join("upper")
+        self.layer.join("upper")
     }
     pub fn work(&self) -> PathBuf {
-        self.data.join("layer").join("work")
+        self.layer.join("work")
     }
     pub fn shim_log(&self) -> PathBuf {
         self.data.join("shim.log")

@@ -45,6 +45,8 @@ pub struct Launch {
     /// The agent's cgroup2 directory, when the host has a separate cgroup2
     /// hierarchy (hybrid); the instance also gets a directory below it.
     pub cgroup2_root: Option<PathBuf>,
+    /// Whether the layer is a filesystem of its own, sized `disk_mb`.
+    pub disk_quota: bool,
 }
 
 /// What the shim records about its instance; the agent's source of truth.
@@ -252,14 +254,8 @@ impl Shim {
     fn start(&mut self) -> Result<Running, String> {
         let l = &self.launch;
         let p = &l.paths;
-        for d in [
-            p.logs(),
-            p.upper(),
-            p.work(),
-            p.rootfs_mount(),
-            p.bundle(),
-            p.container_state(),
-        ] {
+        crate::layer::create(p, l.spec.resources.disk_mb, l.disk_quota)?;
+        for d in [p.logs(), p.rootfs_mount(), p.bundle(), p.container_state()] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| format!("cannot create {}: {e}", d.display()))?;
         }
@@ -549,16 +545,12 @@ pub fn cleanup(id: &InstanceId, p: &InstancePaths, cgroup2: bool) {
         }
     }
     cgroups::remove(p, cgroup2);
+    crate::layer::remove(p);
     let mnt = p.rootfs_mount();
     if mnt.exists() {
         let _ = nix::mount::umount2(&mnt, nix::mount::MntFlags::MNT_DETACH);
     }
-    for d in [
-        p.rootfs_mount(),
-        p.bundle(),
-        p.container_state(),
-        p.data.join("layer"),
-    ] {
+    for d in [p.rootfs_mount(), p.bundle(), p.container_state()] {
         let _ = std::fs::remove_dir_all(&d);
     }
 }

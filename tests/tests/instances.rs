@@ -157,6 +157,36 @@ fn pids_limit_contains_a_fork_bomb() {
 }
 
 #[test]
+fn disk_limit_is_enforced_by_a_filesystem_per_instance() {
+    let cell = Cell::start();
+    let state = cell.client.get("/v1/state").unwrap().json().unwrap();
+    assert_eq!(state["disk_limits"], "filesystem-per-instance", "{state:#}");
+    let mut s = task("dd if=/dev/zero of=/big bs=1M count=40 2>&1; stat -c size=%s /big");
+    s["resources"]["disk_mb"] = json!(16);
+    cell.put_ok("filler", &s);
+    cell.wait_for("filler", "ended", |v| {
+        v["state"] == "exited" || v["state"] == "crashed"
+    });
+    let logs = cell.logs("filler");
+    assert!(logs.contains("No space left on device"), "{logs}");
+    let size: u64 = logs
+        .lines()
+        .find_map(|l| l.split("size=").nth(1))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no size line in {logs}"));
+    assert!(size <= 16 << 20, "wrote {size} bytes past a 16 MiB limit");
+    // Another instance is not limited by the first one's quota.
+    let mut s2 = task("dd if=/dev/zero of=/ok bs=1M count=20 2>&1 && echo wrote-ok");
+    s2["resources"]["disk_mb"] = json!(32);
+    cell.put_ok("roomy", &s2);
+    cell.wait_state("roomy", "exited");
+    assert!(cell.logs("roomy").contains("wrote-ok"));
+    cell.delete("filler");
+    cell.delete("roomy");
+    cell.assert_clean();
+}
+
+#[test]
 fn logs_are_followed_and_rotated() {
     let cell = Cell::start_with("[logs]\nmax_bytes = 4096\nkeep = 2\n");
     // Follow a task from its start to its end: the stream closes by itself.

@@ -120,11 +120,11 @@ impl Timings {
     }
 }
 
-fn task_spec(rootfs: &Path) -> Value {
+fn task_spec(rootfs: &Path, index: usize) -> Value {
     json!({
         "tenant": "bench",
         "app": "true",
-        "index": 0,
+        "index": index,
         "kind": "task",
         "rootfs": rootfs,
         "command": ["/bin/true"],
@@ -151,13 +151,32 @@ fn lrp_spec(rootfs: &Path, index: usize) -> Value {
 /// Times `STARTS` PUTs of a `/bin/true` task from `clients` threads (the PUT
 /// answers once the process runs), then deletes them all, untimed.
 fn starts(api: &Client, rootfs: &Path, prefix: &str, clients: usize) -> Result<Timings> {
-    let ids: Vec<String> = (0..STARTS).map(|i| format!("{prefix}-{i}")).collect();
-    let spec = task_spec(rootfs);
-    let latencies = Mutex::new(Vec::with_capacity(STARTS));
+    let (ids, started) = put_all(api, STARTS, prefix, clients, |i| task_spec(rootfs, i));
+    let deleted = delete_all(api, &ids);
+    let t = started?;
+    deleted?;
+    println!("{}", t.summary());
+    Ok(t)
+}
+
+/// PUTs instances `<prefix>-0` .. `<prefix>-<n-1>` from `clients` threads,
+/// timing each from sending the request to receiving the answer. Returns the
+/// ids (to delete, whatever happened) and the timings or the first failure.
+fn put_all(
+    api: &Client,
+    n: usize,
+    prefix: &str,
+    clients: usize,
+    spec: impl Fn(usize) -> Value + Sync,
+) -> (Vec<String>, Result<Timings>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let indexes: Vec<usize> = (0..n).collect();
+    let latencies = Mutex::new(Vec::with_capacity(n));
     let start = Instant::now();
-    let failed = parallel(&ids, clients, |id| {
+    let failed = parallel(&indexes, clients, |&i| {
+        let body = spec(i);
         let t = Instant::now();
-        api.put(&format!("/v1/instances/{id}"), &spec)?.ok()?;
+        api.put(&format!("/v1/instances/{}", ids[i]), &body)?.ok()?;
         let took = t.elapsed();
         latencies
             .lock()
@@ -166,17 +185,18 @@ fn starts(api: &Client, rootfs: &Path, prefix: &str, clients: usize) -> Result<T
         Ok(())
     });
     let wall = start.elapsed();
-    let deleted = delete_all(api, &ids);
-    if let Some((id, e)) = failed.first() {
-        bail!("{} of {STARTS} starts failed; {id}: {e:#}", failed.len());
-    }
-    deleted?;
-    let latencies = latencies
-        .into_inner()
-        .map_err(|_| anyhow!("latency list poisoned"))?;
-    let t = Timings::new(latencies, wall);
-    println!("{}", t.summary());
-    Ok(t)
+    let timings = match failed.first() {
+        Some((&i, e)) => Err(anyhow!(
+            "{} of {n} starts failed; {}: {e:#}",
+            failed.len(),
+            ids[i]
+        )),
+        None => latencies
+            .into_inner()
+            .map_err(|_| anyhow!("latency list poisoned"))
+            .map(|l| Timings::new(l, wall)),
+    };
+    (ids, timings)
 }
 
 fn delete_all(api: &Client, ids: &[String]) -> Result<()> {
@@ -261,27 +281,11 @@ struct Memory {
 
 fn lrp_memory(sandbox: &Sandbox, rootfs: &Path, agent_pid: i32) -> Result<Memory> {
     let api = &sandbox.client;
-    let indexes: Vec<usize> = (0..LRPS).collect();
-    let id = |index: usize| format!("sleep-{index}");
-    let failed = parallel(&indexes, CLIENTS, |&index| {
-        api.put(
-            &format!("/v1/instances/{}", id(index)),
-            &lrp_spec(rootfs, index),
-        )?
-        .ok()
-        .map(|_| ())
-    });
-    let ids: Vec<String> = indexes.iter().map(|&i| id(i)).collect();
-    let measured = if let Some((&index, e)) = failed.first() {
-        Err(anyhow!(
-            "{} of {LRPS} LRP starts failed; {}: {e:#}",
-            failed.len(),
-            id(index)
-        ))
-    } else {
+    let (ids, started) = put_all(api, LRPS, "sleep", CLIENTS, |i| lrp_spec(rootfs, i));
+    let measured = started.and_then(|_| {
         thread::sleep(Duration::from_secs(2));
         measure_memory(sandbox, agent_pid)
-    };
+    });
     println!("deleting {LRPS} LRPs (each waits out the 1 s stop grace period)");
     let deleted = delete_all(api, &ids);
     let memory = measured?;

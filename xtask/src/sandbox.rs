@@ -281,13 +281,16 @@ impl Cleanup {
         let log = fs::File::create(&self.log)
             .with_context(|| format!("create {}", self.log.display()))?;
         let log_err = log.try_clone().context("duplicate the log file handle")?;
-        // Not `ip netns exec`: that also unshares the mount namespace and
-        // mounts a fresh sysfs on /sys, which hides /sys/fs/cgroup and
-        // /sys/fs/bpf from the agent. nsenter only switches the network
-        // namespace, then execs, so the child's pid is the agent's.
+        // Not `ip netns exec`: that mounts a fresh sysfs on /sys, which hides
+        // /sys/fs/cgroup from the agent. nsenter switches the network
+        // namespace and `unshare --mount` gives the agent a private mount
+        // namespace (a copy of the host's, with /sys/fs/cgroup), so the bpffs,
+        // overlay and disk mounts it makes vanish with it and its shims. Both
+        // exec in place, so the child's pid is the agent's.
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--net=/run/netns/{}", self.netns))
             .arg("--")
+            .args(["unshare", "--mount", "--propagation", "slave"])
             .arg(bin)
             .arg("--config")
             .arg(config)
@@ -434,18 +437,12 @@ impl Cleanup {
     /// Whatever outlived the agent and is provably ours: processes in our
     /// network namespace (shims), processes in our cgroups (containers).
     fn kill_leftovers(&self) {
-        if let Ok(meta) = fs::metadata(Path::new("/run/netns").join(&self.netns)) {
-            let ns = format!("net:[{}]", meta.ino());
-            for pid in pids() {
-                let link = fs::read_link(format!("/proc/{pid}/ns/net"));
-                if link.is_ok_and(|l| l.as_os_str() == ns.as_str()) {
-                    println!(
-                        "killing leftover process {pid} ({})",
-                        cmdline(pid).join(" ")
-                    );
-                    kill(pid, libc::SIGKILL);
-                }
-            }
+        for pid in pids_in_netns(&self.netns) {
+            println!(
+                "killing leftover process {pid} ({})",
+                cmdline(pid).join(" ")
+            );
+            kill(pid, libc::SIGKILL);
         }
         remove_cgroups(&self.cgroup_root);
     }
@@ -484,12 +481,20 @@ fn kill(pid: i32, signal: i32) {
     }
 }
 
-fn pids() -> Vec<i32> {
+/// Processes whose network namespace is the named one (under /run/netns).
+fn pids_in_netns(netns: &str) -> Vec<i32> {
+    let Ok(meta) = fs::metadata(Path::new("/run/netns").join(netns)) else {
+        return Vec::new();
+    };
+    let ns = format!("net:[{}]", meta.ino());
     let Ok(entries) = fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|pid: &i32| {
+            fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l.as_os_str() == ns.as_str())
+        })
         .collect()
 }
 
@@ -505,15 +510,8 @@ pub fn cmdline(pid: i32) -> Vec<String> {
 /// Shims: processes running the agent binary with `shim` as first argument,
 /// inside `netns`.
 pub fn shim_pids(agent_bin: &Path, netns: &str) -> Vec<i32> {
-    let Ok(meta) = fs::metadata(Path::new("/run/netns").join(netns)) else {
-        return Vec::new();
-    };
-    let ns = format!("net:[{}]", meta.ino());
-    pids()
+    pids_in_netns(netns)
         .into_iter()
-        .filter(|pid| {
-            fs::read_link(format!("/proc/{pid}/ns/net")).is_ok_and(|l| l.as_os_str() == ns.as_str())
-        })
         .filter(|pid| {
             let args = cmdline(*pid);
             let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
@@ -612,6 +610,7 @@ fn release_mounts_and_loops(dir: &Path) -> bool {
     // Innermost first.
     mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
     for m in mounts {
+        println!("unmounting leftover {m}");
         if let Err(e) = util::run(Command::new("umount").args(["-l", &m])) {
             eprintln!("warning: {e:#}");
         }
@@ -624,6 +623,7 @@ fn release_mounts_and_loops(dir: &Path) -> bool {
             let backing = backing.trim().trim_end_matches(" (deleted)");
             if name.starts_with("loop") && is_under(Path::new(backing), dir) {
                 let dev = format!("/dev/{name}");
+                println!("detaching leftover {dev} ({backing})");
                 if let Err(e) = util::run(Command::new("losetup").args(["-d", &dev])) {
                     eprintln!("warning: {e:#}");
                 }

@@ -88,6 +88,9 @@ pub struct Cell {
     pub cgroup_root: String,
     pub client: Client,
     agent: Option<Child>,
+    /// Holds the cell's private mount namespace across agent restarts, as
+    /// the host's mount namespace does for a real node.
+    mount_holder: Child,
 }
 
 impl Cell {
@@ -138,6 +141,25 @@ impl Cell {
         std::fs::write(&config, text).unwrap();
         let client = Client::unix(dir.path().join("run/agent.sock"))
             .with_timeout(Some(Duration::from_secs(90)));
+        let mount_holder = Command::new("unshare")
+            .args(["--mount", "--propagation", "slave", "sleep", "infinity"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait until the holder has entered its own mount namespace.
+        let own = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{}/ns/mnt", mount_holder.id()))
+            .ok()
+            .as_ref()
+            == Some(&own)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "unshare --mount did not take effect"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let mut cell = Cell {
             name,
             netns,
@@ -146,6 +168,7 @@ impl Cell {
             cgroup_root,
             client,
             agent: None,
+            mount_holder,
         };
         cell.spawn_agent();
         cell
@@ -169,7 +192,7 @@ impl Cell {
             .unwrap();
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
-            .args(["unshare", "--mount", "--propagation", "slave"])
+            .arg(format!("--mount=/proc/{}/ns/mnt", self.mount_holder.id()))
             .arg(agent_bin())
             .arg("--config")
             .arg(&self.config)
@@ -350,11 +373,10 @@ impl Cell {
         }
         let needle = self.dir.path().to_string_lossy().into_owned();
         let mut mountinfos = vec![std::fs::read_to_string("/proc/self/mountinfo").unwrap()];
-        if let Some(c) = &self.agent {
-            mountinfos.push(
-                std::fs::read_to_string(format!("/proc/{}/mountinfo", c.id())).unwrap_or_default(),
-            );
-        }
+        mountinfos.push(
+            std::fs::read_to_string(format!("/proc/{}/mountinfo", self.mount_holder.id()))
+                .unwrap_or_default(),
+        );
         for m in mountinfos {
             let left: Vec<_> = m.lines().filter(|l| l.contains(&needle)).collect();
             assert!(left.is_empty(), "leftover mounts: {left:?}");
@@ -420,6 +442,8 @@ impl Drop for Cell {
             }
             let _ = std::fs::remove_dir(&d);
         }
+        let _ = self.mount_holder.kill();
+        let _ = self.mount_holder.wait();
         let _ = run("ip", &["netns", "del", &self.netns]);
     }
 }
