@@ -215,11 +215,13 @@ impl Config {
             p.push("api.listen and metrics.listen must differ".into());
         }
 
+        if let Some(l) = &raw.disk.layers_dir {
+            check_abs("disk.layers_dir", l, &mut p);
+        }
         let layers_dir = raw
             .disk
             .layers_dir
             .unwrap_or_else(|| data_dir.join("layers"));
-        check_abs("disk.layers_dir", &layers_dir, &mut p);
         let disk_enforce = raw.disk.enforce.unwrap_or(true);
         let reserve = (host.memory_mb / 10).min(2048);
         let capacity = Capacity {
@@ -303,7 +305,7 @@ impl HostFacts {
             }
         }
         let disk_free_mb = nix::sys::statvfs::statvfs(&dir)
-            .map(|s| s.blocks_available() as u64 * s.fragment_size() as u64 / (1 << 20))
+            .map(|s| s.blocks_available() * s.fragment_size() / (1 << 20))
             .unwrap_or(0);
         HostFacts {
             hostname,

@@ -223,7 +223,7 @@ mod tests {
         let id = InstanceId::new("web-0").unwrap();
         let oci = build(&id, &spec(), Path::new("/run/x/rootfs"), "/corral/web-0").unwrap();
         let p = oci.process().as_ref().unwrap();
-        assert_eq!(p.no_new_privileges(), &Some(true));
+        assert_eq!(p.no_new_privileges(), Some(true));
         let caps = p.capabilities().as_ref().unwrap();
         assert_eq!(caps.effective().as_ref().unwrap().len(), 3);
         assert!(!caps

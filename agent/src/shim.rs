@@ -334,7 +334,7 @@ impl Shim {
 
     /// Waits for the container's init to end, copying its output into the
     /// logs and carrying out a stop request. Returns how it ended.
-    fn supervise(&mut self, mut r: Running) -> WaitStatus {
+    fn supervise(&mut self, r: Running) -> WaitStatus {
         let mut mask = SigSet::empty();
         for s in [
             Signal::SIGCHLD,
@@ -354,54 +354,36 @@ impl Shim {
                 }
             };
         let p = self.launch.paths.clone();
-        let mut log = LogWriter::open(
+        let log = LogWriter::open(
             p.log_file(),
             self.launch.log_max_bytes,
             self.launch.log_keep,
         )
+        .map_err(|e| tracing::error!("cannot open the log file: {e}"))
         .ok();
-        let mut split = [LineSplitter::default(), LineSplitter::default()];
-        let mut last_err_line: Option<String> = None;
+        let mut pump = Pump::new([r.out, r.err], log);
         let mut exit: Option<WaitStatus> = None;
         let mut kill_at: Option<Instant> = None;
         let mut drain_until: Option<Instant> = None;
-        let mut buf = vec![0u8; 64 * 1024];
 
         loop {
             // Reap first: a SIGCHLD may have come before the signalfd existed.
-            loop {
-                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
-                    Ok(WaitStatus::StillAlive) | Err(_) => break,
-                    Ok(ws) => {
-                        if ws.pid() == Some(r.init) && exit.is_none() {
-                            exit = Some(ws);
-                            drain_until = Some(Instant::now() + Duration::from_secs(2));
-                        }
-                    }
+            if let Some(ws) = reap(r.init) {
+                if exit.is_none() {
+                    exit = Some(ws);
+                    drain_until = Some(Instant::now() + Duration::from_secs(2));
                 }
             }
-            if let Some(at) = kill_at {
-                if Instant::now() >= at && exit.is_none() {
-                    // SIGKILL to a pid namespace's init kills the whole namespace.
-                    let _ = kill(r.init, Signal::SIGKILL);
-                    kill_at = None;
-                }
+            if kill_at.is_some_and(|at| Instant::now() >= at) && exit.is_none() {
+                // SIGKILL to a pid namespace's init kills the whole namespace.
+                let _ = kill(r.init, Signal::SIGKILL);
+                kill_at = None;
             }
-            let pipes_open = r.out.is_some() || r.err.is_some();
             if let Some(ws) = exit {
-                if !pipes_open || drain_until.is_some_and(|d| Instant::now() >= d) {
-                    for (i, s) in split.iter_mut().enumerate() {
-                        if let (Some(rest), Some(w)) = (s.finish(), log.as_mut()) {
-                            let stream = if i == 0 {
-                                Stream::Stdout
-                            } else {
-                                Stream::Stderr
-                            };
-                            w.write(&format_record(now(), stream, false, &rest));
-                        }
-                    }
-                    self.record.logs_dropped = log.as_ref().map_or(0, |w| w.dropped);
-                    self.last_err = last_err_line;
+                if !pump.open() || drain_until.is_some_and(|d| Instant::now() >= d) {
+                    pump.finish();
+                    self.record.logs_dropped = pump.log.as_ref().map_or(0, |w| w.dropped);
+                    self.last_err = pump.last_err.take();
                     return ws;
                 }
             }
@@ -415,31 +397,12 @@ impl Shim {
                 None if sfd.is_none() => 200,
                 None => 1000,
             };
-            let mut fds = Vec::with_capacity(3);
-            if let Some(s) = &sfd {
-                fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
-            }
-            let n_sig = fds.len();
-            if let Some(o) = &r.out {
-                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
-            }
-            if let Some(e) = &r.err {
-                fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
-            }
-            let _ = poll(&mut fds, PollTimeout::from(timeout));
-            let ready: Vec<bool> = fds
-                .iter()
-                .map(|f| f.revents().is_some_and(|e| !e.is_empty()))
-                .collect();
-            drop(fds);
-
-            if n_sig == 1 && ready[0] {
+            let (sig_ready, out_ready) = wait_ready(sfd.as_ref(), &pump, timeout);
+            if sig_ready {
                 while let Some(Ok(Some(info))) = sfd.as_mut().map(|s| s.read_signal()) {
                     let sig = info.ssi_signo as i32;
-                    if (sig == libc::SIGTERM || sig == libc::SIGINT)
-                        && exit.is_none()
-                        && kill_at.is_none()
-                    {
+                    let stop = sig == libc::SIGTERM || sig == libc::SIGINT;
+                    if stop && exit.is_none() && kill_at.is_none() {
                         let grace = std::fs::read_to_string(p.stop_request())
                             .ok()
                             .and_then(|s| s.trim().parse::<u64>().ok())
@@ -450,39 +413,10 @@ impl Shim {
                     }
                 }
             }
-            let mut idx = n_sig;
-            for (slot, stream) in [(0usize, Stream::Stdout), (1usize, Stream::Stderr)] {
-                let fd_opt = if slot == 0 { &mut r.out } else { &mut r.err };
-                if fd_opt.is_none() {
-                    continue;
-                }
-                let is_ready = ready.get(idx).copied().unwrap_or(false);
-                idx += 1;
-                if !is_ready && exit.is_none() {
-                    continue;
-                }
-                loop {
-                    let Some(fd) = fd_opt.as_ref() else { break };
-                    match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
-                        Ok(0) => {
-                            *fd_opt = None;
-                        }
-                        Ok(n) => {
-                            for (text, partial) in split[slot].push(&buf[..n]) {
-                                if stream == Stream::Stderr && !text.is_empty() {
-                                    last_err_line =
-                                        Some(String::from_utf8_lossy(&text).into_owned());
-                                }
-                                if let Some(w) = log.as_mut() {
-                                    w.write(&format_record(now(), stream, partial, &text));
-                                }
-                            }
-                            continue;
-                        }
-                        Err(nix::errno::Errno::EINTR) => continue,
-                        Err(_) => {}
-                    }
-                    break;
+            for (slot, ready) in out_ready.into_iter().enumerate() {
+                // Once the init has exited, read whatever is left without waiting.
+                if ready || exit.is_some() {
+                    pump.drain(slot);
                 }
             }
         }
@@ -526,6 +460,109 @@ impl Shim {
             &self.launch.paths,
             self.launch.cgroup2_root.is_some(),
         );
+    }
+}
+
+/// Reaps exited children (the shim is a subreaper, so orphans of the
+/// container come here too); returns the init's status if it was among them.
+fn reap(init: Pid) -> Option<WaitStatus> {
+    let mut init_status = None;
+    loop {
+        match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => return init_status,
+            Ok(ws) if ws.pid() == Some(init) => init_status = Some(ws),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Polls the signalfd and the open output pipes; returns which are readable.
+fn wait_ready(sfd: Option<&SignalFd>, pump: &Pump, timeout_ms: u16) -> (bool, [bool; 2]) {
+    let mut fds = Vec::with_capacity(3);
+    let mut slots = Vec::with_capacity(3);
+    if let Some(s) = sfd {
+        fds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+        slots.push(None);
+    }
+    for (slot, fd) in pump.fds.iter().enumerate() {
+        if let Some(fd) = fd {
+            fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+            slots.push(Some(slot));
+        }
+    }
+    let _ = poll(&mut fds, PollTimeout::from(timeout_ms));
+    let mut sig = false;
+    let mut out = [false; 2];
+    for (fd, slot) in fds.iter().zip(slots) {
+        let ready = fd.revents().is_some_and(|e| !e.is_empty());
+        match slot {
+            None => sig = ready,
+            Some(i) => out[i] = ready,
+        }
+    }
+    (sig, out)
+}
+
+/// Copies the container's stdout (slot 0) and stderr (slot 1) into the log.
+struct Pump {
+    fds: [Option<OwnedFd>; 2],
+    split: [LineSplitter; 2],
+    log: Option<LogWriter>,
+    /// The last non-empty stderr line, quoted in a crash reason.
+    last_err: Option<String>,
+    buf: Vec<u8>,
+}
+
+impl Pump {
+    const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+
+    fn new(fds: [Option<OwnedFd>; 2], log: Option<LogWriter>) -> Self {
+        Self {
+            fds,
+            split: Default::default(),
+            log,
+            last_err: None,
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    fn open(&self) -> bool {
+        self.fds.iter().any(Option::is_some)
+    }
+
+    /// Reads everything available now on `slot` (the pipes are non-blocking).
+    fn drain(&mut self, slot: usize) {
+        while let Some(fd) = self.fds[slot].as_ref() {
+            match nix::unistd::read(fd.as_raw_fd(), &mut self.buf) {
+                Ok(0) => self.fds[slot] = None,
+                Ok(n) => {
+                    for (text, partial) in self.split[slot].push(&self.buf[..n]) {
+                        self.record(slot, partial, &text);
+                    }
+                }
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn record(&mut self, slot: usize, partial: bool, text: &[u8]) {
+        let stream = Self::STREAMS[slot];
+        if stream == Stream::Stderr && !text.is_empty() {
+            self.last_err = Some(String::from_utf8_lossy(text).into_owned());
+        }
+        if let Some(w) = self.log.as_mut() {
+            w.write(&format_record(now(), stream, partial, text));
+        }
+    }
+
+    /// Writes out unterminated last lines.
+    fn finish(&mut self) {
+        for slot in 0..2 {
+            if let Some(rest) = self.split[slot].finish() {
+                self.record(slot, false, &rest);
+            }
+        }
     }
 }
 
