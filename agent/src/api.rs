@@ -75,7 +75,9 @@ fn error(status: StatusCode, msg: String, details: Vec<String>) -> Response<Resp
 fn exec_error(e: ExecError) -> Response<RespBody> {
     let status = match &e {
         ExecError::BadSpec(_) | ExecError::BadRootfs(_) => StatusCode::BAD_REQUEST,
-        ExecError::Conflict { .. } | ExecError::NoCapacity(_) => StatusCode::CONFLICT,
+        ExecError::Conflict { .. } | ExecError::Deleting { .. } | ExecError::NoCapacity(_) => {
+            StatusCode::CONFLICT
+        }
         ExecError::NotFound(_) => StatusCode::NOT_FOUND,
         ExecError::StopTimeout { .. } | ExecError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };

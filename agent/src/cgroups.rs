@@ -28,6 +28,8 @@ pub struct Usage {
     pub memory_limit_bytes: Option<u64>,
     pub oom_kills: Option<u64>,
     pub pids: Option<u64>,
+    /// Filled in from the instance's disk, not its cgroups.
+    pub disk_bytes: Option<u64>,
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
@@ -52,6 +54,7 @@ pub fn read_v1(p: &InstancePaths) -> Usage {
             .ok()
             .and_then(|s| parse_oom_kills(&s)),
         pids: read_u64(&p.cgroup_v1("pids").join("pids.current")),
+        disk_bytes: None,
     }
 }
 

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// How long a shim may take to report that its container started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -36,6 +37,8 @@ pub enum ExecError {
     Conflict { id: InstanceId },
     #[error("instance does not fit on this cell: {0}")]
     NoCapacity(#[from] CapacityError),
+    #[error("instance {id} is being deleted; retry once it is gone")]
+    Deleting { id: InstanceId },
     #[error("no instance {0}")]
     NotFound(InstanceId),
     #[error("instance {id} did not stop within {secs} s (shim pid {pid})")]
@@ -173,12 +176,24 @@ impl Executor {
         id: InstanceId,
         spec: InstanceSpec,
     ) -> Result<(bool, InstanceInfo), ExecError> {
+        let span =
+            tracing::info_span!("instance", id = %id, app = %spec.app, tenant = %spec.tenant);
+        self.put_inner(id, spec).instrument(span).await
+    }
+
+    async fn put_inner(
+        self: &Arc<Self>,
+        id: InstanceId,
+        spec: InstanceSpec,
+    ) -> Result<(bool, InstanceInfo), ExecError> {
         spec.validate()?;
         check_rootfs(&spec)?;
         let (tx, paths) = {
             let mut t = self.table();
             if let Some(e) = t.get(&id) {
-                return if e.spec == spec {
+                return if e.deleting {
+                    Err(ExecError::Deleting { id })
+                } else if e.spec == spec {
                     Ok((false, InstanceInfo::new(&id, &e.spec, &e.status.borrow())))
                 } else {
                     Err(ExecError::Conflict { id })
@@ -206,9 +221,6 @@ impl Executor {
             (tx, self.layout.instance(&id))
         };
         let started = Instant::now();
-        let span =
-            tracing::info_span!("instance", id = %id, app = %spec.app, tenant = %spec.tenant);
-        let _g = span.enter();
         if let Err(e) = self.prepare(&id, &spec, &paths) {
             self.table().remove(&id);
             let _ = std::fs::remove_dir_all(&paths.data);
@@ -443,6 +455,20 @@ impl Executor {
         id: &InstanceId,
         grace_secs: Option<u64>,
     ) -> Result<InstanceInfo, ExecError> {
+        let span = match self.table().get(id) {
+            Some(e) => {
+                tracing::info_span!("instance", id = %id, app = %e.spec.app, tenant = %e.spec.tenant)
+            }
+            None => tracing::info_span!("instance", id = %id),
+        };
+        self.delete_inner(id, grace_secs).instrument(span).await
+    }
+
+    async fn delete_inner(
+        &self,
+        id: &InstanceId,
+        grace_secs: Option<u64>,
+    ) -> Result<InstanceInfo, ExecError> {
         let mut rx = {
             let mut t = self.table();
             let e = t
@@ -451,8 +477,6 @@ impl Executor {
             e.deleting = true;
             e.status.subscribe()
         };
-        let span = tracing::info_span!("instance", id = %id);
-        let _g = span.enter();
         // A start in progress is decided first.
         let _ = rx.wait_for(|s| s.state != InstanceState::Starting).await;
         let grace = grace_secs.unwrap_or(self.cfg.stop_grace_secs);

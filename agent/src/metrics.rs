@@ -181,11 +181,9 @@ impl Collector for CellCollector {
                     ("tenant", s.info.tenant.to_string()),
                     ("app", s.info.app.to_string()),
                 ];
-                (
-                    labels,
-                    crate::cgroups::read_v1(&s.paths),
-                    s.info.resources.memory_mb,
-                )
+                let mut usage = crate::cgroups::read_v1(&s.paths);
+                usage.disk_bytes = crate::layer::usage(&s.paths);
+                (labels, usage, s.info.resources.memory_mb)
             })
             .collect();
         family(
@@ -223,6 +221,15 @@ impl Collector for CellCollector {
             MetricType::Counter,
             live.iter()
                 .filter_map(|(l, u, _)| u.oom_kills.map(|n| (l.clone(), ConstCounter::new(n)))),
+        )?;
+        family(
+            &mut enc,
+            "instance_disk_used_bytes",
+            "Bytes used on an instance's own disk (its writable layer)",
+            MetricType::Gauge,
+            live.iter().filter_map(|(l, u, _)| {
+                u.disk_bytes.map(|n| (l.clone(), ConstGauge::new(n as i64)))
+            }),
         )?;
         family(
             &mut enc,
