@@ -44,10 +44,7 @@ impl Facts {
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted yet, as systemd does
 /// on most hosts (and as an `ip netns exec` mount namespace needs).
 pub fn ensure_bpffs(mountinfo: &str) -> Result<bool, String> {
-    if mounts(mountinfo)
-        .iter()
-        .any(|(mp, ty, _)| *mp == "/sys/fs/bpf" && *ty == "bpf")
-    {
+    if has_bpffs(mountinfo) {
         return Ok(false);
     }
     nix::mount::mount(
@@ -61,6 +58,12 @@ pub fn ensure_bpffs(mountinfo: &str) -> Result<bool, String> {
     )
     .map(|()| true)
     .map_err(|e| format!("cannot mount bpffs at /sys/fs/bpf: {e}"))
+}
+
+pub fn has_bpffs(mountinfo: &str) -> bool {
+    mounts(mountinfo)
+        .iter()
+        .any(|(mp, ty, _)| *mp == "/sys/fs/bpf" && *ty == "bpf")
 }
 
 /// (mount point, filesystem type, super options) of each mount.
@@ -98,10 +101,7 @@ pub fn check(f: &Facts) -> Vec<String> {
         p.push("missing capability CAP_BPF (or CAP_SYS_ADMIN) for the data plane".into());
     }
     let m = mounts(&f.mountinfo);
-    if !m
-        .iter()
-        .any(|(mp, ty, _)| *mp == "/sys/fs/bpf" && *ty == "bpf")
-    {
+    if !has_bpffs(&f.mountinfo) {
         p.push("no bpffs at /sys/fs/bpf: mount it with `mount -t bpf bpf /sys/fs/bpf`".into());
     }
     for ctrl in crate::paths::V1_CONTROLLERS {

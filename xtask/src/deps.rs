@@ -10,7 +10,8 @@ use crate::util::{self, is_root};
 /// clang + libbpf for the eBPF programs, libseccomp + pkg-config for
 /// libcontainer, busybox for the test rootfs, iproute2 for network
 /// namespaces, runc as the benchmark peer, bpftool for inspecting maps,
-/// xfsprogs for the project-quota disk limits.
+/// e2fsprogs (mkfs.ext4) and util-linux (mount, nsenter, unshare) for
+/// instance disks and test nodes; both are essential on Debian but named here.
 const PACKAGES: &[&str] = &[
     "clang-19",
     "libbpf-dev",
@@ -20,7 +21,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "runc",
     "bpftool",
-    "xfsprogs",
+    "e2fsprogs",
+    "util-linux",
 ];
 
 pub fn run() -> Result<()> {
