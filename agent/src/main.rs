@@ -39,6 +39,12 @@ enum Cmd {
 }
 
 fn main() {
+    // The shim's monitor half is kept as lean as possible: no argument parser,
+    // no runtime, no logging set-up.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "shim-monitor") {
+        shim::monitor_main(&args[2..]);
+    }
     let cli = Cli::parse();
     match cli.cmd {
         // The shim and the helper stay single-threaded: no runtime is built.

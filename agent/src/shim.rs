@@ -135,7 +135,7 @@ pub fn main(launch_path: &Path) -> ! {
     }
     let _ = nix::unistd::setsid();
     redirect_stderr(&launch.paths.shim_log());
-    let code = Shim::new(launch).run();
+    let code = Shim::new(launch, launch_path.to_owned()).run();
     std::process::exit(code)
 }
 
@@ -164,6 +164,7 @@ fn redirect_stderr(path: &Path) {
 
 struct Shim {
     launch: Launch,
+    launch_path: PathBuf,
     record: Record,
     /// The container's last stderr line, quoted in a crash reason.
     last_err: Option<String>,
@@ -176,11 +177,12 @@ struct Running {
 }
 
 impl Shim {
-    fn new(launch: Launch) -> Self {
+    fn new(launch: Launch, launch_path: PathBuf) -> Self {
         let shim_pid = std::process::id();
         let shim_start = sys::start_time(shim_pid).unwrap_or(0);
         Self {
             launch,
+            launch_path,
             record: Record {
                 shim_pid,
                 shim_start,
@@ -230,6 +232,11 @@ impl Shim {
         if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
             let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
         }
+        // Shed what the set-up used (libcontainer and its allocations):
+        // supervise from a fresh image of this binary. The child-subreaper
+        // flag, the container (our child) and the pipes survive execve.
+        let e = exec_monitor(&self.launch_path, &running);
+        tracing::error!("cannot re-exec as monitor ({e}); supervising in place");
         let exit = self.supervise(running);
         self.finish(exit);
         0
@@ -461,6 +468,71 @@ impl Shim {
             self.launch.cgroup2_root.is_some(),
         );
     }
+}
+
+/// Replaces the shim's image with `corral-agent shim-monitor`, handing over
+/// the container's pid and output pipes. Returns only on failure.
+fn exec_monitor(launch_path: &Path, r: &Running) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let fd = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
+    for f in [&r.out, &r.err].into_iter().flatten() {
+        if let Err(e) = fcntl(
+            f.as_raw_fd(),
+            FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        ) {
+            return e.into();
+        }
+    }
+    std::process::Command::new("/proc/self/exe")
+        .arg("shim-monitor")
+        .arg(launch_path)
+        .arg(r.init.as_raw().to_string())
+        .arg(fd(&r.out).to_string())
+        .arg(fd(&r.err).to_string())
+        .exec()
+}
+
+/// Entry point of `corral-agent shim-monitor LAUNCH INIT_PID OUT_FD ERR_FD`:
+/// the second half of a shim's life, after the container started.
+pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
+    let parse = |i: usize| {
+        args.get(i)
+            .and_then(|a| a.to_str())
+            .and_then(|a| a.parse::<i32>().ok())
+    };
+    let (Some(launch_path), Some(init), Some(out), Some(err)) =
+        (args.first(), parse(1), parse(2), parse(3))
+    else {
+        eprintln!("corral-agent shim-monitor: bad arguments");
+        std::process::exit(2)
+    };
+    let launch_path = PathBuf::from(launch_path);
+    let launch: Launch = match std::fs::read(&launch_path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            // The agent sees the shim gone without an end and cleans up.
+            eprintln!(
+                "corral-agent shim-monitor: cannot read {}: {e}",
+                launch_path.display()
+            );
+            std::process::exit(1)
+        }
+    };
+    let mut shim = Shim::new(launch, launch_path);
+    if let Ok(rec) = read_record(&shim.launch.paths.record()) {
+        shim.record = rec;
+    }
+    let running = Running {
+        init: Pid::from_raw(init),
+        out: sys::owned_fd(out),
+        err: sys::owned_fd(err),
+    };
+    let exit = shim.supervise(running);
+    shim.finish(exit);
+    std::process::exit(0)
 }
 
 /// Reaps exited children (the shim is a subreaper, so orphans of the

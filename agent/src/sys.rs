@@ -81,6 +81,14 @@ pub fn set_child_subreaper() -> io::Result<()> {
     }
 }
 
+/// Takes ownership of an inherited descriptor number (`-1`: none).
+pub fn owned_fd(fd: i32) -> Option<OwnedFd> {
+    // SAFETY: only called with descriptors handed over across execve by the
+    // shim itself; nothing else in the process owns them.
+    (fd >= 0 && unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0)
+        .then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Registers an owned fd (a pidfd) with tokio's reactor for readiness.
 pub fn async_fd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor

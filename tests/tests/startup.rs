@@ -15,7 +15,11 @@ fn a_bad_config_is_refused_with_every_problem_and_exit_code_2() {
         "cell_id = \"no/slashes\"\ndata_dir = \"relative\"\n[api]\nlisten = \"nowhere\"\n[capacity]\nmax_containers = 0\n",
     )
     .unwrap();
-    let out = Command::new(common::agent_bin()).arg("--config").arg(&cfg).output().unwrap();
+    let out = Command::new(common::agent_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("4 problem(s)"), "{err}");
@@ -25,9 +29,13 @@ fn a_bad_config_is_refused_with_every_problem_and_exit_code_2() {
     // Nothing was created for a refused config.
     assert!(!dir.path().join("relative").exists());
 
-    let missing = Command::new(common::agent_bin()).args(["--config", "/nonexistent/agent.toml"]).output().unwrap();
+    let missing = Command::new(common::agent_bin())
+        .args(["--config", "/nonexistent/agent.toml"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read config file /nonexistent/agent.toml"));
+    assert!(String::from_utf8_lossy(&missing.stderr)
+        .contains("cannot read config file /nonexistent/agent.toml"));
 }
 
 #[test]
@@ -35,9 +43,28 @@ fn check_mode_validates_config_and_host_without_starting() {
     common::require_root();
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, format!("data_dir = \"{0}/d\"\nrun_dir = \"{0}/r\"\n", dir.path().display())).unwrap();
-    let out = Command::new(common::agent_bin()).arg("--config").arg(&cfg).arg("--check").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{0}/d\"\nrun_dir = \"{0}/r\"\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(common::agent_bin())
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--check")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("are fine"));
-    assert!(!dir.path().join("d").exists(), "--check must not create state");
+    assert!(
+        !dir.path().join("d").exists(),
+        "--check must not create state"
+    );
 }
