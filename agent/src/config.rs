@@ -27,6 +27,8 @@ struct RawConfig {
     logs: RawLogs,
     #[serde(default)]
     disk: RawDisk,
+    #[serde(default)]
+    network: RawNetwork,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +43,12 @@ struct RawDisk {
 struct RawApi {
     listen: Option<String>,
     socket: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    subnet: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,6 +109,11 @@ pub struct Config {
     /// image), so that its disk limit holds. When false, `disk_mb` is only
     /// accounted. Default: true.
     pub disk_enforce: bool,
+    /// The cell's instance subnet (e.g. "10.244.1.0/24"). Each instance gets
+    /// an address from it on its own veth; the first host address is the
+    /// node's. Default: none (instances get a network namespace with only
+    /// loopback).
+    pub subnet: Option<crate::network::ipam::Subnet>,
 }
 
 /// Facts about the host that defaults are derived from; passed in so that
@@ -223,6 +236,19 @@ impl Config {
             .layers_dir
             .unwrap_or_else(|| data_dir.join("layers"));
         let disk_enforce = raw.disk.enforce.unwrap_or(true);
+        let subnet = match raw
+            .network
+            .subnet
+            .as_deref()
+            .map(str::parse::<crate::network::ipam::Subnet>)
+        {
+            None => None,
+            Some(Ok(s)) => Some(s),
+            Some(Err(e)) => {
+                p.push(format!("network.subnet: {e}"));
+                None
+            }
+        };
         let reserve = (host.memory_mb / 10).min(2048);
         let capacity = Capacity {
             memory_mb: raw
@@ -276,6 +302,7 @@ impl Config {
                 log_keep,
                 layers_dir,
                 disk_enforce,
+                subnet,
             }),
             _ => Err(p),
         }

@@ -8,6 +8,8 @@
 
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::network::ipam::Ipam;
+use crate::network::{Attachment, Network};
 use crate::paths::{InstancePaths, Layout};
 use crate::shim::{self, Launch, Record, StartReport};
 use crate::sys;
@@ -16,6 +18,7 @@ use corral_proto::{
     SpecError, Status,
 };
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -66,6 +69,22 @@ struct Entry {
     cpu_ns: Option<u64>,
     oom_kills: u64,
     deleting: bool,
+    /// The instance's address while its network is attached.
+    address: Option<Ipv4Addr>,
+}
+
+impl Entry {
+    fn info(&self, id: &InstanceId) -> InstanceInfo {
+        let mut i = InstanceInfo::new(id, &self.spec, &self.status.borrow());
+        i.address = self.address;
+        i
+    }
+}
+
+/// The cell network, when a subnet is configured.
+struct NetState {
+    network: Network,
+    ipam: Mutex<Ipam>,
 }
 
 /// A read-only view of one instance for the API and metrics.
@@ -85,10 +104,20 @@ pub struct Executor {
     exe: PathBuf,
     table: Mutex<BTreeMap<InstanceId, Entry>>,
     metrics: Arc<Metrics>,
+    net: Option<NetState>,
 }
 
 impl Executor {
-    pub fn new(cfg: Config, exe: PathBuf, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(
+        cfg: Config,
+        exe: PathBuf,
+        metrics: Arc<Metrics>,
+        network: Option<Network>,
+    ) -> Arc<Self> {
+        let net = network.zip(cfg.subnet).map(|(network, subnet)| NetState {
+            network,
+            ipam: Mutex::new(Ipam::new(subnet)),
+        });
         let layout = Layout {
             data_dir: cfg.data_dir.clone(),
             run_dir: cfg.run_dir.clone(),
@@ -108,6 +137,7 @@ impl Executor {
             exe,
             table: Mutex::new(BTreeMap::new()),
             metrics,
+            net,
         })
     }
 
@@ -133,7 +163,7 @@ impl Executor {
         self.table()
             .iter()
             .map(|(id, e)| Snapshot {
-                info: InstanceInfo::new(id, &e.spec, &e.status.borrow()),
+                info: e.info(id),
                 paths: self.layout.instance(id),
                 final_cpu_ns: e.cpu_ns,
                 final_oom_kills: e.oom_kills,
@@ -142,9 +172,7 @@ impl Executor {
     }
 
     pub fn get(&self, id: &InstanceId) -> Option<InstanceInfo> {
-        self.table()
-            .get(id)
-            .map(|e| InstanceInfo::new(id, &e.spec, &e.status.borrow()))
+        self.table().get(id).map(|e| e.info(id))
     }
 
     pub fn paths(&self, id: &InstanceId) -> InstancePaths {
@@ -194,7 +222,7 @@ impl Executor {
                 return if e.deleting {
                     Err(ExecError::Deleting { id })
                 } else if e.spec == spec {
-                    Ok((false, InstanceInfo::new(&id, &e.spec, &e.status.borrow())))
+                    Ok((false, e.info(&id)))
                 } else {
                     Err(ExecError::Conflict { id })
                 };
@@ -216,12 +244,42 @@ impl Executor {
                     cpu_ns: None,
                     oom_kills: 0,
                     deleting: false,
+                    address: None,
                 },
             );
             (tx, self.layout.instance(&id))
         };
         let started = Instant::now();
-        if let Err(e) = self.prepare(&id, &spec, &paths) {
+        if let Err(e) = self.prepare(&spec, &paths) {
+            self.table().remove(&id);
+            let _ = std::fs::remove_dir_all(&paths.data);
+            let _ = std::fs::remove_dir_all(&paths.run);
+            return Err(e);
+        }
+        let netns = match self.attach_network(&id, &paths).await {
+            Ok(n) => n,
+            Err(reason) => {
+                tracing::warn!(%reason, "instance network set-up failed");
+                let _ = std::fs::remove_file(paths.launch());
+                tx.send_modify(|s| {
+                    let _ = s.apply(
+                        spec.kind,
+                        Event::StartFailed {
+                            reason,
+                            at: shim::now(),
+                        },
+                    );
+                });
+                self.persist_status(&id);
+                self.count_end(&id);
+                let info = self
+                    .get(&id)
+                    .ok_or_else(|| ExecError::NotFound(id.clone()))?;
+                return Ok((true, info));
+            }
+        };
+        if let Err(e) = self.write_launch(&id, &spec, &paths, netns) {
+            self.release_network(&id).await;
             self.table().remove(&id);
             let _ = std::fs::remove_dir_all(&paths.data);
             let _ = std::fs::remove_dir_all(&paths.run);
@@ -261,6 +319,7 @@ impl Executor {
                         );
                     });
                 }
+                self.release_network(&id).await;
                 self.count_end(&id);
             }
             Err(reason) => {
@@ -278,6 +337,7 @@ impl Executor {
                     });
                     self.cleanup_orphan(&id, &paths);
                 }
+                self.release_network(&id).await;
                 self.count_end(&id);
             }
         }
@@ -287,17 +347,22 @@ impl Executor {
         Ok((true, info))
     }
 
-    fn prepare(
-        &self,
-        id: &InstanceId,
-        spec: &InstanceSpec,
-        p: &InstancePaths,
-    ) -> Result<(), ExecError> {
+    fn prepare(&self, spec: &InstanceSpec, p: &InstancePaths) -> Result<(), ExecError> {
         std::fs::create_dir_all(&p.data).map_err(io(format!("creating {}", p.data.display())))?;
         std::fs::create_dir_all(&p.run).map_err(io(format!("creating {}", p.run.display())))?;
         let spec_json = serde_json::to_vec_pretty(spec)
             .map_err(|e| io("encoding spec")(std::io::Error::other(e)))?;
         write_atomic(&p.spec(), &spec_json).map_err(io("writing spec.json"))?;
+        Ok(())
+    }
+
+    fn write_launch(
+        &self,
+        id: &InstanceId,
+        spec: &InstanceSpec,
+        p: &InstancePaths,
+        netns: Option<PathBuf>,
+    ) -> Result<(), ExecError> {
         let launch = Launch {
             id: id.clone(),
             spec: spec.clone(),
@@ -307,6 +372,7 @@ impl Executor {
             log_keep: self.cfg.log_keep,
             cgroup2_root: self.cgroup2_root.clone(),
             disk_quota: self.disk_quota,
+            netns,
         };
         let launch_json = serde_json::to_vec_pretty(&launch)
             .map_err(|e| io("encoding launch")(std::io::Error::other(e)))?;
@@ -367,7 +433,18 @@ impl Executor {
                 Ok(None) => {}
                 Err(e) => tracing::error!(instance = %id, "pidfd_open({pid}): {e}"),
             }
+            // An ended instance gives its network back before its end is
+            // published, so nobody sees an ended instance holding an address.
+            let p = this.layout.instance(&id);
+            let recorded_end =
+                shim::read_record(&p.record()).is_ok_and(|r| r.status.state.is_final());
+            if recorded_end {
+                this.release_network(&id).await;
+            }
             this.shim_gone(&id);
+            if !recorded_end {
+                this.release_network(&id).await;
+            }
         });
     }
 
@@ -520,6 +597,7 @@ impl Executor {
         let info = self
             .get(id)
             .ok_or_else(|| ExecError::NotFound(id.clone()))?;
+        self.release_network(id).await;
         for d in [&p.data, &p.run] {
             if let Err(e) = std::fs::remove_dir_all(d) {
                 if e.kind() != std::io::ErrorKind::NotFound {
@@ -535,7 +613,7 @@ impl Executor {
     /// Rebuilds the table from disk after an agent (re)start: running
     /// instances are re-adopted through their shims, ended ones keep their
     /// exit status, and ones whose shim vanished are marked crashed.
-    pub fn adopt(self: &Arc<Self>) -> Result<usize, ExecError> {
+    pub async fn adopt(self: &Arc<Self>) -> Result<usize, ExecError> {
         let dir = self.layout.instances_data();
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         std::fs::create_dir_all(self.layout.instances_run()).map_err(io("creating the run dir"))?;
@@ -571,6 +649,7 @@ impl Executor {
                     cpu_ns: rec.as_ref().and_then(|r| r.cpu_ns),
                     oom_kills: rec.as_ref().map_or(0, |r| r.oom_kills),
                     deleting: false,
+                    address: None,
                 },
             );
             match rec {
@@ -580,20 +659,130 @@ impl Executor {
                         "no runtime record: the node restarted or the start was interrupted",
                     );
                     self.cleanup_orphan(&id, &p);
+                    self.release_network(&id).await;
                 }
-                Some(r) if r.status.state.is_final() => {}
+                Some(r) if r.status.state.is_final() => self.release_network(&id).await,
                 Some(r) => match sys::pidfd_for(r.shim_pid, r.shim_start) {
                     Ok(Some(_)) => {
                         tracing::info!(instance = %id, shim_pid = r.shim_pid, "re-adopted running instance");
                         adopted += 1;
+                        self.readopt_network(&id);
                         self.spawn_watcher(id.clone(), r.shim_pid, r.shim_start);
                     }
-                    _ => self.shim_gone(&id),
+                    _ => {
+                        self.shim_gone(&id);
+                        self.release_network(&id).await;
+                    }
                 },
             }
         }
         Ok(adopted)
     }
+}
+
+impl Executor {
+    /// Allocates an address and wires up the instance's network namespace;
+    /// returns its path (None without a cell network). Nothing is left
+    /// behind on error.
+    async fn attach_network(
+        &self,
+        id: &InstanceId,
+        p: &InstancePaths,
+    ) -> Result<Option<PathBuf>, String> {
+        let Some(net) = &self.net else {
+            return Ok(None);
+        };
+        let addr = lock(&net.ipam)
+            .allocate()
+            .map_err(|e| format!("no address for the instance: {e}"))?;
+        let att = match net.network.attach(id, addr, &p.netns()).await {
+            Ok(a) => a,
+            Err(e) => {
+                lock(&net.ipam).release(addr);
+                return Err(format!("network set-up failed: {e}"));
+            }
+        };
+        let saved = serde_json::to_vec(&att)
+            .map_err(std::io::Error::other)
+            .and_then(|b| write_atomic(&p.net(), &b));
+        if let Err(e) = saved {
+            net.network.detach(&att).await;
+            lock(&net.ipam).release(addr);
+            return Err(format!("cannot record the instance's network: {e}"));
+        }
+        if let Some(e) = self.table().get_mut(id) {
+            e.address = Some(addr);
+        }
+        tracing::info!(%addr, host_if = %att.host_if, "instance network attached");
+        Ok(Some(att.netns))
+    }
+
+    /// Removes the instance's network, if it has one, and frees its address.
+    /// Idempotent.
+    async fn release_network(&self, id: &InstanceId) {
+        let Some(net) = &self.net else { return };
+        let p = self.layout.instance(id);
+        let Ok(att) = std::fs::read(p.net())
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Attachment>(&b).map_err(|e| e.to_string()))
+        else {
+            // No record: at most a namespace file is left.
+            crate::network::remove_netns(&p.netns());
+            return;
+        };
+        net.network.detach(&att).await;
+        lock(&net.ipam).release(att.address);
+        let _ = std::fs::remove_file(p.net());
+        if let Some(e) = self.table().get_mut(id) {
+            e.address = None;
+        }
+    }
+
+    /// Takes back a running instance's address after an agent restart.
+    fn readopt_network(&self, id: &InstanceId) {
+        let Some(net) = &self.net else { return };
+        let p = self.layout.instance(id);
+        let Ok(att) = std::fs::read(p.net())
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Attachment>(&b).map_err(|e| e.to_string()))
+        else {
+            return;
+        };
+        match lock(&net.ipam).reserve(att.address) {
+            Ok(()) => {
+                if let Some(e) = self.table().get_mut(id) {
+                    e.address = Some(att.address);
+                }
+            }
+            Err(e) => tracing::error!(instance = %id, "re-adopting address: {e}"),
+        }
+    }
+
+    /// Writes the current status as the record when no shim will (start
+    /// failures decided by the agent), so a restart still shows them.
+    fn persist_status(&self, id: &InstanceId) {
+        let p = self.layout.instance(id);
+        let Some(st) = self.table().get(id).map(|e| e.status.borrow().clone()) else {
+            return;
+        };
+        let rec = Record {
+            shim_pid: 0,
+            shim_start: 0,
+            init_pid: None,
+            init_start: None,
+            status: st,
+            cpu_ns: None,
+            oom_kills: 0,
+            logs_dropped: 0,
+        };
+        if let Err(e) = shim::write_record(&p.record(), &rec) {
+            tracing::error!(instance = %id, "cannot write record: {e}");
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Arguments of `corral-agent cleanup`.

@@ -8,6 +8,7 @@ pub mod executor;
 pub mod layer;
 pub mod logs;
 pub mod metrics;
+pub mod network;
 pub mod oci;
 pub mod paths;
 pub mod preflight;

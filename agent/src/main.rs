@@ -6,6 +6,8 @@ use clap::{Parser, Subcommand};
 use corral_agent::config::{Config, HostFacts};
 use corral_agent::executor::{CleanupArgs, Executor};
 use corral_agent::metrics::Metrics;
+use corral_agent::network::ipam::check_no_overlap;
+use corral_agent::network::Network;
 use corral_agent::{api, cgroups, preflight, shim};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -141,7 +143,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.layers_dir)
         .with_context(|| format!("creating {}", cfg.layers_dir.display()))?;
     let metrics = Arc::new(Metrics::new());
-    let exec = Executor::new(cfg.clone(), exe, metrics.clone());
+    let network = match cfg.subnet {
+        None => None,
+        Some(subnet) => {
+            let n = Network::open().context("opening netlink for the cell network")?;
+            let node = n
+                .node_networks()
+                .await
+                .context("reading the node's addresses")?;
+            check_no_overlap(subnet, &node).context("checking [network] subnet")?;
+            tracing::info!(%subnet, "cell network");
+            Some(n)
+        }
+    };
+    let exec = Executor::new(cfg.clone(), exe, metrics.clone(), network);
     cgroups::ensure_roots(&cfg.cgroup_root, exec.cgroup2_root())
         .with_context(|| format!("creating the agent's cgroups {:?}", cfg.cgroup_root))?;
     let registry = metrics.registry(Arc::downgrade(&exec));
@@ -189,7 +204,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             "disk limits are not enforced ([disk] enforce = false): disk_mb is only accounted"
         );
     }
-    let adopted = tokio::task::block_in_place(|| exec.adopt()).context("re-adopting instances")?;
+    let adopted = exec.adopt().await.context("re-adopting instances")?;
     state.ready.store(true, Ordering::Release);
     tracing::info!(
         cell = %cfg.cell_id,

@@ -4,8 +4,8 @@
 use corral_proto::{InstanceId, InstanceSpec};
 use oci_spec::runtime::{
     Arch, Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder,
-    LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction, LinuxSeccompBuilder,
-    LinuxSyscallBuilder, ProcessBuilder, RootBuilder, Spec,
+    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, LinuxSeccomp, LinuxSeccompAction,
+    LinuxSeccompBuilder, LinuxSyscallBuilder, ProcessBuilder, RootBuilder, Spec,
 };
 use std::collections::HashSet;
 use std::path::Path;
@@ -113,6 +113,7 @@ pub fn build(
     spec: &InstanceSpec,
     rootfs: &Path,
     cgroup: &str,
+    netns: Option<&Path>,
 ) -> Result<Spec, OciError> {
     let mut oci = Spec::default();
 
@@ -190,8 +191,18 @@ pub fn build(
     // Start from the default Linux section (namespaces incl. a new network
     // namespace, masked and read-only /proc and /sys paths) and add ours.
     let default_linux = oci.linux().clone().unwrap_or_default();
+    let mut namespaces = default_linux.namespaces().clone().unwrap_or_default();
+    if let Some(path) = netns {
+        // Join the namespace the agent wired up instead of a new, empty one.
+        for ns in namespaces
+            .iter_mut()
+            .filter(|n| n.typ() == LinuxNamespaceType::Network)
+        {
+            ns.set_path(Some(path.to_owned()));
+        }
+    }
     let linux = LinuxBuilder::default()
-        .namespaces(default_linux.namespaces().clone().unwrap_or_default())
+        .namespaces(namespaces)
         .masked_paths(default_linux.masked_paths().clone().unwrap_or_default())
         .readonly_paths(default_linux.readonly_paths().clone().unwrap_or_default())
         .devices(default_linux.devices().clone().unwrap_or_default())
@@ -207,7 +218,6 @@ pub fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oci_spec::runtime::LinuxNamespaceType;
 
     fn spec() -> InstanceSpec {
         serde_json::from_str(
@@ -221,7 +231,14 @@ mod tests {
     #[test]
     fn secure_defaults() {
         let id = InstanceId::new("web-0").unwrap();
-        let oci = build(&id, &spec(), Path::new("/run/x/rootfs"), "/corral/web-0").unwrap();
+        let oci = build(
+            &id,
+            &spec(),
+            Path::new("/run/x/rootfs"),
+            "/corral/web-0",
+            None,
+        )
+        .unwrap();
         let p = oci.process().as_ref().unwrap();
         assert_eq!(p.no_new_privileges(), Some(true));
         let caps = p.capabilities().as_ref().unwrap();
@@ -262,10 +279,29 @@ mod tests {
     #[test]
     fn limits_and_env() {
         let id = InstanceId::new("web-0").unwrap();
-        let oci = build(&id, &spec(), Path::new("/r"), "/c/web-0").unwrap();
+        let oci = build(
+            &id,
+            &spec(),
+            Path::new("/r"),
+            "/c/web-0",
+            Some(Path::new("/run/ns/web-0")),
+        )
+        .unwrap();
         let r = oci.linux().as_ref().unwrap().resources().as_ref().unwrap();
         assert_eq!(r.memory().as_ref().unwrap().limit(), Some(64 << 20));
         assert_eq!(r.pids().as_ref().unwrap().limit(), 32);
+        let net = oci
+            .linux()
+            .as_ref()
+            .unwrap()
+            .namespaces()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Network)
+            .unwrap()
+            .clone();
+        assert_eq!(net.path().as_deref(), Some(Path::new("/run/ns/web-0")));
         assert_eq!(
             r.cpu().as_ref().unwrap().shares(),
             Some(weight_to_shares(100))

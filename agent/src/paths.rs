@@ -94,6 +94,14 @@ impl InstancePaths {
     pub fn stop_request(&self) -> PathBuf {
         self.run.join("stop")
     }
+    /// The bind mount pinning the instance's network namespace.
+    pub fn netns(&self) -> PathBuf {
+        self.run.join("netns")
+    }
+    /// The instance's network attachment (address, host interface).
+    pub fn net(&self) -> PathBuf {
+        self.run.join("net.json")
+    }
     pub fn bundle(&self) -> PathBuf {
         self.run.join("bundle")
     }

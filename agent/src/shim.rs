@@ -47,6 +47,8 @@ pub struct Launch {
     pub cgroup2_root: Option<PathBuf>,
     /// Whether the layer is a filesystem of its own, sized `disk_mb`.
     pub disk_quota: bool,
+    /// The network namespace the agent prepared (None: a new, empty one).
+    pub netns: Option<PathBuf>,
 }
 
 /// What the shim records about its instance; the agent's source of truth.
@@ -286,8 +288,14 @@ impl Shim {
             )
         })?;
 
-        let spec =
-            oci::build(&l.id, &l.spec, &p.rootfs_mount(), &p.cgroup).map_err(|e| e.to_string())?;
+        let spec = oci::build(
+            &l.id,
+            &l.spec,
+            &p.rootfs_mount(),
+            &p.cgroup,
+            l.netns.as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
         spec.save(p.bundle().join("config.json"))
             .map_err(|e| format!("cannot write config.json: {e}"))?;
 
@@ -483,7 +491,13 @@ fn exec_monitor(launch_path: &Path, r: &Running) -> std::io::Error {
             return e.into();
         }
     }
+    // argv[0] stays the agent's path, so operators (and tools) see which
+    // binary the monitor is.
+    let argv0 = std::env::args_os()
+        .next()
+        .unwrap_or_else(|| "corral-agent".into());
     std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
         .arg("shim-monitor")
         .arg(launch_path)
         .arg(r.init.as_raw().to_string())

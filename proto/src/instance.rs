@@ -362,6 +362,9 @@ pub struct InstanceInfo {
     pub reason: Option<String>,
     pub resources: Resources,
     pub ports: Vec<u16>,
+    /// The instance's IPv4 address on the cell network, once wired up.
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 impl InstanceInfo {
@@ -382,6 +385,7 @@ impl InstanceInfo {
             reason: status.reason.clone(),
             resources: spec.resources.clone(),
             ports: spec.ports.clone(),
+            address: None,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod capacity;
 pub mod ids;
 pub mod instance;
 pub mod time;
+pub mod wire;
 
 pub use capacity::{Capacity, CapacityError};
 pub use ids::{AppId, CellId, IdError, InstanceId, TenantId};

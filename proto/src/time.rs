@@ -36,7 +36,15 @@ impl Timestamp {
         let hh: u64 = t.next()?.parse().ok()?;
         let mm: u64 = t.next()?.parse().ok()?;
         let ss: u64 = t.next()?.parse().ok()?;
-        if !(1..=12).contains(&m) || !(1..=31).contains(&day) || hh > 23 || mm > 59 || ss > 60 {
+        // RFC 3339 years have four digits; this also keeps the arithmetic
+        // below far from overflow.
+        if !(1970..=9999).contains(&y)
+            || !(1..=12).contains(&m)
+            || !(1..=31).contains(&day)
+            || hh > 23
+            || mm > 59
+            || ss > 60
+        {
             return None;
         }
         let nanos_frac = match frac {
@@ -130,6 +138,8 @@ mod tests {
         );
         assert_eq!(Timestamp::parse("garbage"), None);
         assert_eq!(Timestamp::parse("2000-13-01T00:00:00Z"), None);
+        assert_eq!(Timestamp::parse("9999999999999-01-01T00:00:00Z"), None);
+        assert_eq!(Timestamp::parse("-5-01-01T00:00:00Z"), None);
     }
 
     proptest! {

@@ -7,6 +7,7 @@
 mod bench;
 mod demo;
 mod deps;
+mod fuzz;
 mod http;
 mod rootfs;
 mod sandbox;
@@ -28,6 +29,8 @@ commands:
                        show what it does (root)
   bench start          benchmark instance start latency against runc and
                        measure memory; appends to docs/benchmarks.md (root)
+  fuzz [SECONDS]       run every cargo-fuzz target SECONDS each (default 60);
+                       installs cargo-fuzz if missing, works on stable
   help                 print this message
 
 environment:
@@ -46,6 +49,7 @@ fn main() -> ExitCode {
         ("test", rest) => test::run(rest),
         ("demo", []) => demo::run(),
         ("bench", [sub]) if sub == "start" => bench::run(),
+        ("fuzz", rest) => fuzz::run(rest),
         ("help" | "-h" | "--help", _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

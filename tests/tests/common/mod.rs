@@ -56,6 +56,24 @@ fn run(cmd: &str, args: &[&str]) -> std::process::Output {
         .unwrap_or_else(|e| panic!("{cmd}: {e}"))
 }
 
+/// Waits for a child; kills it (our own child, by pid) after `limit` so a
+/// test that expects an exit never hangs.
+pub fn wait_with_timeout(mut child: Child, limit: Duration) -> std::process::Output {
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "process did not exit within {limit:?}; stderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 /// An instance spec with the busybox rootfs.
 pub fn spec(kind: &str, command: &[&str]) -> Value {
     json!({

@@ -1,0 +1,117 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause) */
+/*
+ * corral.h: the ABI between corral's eBPF programs and the agent.
+ *
+ * Every map key and value is defined here, once. The Rust loader mirrors
+ * each struct #[repr(C)] (ebpf/src/abi.rs) and a unit test compares the two
+ * layouts field by field, using offsets measured by a host program compiled
+ * from this very header (ebpf/src/bpf/layout.c, run by build.rs).
+ *
+ * Rules that keep the two sides in step:
+ *   - fixed-width types only, no implicit padding: every hole is a named
+ *     `pad*` field that both sides set to zero (hash keys are compared
+ *     byte by byte, so padding would make lookups miss);
+ *   - IPv4 addresses are in network byte order (as they appear in packets);
+ *     ports and every other number are in host byte order;
+ *   - tenant and instance numbers are assigned by the control plane;
+ *     0 means "none/unknown" and is never assigned.
+ */
+#ifndef CORRAL_H
+#define CORRAL_H
+
+#include <linux/types.h>
+
+/* Capacities (max_entries). Changing one makes existing pins incompatible. */
+#define CORRAL_MAX_IFACES 4096	   /* instance veths on one cell */
+#define CORRAL_MAX_ENDPOINTS 65536 /* instance addresses in the cluster */
+#define CORRAL_MAX_POLICIES 16384  /* cross-tenant allow rules */
+#define CORRAL_MAX_FLOWS 65536	   /* conntrack: policy-allowed flows */
+#define CORRAL_MAX_TENANT_STATS 8192
+#define CORRAL_MAX_INSTANCE_STATS 8192
+#define CORRAL_MAX_DROP_STATS 8192
+
+/* Conntrack idle timeouts: replies of a policy-allowed flow pass for this
+ * long after the last packet of the flow's forward direction. */
+#define CORRAL_CT_TCP_TIMEOUT_S 21600 /* 6 h, like Cilium's established TCP */
+#define CORRAL_CT_OTHER_TIMEOUT_S 60
+
+/* Direction of a counted packet, seen from the instance. */
+enum corral_direction {
+	CORRAL_DIR_FROM_INSTANCE = 0, /* sent by the instance (TC ingress) */
+	CORRAL_DIR_TO_INSTANCE = 1,   /* delivered to it (TC egress) */
+};
+
+/* Why a packet was dropped (key of drop_stats). */
+enum corral_drop_reason {
+	CORRAL_DROP_SPOOF = 1,	      /* source is not the instance's address */
+	CORRAL_DROP_POLICY = 2,	      /* cross-tenant, no policy allows it */
+	CORRAL_DROP_UNKNOWN_IFACE = 3, /* interface not in the ifaces map */
+	CORRAL_DROP_IPV6 = 4,	      /* IPv6 is not supported yet */
+	CORRAL_DROP_UNSUPPORTED = 5,   /* other ethertype (VLAN, ...) */
+	CORRAL_DROP_MALFORMED = 6,     /* truncated or invalid headers */
+};
+
+/* ifaces: host-side veth ifindex (__u32) -> the instance behind it. */
+struct corral_iface {
+	__u32 addr; /* the instance's IPv4 address, network byte order */
+	__u32 tenant;
+	__u32 instance;
+};
+
+/* endpoints: IPv4 address (__u32, network byte order) -> owner. Holds every
+ * instance of the cluster, not only this cell's. */
+struct corral_endpoint {
+	__u32 tenant;
+	__u32 instance;
+};
+
+/* policy: presence of a key allows traffic from_tenant -> to_tenant.
+ * proto 0 = any protocol (then port must be 0); port 0 = any port. */
+struct corral_policy_key {
+	__u32 from_tenant;
+	__u32 to_tenant;
+	__u16 port; /* destination port, host byte order */
+	__u8 proto; /* IPPROTO_* */
+	__u8 pad;
+};
+
+struct corral_policy_value {
+	__u32 flags; /* reserved, 0 */
+};
+
+/* conntrack: forward tuple of a cross-tenant flow a policy allowed. */
+struct corral_flow {
+	__u32 saddr; /* network byte order */
+	__u32 daddr; /* network byte order */
+	__u16 sport; /* host byte order; 0 for protocols without ports */
+	__u16 dport;
+	__u8 proto;
+	__u8 pad1;
+	__u16 pad2;
+};
+
+struct corral_flow_state {
+	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last forward packet */
+};
+
+/* tenant_stats and instance_stats key: a tenant or instance number and a
+ * direction (enum corral_direction). */
+struct corral_counter_key {
+	__u32 id;
+	__u32 dir;
+};
+
+/* drop_stats key: the tenant whose instance sent (from-instance) or would
+ * have received (to-instance) the packet, 0 if unknown, and the reason. */
+struct corral_drop_key {
+	__u32 tenant;
+	__u32 reason;
+};
+
+/* Value of every stats map (per-CPU). bytes = skb->len, Ethernet included. */
+struct corral_counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif /* CORRAL_H */

@@ -1,0 +1,328 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Instance networking: TC programs for the host side of each instance veth.
+ *
+ *   corral_from_instance  TC ingress of the host-side veth: packets the
+ *                         instance sends. Anti-spoofing, tenant isolation,
+ *                         metering.
+ *   corral_to_instance    TC egress of the host-side veth: packets about to
+ *                         be delivered into the instance. Tenant isolation
+ *                         (the receiving cell enforces too, since the sender
+ *                         may sit on another cell), metering.
+ *
+ * Verdicts (see the crate docs in ebpf/src/lib.rs for the full story):
+ *   - a packet on an interface missing from `ifaces` is dropped (fail closed);
+ *   - IPv4 from the instance must carry the instance's source address, ARP
+ *     its sender address (or 0.0.0.0, as in ARP probes);
+ *   - IPv6 and other ethertypes are dropped;
+ *   - traffic between two endpoints of different tenants needs a policy, or
+ *     must be the reply of a flow a policy allowed (conntrack);
+ *   - traffic to/from addresses outside `endpoints` (the node, the world)
+ *     is allowed.
+ *
+ * Map layouts are in corral.h. All headers are read with bpf_skb_load_bytes,
+ * so non-linear skbs are handled without pulling data.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "corral.h"
+
+#define IP_FRAG_OFFSET_MASK 0x1fff
+#define NSEC_PER_SEC 1000000000ULL
+
+/* The fixed part of an ARP header (linux/if_arp.h drags in libc headers). */
+struct arp_hdr {
+	__be16 ar_hrd;
+	__be16 ar_pro;
+	__u8 ar_hln;
+	__u8 ar_pln;
+	__be16 ar_op;
+};
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_MAX_IFACES);
+	__type(key, __u32); /* ifindex of the host-side veth */
+	__type(value, struct corral_iface);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ifaces SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_MAX_ENDPOINTS);
+	__type(key, __u32); /* IPv4 address, network byte order */
+	__type(value, struct corral_endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_MAX_POLICIES);
+	__type(key, struct corral_policy_key);
+	__type(value, struct corral_policy_value);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CORRAL_MAX_FLOWS);
+	__type(key, struct corral_flow);
+	__type(value, struct corral_flow_state);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, CORRAL_MAX_TENANT_STATS);
+	__type(key, struct corral_counter_key);
+	__type(value, struct corral_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tenant_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, CORRAL_MAX_INSTANCE_STATS);
+	__type(key, struct corral_counter_key);
+	__type(value, struct corral_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} instance_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, CORRAL_MAX_DROP_STATS);
+	__type(key, struct corral_drop_key);
+	__type(value, struct corral_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} drop_stats SEC(".maps");
+
+/* What the programs need to know about a packet. */
+struct packet {
+	__u32 saddr; /* network byte order; for ARP the sender protocol address */
+	__u32 daddr;
+	__u16 sport; /* host byte order, 0 without ports (or later fragments) */
+	__u16 dport;
+	__u8 proto;
+};
+
+#define PKT_IPV4 1
+#define PKT_ARP 2
+
+/* Adds one packet of len bytes to a per-CPU counter, creating it if needed. */
+static __always_inline void count(void *map, const void *key, __u64 len)
+{
+	struct corral_counter *c = bpf_map_lookup_elem(map, key);
+
+	if (!c) {
+		struct corral_counter zero = {};
+
+		/* EEXIST when another CPU created it first: fine either way. */
+		bpf_map_update_elem(map, key, &zero, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(map, key);
+		if (!c)
+			return; /* map full: the count is lost, not the packet */
+	}
+	/* Per-CPU value, and TC runs with migration disabled: no atomics. */
+	c->packets += 1;
+	c->bytes += len;
+}
+
+static __always_inline int drop(struct __sk_buff *skb, __u32 tenant, __u32 reason)
+{
+	struct corral_drop_key key = { .tenant = tenant, .reason = reason };
+
+	count(&drop_stats, &key, skb->len);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline int pass(struct __sk_buff *skb, const struct corral_iface *ifc,
+				__u32 dir)
+{
+	struct corral_counter_key key = { .id = ifc->tenant, .dir = dir };
+
+	count(&tenant_stats, &key, skb->len);
+	key.id = ifc->instance;
+	count(&instance_stats, &key, skb->len);
+	return TC_ACT_OK;
+}
+
+/* Returns PKT_IPV4 or PKT_ARP, or a negated enum corral_drop_reason. */
+static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+{
+	struct ethhdr eth;
+	struct iphdr ip;
+
+	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+		return -CORRAL_DROP_MALFORMED;
+
+	if (eth.h_proto == bpf_htons(ETH_P_ARP)) {
+		struct arp_hdr arp;
+		__u32 spa;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &arp, sizeof(arp)) < 0)
+			return -CORRAL_DROP_MALFORMED;
+		if (arp.ar_pro != bpf_htons(ETH_P_IP) || arp.ar_hln != ETH_ALEN ||
+		    arp.ar_pln != 4)
+			return -CORRAL_DROP_UNSUPPORTED;
+		/* sender hardware address (6), then sender protocol address */
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(arp) + ETH_ALEN, &spa,
+				       sizeof(spa)) < 0)
+			return -CORRAL_DROP_MALFORMED;
+		p->saddr = spa;
+		return PKT_ARP;
+	}
+	if (eth.h_proto == bpf_htons(ETH_P_IPV6))
+		return -CORRAL_DROP_IPV6;
+	if (eth.h_proto != bpf_htons(ETH_P_IP))
+		return -CORRAL_DROP_UNSUPPORTED;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+		return -CORRAL_DROP_MALFORMED;
+	if (ip.version != 4 || ip.ihl < 5)
+		return -CORRAL_DROP_MALFORMED;
+	p->saddr = ip.saddr;
+	p->daddr = ip.daddr;
+	p->proto = ip.protocol;
+	p->sport = 0;
+	p->dport = 0;
+
+	/* Later fragments carry no L4 header: they match port-0 policies only. */
+	if (ip.frag_off & bpf_htons(IP_FRAG_OFFSET_MASK))
+		return PKT_IPV4;
+	if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP ||
+	    ip.protocol == IPPROTO_SCTP) {
+		__be16 ports[2];
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, ports, sizeof(ports)) < 0)
+			return -CORRAL_DROP_MALFORMED;
+		p->sport = bpf_ntohs(ports[0]);
+		p->dport = bpf_ntohs(ports[1]);
+	}
+	return PKT_IPV4;
+}
+
+/* Exact port, then any port of the protocol, then any protocol. */
+static __always_inline int policy_allows(const struct packet *p, __u32 from, __u32 to)
+{
+	struct corral_policy_key key = {
+		.from_tenant = from,
+		.to_tenant = to,
+		.port = p->dport,
+		.proto = p->proto,
+	};
+
+	if (bpf_map_lookup_elem(&policy, &key))
+		return 1;
+	key.port = 0;
+	if (bpf_map_lookup_elem(&policy, &key))
+		return 1;
+	key.proto = 0;
+	return bpf_map_lookup_elem(&policy, &key) != 0;
+}
+
+static __always_inline __u64 ct_timeout_ns(__u8 proto)
+{
+	if (proto == IPPROTO_TCP)
+		return CORRAL_CT_TCP_TIMEOUT_S * NSEC_PER_SEC;
+	return CORRAL_CT_OTHER_TIMEOUT_S * NSEC_PER_SEC;
+}
+
+static __always_inline void ct_record(const struct packet *p)
+{
+	struct corral_flow key = {
+		.saddr = p->saddr,
+		.daddr = p->daddr,
+		.sport = p->sport,
+		.dport = p->dport,
+		.proto = p->proto,
+	};
+	struct corral_flow_state state = { .last_seen_ns = bpf_ktime_get_ns() };
+
+	bpf_map_update_elem(&conntrack, &key, &state, BPF_ANY);
+}
+
+/* Is p the reply of a recently seen flow that a policy allowed? */
+static __always_inline int ct_is_reply(const struct packet *p)
+{
+	struct corral_flow key = {
+		.saddr = p->daddr,
+		.daddr = p->saddr,
+		.sport = p->dport,
+		.dport = p->sport,
+		.proto = p->proto,
+	};
+	struct corral_flow_state *state = bpf_map_lookup_elem(&conntrack, &key);
+
+	return state && bpf_ktime_get_ns() - state->last_seen_ns < ct_timeout_ns(p->proto);
+}
+
+/* May p go from an instance of tenant `from` to one of tenant `to`? */
+static __always_inline int tenants_may_talk(const struct packet *p, __u32 from, __u32 to)
+{
+	if (from == to)
+		return 1;
+	if (policy_allows(p, from, to)) {
+		ct_record(p);
+		return 1;
+	}
+	return ct_is_reply(p);
+}
+
+SEC("classifier")
+int corral_from_instance(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct corral_iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	struct corral_endpoint *dst;
+	struct packet p = {};
+	int kind;
+
+	if (!ifc)
+		return drop(skb, 0, CORRAL_DROP_UNKNOWN_IFACE);
+
+	kind = parse(skb, &p);
+	if (kind < 0)
+		return drop(skb, ifc->tenant, -kind);
+	if (kind == PKT_ARP) {
+		if (p.saddr != 0 && p.saddr != ifc->addr)
+			return drop(skb, ifc->tenant, CORRAL_DROP_SPOOF);
+		return pass(skb, ifc, CORRAL_DIR_FROM_INSTANCE);
+	}
+	if (p.saddr != ifc->addr)
+		return drop(skb, ifc->tenant, CORRAL_DROP_SPOOF);
+
+	dst = bpf_map_lookup_elem(&endpoints, &p.daddr);
+	if (dst && !tenants_may_talk(&p, ifc->tenant, dst->tenant))
+		return drop(skb, ifc->tenant, CORRAL_DROP_POLICY);
+	return pass(skb, ifc, CORRAL_DIR_FROM_INSTANCE);
+}
+
+SEC("classifier")
+int corral_to_instance(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct corral_iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	struct corral_endpoint *src;
+	struct packet p = {};
+	int kind;
+
+	if (!ifc)
+		return drop(skb, 0, CORRAL_DROP_UNKNOWN_IFACE);
+
+	kind = parse(skb, &p);
+	if (kind < 0)
+		return drop(skb, ifc->tenant, -kind);
+	if (kind == PKT_ARP)
+		return pass(skb, ifc, CORRAL_DIR_TO_INSTANCE);
+
+	src = bpf_map_lookup_elem(&endpoints, &p.saddr);
+	if (src && !tenants_may_talk(&p, src->tenant, ifc->tenant))
+		return drop(skb, ifc->tenant, CORRAL_DROP_POLICY);
+	return pass(skb, ifc, CORRAL_DIR_TO_INSTANCE);
+}

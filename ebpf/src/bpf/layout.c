@@ -1,0 +1,61 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * Host program run by build.rs: prints the layout of every struct and the
+ * value of every constant in corral.h, as the C compiler sees them. build.rs
+ * turns the output into a Rust table that the layout test compares with the
+ * #[repr(C)] mirrors.
+ *
+ * Fields are found by __builtin_dump_struct, so a field added to corral.h is
+ * measured without touching this file. Each struct is filled with the byte
+ * pattern 0, 1, 2, ... before it is dumped: the low byte of a field's value
+ * is then its offset. A struct added to corral.h must be added below;
+ * build.rs fails if one is missing.
+ */
+#include <stdio.h>
+
+#include "corral.h"
+
+#define CONST(name) printf("const %s %llu\n", #name, (unsigned long long)(name))
+
+#define STRUCT(name)                                                        \
+	do {                                                                \
+		struct name v;                                              \
+		unsigned char *b = (unsigned char *)&v;                     \
+		for (unsigned long i = 0; i < sizeof(v); i++)               \
+			b[i] = (unsigned char)i;                            \
+		printf("layout %s %zu %zu\n", #name, sizeof(struct name),   \
+		       _Alignof(struct name));                              \
+		__builtin_dump_struct(&v, printf);                          \
+	} while (0)
+
+int main(void)
+{
+	CONST(CORRAL_MAX_IFACES);
+	CONST(CORRAL_MAX_ENDPOINTS);
+	CONST(CORRAL_MAX_POLICIES);
+	CONST(CORRAL_MAX_FLOWS);
+	CONST(CORRAL_MAX_TENANT_STATS);
+	CONST(CORRAL_MAX_INSTANCE_STATS);
+	CONST(CORRAL_MAX_DROP_STATS);
+	CONST(CORRAL_CT_TCP_TIMEOUT_S);
+	CONST(CORRAL_CT_OTHER_TIMEOUT_S);
+	CONST(CORRAL_DIR_FROM_INSTANCE);
+	CONST(CORRAL_DIR_TO_INSTANCE);
+	CONST(CORRAL_DROP_SPOOF);
+	CONST(CORRAL_DROP_POLICY);
+	CONST(CORRAL_DROP_UNKNOWN_IFACE);
+	CONST(CORRAL_DROP_IPV6);
+	CONST(CORRAL_DROP_UNSUPPORTED);
+	CONST(CORRAL_DROP_MALFORMED);
+
+	STRUCT(corral_iface);
+	STRUCT(corral_endpoint);
+	STRUCT(corral_policy_key);
+	STRUCT(corral_policy_value);
+	STRUCT(corral_flow);
+	STRUCT(corral_flow_state);
+	STRUCT(corral_counter_key);
+	STRUCT(corral_drop_key);
+	STRUCT(corral_counter);
+	return 0;
+}

@@ -1,0 +1,875 @@
+//! Privileged tests of the eBPF data plane (`corral-ebpf`). As root:
+//!
+//! ```text
+//! cargo test -p corral-tests --test ebpf -- --test-threads=1
+//! ```
+//!
+//! - The programs run on crafted Ethernet frames through `BPF_PROG_TEST_RUN`
+//!   (aya's `TestRun`). The kernel runs such packets on the loopback device
+//!   (ifindex 1), so the tests point `ifaces[1]` at whichever instance they
+//!   want the packet to come from or go to.
+//! - One test attaches the programs to a real veth between two private
+//!   network namespaces and sends UDP through it, across an agent "restart".
+//!
+//! Clean-up: pin directories are unique and removed by a guard; when the host
+//! has no bpffs at /sys/fs/bpf, the test thread mounts one in a private mount
+//! namespace of its own and unmounts it afterwards. Network namespaces are
+//! held only by file descriptors (no /run/netns entry, no holder process), so
+//! the kernel removes them, veths included, even if the test is killed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(unsafe_code)] // namespace and mount syscalls, each with a SAFETY comment
+
+use std::ffi::CString;
+use std::fs::File;
+use std::net::{Ipv4Addr, UdpSocket};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use aya::{TestRun, TestRunOptions};
+use corral_ebpf::{
+    Counter, Dataplane, Direction, DropReason, Endpoint, Error, InstanceIface, InstanceNum, Policy,
+    Program, Protocol, TenantNum,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+/// BPF_PROG_TEST_RUN runs skb programs on the loopback device.
+const LO: u32 = 1;
+const BPFFS: &str = "/sys/fs/bpf";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the eBPF tests must run as root");
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s).unwrap()
+}
+
+fn last_os_error(what: &str) -> String {
+    format!("{what}: {}", std::io::Error::last_os_error())
+}
+
+// ---------------------------------------------------------------------------
+// bpffs and pin directories
+
+fn is_bpffs(path: &str) -> bool {
+    let path = cstr(path);
+    // SAFETY: statfs only writes into the zeroed struct we pass, and `path`
+    // is a valid NUL-terminated string for the duration of the call.
+    unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut buf) == 0 && buf.f_type as i64 == BPF_FS_MAGIC
+    }
+}
+
+/// A unique pin directory on a bpffs, removed (and the bpffs unmounted, if
+/// this guard mounted it) when dropped.
+struct PinDir {
+    path: PathBuf,
+    mounted: bool,
+}
+
+impl PinDir {
+    fn new() -> PinDir {
+        require_root();
+        let mut mounted = false;
+        if !is_bpffs(BPFFS) {
+            // A private mount namespace for this thread only: the mount never
+            // shows on the host and cannot outlive the test process.
+            let none = std::ptr::null::<libc::c_char>();
+            let (root, bpf, target) = (cstr("/"), cstr("bpf"), cstr(BPFFS));
+            // SAFETY: unshare and mount take only the valid, NUL-terminated
+            // strings above (or null where the kernel allows it); they
+            // change this thread's mount namespace and nothing else.
+            unsafe {
+                assert_eq!(
+                    libc::unshare(libc::CLONE_NEWNS),
+                    0,
+                    "{}",
+                    last_os_error("unshare(CLONE_NEWNS)")
+                );
+                assert_eq!(
+                    libc::mount(
+                        none,
+                        root.as_ptr(),
+                        none,
+                        libc::MS_REC | libc::MS_SLAVE,
+                        std::ptr::null()
+                    ),
+                    0,
+                    "{}",
+                    last_os_error("make / a slave mount")
+                );
+                assert_eq!(
+                    libc::mount(
+                        bpf.as_ptr(),
+                        target.as_ptr(),
+                        bpf.as_ptr(),
+                        0,
+                        std::ptr::null()
+                    ),
+                    0,
+                    "{}",
+                    last_os_error("mount bpffs")
+                );
+            }
+            mounted = true;
+        }
+        let path = Path::new(BPFFS).join(unique("corral-test-"));
+        assert!(!path.exists(), "{} exists already", path.display());
+        PinDir { path, mounted }
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        if self.path.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&self.path) {
+                eprintln!("warning: remove {}: {e}", self.path.display());
+            }
+        }
+        if self.mounted {
+            let target = cstr(BPFFS);
+            // SAFETY: umount2 on a valid path string; MNT_DETACH cannot
+            // block on users of the mount.
+            unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// network namespaces held by file descriptors
+
+struct Netns {
+    fd: OwnedFd,
+}
+
+impl Netns {
+    fn new() -> Netns {
+        // On a short-lived thread, so that the test thread stays where it is.
+        let fd = std::thread::spawn(|| {
+            // SAFETY: unshare with a constant flag; it affects only this thread.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "{}", last_os_error("unshare(CLONE_NEWNET)"));
+            OwnedFd::from(File::open("/proc/thread-self/ns/net").unwrap())
+        })
+        .join()
+        .unwrap();
+        Netns { fd }
+    }
+
+    /// A path naming this namespace for `ip ... netns <path>`.
+    fn path(&self) -> String {
+        format!("/proc/{}/fd/{}", std::process::id(), self.fd.as_raw_fd())
+    }
+
+    /// Moves the calling thread into the namespace until the guard drops.
+    fn enter(&self) -> Entered {
+        let original = OwnedFd::from(File::open("/proc/thread-self/ns/net").unwrap());
+        setns(&self.fd);
+        Entered { original }
+    }
+}
+
+struct Entered {
+    original: OwnedFd,
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        setns(&self.original);
+    }
+}
+
+fn setns(fd: &OwnedFd) {
+    // SAFETY: fd is an open network-namespace file; setns changes only the
+    // calling thread's network namespace.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "{}", last_os_error("setns"));
+}
+
+/// Runs a command (in the calling thread's namespaces) and returns stdout.
+fn sh(cmd: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+// ---------------------------------------------------------------------------
+// packets
+
+const MAC_INSTANCE: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const MAC_HOST: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(14 + payload.len());
+    frame.extend_from_slice(&MAC_HOST);
+    frame.extend_from_slice(&MAC_INSTANCE);
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let total = u16::try_from(20 + l4.len()).unwrap();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]); // id, DF, ttl, proto, csum
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum::<u32>();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let csum = !u16::try_from((folded & 0xffff) + (folded >> 16)).unwrap();
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    ip.extend_from_slice(l4);
+    ethernet(0x0800, &ip)
+}
+
+fn tcp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: usize) -> Vec<u8> {
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&sport.to_be_bytes());
+    seg.extend_from_slice(&dport.to_be_bytes());
+    seg.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // seq, ack
+    seg.extend_from_slice(&[0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]); // SYN, window
+    seg.resize(seg.len() + payload, 0xab);
+    ipv4(src, dst, IPPROTO_TCP, &seg)
+}
+
+fn udp(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16, payload: usize) -> Vec<u8> {
+    let len = u16::try_from(8 + payload).unwrap();
+    let mut dgram = Vec::new();
+    dgram.extend_from_slice(&sport.to_be_bytes());
+    dgram.extend_from_slice(&dport.to_be_bytes());
+    dgram.extend_from_slice(&len.to_be_bytes());
+    dgram.extend_from_slice(&[0, 0]);
+    dgram.resize(dgram.len() + payload, 0xcd);
+    ipv4(src, dst, IPPROTO_UDP, &dgram)
+}
+
+fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    ipv4(src, dst, IPPROTO_ICMP, &[8, 0, 0, 0, 0, 1, 0, 1])
+}
+
+fn arp_request(spa: Ipv4Addr, tpa: Ipv4Addr) -> Vec<u8> {
+    let mut arp = vec![0, 1, 0x08, 0, 6, 4, 0, 1]; // Ethernet, IPv4, request
+    arp.extend_from_slice(&MAC_INSTANCE);
+    arp.extend_from_slice(&spa.octets());
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&tpa.octets());
+    ethernet(0x0806, &arp)
+}
+
+fn ipv6_frame() -> Vec<u8> {
+    let mut ip6 = vec![0x60, 0, 0, 0, 0, 0, 59, 64]; // no next header
+    ip6.extend_from_slice(&[0xfd; 32]);
+    ethernet(0x86dd, &ip6)
+}
+
+fn vlan_frame(inner: &[u8]) -> Vec<u8> {
+    // 802.1Q tag in front of an IPv4 packet.
+    let mut tagged = vec![0, 42];
+    tagged.extend_from_slice(&inner[12..]);
+    ethernet(0x8100, &tagged)
+}
+
+// ---------------------------------------------------------------------------
+// fixture: tenants A (two instances) and B (one), all in `endpoints`
+
+fn tenant(n: u32) -> TenantNum {
+    TenantNum::new(n).unwrap()
+}
+
+fn instance(n: u32) -> InstanceNum {
+    InstanceNum::new(n).unwrap()
+}
+
+const TENANT_A: u32 = 1;
+const TENANT_B: u32 = 2;
+
+fn a1() -> InstanceIface {
+    InstanceIface {
+        addr: Ipv4Addr::new(10, 1, 0, 1),
+        tenant: tenant(TENANT_A),
+        instance: instance(11),
+    }
+}
+
+fn a2() -> InstanceIface {
+    InstanceIface {
+        addr: Ipv4Addr::new(10, 1, 0, 2),
+        tenant: tenant(TENANT_A),
+        instance: instance(12),
+    }
+}
+
+fn b1() -> InstanceIface {
+    InstanceIface {
+        addr: Ipv4Addr::new(10, 2, 0, 1),
+        tenant: tenant(TENANT_B),
+        instance: instance(21),
+    }
+}
+
+struct Fixture {
+    // Dropped before the pin directory it lives in.
+    dp: Dataplane,
+    pins: PinDir,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let pins = PinDir::new();
+        let mut dp = Dataplane::load(&pins.path).unwrap();
+        assert!(
+            !dp.restored(),
+            "a fresh pin directory has nothing to restore"
+        );
+        for who in [a1(), a2(), b1()] {
+            dp.set_endpoint(
+                who.addr,
+                &Endpoint {
+                    tenant: who.tenant,
+                    instance: who.instance,
+                },
+            )
+            .unwrap();
+        }
+        Fixture { dp, pins }
+    }
+
+    /// Runs `program` on `packet` as if `who`'s veth were the interface.
+    fn run(&mut self, program: Program, who: &InstanceIface, packet: &[u8]) -> u32 {
+        self.dp.set_interface(LO, who).unwrap();
+        run(&self.dp, program, packet)
+    }
+
+    fn from(&mut self, who: &InstanceIface, packet: &[u8]) -> u32 {
+        self.run(Program::FromInstance, who, packet)
+    }
+
+    fn to(&mut self, who: &InstanceIface, packet: &[u8]) -> u32 {
+        self.run(Program::ToInstance, who, packet)
+    }
+
+    fn tenant(&self, n: u32, dir: Direction) -> Counter {
+        self.dp.tenant_counter(tenant(n), dir).unwrap()
+    }
+
+    fn drops(&self, n: u32, reason: DropReason) -> Counter {
+        self.dp.drop_counter(TenantNum::new(n), reason).unwrap()
+    }
+}
+
+fn run(dp: &Dataplane, program: Program, packet: &[u8]) -> u32 {
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        ..TestRunOptions::default()
+    };
+    dp.program(program)
+        .unwrap()
+        .test_run(opts)
+        .unwrap()
+        .return_value
+}
+
+fn counter(packets: u64, bytes: usize) -> Counter {
+    Counter {
+        packets,
+        bytes: bytes as u64,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// BPF_PROG_TEST_RUN tests
+
+#[test]
+fn same_tenant_traffic_passes_and_is_metered_exactly() {
+    let mut f = Fixture::new();
+    let (small, big) = (
+        tcp(a1().addr, 40000, a2().addr, 80, 0),
+        udp(a1().addr, 5353, a2().addr, 53, 1000),
+    );
+    assert_eq!(f.from(&a1(), &small), TC_ACT_OK);
+    assert_eq!(f.from(&a1(), &big), TC_ACT_OK);
+    assert_eq!(f.from(&a1(), &big), TC_ACT_OK);
+    let sent = counter(3, small.len() + 2 * big.len());
+    assert_eq!(f.tenant(TENANT_A, Direction::FromInstance), sent);
+    assert_eq!(
+        f.dp.instance_counter(a1().instance, Direction::FromInstance)
+            .unwrap(),
+        sent
+    );
+
+    // The same packet arriving at a2's veth is metered on a2's side.
+    assert_eq!(f.to(&a2(), &small), TC_ACT_OK);
+    assert_eq!(
+        f.tenant(TENANT_A, Direction::ToInstance),
+        counter(1, small.len())
+    );
+    assert_eq!(
+        f.dp.instance_counter(a2().instance, Direction::ToInstance)
+            .unwrap(),
+        counter(1, small.len())
+    );
+    assert_eq!(
+        f.dp.instance_counter(a2().instance, Direction::FromInstance)
+            .unwrap(),
+        Counter::default()
+    );
+
+    // The snapshot a metrics scrape reads holds the same numbers.
+    let all = f.dp.counters().unwrap();
+    assert!(all
+        .tenants
+        .contains(&(tenant(TENANT_A), Direction::FromInstance, sent)));
+    assert!(all.drops.is_empty(), "{:?}", all.drops);
+}
+
+#[test]
+fn cross_tenant_traffic_is_dropped_on_both_sides_and_counted() {
+    let mut f = Fixture::new();
+    let packet = tcp(a1().addr, 40000, b1().addr, 80, 10);
+
+    assert_eq!(f.from(&a1(), &packet), TC_ACT_SHOT);
+    assert_eq!(
+        f.drops(TENANT_A, DropReason::Policy),
+        counter(1, packet.len())
+    );
+    assert_eq!(
+        f.tenant(TENANT_A, Direction::FromInstance),
+        Counter::default()
+    );
+
+    // A packet that got past the sender (another cell, a forged source) is
+    // stopped by the receiving side, and counted under the receiver's tenant.
+    assert_eq!(f.to(&b1(), &packet), TC_ACT_SHOT);
+    assert_eq!(
+        f.drops(TENANT_B, DropReason::Policy),
+        counter(1, packet.len())
+    );
+    assert_eq!(
+        f.tenant(TENANT_B, Direction::ToInstance),
+        Counter::default()
+    );
+}
+
+#[test]
+fn spoofed_sources_are_dropped_and_counted() {
+    let mut f = Fixture::new();
+    // a2's address, sent from a1's veth: same tenant, still a spoof.
+    let spoofed = tcp(a2().addr, 40000, Ipv4Addr::new(192, 0, 2, 1), 443, 0);
+    assert_eq!(f.from(&a1(), &spoofed), TC_ACT_SHOT);
+    let outside = udp(Ipv4Addr::new(198, 51, 100, 7), 1, a2().addr, 53, 4);
+    assert_eq!(f.from(&a1(), &outside), TC_ACT_SHOT);
+    assert_eq!(
+        f.drops(TENANT_A, DropReason::Spoof),
+        counter(2, spoofed.len() + outside.len())
+    );
+
+    // ARP must announce the instance's own address (or none, as probes do).
+    let gateway = Ipv4Addr::new(10, 1, 0, 254);
+    assert_eq!(f.from(&a1(), &arp_request(a1().addr, gateway)), TC_ACT_OK);
+    assert_eq!(
+        f.from(&a1(), &arp_request(Ipv4Addr::UNSPECIFIED, gateway)),
+        TC_ACT_OK
+    );
+    assert_eq!(f.from(&a1(), &arp_request(a2().addr, gateway)), TC_ACT_SHOT);
+    assert_eq!(f.drops(TENANT_A, DropReason::Spoof).packets, 3);
+    assert_eq!(f.tenant(TENANT_A, Direction::FromInstance).packets, 2);
+}
+
+#[test]
+fn a_policy_allows_cross_tenant_traffic_and_its_replies_until_removed() {
+    let mut f = Fixture::new();
+    let web = Policy {
+        from: tenant(TENANT_A),
+        to: tenant(TENANT_B),
+        protocol: Protocol::Tcp,
+        port: 80,
+    };
+    f.dp.set_policy(&web).unwrap();
+    assert_eq!(f.dp.policies().unwrap(), vec![web]);
+
+    let request = tcp(a1().addr, 40000, b1().addr, 80, 0);
+    assert_eq!(f.from(&a1(), &request), TC_ACT_OK);
+    assert_eq!(f.to(&b1(), &request), TC_ACT_OK);
+    // Only that protocol and port.
+    assert_eq!(
+        f.from(&a1(), &tcp(a1().addr, 40000, b1().addr, 81, 0)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        f.from(&a1(), &udp(a1().addr, 40000, b1().addr, 80, 0)),
+        TC_ACT_SHOT
+    );
+    // Only that direction: B may not open connections to A...
+    assert_eq!(
+        f.from(&b1(), &tcp(b1().addr, 40001, a1().addr, 22, 0)),
+        TC_ACT_SHOT
+    );
+    // ...but its replies to A's allowed flow pass, on both sides.
+    let reply = tcp(b1().addr, 80, a1().addr, 40000, 100);
+    assert_eq!(f.from(&b1(), &reply), TC_ACT_OK);
+    assert_eq!(f.to(&a1(), &reply), TC_ACT_OK);
+    assert!(f.dp.conntrack_len().unwrap() >= 1);
+    assert_eq!(f.drops(TENANT_A, DropReason::Policy).packets, 2);
+    assert_eq!(f.drops(TENANT_B, DropReason::Policy).packets, 1);
+
+    assert!(f.dp.remove_policy(&web).unwrap());
+    assert!(
+        !f.dp.remove_policy(&web).unwrap(),
+        "removing twice is a no-op"
+    );
+    assert_eq!(f.from(&a1(), &request), TC_ACT_SHOT);
+    assert_eq!(f.to(&b1(), &request), TC_ACT_SHOT);
+    assert_eq!(f.drops(TENANT_A, DropReason::Policy).packets, 3);
+
+    // Port 0 allows every port of the protocol; Protocol::Any everything.
+    let dns = Policy {
+        protocol: Protocol::Udp,
+        port: 0,
+        ..web
+    };
+    f.dp.set_policy(&dns).unwrap();
+    assert_eq!(
+        f.from(&a1(), &udp(a1().addr, 5000, b1().addr, 53, 20)),
+        TC_ACT_OK
+    );
+    assert_eq!(f.from(&a1(), &icmp_echo(a1().addr, b1().addr)), TC_ACT_SHOT);
+    let any = Policy {
+        protocol: Protocol::Any,
+        port: 0,
+        ..web
+    };
+    f.dp.set_policy(&any).unwrap();
+    assert_eq!(f.from(&a1(), &icmp_echo(a1().addr, b1().addr)), TC_ACT_OK);
+    assert_eq!(
+        f.from(&a1(), &tcp(a1().addr, 1, b1().addr, 9999, 0)),
+        TC_ACT_OK
+    );
+}
+
+#[test]
+fn traffic_with_addresses_outside_the_endpoints_passes() {
+    let mut f = Fixture::new();
+    let out = tcp(a1().addr, 40000, Ipv4Addr::new(192, 0, 2, 10), 443, 0);
+    let back = tcp(Ipv4Addr::new(192, 0, 2, 10), 443, a1().addr, 40000, 0);
+    assert_eq!(f.from(&a1(), &out), TC_ACT_OK);
+    assert_eq!(f.to(&a1(), &back), TC_ACT_OK);
+    // Unknown endpoints are outside too: removing b1 makes it "the world".
+    assert!(f.dp.remove_endpoint(b1().addr).unwrap());
+    assert_eq!(f.dp.endpoint(b1().addr).unwrap(), None);
+    assert_eq!(
+        f.from(&a1(), &tcp(a1().addr, 1, b1().addr, 80, 0)),
+        TC_ACT_OK
+    );
+}
+
+#[test]
+fn unsupported_malformed_and_unknown_traffic_is_dropped_with_a_reason() {
+    let mut f = Fixture::new();
+    let v6 = ipv6_frame();
+    assert_eq!(f.from(&a1(), &v6), TC_ACT_SHOT);
+    assert_eq!(f.to(&a1(), &v6), TC_ACT_SHOT);
+    assert_eq!(
+        f.drops(TENANT_A, DropReason::Ipv6),
+        counter(2, 2 * v6.len())
+    );
+
+    let tagged = vlan_frame(&tcp(a1().addr, 1, b1().addr, 80, 0));
+    assert_eq!(f.from(&a1(), &tagged), TC_ACT_SHOT);
+    assert_eq!(f.drops(TENANT_A, DropReason::Unsupported).packets, 1);
+
+    // The kernel refuses to test-run frames shorter than an IPv4 header, so
+    // "malformed" here is a bad header length and a TCP header cut off.
+    let mut bad_ihl = tcp(a1().addr, 1, a2().addr, 80, 0);
+    bad_ihl[14] = 0x44;
+    assert_eq!(f.from(&a1(), &bad_ihl), TC_ACT_SHOT);
+    let no_ports = ipv4(a1().addr, a2().addr, IPPROTO_TCP, &[]);
+    assert_eq!(f.from(&a1(), &no_ports), TC_ACT_SHOT);
+    assert_eq!(f.drops(TENANT_A, DropReason::Malformed).packets, 2);
+
+    // Fail closed on an interface nobody declared.
+    f.dp.set_interface(LO, &a1()).unwrap();
+    assert!(f.dp.remove_interface(LO).unwrap());
+    let fine = tcp(a1().addr, 1, a2().addr, 80, 0);
+    assert_eq!(run(&f.dp, Program::FromInstance, &fine), TC_ACT_SHOT);
+    assert_eq!(run(&f.dp, Program::ToInstance, &fine), TC_ACT_SHOT);
+    assert_eq!(
+        f.dp.drop_counter(None, DropReason::UnknownInterface)
+            .unwrap(),
+        counter(2, 2 * fine.len())
+    );
+}
+
+#[test]
+fn a_second_load_on_the_same_pins_sees_the_same_maps() {
+    let mut f = Fixture::new();
+    let policy = Policy {
+        from: tenant(TENANT_A),
+        to: tenant(TENANT_B),
+        protocol: Protocol::Tcp,
+        port: 443,
+    };
+    f.dp.set_policy(&policy).unwrap();
+    let packet = tcp(a1().addr, 40000, b1().addr, 443, 64);
+    assert_eq!(f.from(&a1(), &packet), TC_ACT_OK);
+    assert_eq!(f.from(&a1(), &ipv6_frame()), TC_ACT_SHOT);
+
+    let endpoints = f.dp.endpoints().unwrap();
+    let interfaces = f.dp.interfaces().unwrap();
+    let counters = f.dp.counters().unwrap();
+    assert_eq!(endpoints.len(), 3);
+    assert_eq!(interfaces, vec![(LO, a1())]);
+    assert_eq!(f.dp.conntrack_len().unwrap(), 1);
+
+    // The agent restarts: a new Dataplane on the same pin directory.
+    let Fixture { dp, pins } = f;
+    drop(dp);
+    let mut dp = Dataplane::load(&pins.path).unwrap();
+    assert!(dp.restored());
+    assert_eq!(dp.endpoints().unwrap(), endpoints);
+    assert_eq!(dp.interfaces().unwrap(), interfaces);
+    assert_eq!(dp.policies().unwrap(), vec![policy]);
+    assert_eq!(dp.counters().unwrap(), counters);
+    assert_eq!(dp.conntrack_len().unwrap(), 1);
+
+    // The new programs count on from where the old ones stopped.
+    assert_eq!(run(&dp, Program::FromInstance, &packet), TC_ACT_OK);
+    assert_eq!(
+        dp.tenant_counter(tenant(TENANT_A), Direction::FromInstance)
+            .unwrap(),
+        counter(2, 2 * packet.len())
+    );
+
+    // Forgetting a gone instance's counters.
+    dp.remove_instance_counters(a1().instance).unwrap();
+    assert_eq!(
+        dp.instance_counter(a1().instance, Direction::FromInstance)
+            .unwrap(),
+        Counter::default()
+    );
+    drop(dp);
+    drop(pins);
+}
+
+#[test]
+fn an_incompatible_pin_stops_the_load_with_a_fix() {
+    let pins = PinDir::new();
+    std::fs::create_dir_all(&pins.path).unwrap();
+    let stale = pins.path.join("ifaces");
+    let stale = stale.to_str().unwrap();
+    sh(
+        "bpftool",
+        &[
+            "map", "create", stale, "type", "hash", "key", "4", "value", "8", "entries", "16",
+            "name", "ifaces",
+        ],
+    );
+    let err = Dataplane::load(&pins.path).unwrap_err();
+    assert!(matches!(err, Error::IncompatiblePin { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(stale), "{msg}");
+    assert!(msg.contains("value 8 B, 16 entries"), "{msg}");
+    assert!(msg.contains("remove"), "{msg}");
+}
+
+// ---------------------------------------------------------------------------
+// a real veth
+
+/// The corral filters `bpftool net` lists on `dev`: (attach point, name, id).
+fn tc_filters(dev: &str) -> Vec<(String, String, u64)> {
+    let json = sh("bpftool", &["-j", "net", "show", "dev", dev]);
+    let parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let mut out = Vec::new();
+    for entry in parsed.as_array().unwrap() {
+        for tc in entry["tc"].as_array().into_iter().flatten() {
+            out.push((
+                tc["kind"].as_str().unwrap_or_default().to_owned(),
+                tc["name"].as_str().unwrap_or_default().to_owned(),
+                tc["id"].as_u64().unwrap_or_default(),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn delivered(tx: &UdpSocket, rx: &UdpSocket, to: &str, msg: &[u8]) -> bool {
+    tx.send_to(msg, to).unwrap();
+    let mut buf = [0u8; 64];
+    loop {
+        match rx.recv_from(&mut buf) {
+            Ok((n, _)) if &buf[..n] == msg => return true,
+            Ok(_) => continue, // a late datagram of an earlier step
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return false
+            }
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+}
+
+#[test]
+fn attached_to_a_real_veth_it_filters_and_survives_a_restart() {
+    require_root();
+    let node = Netns::new();
+    let inst = Netns::new();
+    let host_if = unique("crlh");
+    let inst_if = unique("crli");
+    let (host_ip, inst_ip) = (Ipv4Addr::new(10, 200, 0, 1), Ipv4Addr::new(10, 200, 0, 2));
+    {
+        let _in = node.enter();
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &host_if,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &inst_if,
+                "netns",
+                &inst.path(),
+            ],
+        );
+        sh("ip", &["addr", "add", "10.200.0.1/24", "dev", &host_if]);
+        sh("ip", &["link", "set", &host_if, "up"]);
+    }
+    {
+        let _in = inst.enter();
+        sh("ip", &["addr", "add", "10.200.0.2/24", "dev", &inst_if]);
+        sh("ip", &["link", "set", &inst_if, "up"]);
+    }
+    let rx = {
+        let _in = node.enter();
+        UdpSocket::bind((host_ip, 9999)).unwrap()
+    };
+    rx.set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let tx = {
+        let _in = inst.enter();
+        UdpSocket::bind((inst_ip, 0)).unwrap()
+    };
+    let dst = "10.200.0.1:9999";
+
+    let pins = PinDir::new();
+    let mut dp = Dataplane::load(&pins.path).unwrap();
+    let me = InstanceIface {
+        addr: inst_ip,
+        tenant: tenant(7),
+        instance: instance(70),
+    };
+    let (ifindex, filters) = {
+        let _in = node.enter();
+        let ifindex = corral_ebpf::ifindex(&host_if).unwrap();
+        dp.set_interface(ifindex, &me).unwrap();
+        assert_eq!(dp.attach(&host_if).unwrap(), ifindex);
+        (ifindex, tc_filters(&host_if))
+    };
+    let names: Vec<(&str, &str)> = filters
+        .iter()
+        .map(|(kind, name, _)| (kind.as_str(), name.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            ("clsact/egress", "corral_to_instance"),
+            ("clsact/ingress", "corral_from_instance"),
+        ]
+    );
+
+    // Real traffic passes and is metered (ARP and UDP out, ARP reply in).
+    assert!(delivered(&tx, &rx, dst, b"hello"));
+    let sent = dp
+        .tenant_counter(tenant(7), Direction::FromInstance)
+        .unwrap();
+    assert!(sent.packets >= 2 && sent.bytes > 0, "{sent:?}");
+    let received = dp
+        .instance_counter(instance(70), Direction::ToInstance)
+        .unwrap();
+    assert!(received.packets >= 1, "{received:?}");
+
+    // The instance's address changes under it: now its packets are spoofed.
+    let moved = InstanceIface {
+        addr: Ipv4Addr::new(10, 200, 0, 3),
+        ..me
+    };
+    dp.set_interface(ifindex, &moved).unwrap();
+    assert!(!delivered(&tx, &rx, dst, b"spoofed"));
+    assert!(
+        dp.drop_counter(Some(tenant(7)), DropReason::Spoof)
+            .unwrap()
+            .packets
+            >= 1
+    );
+
+    // Agent restart: the filters keep running without it; a new load and
+    // attach replaces their programs in place, without duplicates.
+    drop(dp);
+    assert!(!delivered(&tx, &rx, dst, b"still filtered"));
+    let mut dp = Dataplane::load(&pins.path).unwrap();
+    assert!(dp.restored());
+    assert_eq!(dp.interface(ifindex).unwrap(), Some(moved));
+    dp.set_interface(ifindex, &me).unwrap();
+    let after = {
+        let _in = node.enter();
+        dp.attach(&host_if).unwrap();
+        tc_filters(&host_if)
+    };
+    assert_eq!(after.len(), 2, "{after:?}");
+    for ((kind, name, id), (kind2, name2, id2)) in filters.iter().zip(&after) {
+        assert_eq!((kind, name), (kind2, name2));
+        assert_ne!(id, id2, "{name}: the program was not replaced");
+    }
+    assert!(delivered(&tx, &rx, dst, b"after restart"));
+
+    // Detach: no filter left, so even a "spoofed" packet goes through.
+    dp.set_interface(ifindex, &moved).unwrap();
+    {
+        let _in = node.enter();
+        dp.detach(&host_if).unwrap();
+        assert_eq!(tc_filters(&host_if), vec![]);
+        dp.detach(&host_if).unwrap();
+        dp.detach("crl-no-such-if").unwrap();
+    }
+    assert!(delivered(&tx, &rx, dst, b"unfiltered"));
+    drop(dp);
+    drop(pins);
+    // node and inst go with their descriptors, and the veth with them.
+}
