@@ -157,6 +157,7 @@ pub async fn handle(
                 &serde_json::json!({ "instances": instances }),
             )
         }
+        (_, ["v1", "policies"]) => policies(&state, method.clone(), req).await,
         (_, ["v1", "instances", raw, rest @ ..]) => match InstanceId::new(*raw) {
             Err(e) => error(StatusCode::BAD_REQUEST, e.to_string(), vec![]),
             Ok(id) => instance_route(&state, method, id, rest, req).await,
@@ -319,6 +320,123 @@ fn logs(state: &Arc<ApiState>, id: InstanceId, req: &Request<Incoming>) -> Respo
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+/// A cross-tenant allowance as the API shows it.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicyBody {
+    from: corral_proto::TenantId,
+    to: corral_proto::TenantId,
+    /// any (default), icmp, tcp, udp or sctp.
+    #[serde(default)]
+    protocol: Option<String>,
+    /// Destination port; 0 or absent: any.
+    #[serde(default)]
+    port: u16,
+}
+
+fn protocol(name: Option<&str>) -> Result<corral_ebpf::Protocol, String> {
+    use corral_ebpf::Protocol as P;
+    Ok(match name.unwrap_or("any") {
+        "any" => P::Any,
+        "icmp" => P::Icmp,
+        "tcp" => P::Tcp,
+        "udp" => P::Udp,
+        "sctp" => P::Sctp,
+        other => {
+            return Err(format!(
+                "unknown protocol {other:?}: use any, icmp, tcp, udp or sctp"
+            ))
+        }
+    })
+}
+
+/// `GET/PUT/DELETE /v1/policies`: the cell's cross-tenant allowances (the
+/// brain distributes them to every cell; an operator may set them here).
+async fn policies(
+    state: &Arc<ApiState>,
+    method: Method,
+    req: Request<Incoming>,
+) -> Response<RespBody> {
+    let Some(plane) = state.exec.plane() else {
+        return error(
+            StatusCode::CONFLICT,
+            "this cell has no data plane: configure [network] subnet (and keep [network] dataplane on)".into(),
+            vec![],
+        );
+    };
+    if method == Method::GET {
+        return match plane.policies() {
+            Ok(ps) => {
+                let list: Vec<_> = ps
+                    .iter()
+                    .map(|p| {
+                        serde_json::json!({
+                            "from": plane.tenant_name(p.from),
+                            "to": plane.tenant_name(p.to),
+                            "protocol": p.protocol.to_string(),
+                            "port": p.port,
+                        })
+                    })
+                    .collect();
+                json(StatusCode::OK, &serde_json::json!({ "policies": list }))
+            }
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
+        };
+    }
+    if method != Method::PUT && method != Method::DELETE {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here"),
+            vec![],
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("reading body: {e}"),
+                vec![],
+            )
+        }
+    };
+    let b: PolicyBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("invalid policy: {e}"),
+                vec![],
+            )
+        }
+    };
+    let proto = match protocol(b.protocol.as_deref()) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e, vec![]),
+    };
+    let policy = corral_ebpf::Policy {
+        from: plane.remember_tenant(&b.from),
+        to: plane.remember_tenant(&b.to),
+        protocol: proto,
+        port: b.port,
+    };
+    if let Err(e) = policy.to_key() {
+        return error(StatusCode::BAD_REQUEST, e.to_string(), vec![]);
+    }
+    let r = if method == Method::PUT {
+        plane.set_policy(&policy).map(|()| true)
+    } else {
+        plane.remove_policy(&policy)
+    };
+    match r {
+        Ok(changed) => json(
+            StatusCode::OK,
+            &serde_json::json!({ "policy": b, "changed": changed }),
+        ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
+    }
 }
 
 /// The last `n` lines of `data`.

@@ -49,6 +49,7 @@ struct RawApi {
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
     subnet: Option<String>,
+    dataplane: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -114,6 +115,10 @@ pub struct Config {
     /// node's. Default: none (instances get a network namespace with only
     /// loopback).
     pub subnet: Option<crate::network::ipam::Subnet>,
+    /// Load the eBPF data plane (anti-spoofing, tenant isolation, traffic
+    /// counters) on instance veths; needs `subnet`. Maps are pinned under
+    /// `/sys/fs/bpf/corral/<cell_id>/`. Default: true.
+    pub dataplane: bool,
 }
 
 /// Facts about the host that defaults are derived from; passed in so that
@@ -303,6 +308,7 @@ impl Config {
                 layers_dir,
                 disk_enforce,
                 subnet,
+                dataplane: raw.network.dataplane.unwrap_or(true),
             }),
             _ => Err(p),
         }

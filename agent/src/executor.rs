@@ -9,13 +9,14 @@
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::network::ipam::Ipam;
+use crate::network::plane::Plane;
 use crate::network::{Attachment, Network};
 use crate::paths::{InstancePaths, Layout};
 use crate::shim::{self, Launch, Record, StartReport};
 use crate::sys;
 use corral_proto::{
     Capacity, CapacityError, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState,
-    SpecError, Status,
+    SpecError, Status, TenantId,
 };
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -85,6 +86,8 @@ impl Entry {
 struct NetState {
     network: Network,
     ipam: Mutex<Ipam>,
+    /// The eBPF data plane, when enabled.
+    plane: Option<Plane>,
 }
 
 /// A read-only view of one instance for the API and metrics.
@@ -112,12 +115,15 @@ impl Executor {
         cfg: Config,
         exe: PathBuf,
         metrics: Arc<Metrics>,
-        network: Option<Network>,
+        network: Option<(Network, Option<Plane>)>,
     ) -> Arc<Self> {
-        let net = network.zip(cfg.subnet).map(|(network, subnet)| NetState {
-            network,
-            ipam: Mutex::new(Ipam::new(subnet)),
-        });
+        let net = network
+            .zip(cfg.subnet)
+            .map(|((network, plane), subnet)| NetState {
+                network,
+                ipam: Mutex::new(Ipam::new(subnet)),
+                plane,
+            });
         let layout = Layout {
             data_dir: cfg.data_dir.clone(),
             run_dir: cfg.run_dir.clone(),
@@ -143,6 +149,11 @@ impl Executor {
 
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The eBPF data plane, when the cell network has one.
+    pub fn plane(&self) -> Option<&Plane> {
+        self.net.as_ref().and_then(|n| n.plane.as_ref())
     }
 
     /// Whether instances' disk limits are enforced (a filesystem each).
@@ -256,7 +267,7 @@ impl Executor {
             let _ = std::fs::remove_dir_all(&paths.run);
             return Err(e);
         }
-        let netns = match self.attach_network(&id, &paths).await {
+        let netns = match self.attach_network(&id, &spec.tenant, &paths).await {
             Ok(n) => n,
             Err(reason) => {
                 tracing::warn!(%reason, "instance network set-up failed");
@@ -687,6 +698,7 @@ impl Executor {
     async fn attach_network(
         &self,
         id: &InstanceId,
+        tenant: &TenantId,
         p: &InstancePaths,
     ) -> Result<Option<PathBuf>, String> {
         let Some(net) = &self.net else {
@@ -710,6 +722,15 @@ impl Executor {
             lock(&net.ipam).release(addr);
             return Err(format!("cannot record the instance's network: {e}"));
         }
+        if let Some(plane) = &net.plane {
+            if let Err(e) = plane.add(&att, tenant) {
+                plane.remove(&att);
+                net.network.detach(&att).await;
+                lock(&net.ipam).release(addr);
+                let _ = std::fs::remove_file(p.net());
+                return Err(format!("data plane: {e}"));
+            }
+        }
         if let Some(e) = self.table().get_mut(id) {
             e.address = Some(addr);
         }
@@ -730,6 +751,9 @@ impl Executor {
             crate::network::remove_netns(&p.netns());
             return;
         };
+        if let Some(plane) = &net.plane {
+            plane.remove(&att);
+        }
         net.network.detach(&att).await;
         lock(&net.ipam).release(att.address);
         let _ = std::fs::remove_file(p.net());
@@ -750,8 +774,16 @@ impl Executor {
         };
         match lock(&net.ipam).reserve(att.address) {
             Ok(()) => {
-                if let Some(e) = self.table().get_mut(id) {
+                let tenant = self.table().get_mut(id).map(|e| {
                     e.address = Some(att.address);
+                    e.spec.tenant.clone()
+                });
+                // Re-attaching replaces the filters' programs in place; the
+                // entries are rewritten as they were.
+                if let (Some(plane), Some(tenant)) = (&net.plane, tenant) {
+                    if let Err(e) = plane.add(&att, &tenant) {
+                        tracing::error!(instance = %id, "re-adopting the data plane: {e}");
+                    }
                 }
             }
             Err(e) => tracing::error!(instance = %id, "re-adopting address: {e}"),

@@ -7,6 +7,7 @@ use corral_agent::config::{Config, HostFacts};
 use corral_agent::executor::{CleanupArgs, Executor};
 use corral_agent::metrics::Metrics;
 use corral_agent::network::ipam::check_no_overlap;
+use corral_agent::network::plane::Plane;
 use corral_agent::network::Network;
 use corral_agent::{api, cgroups, preflight, shim};
 use std::path::PathBuf;
@@ -153,7 +154,16 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 .context("reading the node's addresses")?;
             check_no_overlap(subnet, &node).context("checking [network] subnet")?;
             tracing::info!(%subnet, "cell network");
-            Some(n)
+            let plane = if cfg.dataplane {
+                let pins = std::path::Path::new("/sys/fs/bpf/corral").join(cfg.cell_id.as_str());
+                Some(Plane::load(&pins).context("loading the eBPF data plane")?)
+            } else {
+                tracing::warn!(
+                    "the eBPF data plane is disabled: no tenant isolation or traffic counters"
+                );
+                None
+            };
+            Some((n, plane))
         }
     };
     let exec = Executor::new(cfg.clone(), exe, metrics.clone(), network);

@@ -222,6 +222,7 @@ impl Collector for CellCollector {
             live.iter()
                 .filter_map(|(l, u, _)| u.oom_kills.map(|n| (l.clone(), ConstCounter::new(n)))),
         )?;
+        network(&mut enc, &exec, &snaps)?;
         family(
             &mut enc,
             "instance_disk_used_bytes",
@@ -241,6 +242,100 @@ impl Collector for CellCollector {
         )?;
         Ok(())
     }
+}
+
+fn direction(d: corral_ebpf::Direction) -> &'static str {
+    match d {
+        corral_ebpf::Direction::FromInstance => "transmit",
+        corral_ebpf::Direction::ToInstance => "receive",
+    }
+}
+
+/// Traffic counters of the eBPF data plane, by tenant and by instance, and
+/// drops by tenant and reason.
+fn network(
+    enc: &mut DescriptorEncoder<'_>,
+    exec: &Executor,
+    snaps: &[crate::executor::Snapshot],
+) -> Result<(), std::fmt::Error> {
+    let Some(plane) = exec.plane() else {
+        return Ok(());
+    };
+    let Some(c) = plane.counters() else {
+        return Ok(());
+    };
+    let tenant_rows = |bytes: bool| {
+        c.tenants.iter().map(move |(t, d, v)| {
+            let labels: Labels = vec![
+                ("tenant", plane.tenant_name(*t)),
+                ("direction", direction(*d).to_owned()),
+            ];
+            (
+                labels,
+                ConstCounter::new(if bytes { v.bytes } else { v.packets }),
+            )
+        })
+    };
+    family(
+        enc,
+        "tenant_network_bytes",
+        "Bytes a tenant's instances sent (transmit) and received (receive), frames included",
+        MetricType::Counter,
+        tenant_rows(true),
+    )?;
+    family(
+        enc,
+        "tenant_network_packets",
+        "Packets a tenant's instances sent and received",
+        MetricType::Counter,
+        tenant_rows(false),
+    )?;
+    let by_addr: std::collections::HashMap<u32, &crate::executor::Snapshot> = snaps
+        .iter()
+        .filter_map(|s| s.info.address.map(|a| (u32::from(a), s)))
+        .collect();
+    let by_addr = &by_addr;
+    let instance_rows = |bytes: bool| {
+        c.instances.iter().filter_map(move |(i, d, v)| {
+            let s = by_addr.get(&i.get())?;
+            let labels: Labels = vec![
+                ("instance", s.info.id.to_string()),
+                ("tenant", s.info.tenant.to_string()),
+                ("app", s.info.app.to_string()),
+                ("direction", direction(*d).to_owned()),
+            ];
+            Some((
+                labels,
+                ConstCounter::new(if bytes { v.bytes } else { v.packets }),
+            ))
+        })
+    };
+    family(
+        enc,
+        "instance_network_bytes",
+        "Bytes an instance sent and received",
+        MetricType::Counter,
+        instance_rows(true),
+    )?;
+    family(
+        enc,
+        "instance_network_packets",
+        "Packets an instance sent and received",
+        MetricType::Counter,
+        instance_rows(false),
+    )?;
+    family(
+        enc,
+        "network_drops",
+        "Packets the data plane dropped, by tenant and reason",
+        MetricType::Counter,
+        c.drops.iter().map(|(t, r, v)| {
+            let tenant = t.map_or_else(|| "unknown".to_owned(), |t| plane.tenant_name(t));
+            let labels: Labels = vec![("tenant", tenant), ("reason", r.as_str().to_owned())];
+            (labels, ConstCounter::new(v.packets))
+        }),
+    )?;
+    Ok(())
 }
 
 /// Renders the registry in the Prometheus text format.

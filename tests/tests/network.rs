@@ -205,3 +205,153 @@ impl Drop for NetnsGuard {
         let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
     }
 }
+
+/// Runs a client task of `tenant` that fetches `addr`:8080; true if it got the page.
+fn connects(cell: &Cell, id: &str, tenant: &str, addr: &str) -> bool {
+    let mut t = task(&format!(
+        "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {addr} 8080 | grep -q hello"
+    ));
+    t["tenant"] = serde_json::json!(tenant);
+    cell.put_ok(id, &t);
+    let v = cell.wait_for(id, "ended", |v| {
+        v["state"] == "exited" || v["state"] == "crashed"
+    });
+    cell.delete(id);
+    v["exit_code"] == 0
+}
+
+fn metric(cell: &Cell, series: &str) -> u64 {
+    let m = cell.metrics();
+    m.lines()
+        .find_map(|l| {
+            l.strip_prefix(series)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .map_or(0, |v| v as u64)
+}
+
+#[test]
+fn tenants_are_isolated_policies_open_paths_spoofing_is_dropped_and_traffic_is_metered() {
+    let cell = Cell::start_with(NET);
+    let a = cell.put_ok("a1", &web("hello-acme"));
+    let mut g = web("hello-globex");
+    g["tenant"] = serde_json::json!("globex");
+    let g = cell.put_ok("g1", &g);
+    let (a_addr, g_addr) = (
+        a["address"].as_str().unwrap().to_owned(),
+        g["address"].as_str().unwrap().to_owned(),
+    );
+
+    assert!(
+        connects(&cell, "ca", "acme", &a_addr),
+        "same tenant must connect"
+    );
+    assert!(
+        connects(&cell, "cg", "globex", &g_addr),
+        "same tenant must connect"
+    );
+    let drops = r#"corral_network_drops_total{tenant="globex",reason="policy"}"#;
+    let before = metric(&cell, drops);
+    assert!(
+        !connects(&cell, "x1", "globex", &a_addr),
+        "cross-tenant must fail"
+    );
+    assert!(
+        !connects(&cell, "x2", "acme", &g_addr),
+        "cross-tenant must fail"
+    );
+    assert!(
+        metric(&cell, drops) > before,
+        "policy drops must be counted:\n{}",
+        cell.metrics()
+    );
+
+    // A policy opens globex -> acme on tcp/8080, and only that way.
+    let policy =
+        serde_json::json!({"from": "globex", "to": "acme", "protocol": "tcp", "port": 8080});
+    let r = cell
+        .client
+        .request("PUT", "/v1/policies", Some(policy.to_string().as_bytes()))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let list = cell.client.get("/v1/policies").unwrap().json().unwrap();
+    assert_eq!(list["policies"][0]["from"], "globex", "{list:#}");
+    assert!(
+        connects(&cell, "p1", "globex", &a_addr),
+        "the policy must allow globex -> acme:8080"
+    );
+    assert!(
+        !connects(&cell, "p2", "acme", &g_addr),
+        "the policy is one-way"
+    );
+    let r = cell
+        .client
+        .request(
+            "DELETE",
+            "/v1/policies",
+            Some(policy.to_string().as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        !connects(&cell, "p3", "globex", &a_addr),
+        "removing the policy closes the path"
+    );
+
+    // Bad policies are refused.
+    for bad in [
+        serde_json::json!({"from": "acme", "to": "acme"}),
+        serde_json::json!({"from": "acme", "to": "globex", "protocol": "icmp", "port": 80}),
+        serde_json::json!({"from": "acme", "to": "globex", "protocol": "carrier-pigeon"}),
+        serde_json::json!({"from": "../x", "to": "globex"}),
+    ] {
+        let r = cell
+            .client
+            .request("PUT", "/v1/policies", Some(bad.to_string().as_bytes()))
+            .unwrap();
+        assert_eq!(r.status, 400, "{bad}: {}", r.text());
+    }
+
+    // A packet from an address the instance does not own is dropped.
+    let pid = a["pid"].as_u64().unwrap();
+    let ns = format!("--net=/proc/{pid}/ns/net");
+    let ok = Command::new("nsenter")
+        .args([
+            ns.as_str(),
+            "ip",
+            "addr",
+            "add",
+            "10.244.1.250/32",
+            "dev",
+            "eth0",
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let spoof = r#"corral_network_drops_total{tenant="acme",reason="spoof"}"#;
+    let before = metric(&cell, spoof);
+    let _ = Command::new("nsenter")
+        .arg(&ns)
+        .arg(common::rootfs().join("bin/busybox"))
+        .args(["ping", "-c", "2", "-W", "1", "-I", "10.244.1.250", &g_addr])
+        .output()
+        .unwrap();
+    assert!(
+        metric(&cell, spoof) > before,
+        "spoofed packets must be dropped and counted:\n{}",
+        cell.metrics()
+    );
+
+    // Metering.
+    let sent = metric(
+        &cell,
+        r#"corral_tenant_network_bytes_total{tenant="acme",direction="transmit"}"#,
+    );
+    assert!(sent > 0, "{}", cell.metrics());
+    let m = cell.metrics();
+    assert!(m.contains(r#"corral_instance_network_bytes_total{instance="a1",tenant="acme",app="app",direction="receive"}"#), "{m}");
+
+    cell.delete("a1");
+    cell.delete("g1");
+    cell.assert_clean();
+}

@@ -12,6 +12,7 @@
 //! to see every packet.
 
 pub mod ipam;
+pub mod plane;
 
 use corral_proto::InstanceId;
 use futures_util::stream::TryStreamExt;
@@ -60,6 +61,9 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
 pub struct Attachment {
     pub address: Ipv4Addr,
     pub host_if: String,
+    /// The host veth's ifindex (the key of the data plane's `ifaces` map).
+    #[serde(default)]
+    pub host_ifindex: u32,
     pub netns: PathBuf,
 }
 
@@ -194,14 +198,18 @@ impl Network {
         address: Ipv4Addr,
         netns: &Path,
     ) -> Result<Attachment, NetError> {
-        let att = Attachment {
+        let mut att = Attachment {
             address,
             host_if: host_if_name(id),
+            host_ifindex: 0,
             netns: netns.to_owned(),
         };
         create_netns(netns)?;
         match self.wire(&att).await {
-            Ok(()) => Ok(att),
+            Ok(idx) => {
+                att.host_ifindex = idx;
+                Ok(att)
+            }
             Err(e) => {
                 self.detach(&att).await;
                 Err(e)
@@ -209,7 +217,8 @@ impl Network {
         }
     }
 
-    async fn wire(&self, att: &Attachment) -> Result<(), NetError> {
+    /// Returns the host veth's ifindex.
+    async fn wire(&self, att: &Attachment) -> Result<u32, NetError> {
         let h = &self.handle;
         let host = att.host_if.as_str();
         let peer = format!("{}p", &host[..host.len().min(14)]);
@@ -307,7 +316,7 @@ impl Network {
             .execute()
             .await
             .map_err(nl("adding the default route"))?;
-        Ok(())
+        Ok(host_idx)
     }
 
     /// Removes the veth (its route and the peer go with it) and the

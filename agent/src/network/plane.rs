@@ -1,0 +1,170 @@
+//! Glue between instances and the eBPF data plane (`corral-ebpf`): which
+//! numbers stand for tenants and instances in the kernel's maps, and what an
+//! instance's arrival and departure write there.
+//!
+//! - A tenant's number is the FNV-1a hash of its id (0 mapped to 1), so every
+//!   cell computes the same number without coordination. Two tenants whose
+//!   ids hash alike would share isolation; the brain, which knows every
+//!   tenant, is where such a collision gets refused.
+//! - An instance's number is its IPv4 address as a `u32`: unique in the
+//!   cluster while the instance lives (cells own disjoint subnets) and never
+//!   0. Its counters are removed when it leaves.
+
+// corral_ebpf::Error carries aya's errors by value; every use here is a cold
+// path (start-up, instance start/stop), so its size does not matter.
+#![allow(clippy::result_large_err)]
+
+use super::Attachment;
+use corral_ebpf::{Counters, Dataplane, Endpoint, InstanceIface, InstanceNum, Policy, TenantNum};
+use corral_proto::TenantId;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+const TENANT_ONE: TenantNum = match TenantNum::new(1) {
+    Some(n) => n,
+    None => panic!("1 is a valid tenant number"),
+};
+const INSTANCE_ONE: InstanceNum = match InstanceNum::new(1) {
+    Some(n) => n,
+    None => panic!("1 is a valid instance number"),
+};
+
+pub fn tenant_num(t: &TenantId) -> TenantNum {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in t.as_str().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    TenantNum::new(h).unwrap_or(TENANT_ONE)
+}
+
+pub fn instance_num(addr: Ipv4Addr) -> InstanceNum {
+    InstanceNum::new(u32::from(addr)).unwrap_or(INSTANCE_ONE)
+}
+
+/// The loaded data plane plus the tenant names behind its numbers.
+pub struct Plane {
+    dp: Mutex<Dataplane>,
+    tenants: Mutex<BTreeMap<TenantNum, TenantId>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Plane {
+    /// Loads the programs, re-using the maps pinned in `pin_dir` by a previous run.
+    pub fn load(pin_dir: &Path) -> Result<Self, corral_ebpf::Error> {
+        let dp = Dataplane::load(pin_dir)?;
+        if dp.restored() {
+            tracing::info!(pins = %pin_dir.display(), "data plane maps restored from pins");
+        }
+        Ok(Self {
+            dp: Mutex::new(dp),
+            tenants: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Enforces and meters an instance's traffic: its interface entry (set
+    /// before attaching: the programs fail closed), its endpoint, the filters.
+    pub fn add(&self, att: &Attachment, tenant: &TenantId) -> Result<(), corral_ebpf::Error> {
+        let t = tenant_num(tenant);
+        lock(&self.tenants).insert(t, tenant.clone());
+        let i = instance_num(att.address);
+        let mut dp = lock(&self.dp);
+        dp.set_interface(
+            att.host_ifindex,
+            &InstanceIface {
+                addr: att.address,
+                tenant: t,
+                instance: i,
+            },
+        )?;
+        dp.set_endpoint(
+            att.address,
+            &Endpoint {
+                tenant: t,
+                instance: i,
+            },
+        )?;
+        dp.attach(&att.host_if)?;
+        Ok(())
+    }
+
+    /// Removes an instance's entries and counters. Idempotent; the filters
+    /// go with the veth.
+    pub fn remove(&self, att: &Attachment) {
+        let mut dp = lock(&self.dp);
+        let i = instance_num(att.address);
+        // Only the endpoint still owned by this instance (an address can be
+        // handed out again only after this runs, but stay careful).
+        if dp
+            .endpoint(att.address)
+            .ok()
+            .flatten()
+            .is_some_and(|e| e.instance == i)
+        {
+            if let Err(e) = dp.remove_endpoint(att.address) {
+                tracing::warn!("removing endpoint {}: {e}", att.address);
+            }
+        }
+        if att.host_ifindex != 0 {
+            if let Err(e) = dp.remove_interface(att.host_ifindex) {
+                tracing::warn!("removing interface {}: {e}", att.host_ifindex);
+            }
+        }
+        if let Err(e) = dp.remove_instance_counters(i) {
+            tracing::warn!("removing counters of {}: {e}", att.address);
+        }
+    }
+
+    pub fn counters(&self) -> Option<Counters> {
+        lock(&self.dp)
+            .counters()
+            .map_err(|e| tracing::warn!("reading counters: {e}"))
+            .ok()
+    }
+
+    /// The tenant's id if an instance of it was seen, else its number.
+    pub fn tenant_name(&self, n: TenantNum) -> String {
+        lock(&self.tenants)
+            .get(&n)
+            .map_or_else(|| format!("#{n}"), ToString::to_string)
+    }
+
+    pub fn set_policy(&self, p: &Policy) -> Result<(), corral_ebpf::Error> {
+        lock(&self.dp).set_policy(p)
+    }
+
+    pub fn remove_policy(&self, p: &Policy) -> Result<bool, corral_ebpf::Error> {
+        lock(&self.dp).remove_policy(p)
+    }
+
+    pub fn policies(&self) -> Result<Vec<Policy>, corral_ebpf::Error> {
+        lock(&self.dp).policies()
+    }
+
+    pub fn remember_tenant(&self, t: &TenantId) -> TenantNum {
+        let n = tenant_num(t);
+        lock(&self.tenants).insert(n, t.clone());
+        n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn numbers_are_stable_and_non_zero() {
+        let a = tenant_num(&TenantId::new("acme").unwrap());
+        assert_eq!(a, tenant_num(&TenantId::new("acme").unwrap()));
+        assert_ne!(a, tenant_num(&TenantId::new("globex").unwrap()));
+        assert_eq!(
+            instance_num(Ipv4Addr::new(10, 244, 1, 2)).get(),
+            0x0af4_0102
+        );
+    }
+}
