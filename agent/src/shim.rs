@@ -225,6 +225,9 @@ impl Shim {
         self.record.init_pid = Some(pid);
         self.record.init_start = sys::start_time(pid).ok();
         self.apply(Event::Started { pid, at: now() });
+        // From here on a stop request may come: keep it pending (through the
+        // handover to the monitor) until the signalfd reads it.
+        let _ = supervised_signals().thread_block();
         report(&StartReport::Running {
             pid,
             shim_pid: self.record.shim_pid,
@@ -350,15 +353,7 @@ impl Shim {
     /// Waits for the container's init to end, copying its output into the
     /// logs and carrying out a stop request. Returns how it ended.
     fn supervise(&mut self, r: Running) -> WaitStatus {
-        let mut mask = SigSet::empty();
-        for s in [
-            Signal::SIGCHLD,
-            Signal::SIGTERM,
-            Signal::SIGINT,
-            Signal::SIGHUP,
-        ] {
-            mask.add(s);
-        }
+        let mask = supervised_signals();
         let _ = mask.thread_block();
         let mut sfd =
             match SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK) {
@@ -481,7 +476,8 @@ impl Shim {
 /// Replaces the shim's image with `corral-agent shim-monitor`, handing over
 /// the container's pid and output pipes. Returns only on failure.
 fn exec_monitor(launch_path: &Path, r: &Running) -> std::io::Error {
-    use std::os::unix::process::CommandExt;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
     let fd = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
     for f in [&r.out, &r.err].into_iter().flatten() {
         if let Err(e) = fcntl(
@@ -496,14 +492,28 @@ fn exec_monitor(launch_path: &Path, r: &Running) -> std::io::Error {
     let argv0 = std::env::args_os()
         .next()
         .unwrap_or_else(|| "corral-agent".into());
-    std::process::Command::new("/proc/self/exe")
-        .arg0(argv0)
-        .arg("shim-monitor")
-        .arg(launch_path)
-        .arg(r.init.as_raw().to_string())
-        .arg(fd(&r.out).to_string())
-        .arg(fd(&r.err).to_string())
-        .exec()
+    let args: Result<Vec<CString>, _> = [
+        argv0.as_bytes().to_vec(),
+        b"shim-monitor".to_vec(),
+        launch_path.as_os_str().as_bytes().to_vec(),
+        r.init.as_raw().to_string().into_bytes(),
+        fd(&r.out).to_string().into_bytes(),
+        fd(&r.err).to_string().into_bytes(),
+    ]
+    .into_iter()
+    .map(CString::new)
+    .collect();
+    let args = match args {
+        Ok(a) => a,
+        Err(e) => return std::io::Error::other(e),
+    };
+    // Not std's Command::exec: it resets the signal mask, and a stop request
+    // (SIGTERM) that arrives during the handover must stay pending until the
+    // monitor's signalfd reads it. execve keeps the mask and pending signals.
+    match nix::unistd::execv(c"/proc/self/exe", &args) {
+        Ok(never) => match never {},
+        Err(e) => e.into(),
+    }
 }
 
 /// Entry point of `corral-agent shim-monitor LAUNCH INIT_PID OUT_FD ERR_FD`:
@@ -547,6 +557,20 @@ pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
     let exit = shim.supervise(running);
     shim.finish(exit);
     std::process::exit(0)
+}
+
+/// The signals the supervisor reads through its signalfd.
+fn supervised_signals() -> SigSet {
+    let mut mask = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        mask.add(s);
+    }
+    mask
 }
 
 /// Reaps exited children (the shim is a subreaper, so orphans of the

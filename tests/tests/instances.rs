@@ -454,3 +454,17 @@ fn metrics_expose_instances_and_capacity() {
     cell.delete("m-0");
     cell.assert_clean();
 }
+
+#[test]
+fn a_stop_right_after_the_start_is_never_lost() {
+    // The shim hands over to its monitor just after reporting the start; a
+    // SIGTERM in that window must be carried out, not kill the shim.
+    let cell = Cell::start();
+    for i in 0..20 {
+        let id = format!("quick-{i}");
+        cell.put_ok(&id, &lrp("exec sleep 1000"));
+        let gone = cell.delete(&id);
+        assert_eq!(gone["state"], "exited", "{gone:#}");
+    }
+    cell.assert_clean();
+}

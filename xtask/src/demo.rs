@@ -72,6 +72,41 @@ pub fn run() -> Result<()> {
     }
 
     section(
+        "tenant isolation (eBPF on each instance's veth)",
+        "a task of tenant acme and one of tenant globex each fetch web's page (web is acme's); \
+         the data plane lets acme through and drops globex's packets",
+    );
+    let web = api.get("/v1/instances/web")?.ok()?.json()?;
+    let addr = text(&web["address"]);
+    println!("web listens on {addr}:8080");
+    for tenant in ["acme", "globex"] {
+        let id = format!("probe-{tenant}");
+        put(api, &id, &probe_spec(&rootfs, tenant, &addr))?;
+    }
+    for tenant in ["acme", "globex"] {
+        let id = format!("probe-{tenant}");
+        let v = wait_ended(api, &id)?;
+        let logs = api.get(&format!("/v1/instances/{id}/logs"))?.ok()?;
+        let got = logs
+            .body
+            .lines()
+            .find(|l| l.contains("hello from"))
+            .map(|l| l.rsplit(" F ").next().unwrap_or(l).to_owned());
+        match got {
+            Some(page) => println!("{id}: exit {}, got {page:?}", text(&v["exit_code"])),
+            None => println!("{id}: exit {}, no answer (dropped)", text(&v["exit_code"])),
+        }
+        api.delete(&format!("/v1/instances/{id}"))?.ok()?;
+    }
+    let metrics = api.get("/metrics")?.ok()?;
+    for line in metrics.body.lines().filter(|l| {
+        l.starts_with("corral_network_drops_total")
+            || l.starts_with("corral_tenant_network_bytes_total")
+    }) {
+        println!("  {line}");
+    }
+
+    section(
         "cell state (GET /v1/state)",
         "what the cell reports to the brain: identity and capacity left for bids",
     );
@@ -121,7 +156,7 @@ fn web_spec(rootfs: &Path) -> Value {
         "rootfs": rootfs,
         "command": [
             "/bin/sh", "-c",
-            "i=0; while true; do echo \"hello from $(hostname) tick $i\"; i=$((i+1)); sleep 1; done"
+            "mkdir -p /www && echo \"hello from $(hostname), tenant acme\" > /www/index.html && httpd -p 8080 -h /www && i=0; while true; do echo \"web tick $i\"; i=$((i+1)); sleep 1; done"
         ],
         "env": {},
         "resources": {"memory_mb": 64, "disk_mb": 64, "cpu_weight": 100, "max_pids": 64},
@@ -141,6 +176,34 @@ fn job_spec(rootfs: &Path) -> Value {
         "resources": {"memory_mb": 32, "disk_mb": 32, "cpu_weight": 100, "max_pids": 16},
         "ports": [],
     })
+}
+
+fn probe_spec(rootfs: &Path, tenant: &str, addr: &str) -> Value {
+    json!({
+        "tenant": tenant,
+        "app": "probe",
+        "index": 0,
+        "kind": "task",
+        "rootfs": rootfs,
+        "command": ["/bin/sh", "-c", format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {addr} 8080")],
+        "env": {},
+        "resources": {"memory_mb": 16, "disk_mb": 16, "cpu_weight": 100, "max_pids": 16},
+        "ports": [],
+    })
+}
+
+fn wait_ended(api: &Client, id: &str) -> Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = api.get(&format!("/v1/instances/{id}"))?.ok()?.json()?;
+        if v["state"] == "exited" || v["state"] == "crashed" {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            bail!("{id} did not end within 30 s: {v}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn section(title: &str, what: &str) {
@@ -164,7 +227,16 @@ fn put(api: &Client, id: &str, spec: &Value) -> Result<()> {
 
 fn print_instances(api: &Client) -> Result<()> {
     let list = api.get("/v1/instances")?.ok()?.json()?;
-    let cols = ["id", "tenant", "app", "kind", "state", "pid", "exit_code"];
+    let cols = [
+        "id",
+        "tenant",
+        "app",
+        "kind",
+        "state",
+        "pid",
+        "address",
+        "exit_code",
+    ];
     let mut rows = vec![cols.map(str::to_owned).to_vec()];
     for inst in list["instances"].as_array().into_iter().flatten() {
         rows.push(cols.iter().map(|c| text(&inst[*c])).collect());

@@ -245,7 +245,8 @@ fn agent_config(spec: &Spec, name: &str, dir: &Path, socket: &Path) -> String {
          stop_grace_secs = {grace}\n\
          \n[api]\nlisten = \"127.0.0.1:7800\"\nsocket = {socket}\n\
          \n[metrics]\nlisten = \"127.0.0.1:9800\"\n\
-         \n[capacity]\nmemory_mb = {mem}\ndisk_mb = {disk}\nmax_containers = {max}\n",
+         \n[capacity]\nmemory_mb = {mem}\ndisk_mb = {disk}\nmax_containers = {max}\n\
+         \n[network]\nsubnet = \"10.244.1.0/24\"\n",
         cell = s(spec.cell_id),
         data = p(&dir.join("data")),
         run = p(&dir.join("run")),

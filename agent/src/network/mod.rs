@@ -123,6 +123,13 @@ pub fn create_netns(path: &Path) -> Result<(), NetError> {
     let r = std::thread::spawn(move || -> Result<(), NetError> {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
             .map_err(|e| NetError::Other(format!("creating a network namespace: {e}")))?;
+        // Instances are IPv4-only and the data plane drops IPv6: switch it off
+        // inside (for interfaces to come, too) instead of letting every
+        // instance chatter router solicitations into the drop counters.
+        // /proc/sys/net follows the opening thread's namespace.
+        for f in ["all", "default"] {
+            let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{f}/disable_ipv6"), "1");
+        }
         nix::mount::mount(
             Some("/proc/thread-self/ns/net"),
             &p,
@@ -247,7 +254,8 @@ impl Network {
             .await
             .map_err(nl("moving the veth into the instance's namespace"))?;
 
-        // Node side.
+        // Node side: IPv4 only, like the instance (see create_netns).
+        let _ = std::fs::write(format!("/proc/sys/net/ipv6/conf/{host}/disable_ipv6"), "1");
         h.address()
             .add(host_idx, IpAddr::V4(GATEWAY), 32)
             .execute()
