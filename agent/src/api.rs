@@ -158,6 +158,17 @@ pub async fn handle(
             )
         }
         (_, ["v1", "policies"]) => policies(&state, method.clone(), req).await,
+        (&Method::GET, ["v1", "dataplane"]) => match state.exec.plane() {
+            None => error(
+                StatusCode::CONFLICT,
+                "this cell has no data plane".into(),
+                vec![],
+            ),
+            Some(p) => match p.dump() {
+                Ok(v) => json(StatusCode::OK, &v),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
+            },
+        },
         (_, ["v1", "instances", raw, rest @ ..]) => match InstanceId::new(*raw) {
             Err(e) => error(StatusCode::BAD_REQUEST, e.to_string(), vec![]),
             Ok(id) => instance_route(&state, method, id, rest, req).await,

@@ -44,6 +44,8 @@ pub fn run() -> Result<()> {
                 disk_mb: 10240,
                 max_containers: 300,
             },
+            // Like the runc bundle: a new network namespace with loopback only.
+            subnet: None,
         })
     })?;
     let api = &sandbox.client;
@@ -69,12 +71,48 @@ pub fn run() -> Result<()> {
     )?;
     drop(sandbox);
 
-    let report = report(&agent_bin, &seq, &conc, &runc, rss_idle, rss_churned, &mem);
+    // The same starts on a cell network: a veth, an address, routes and the
+    // eBPF programs per instance.
+    let net_sandbox = step("starting a networked cell agent", || {
+        Sandbox::start(&Spec {
+            prefix: "corral-bench-net",
+            cell_id: "bench-cell-2",
+            agent_bin: agent_bin.clone(),
+            stop_grace_secs: 1,
+            capacity: Capacity {
+                memory_mb: 20000,
+                disk_mb: 10240,
+                max_containers: 300,
+            },
+            subnet: Some("10.244.0.0/16"),
+        })
+    })?;
+    let net = step(
+        &format!("corral with network + data plane: {STARTS} starts, 1 client"),
+        || starts(&net_sandbox.client, &rootfs, "net", 1),
+    )?;
+    drop(net_sandbox);
+
+    let starts = Starts {
+        seq,
+        conc,
+        runc,
+        net,
+    };
+    let report = report(&agent_bin, &starts, rss_idle, rss_churned, &mem);
     println!("\n{report}");
     let path = workspace_root().join("docs/benchmarks.md");
     append_report(&path, &report)?;
     println!("appended to {}", path.display());
     Ok(())
+}
+
+/// Every start measurement of one run.
+struct Starts {
+    seq: Timings,
+    conc: Timings,
+    runc: Timings,
+    net: Timings,
 }
 
 /// Latencies of one batch of starts, and how long the whole batch took.
@@ -275,7 +313,9 @@ fn set(spec: &mut Value, object: &str, key: &str, value: Value) -> Result<()> {
 
 struct Memory {
     agent_kib: u64,
-    shim_median_kib: Option<u64>,
+    /// Medians over the shims: VmRSS (shared binary pages included), private
+    /// anonymous memory, and proportional set size.
+    shim_median_kib: Option<(u64, u64, u64)>,
     shims: usize,
 }
 
@@ -295,26 +335,32 @@ fn lrp_memory(sandbox: &Sandbox, rootfs: &Path, agent_pid: i32) -> Result<Memory
 
 fn measure_memory(sandbox: &Sandbox, agent_pid: i32) -> Result<Memory> {
     let agent_kib = sandbox::vm_rss_kib(agent_pid)?;
-    let mut shim_kib: Vec<u64> = sandbox::shim_pids(&sandbox.agent_bin, &sandbox.netns)
-        .into_iter()
-        .filter_map(|pid| sandbox::vm_rss_kib(pid).ok())
-        .collect();
-    shim_kib.sort_unstable();
-    if shim_kib.is_empty() {
+    let pids = sandbox::shim_pids(&sandbox.agent_bin, &sandbox.netns);
+    let median = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    };
+    let field = |file: &str, name: &str| {
+        pids.iter()
+            .filter_map(|pid| sandbox::proc_kib(*pid, file, name).ok())
+            .collect::<Vec<u64>>()
+    };
+    if pids.is_empty() {
         println!("no shim processes found (`<agent> shim ...` in the sandbox's namespace)");
     }
+    let rss = median(field("status", "VmRSS:"));
+    let anon = median(field("status", "RssAnon:"));
+    let pss = median(field("smaps_rollup", "Pss:"));
     Ok(Memory {
         agent_kib,
-        shim_median_kib: shim_kib.get(shim_kib.len() / 2).copied(),
-        shims: shim_kib.len(),
+        shim_median_kib: rss.zip(anon).zip(pss).map(|((r, a), p)| (r, a, p)),
+        shims: pids.len(),
     })
 }
 
 fn report(
     agent_bin: &Path,
-    seq: &Timings,
-    conc: &Timings,
-    runc: &Timings,
+    starts: &Starts,
     rss_idle: u64,
     rss_churned: u64,
     mem: &Memory,
@@ -335,6 +381,12 @@ fn report(
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
 
+    let Starts {
+        seq,
+        conc,
+        runc,
+        net,
+    } = starts;
     let root = workspace_root();
     let agent = agent_bin.strip_prefix(&root).unwrap_or(agent_bin).display();
     let mut out = format!(
@@ -351,6 +403,10 @@ fn report(
             conc,
         ),
         ("`runc run` (to completion), sequential".to_owned(), runc),
+        (
+            "corral with a cell network (veth, address, routes, eBPF), 1 client".to_owned(),
+            net,
+        ),
     ] {
         out.push_str(&format!(
             "| {label} | {} | {} | {} | {} | {:.1} |\n",
@@ -374,10 +430,14 @@ fn report(
         mib(mem.agent_kib),
     ));
     match mem.shim_median_kib {
-        Some(kib) => out.push_str(&format!(
-            "| shim, median of {} | {} |\n",
-            mem.shims,
-            mib(kib)
+        Some((rss, anon, pss)) => out.push_str(&format!(
+            "| shim VmRSS, median of {n} (includes the binary's pages shared by all shims and the agent) | {} |\n\
+             | shim private memory (RssAnon), median of {n} | {} |\n\
+             | shim PSS (shared pages divided among sharers), median of {n} | {} |\n",
+            mib(rss),
+            mib(anon),
+            mib(pss),
+            n = mem.shims,
         )),
         None => out.push_str("| shim | no shim processes found |\n"),
     }

@@ -33,6 +33,7 @@ pub fn run() -> Result<()> {
                 disk_mb: 10240,
                 max_containers: 250,
             },
+            subnet: Some("10.244.1.0/24"),
         })
     })?;
     let api = &sandbox.client;

@@ -40,6 +40,9 @@ pub struct Spec {
     pub agent_bin: PathBuf,
     pub stop_grace_secs: u64,
     pub capacity: Capacity,
+    /// The cell's instance subnet (`[network] subnet`); None: instances get
+    /// a network namespace with loopback only (as `runc run` does).
+    pub subnet: Option<&'static str>,
 }
 
 /// The agent binary to run: `$CORRAL_AGENT_BIN` (as for the privileged
@@ -245,8 +248,7 @@ fn agent_config(spec: &Spec, name: &str, dir: &Path, socket: &Path) -> String {
          stop_grace_secs = {grace}\n\
          \n[api]\nlisten = \"127.0.0.1:7800\"\nsocket = {socket}\n\
          \n[metrics]\nlisten = \"127.0.0.1:9800\"\n\
-         \n[capacity]\nmemory_mb = {mem}\ndisk_mb = {disk}\nmax_containers = {max}\n\
-         \n[network]\nsubnet = \"10.244.1.0/24\"\n",
+         \n[capacity]\nmemory_mb = {mem}\ndisk_mb = {disk}\nmax_containers = {max}\n{net}",
         cell = s(spec.cell_id),
         data = p(&dir.join("data")),
         run = p(&dir.join("run")),
@@ -256,6 +258,10 @@ fn agent_config(spec: &Spec, name: &str, dir: &Path, socket: &Path) -> String {
         mem = spec.capacity.memory_mb,
         disk = spec.capacity.disk_mb,
         max = spec.capacity.max_containers,
+        net = spec
+            .subnet
+            .map(|n| format!("\n[network]\nsubnet = {}\n", s(n)))
+            .unwrap_or_default(),
     )
 }
 
@@ -518,20 +524,28 @@ pub fn shim_pids(agent_bin: &Path, netns: &str) -> Vec<i32> {
             let exe = fs::read_link(format!("/proc/{pid}/exe")).ok();
             let is_agent = exe.as_deref() == Some(agent_bin)
                 || args.first().is_some_and(|a| Path::new(a) == agent_bin);
-            is_agent && args.get(1).is_some_and(|a| a == "shim")
+            // `shim` until the container runs, `shim-monitor` after.
+            is_agent
+                && args
+                    .get(1)
+                    .is_some_and(|a| a == "shim" || a == "shim-monitor")
         })
         .collect()
 }
 
 /// VmRSS of a process in KiB.
 pub fn vm_rss_kib(pid: i32) -> Result<u64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("read /proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+    proc_kib(pid, "status", "VmRSS:")
+}
+
+/// A `<field> N kB` line of /proc/<pid>/<file> (status, smaps_rollup).
+pub fn proc_kib(pid: i32, file: &str, field: &str) -> Result<u64> {
+    let text = fs::read_to_string(format!("/proc/{pid}/{file}"))
+        .with_context(|| format!("read /proc/{pid}/{file}"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow!("no VmRSS in /proc/{pid}/status"))
+        .ok_or_else(|| anyhow!("no {field} in /proc/{pid}/{file}"))
 }
 
 /// Kills what is in the cgroups named `root` in every hierarchy (hybrid v1 +
@@ -736,6 +750,7 @@ mod tests {
                 disk_mb: 10240,
                 max_containers: 250,
             },
+            subnet: Some("10.244.1.0/24"),
         };
         let text = agent_config(
             &spec,
@@ -748,6 +763,7 @@ mod tests {
             "data_dir = \"/tmp/d/data\"",
             "cgroup_root = \"corral-demo-7\"",
             "stop_grace_secs = 2",
+            "subnet = \"10.244.1.0/24\"",
             "socket = \"/tmp/d/run/agent.sock\"",
             "max_containers = 250",
         ] {

@@ -134,6 +134,28 @@ impl Plane {
             .map_or_else(|| format!("#{n}"), ToString::to_string)
     }
 
+    /// What the maps hold, for operators (`GET /v1/dataplane`).
+    pub fn dump(&self) -> Result<serde_json::Value, corral_ebpf::Error> {
+        let dp = lock(&self.dp);
+        let endpoints: Vec<_> = dp
+            .endpoints()?
+            .into_iter()
+            .map(|(a, e)| serde_json::json!({"address": a, "tenant": self.tenant_name(e.tenant), "instance": e.instance.get()}))
+            .collect();
+        let interfaces: Vec<_> = dp
+            .interfaces()?
+            .into_iter()
+            .map(|(i, f)| serde_json::json!({"ifindex": i, "address": f.addr, "tenant": self.tenant_name(f.tenant)}))
+            .collect();
+        Ok(serde_json::json!({
+            "pin_dir": dp.pin_dir(),
+            "endpoints": endpoints,
+            "interfaces": interfaces,
+            "policies": dp.policies()?.len(),
+            "conntrack_entries": dp.conntrack_len()?,
+        }))
+    }
+
     pub fn set_policy(&self, p: &Policy) -> Result<(), corral_ebpf::Error> {
         lock(&self.dp).set_policy(p)
     }
