@@ -81,6 +81,127 @@ pub fn set_child_subreaper() -> io::Result<()> {
     }
 }
 
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// struct loop_info64 from <linux/loop.h>.
+#[repr(C)]
+struct LoopInfo64 {
+    device: u64,
+    inode: u64,
+    rdevice: u64,
+    offset: u64,
+    sizelimit: u64,
+    number: u32,
+    encrypt_type: u32,
+    encrypt_key_size: u32,
+    flags: u32,
+    file_name: [u8; 64],
+    crypt_name: [u8; 64],
+    encrypt_key: [u8; 32],
+    init: [u64; 2],
+}
+
+/// struct loop_config from <linux/loop.h>.
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// Binds `file` to a free loop device (auto-cleared once unused) and
+/// returns the open device; what `mount -o loop` does, without the process.
+pub fn attach_loop(file: &std::fs::File) -> io::Result<(std::path::PathBuf, std::fs::File)> {
+    use std::os::fd::AsRawFd;
+    let ctl = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/loop-control")?;
+    for _ in 0..16 {
+        // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number.
+        let n = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_GET_FREE) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let path = std::path::PathBuf::from(format!("/dev/loop{n}"));
+        let dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)?;
+        let cfg = LoopConfig {
+            fd: file.as_raw_fd() as u32,
+            block_size: 0,
+            info: LoopInfo64 {
+                device: 0,
+                inode: 0,
+                rdevice: 0,
+                offset: 0,
+                sizelimit: 0,
+                number: 0,
+                encrypt_type: 0,
+                encrypt_key_size: 0,
+                flags: LO_FLAGS_AUTOCLEAR,
+                file_name: [0; 64],
+                crypt_name: [0; 64],
+                encrypt_key: [0; 32],
+                init: [0; 2],
+            },
+            reserved: [0; 8],
+        };
+        // SAFETY: LOOP_CONFIGURE reads a struct loop_config, mirrored above.
+        if unsafe { libc::ioctl(dev.as_raw_fd(), LOOP_CONFIGURE, &cfg as *const LoopConfig) } == 0 {
+            return Ok((path, dev));
+        }
+        let e = io::Error::last_os_error();
+        // Another process took the device between the two calls: try again.
+        if e.raw_os_error() != Some(libc::EBUSY) {
+            return Err(e);
+        }
+    }
+    Err(io::Error::other("no free loop device after 16 tries"))
+}
+
+/// Copies `from` to `to` keeping holes: only the data extents are written,
+/// so a mostly empty filesystem image costs what its metadata takes.
+pub fn copy_sparse(from: &std::fs::File, to: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let len = from.metadata()?.len();
+    to.set_len(len)?;
+    let mut pos: i64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    while (pos as u64) < len {
+        // SAFETY: lseek on an open file with SEEK_DATA/SEEK_HOLE.
+        let data = unsafe { libc::lseek(from.as_raw_fd(), pos, libc::SEEK_DATA) };
+        if data < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data after pos.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(from.as_raw_fd(), data, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut off = data as u64;
+        while off < hole as u64 {
+            let n = ((hole as u64 - off) as usize).min(buf.len());
+            from.read_exact_at(&mut buf[..n], off)?;
+            to.write_all_at(&buf[..n], off)?;
+            off += n as u64;
+        }
+        pos = hole;
+    }
+    Ok(())
+}
+
 /// Takes ownership of an inherited descriptor number (`-1`: none).
 pub fn owned_fd(fd: i32) -> Option<OwnedFd> {
     // SAFETY: only called with descriptors handed over across execve by the
@@ -107,6 +228,48 @@ mod tests {
             "1234 (a b) c)) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 50";
         assert_eq!(parse_start_time(stat), Some(987_654));
         assert_eq!(parse_start_time("garbage"), None);
+    }
+
+    #[test]
+    fn loop_structs_match_the_kernel() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+
+    #[test]
+    fn sparse_copy_keeps_data_and_holes() {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        let a = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("a"))
+            .unwrap();
+        a.set_len(64 << 20).unwrap();
+        a.write_all_at(b"head", 0).unwrap();
+        a.write_all_at(b"middle", 32 << 20).unwrap();
+        let b = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("b"))
+            .unwrap();
+        copy_sparse(&a, &b).unwrap();
+        let mut buf = [0u8; 6];
+        b.read_exact_at(&mut buf, 32 << 20).unwrap();
+        assert_eq!(&buf, b"middle");
+        b.read_exact_at(&mut buf[..4], 0).unwrap();
+        assert_eq!(&buf[..4], b"head");
+        let m = b.metadata().unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "the copy is not sparse: {} blocks",
+            m.blocks()
+        );
     }
 
     #[test]
