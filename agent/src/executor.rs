@@ -707,6 +707,7 @@ impl Executor {
         let addr = lock(&net.ipam)
             .allocate()
             .map_err(|e| format!("no address for the instance: {e}"))?;
+        let t0 = Instant::now();
         let att = match net.network.attach(id, addr, &p.netns()).await {
             Ok(a) => a,
             Err(e) => {
@@ -714,6 +715,7 @@ impl Executor {
                 return Err(format!("network set-up failed: {e}"));
             }
         };
+        let wired = t0.elapsed();
         let saved = serde_json::to_vec(&att)
             .map_err(std::io::Error::other)
             .and_then(|b| write_atomic(&p.net(), &b));
@@ -734,7 +736,7 @@ impl Executor {
         if let Some(e) = self.table().get_mut(id) {
             e.address = Some(addr);
         }
-        tracing::info!(%addr, host_if = %att.host_if, "instance network attached");
+        tracing::info!(%addr, host_if = %att.host_if, wired_ms = wired.as_millis() as u64, total_ms = t0.elapsed().as_millis() as u64, "instance network attached");
         Ok(Some(att.netns))
     }
 
