@@ -5,6 +5,7 @@
 //! re-run by hand.
 
 mod bench;
+mod bench_auction;
 mod demo;
 mod deps;
 mod fuzz;
@@ -29,6 +30,9 @@ commands:
                        show what it does (root)
   bench start          benchmark instance start latency against runc and
                        measure memory; appends to docs/benchmarks.md (root)
+  bench auction [OPTS] the brain's auction core in process: 100,000 instances
+                       on 1,000 simulated cells (--cells --instances --batch
+                       --seed --starting-weight --app-penalty --no-reference)
   fuzz [SECONDS]       run every cargo-fuzz target SECONDS each (default 60);
                        installs cargo-fuzz if missing, works on stable
   help                 print this message
@@ -49,6 +53,22 @@ fn main() -> ExitCode {
         ("test", rest) => test::run(rest),
         ("demo", []) => demo::run(),
         ("bench", [sub]) if sub == "start" => bench::run(),
+        // Placement speed means nothing in a debug build: re-run in release.
+        ("bench", [sub, rest @ ..]) if sub == "auction" && cfg!(debug_assertions) => util::run(
+            util::cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "--quiet",
+                    "--package",
+                    "xtask",
+                    "--",
+                    "bench",
+                    "auction",
+                ])
+                .args(rest),
+        ),
+        ("bench", [sub, rest @ ..]) if sub == "auction" => bench_auction::run(rest),
         ("fuzz", rest) => fuzz::run(rest),
         ("help" | "-h" | "--help", _) => {
             println!("{USAGE}");

@@ -1,0 +1,736 @@
+//! The brain's durable state behind one trait, [`Store`], and its embedded
+//! implementation on a single redb file, [`RedbStore`].
+//!
+//! Every write is one call to [`Store::commit`] with a list of [`Op`]s that
+//! is applied atomically: each op may carry an [`Expect`]ation (absent,
+//! present, at revision n) and if any fails, or anything else goes wrong,
+//! nothing of the list is written. Each commit advances the store's
+//! revision by one and stamps it on every record it writes, so revisions
+//! work like etcd's `mod_revision` and compare-and-swap is a commit with
+//! `Expect::Revision`. That is also the shape an etcd implementation needs
+//! (one `Txn` with compares), which is why the trait is built around it.
+
+use crate::desired::{App, AppKey, CrashKey, CrashRecord, Placement, Task, TaskId};
+use corral_proto::{InstanceId, TenantId, Timestamp};
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// The store file format this code writes; a newer file is refused.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// What a write requires of the record it touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Nothing: create, overwrite, or (for deletes) do nothing if absent.
+    Any,
+    /// The record must not exist.
+    Absent,
+    /// The record must exist.
+    Present,
+    /// The record must exist and have been last written at this revision.
+    Revision(u64),
+}
+
+/// One write, part of an atomic [`Store::commit`].
+#[derive(Debug, Clone)]
+pub enum Op {
+    PutApp {
+        app: App,
+        expect: Expect,
+    },
+    /// Also removes the app's crash records.
+    DeleteApp {
+        key: AppKey,
+        expect: Expect,
+    },
+    PutTask {
+        task: Task,
+        expect: Expect,
+    },
+    PutPlacement {
+        placement: Placement,
+        expect: Expect,
+    },
+    DeletePlacement {
+        instance: InstanceId,
+        expect: Expect,
+    },
+    PutCrash {
+        record: CrashRecord,
+        expect: Expect,
+    },
+    DeleteCrash {
+        key: CrashKey,
+        expect: Expect,
+    },
+}
+
+/// Everything in the store as of one revision (one read transaction).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub revision: u64,
+    pub apps: Vec<App>,
+    pub tasks: Vec<Task>,
+    pub placements: Vec<Placement>,
+    pub crashes: Vec<CrashRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create the store directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "store {path} is open in another process: is another brain running with the same data_dir?"
+    )]
+    Locked { path: PathBuf },
+    #[error("cannot open store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
+    #[error(
+        "store {path} has schema version {found}, newer than this brain's {SCHEMA_VERSION}: upgrade the brain"
+    )]
+    Schema { path: PathBuf, found: u64 },
+    #[error("store failed while {op}: {source}")]
+    Backend {
+        op: &'static str,
+        #[source]
+        source: redb::Error,
+    },
+    #[error("{kind} {key} already exists")]
+    Exists { kind: &'static str, key: String },
+    #[error("no {kind} {key}")]
+    NotFound { kind: &'static str, key: String },
+    #[error("{kind} {key} was changed concurrently (expected revision {expected}, found {found}): read it again and retry")]
+    Conflict {
+        kind: &'static str,
+        key: String,
+        expected: u64,
+        found: u64,
+    },
+    #[error("stored {kind} {key} cannot be read: {source}")]
+    Corrupt {
+        kind: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot encode {kind} {key}: {source}")]
+    Encode {
+        kind: &'static str,
+        key: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// How often the provided read-modify-write helpers retry a conflict.
+const RETRIES: usize = 5;
+
+/// Durable desired state. Writes go through [`Store::commit`]; the provided
+/// methods are conveniences over it and the reads.
+pub trait Store: Send + Sync {
+    /// Applies `ops` atomically and returns the new revision; on any error
+    /// nothing is written and the revision stays. An empty list writes
+    /// nothing and returns the current revision.
+    fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError>;
+    /// The revision of the last commit (0 for a new store).
+    fn revision(&self) -> Result<u64, StoreError>;
+    fn app(&self, key: &AppKey) -> Result<Option<App>, StoreError>;
+    /// All apps, or one tenant's, ordered by tenant and name.
+    fn apps(&self, tenant: Option<&TenantId>) -> Result<Vec<App>, StoreError>;
+    fn task(&self, id: &TaskId) -> Result<Option<Task>, StoreError>;
+    /// All tasks, or one tenant's, ordered by id.
+    fn tasks(&self, tenant: Option<&TenantId>) -> Result<Vec<Task>, StoreError>;
+    fn placement(&self, instance: &InstanceId) -> Result<Option<Placement>, StoreError>;
+    fn placements(&self) -> Result<Vec<Placement>, StoreError>;
+    fn crash(&self, key: &CrashKey) -> Result<Option<CrashRecord>, StoreError>;
+    fn crashes(&self) -> Result<Vec<CrashRecord>, StoreError>;
+    /// Everything, consistently as of one revision.
+    fn snapshot(&self) -> Result<Snapshot, StoreError>;
+
+    /// Creates an app that must not exist yet; returns it as stored.
+    fn create_app(&self, mut app: App) -> Result<App, StoreError> {
+        let rev = self.commit(vec![Op::PutApp {
+            app: app.clone(),
+            expect: Expect::Absent,
+        }])?;
+        app.revision = rev;
+        Ok(app)
+    }
+
+    /// Replaces an app last written at `expected`; returns it as stored.
+    fn replace_app(&self, mut app: App, expected: u64) -> Result<App, StoreError> {
+        let rev = self.commit(vec![Op::PutApp {
+            app: app.clone(),
+            expect: Expect::Revision(expected),
+        }])?;
+        app.revision = rev;
+        Ok(app)
+    }
+
+    /// Deletes an app (and its crash records); returns what was deleted and
+    /// the revision of the deletion.
+    fn delete_app(&self, key: &AppKey) -> Result<(App, u64), StoreError> {
+        retry(|| {
+            let app = self.app(key)?.ok_or_else(|| StoreError::NotFound {
+                kind: "app",
+                key: key.to_string(),
+            })?;
+            let rev = self.commit(vec![Op::DeleteApp {
+                key: key.clone(),
+                expect: Expect::Revision(app.revision),
+            }])?;
+            Ok((app, rev))
+        })
+    }
+
+    /// Creates a task that must not exist yet; returns it as stored.
+    fn create_task(&self, mut task: Task) -> Result<Task, StoreError> {
+        let rev = self.commit(vec![Op::PutTask {
+            task: task.clone(),
+            expect: Expect::Absent,
+        }])?;
+        task.revision = rev;
+        Ok(task)
+    }
+
+    /// Replaces a task last written at `expected`; returns it as stored.
+    fn replace_task(&self, mut task: Task, expected: u64) -> Result<Task, StoreError> {
+        let rev = self.commit(vec![Op::PutTask {
+            task: task.clone(),
+            expect: Expect::Revision(expected),
+        }])?;
+        task.revision = rev;
+        Ok(task)
+    }
+
+    /// Records (or moves) a placement; returns it as stored.
+    fn place(&self, mut placement: Placement) -> Result<Placement, StoreError> {
+        let rev = self.commit(vec![Op::PutPlacement {
+            placement: placement.clone(),
+            expect: Expect::Any,
+        }])?;
+        placement.revision = rev;
+        Ok(placement)
+    }
+
+    /// Forgets a placement (nothing happens if there is none).
+    fn unplace(&self, instance: &InstanceId) -> Result<u64, StoreError> {
+        self.commit(vec![Op::DeletePlacement {
+            instance: instance.clone(),
+            expect: Expect::Any,
+        }])
+    }
+
+    /// Counts one more crash of `key`; returns the updated record.
+    fn record_crash(
+        &self,
+        key: &CrashKey,
+        at: Timestamp,
+        reason: &str,
+    ) -> Result<CrashRecord, StoreError> {
+        retry(|| {
+            let previous = self.crash(key)?;
+            let expect = previous
+                .as_ref()
+                .map_or(Expect::Absent, |p| Expect::Revision(p.revision));
+            let mut record = CrashRecord::bump(previous, key.clone(), at, reason);
+            record.revision = self.commit(vec![Op::PutCrash {
+                record: record.clone(),
+                expect,
+            }])?;
+            Ok(record)
+        })
+    }
+
+    /// Forgets the crashes of `key` (after it ran long enough).
+    fn reset_crashes(&self, key: &CrashKey) -> Result<u64, StoreError> {
+        self.commit(vec![Op::DeleteCrash {
+            key: key.clone(),
+            expect: Expect::Any,
+        }])
+    }
+}
+
+/// Runs a read-modify-write until it does not lose a race: a `Conflict`
+/// (the record changed since it was read) or an `Exists` (it was created
+/// since it was read as absent) means "read again".
+fn retry<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let mut last = None;
+    for _ in 0..RETRIES {
+        match f() {
+            Err(e @ (StoreError::Conflict { .. } | StoreError::Exists { .. })) => last = Some(e),
+            other => return other,
+        }
+    }
+    match last {
+        Some(e) => Err(e),
+        None => f(),
+    }
+}
+
+type Bytes = &'static [u8];
+const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+const APPS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("apps");
+const TASKS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("tasks");
+const PLACEMENTS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("placements");
+const CRASHES: TableDefinition<'_, &str, Bytes> = TableDefinition::new("crashes");
+const REVISION: &str = "revision";
+const SCHEMA: &str = "schema";
+
+/// A record kept as JSON in one table.
+trait Record: Serialize + DeserializeOwned {
+    const KIND: &'static str;
+    const TABLE: TableDefinition<'static, &'static str, Bytes>;
+    fn key(&self) -> String;
+    fn revision(&self) -> u64;
+    fn set_revision(&mut self, rev: u64);
+}
+
+impl Record for App {
+    const KIND: &'static str = "app";
+    const TABLE: TableDefinition<'static, &'static str, Bytes> = APPS;
+    fn key(&self) -> String {
+        app_key(&self.key())
+    }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn set_revision(&mut self, rev: u64) {
+        self.revision = rev;
+    }
+}
+
+impl Record for Task {
+    const KIND: &'static str = "task";
+    const TABLE: TableDefinition<'static, &'static str, Bytes> = TASKS;
+    fn key(&self) -> String {
+        self.id.as_str().to_owned()
+    }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn set_revision(&mut self, rev: u64) {
+        self.revision = rev;
+    }
+}
+
+impl Record for Placement {
+    const KIND: &'static str = "placement";
+    const TABLE: TableDefinition<'static, &'static str, Bytes> = PLACEMENTS;
+    fn key(&self) -> String {
+        self.instance.as_str().to_owned()
+    }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn set_revision(&mut self, rev: u64) {
+        self.revision = rev;
+    }
+}
+
+impl Record for CrashRecord {
+    const KIND: &'static str = "crash record";
+    const TABLE: TableDefinition<'static, &'static str, Bytes> = CRASHES;
+    fn key(&self) -> String {
+        crash_key(&self.key)
+    }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn set_revision(&mut self, rev: u64) {
+        self.revision = rev;
+    }
+}
+
+// Ids cannot contain '/', so "tenant/name" is unambiguous and a tenant's
+// records are the key range "tenant/" .. "tenant0" ('0' follows '/').
+fn app_key(k: &AppKey) -> String {
+    format!("{}/{}", k.tenant, k.name)
+}
+
+fn crash_key(k: &CrashKey) -> String {
+    format!("{}/{}/{}", k.tenant, k.app, k.index)
+}
+
+fn prefix_range(prefix: &str) -> (String, String) {
+    (format!("{prefix}/"), format!("{prefix}0"))
+}
+
+fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Backend {
+        op,
+        source: e.into(),
+    }
+}
+
+fn decode<R: Record>(key: &str, bytes: &[u8]) -> Result<R, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Corrupt {
+        kind: R::KIND,
+        key: key.to_owned(),
+        source,
+    })
+}
+
+fn check(
+    kind: &'static str,
+    key: &str,
+    current: Option<u64>,
+    expect: Expect,
+) -> Result<(), StoreError> {
+    let err_key = || key.to_owned();
+    match (expect, current) {
+        (Expect::Any, _) | (Expect::Absent, None) | (Expect::Present, Some(_)) => Ok(()),
+        (Expect::Revision(want), Some(found)) if want == found => Ok(()),
+        (Expect::Absent, Some(_)) => Err(StoreError::Exists {
+            kind,
+            key: err_key(),
+        }),
+        (Expect::Present | Expect::Revision(_), None) => Err(StoreError::NotFound {
+            kind,
+            key: err_key(),
+        }),
+        (Expect::Revision(expected), Some(found)) => Err(StoreError::Conflict {
+            kind,
+            key: err_key(),
+            expected,
+            found,
+        }),
+    }
+}
+
+/// The open write transaction's tables, one per record kind.
+struct Tables<'t> {
+    apps: redb::Table<'t, &'static str, Bytes>,
+    tasks: redb::Table<'t, &'static str, Bytes>,
+    placements: redb::Table<'t, &'static str, Bytes>,
+    crashes: redb::Table<'t, &'static str, Bytes>,
+}
+
+fn current<R: Record>(
+    table: &redb::Table<'_, &'static str, Bytes>,
+    key: &str,
+) -> Result<Option<u64>, StoreError> {
+    match table.get(key).map_err(backend("reading"))? {
+        None => Ok(None),
+        Some(v) => decode::<R>(key, v.value()).map(|r| Some(r.revision())),
+    }
+}
+
+fn put<R: Record>(
+    table: &mut redb::Table<'_, &'static str, Bytes>,
+    mut rec: R,
+    expect: Expect,
+    rev: u64,
+) -> Result<(), StoreError> {
+    let key = rec.key();
+    check(R::KIND, &key, current::<R>(table, &key)?, expect)?;
+    rec.set_revision(rev);
+    let bytes = serde_json::to_vec(&rec).map_err(|source| StoreError::Encode {
+        kind: R::KIND,
+        key: key.clone(),
+        source,
+    })?;
+    table
+        .insert(key.as_str(), bytes.as_slice())
+        .map_err(backend("writing"))?;
+    Ok(())
+}
+
+fn delete<R: Record>(
+    table: &mut redb::Table<'_, &'static str, Bytes>,
+    key: &str,
+    expect: Expect,
+) -> Result<(), StoreError> {
+    check(R::KIND, key, current::<R>(table, key)?, expect)?;
+    table.remove(key).map_err(backend("deleting"))?;
+    Ok(())
+}
+
+impl Tables<'_> {
+    fn apply(&mut self, op: Op, rev: u64) -> Result<(), StoreError> {
+        match op {
+            Op::PutApp { app, expect } => put(&mut self.apps, app, expect, rev),
+            Op::DeleteApp { key, expect } => {
+                delete::<App>(&mut self.apps, &app_key(&key), expect)?;
+                let (lo, hi) = prefix_range(&app_key(&key));
+                self.crashes
+                    .retain_in::<&str, _>(lo.as_str()..hi.as_str(), |_, _| false)
+                    .map_err(backend("deleting crash records"))
+            }
+            Op::PutTask { task, expect } => put(&mut self.tasks, task, expect, rev),
+            Op::PutPlacement { placement, expect } => {
+                put(&mut self.placements, placement, expect, rev)
+            }
+            Op::DeletePlacement { instance, expect } => {
+                delete::<Placement>(&mut self.placements, instance.as_str(), expect)
+            }
+            Op::PutCrash { record, expect } => put(&mut self.crashes, record, expect, rev),
+            Op::DeleteCrash { key, expect } => {
+                delete::<CrashRecord>(&mut self.crashes, &crash_key(&key), expect)
+            }
+        }
+    }
+}
+
+/// The embedded store: one redb file, one writer at a time, readers never
+/// blocked (MVCC). The file is locked: a second process (another brain on
+/// the same `data_dir`) cannot open it.
+pub struct RedbStore {
+    db: redb::Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+impl RedbStore {
+    /// Opens the store at `path`, creating it (and its directory) if needed.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let db = redb::Builder::new()
+            .set_cache_size(64 << 20)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                    path: path.to_owned(),
+                },
+                source => StoreError::Open {
+                    path: path.to_owned(),
+                    source,
+                },
+            })?;
+        let store = Self {
+            db,
+            path: path.to_owned(),
+        };
+        store.init()?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Creates the tables of a new file and checks the schema of an old one.
+    fn init(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(backend("opening"))?;
+        {
+            let mut meta = txn.open_table(META).map_err(backend("opening"))?;
+            let schema = meta
+                .get(SCHEMA)
+                .map_err(backend("opening"))?
+                .map(|v| v.value());
+            match schema {
+                Some(found) if found > SCHEMA_VERSION => {
+                    return Err(StoreError::Schema {
+                        path: self.path.clone(),
+                        found,
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert(SCHEMA, SCHEMA_VERSION)
+                        .map_err(backend("opening"))?;
+                    meta.insert(REVISION, 0).map_err(backend("opening"))?;
+                }
+            }
+            for t in [APPS, TASKS, PLACEMENTS, CRASHES] {
+                txn.open_table(t).map_err(backend("opening"))?;
+            }
+        }
+        txn.commit().map_err(backend("opening"))
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let txn = self.db.begin_read().map_err(backend("reading"))?;
+        f(&txn)
+    }
+}
+
+fn read_revision(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    let meta = txn.open_table(META).map_err(backend("reading"))?;
+    let rev = meta.get(REVISION).map_err(backend("reading"))?;
+    Ok(rev.map_or(0, |v| v.value()))
+}
+
+fn get<R: Record>(txn: &redb::ReadTransaction, key: &str) -> Result<Option<R>, StoreError> {
+    let table = txn.open_table(R::TABLE).map_err(backend("reading"))?;
+    let got = table.get(key).map_err(backend("reading"))?;
+    got.map(|v| decode(key, v.value())).transpose()
+}
+
+/// Records of one table, all or those whose key starts with `prefix/`.
+fn scan<R: Record>(
+    txn: &redb::ReadTransaction,
+    prefix: Option<&str>,
+) -> Result<Vec<R>, StoreError> {
+    let table = txn.open_table(R::TABLE).map_err(backend("reading"))?;
+    let iter = match prefix {
+        None => table.iter(),
+        Some(p) => {
+            let (lo, hi) = prefix_range(p);
+            table.range::<&str>(lo.as_str()..hi.as_str())
+        }
+    }
+    .map_err(backend("reading"))?;
+    let mut out = Vec::new();
+    for entry in iter {
+        let (k, v) = entry.map_err(backend("reading"))?;
+        out.push(decode(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+impl Store for RedbStore {
+    fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
+        if ops.is_empty() {
+            return self.revision();
+        }
+        let txn = self.db.begin_write().map_err(backend("starting a write"))?;
+        let written = (|| {
+            let mut meta = txn.open_table(META).map_err(backend("writing"))?;
+            let rev = meta
+                .get(REVISION)
+                .map_err(backend("writing"))?
+                .map_or(0, |v| v.value())
+                + 1;
+            let mut tables = Tables {
+                apps: txn.open_table(APPS).map_err(backend("writing"))?,
+                tasks: txn.open_table(TASKS).map_err(backend("writing"))?,
+                placements: txn.open_table(PLACEMENTS).map_err(backend("writing"))?,
+                crashes: txn.open_table(CRASHES).map_err(backend("writing"))?,
+            };
+            for op in ops {
+                tables.apply(op, rev)?;
+            }
+            meta.insert(REVISION, rev).map_err(backend("writing"))?;
+            Ok(rev)
+        })();
+        match written {
+            Ok(rev) => {
+                txn.commit().map_err(backend("committing"))?;
+                Ok(rev)
+            }
+            Err(e) => {
+                // Dropping would abort too; aborting explicitly says so.
+                if let Err(abort) = txn.abort() {
+                    tracing::warn!("aborting a failed store transaction: {abort}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn revision(&self) -> Result<u64, StoreError> {
+        self.read(read_revision)
+    }
+
+    fn app(&self, key: &AppKey) -> Result<Option<App>, StoreError> {
+        self.read(|t| get(t, &app_key(key)))
+    }
+
+    fn apps(&self, tenant: Option<&TenantId>) -> Result<Vec<App>, StoreError> {
+        self.read(|t| scan(t, tenant.map(TenantId::as_str)))
+    }
+
+    fn task(&self, id: &TaskId) -> Result<Option<Task>, StoreError> {
+        self.read(|t| get(t, id.as_str()))
+    }
+
+    fn tasks(&self, tenant: Option<&TenantId>) -> Result<Vec<Task>, StoreError> {
+        let all: Vec<Task> = self.read(|t| scan(t, None))?;
+        Ok(match tenant {
+            None => all,
+            Some(tn) => all.into_iter().filter(|t| &t.tenant == tn).collect(),
+        })
+    }
+
+    fn placement(&self, instance: &InstanceId) -> Result<Option<Placement>, StoreError> {
+        self.read(|t| get(t, instance.as_str()))
+    }
+
+    fn placements(&self) -> Result<Vec<Placement>, StoreError> {
+        self.read(|t| scan(t, None))
+    }
+
+    fn crash(&self, key: &CrashKey) -> Result<Option<CrashRecord>, StoreError> {
+        self.read(|t| get(t, &crash_key(key)))
+    }
+
+    fn crashes(&self) -> Result<Vec<CrashRecord>, StoreError> {
+        self.read(|t| scan(t, None))
+    }
+
+    fn snapshot(&self) -> Result<Snapshot, StoreError> {
+        self.read(|t| {
+            Ok(Snapshot {
+                revision: read_revision(t)?,
+                apps: scan(t, None)?,
+                tasks: scan(t, None)?,
+                placements: scan(t, None)?,
+                crashes: scan(t, None)?,
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expectations() {
+        assert!(check("app", "k", None, Expect::Absent).is_ok());
+        assert!(check("app", "k", Some(3), Expect::Revision(3)).is_ok());
+        assert!(matches!(
+            check("app", "k", Some(3), Expect::Absent),
+            Err(StoreError::Exists { .. })
+        ));
+        let e = check("app", "acme/web", Some(4), Expect::Revision(3)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "app acme/web was changed concurrently (expected revision 3, found 4): read it again and retry"
+        );
+        assert!(matches!(
+            check("app", "k", None, Expect::Present),
+            Err(StoreError::NotFound { .. })
+        ));
+    }
+
+    #[test]
+    fn prefixes_do_not_cover_longer_names() {
+        let (lo, hi) = prefix_range("acme");
+        for inside in ["acme/web", "acme/a.b-c_9"] {
+            assert!(lo.as_str() <= inside && inside < hi.as_str(), "{inside}");
+        }
+        for outside in ["acme-2/web", "acme.x/web", "acmea/web", "acm/web"] {
+            assert!(
+                !(lo.as_str() <= outside && outside < hi.as_str()),
+                "{outside}"
+            );
+        }
+    }
+}
