@@ -1,9 +1,6 @@
 //! Newtype identifiers. Ids become path components, cgroup names and
 //! container ids, so they are validated once, at the edge, and carried typed.
 
-use serde::{Deserialize, Deserializer, Serialize};
-use std::fmt;
-
 /// Longest id accepted; cgroup and netns names stay well below kernel limits.
 pub const MAX_ID_LEN: usize = 63;
 
@@ -19,7 +16,7 @@ pub enum IdError {
     BadChars { kind: &'static str, value: String },
 }
 
-fn check(kind: &'static str, value: &str) -> Result<(), IdError> {
+pub(crate) fn check(kind: &'static str, value: &str) -> Result<(), IdError> {
     let Some(first) = value.chars().next() else {
         return Err(IdError::Empty { kind });
     };
@@ -48,14 +45,14 @@ fn check(kind: &'static str, value: &str) -> Result<(), IdError> {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, ::serde::Serialize)]
         #[serde(transparent)]
         pub struct $name(String);
 
         impl $name {
-            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
+            pub fn new(value: impl Into<String>) -> Result<Self, $crate::ids::IdError> {
                 let value = value.into();
-                check($kind, &value)?;
+                $crate::ids::check($kind, &value)?;
                 Ok(Self(value))
             }
 
@@ -64,27 +61,30 @@ macro_rules! id_type {
             }
         }
 
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 f.write_str(&self.0)
             }
         }
 
         impl std::str::FromStr for $name {
-            type Err = IdError;
-            fn from_str(s: &str) -> Result<Self, IdError> {
+            type Err = $crate::ids::IdError;
+            fn from_str(s: &str) -> Result<Self, $crate::ids::IdError> {
                 Self::new(s)
             }
         }
 
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                Self::new(s).map_err(serde::de::Error::custom)
+        impl<'de> ::serde::Deserialize<'de> for $name {
+            fn deserialize<D: ::serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <String as ::serde::Deserialize>::deserialize(d)?;
+                Self::new(s).map_err(::serde::de::Error::custom)
             }
         }
     };
 }
+// Also used for the wire's labels (zones, tags, brain ids), which follow
+// the same rules.
+pub(crate) use id_type;
 
 id_type!(
     /// An application instance (an LRP instance or a task) on a cell.

@@ -46,10 +46,10 @@
 //! dropping the connection.
 
 use crate::capacity::{Capacity, CapacityError};
-use crate::ids::{AppId, CellId, IdError, InstanceId, TenantId};
+use crate::ids::{AppId, CellId, InstanceId, TenantId};
 use crate::instance::{InstanceInfo, InstanceKind, InstanceSpec, Resources};
 use crate::time::Timestamp;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
@@ -134,68 +134,18 @@ impl fmt::Display for VersionRange {
     }
 }
 
-// Labels follow exactly the rules of the other ids (they end up in metrics
-// labels and log fields); `CellId` is the one place those rules live.
-fn check_label(kind: &'static str, value: String) -> Result<String, IdError> {
-    match CellId::new(value) {
-        Ok(id) => Ok(id.as_str().to_owned()),
-        Err(IdError::Empty { .. }) => Err(IdError::Empty { kind }),
-        Err(IdError::TooLong { value, .. }) => Err(IdError::TooLong { kind, value }),
-        Err(IdError::BadChars { value, .. }) => Err(IdError::BadChars { kind, value }),
-    }
-}
-
-macro_rules! label_type {
-    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
-        $(#[$doc])*
-        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-        #[serde(transparent)]
-        pub struct $name(String);
-
-        impl $name {
-            pub fn new(value: impl Into<String>) -> Result<Self, IdError> {
-                check_label($kind, value.into()).map(Self)
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Display for $name {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl std::str::FromStr for $name {
-            type Err = IdError;
-            fn from_str(s: &str) -> Result<Self, IdError> {
-                Self::new(s)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $name {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                let s = String::deserialize(d)?;
-                Self::new(s).map_err(serde::de::Error::custom)
-            }
-        }
-    };
-}
-
-label_type!(
+crate::ids::id_type!(
     /// A brain node, as named in its certificate.
     BrainId,
     "brain id"
 );
-label_type!(
+crate::ids::id_type!(
     /// A failure domain (rack, room, availability zone); the auctioneer
     /// spreads an app's instances across zones.
     Zone,
     "zone"
 );
-label_type!(
+crate::ids::id_type!(
     /// A placement tag (`ssd`, `gpu`, `pci-dss`): work that requires tags only
     /// goes to cells that have all of them.
     Tag,
