@@ -707,21 +707,38 @@ impl Executor {
         let addr = lock(&net.ipam)
             .allocate()
             .map_err(|e| format!("no address for the instance: {e}"))?;
+        // Recorded before anything is made, so that an agent killed halfway
+        // leaves a record its successor can clean up from (the host veth's
+        // name is derived from the id; the index is filled in below).
+        let intent = Attachment {
+            address: addr,
+            host_if: crate::network::host_if_name(id),
+            host_ifindex: 0,
+            netns: p.netns(),
+        };
+        let record = |att: &Attachment| {
+            serde_json::to_vec(att)
+                .map_err(std::io::Error::other)
+                .and_then(|b| write_atomic(&p.net(), &b))
+        };
+        if let Err(e) = record(&intent) {
+            lock(&net.ipam).release(addr);
+            return Err(format!("cannot record the instance's network: {e}"));
+        }
         let t0 = Instant::now();
         let att = match net.network.attach(id, addr, &p.netns()).await {
             Ok(a) => a,
             Err(e) => {
                 lock(&net.ipam).release(addr);
+                let _ = std::fs::remove_file(p.net());
                 return Err(format!("network set-up failed: {e}"));
             }
         };
         let wired = t0.elapsed();
-        let saved = serde_json::to_vec(&att)
-            .map_err(std::io::Error::other)
-            .and_then(|b| write_atomic(&p.net(), &b));
-        if let Err(e) = saved {
+        if let Err(e) = record(&att) {
             net.network.detach(&att).await;
             lock(&net.ipam).release(addr);
+            let _ = std::fs::remove_file(p.net());
             return Err(format!("cannot record the instance's network: {e}"));
         }
         if let Some(plane) = &net.plane {
