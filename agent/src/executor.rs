@@ -420,12 +420,16 @@ impl Executor {
     /// Copies the shim's record (status, final figures) into the table.
     fn refresh_from_record(&self, id: &InstanceId, p: &InstancePaths) -> Option<Record> {
         let rec = shim::read_record(&p.record()).ok()?;
-        let mut t = self.table();
-        let e = t.get_mut(id)?;
-        e.cpu_ns = rec.cpu_ns;
-        e.oom_kills = rec.oom_kills;
-        e.status.send_replace(rec.status.clone());
+        self.apply_record(id, &rec);
         Some(rec)
+    }
+
+    fn apply_record(&self, id: &InstanceId, rec: &Record) {
+        if let Some(e) = self.table().get_mut(id) {
+            e.cpu_ns = rec.cpu_ns;
+            e.oom_kills = rec.oom_kills;
+            e.status.send_replace(rec.status.clone());
+        }
     }
 
     fn count_end(&self, id: &InstanceId) {
@@ -446,23 +450,26 @@ impl Executor {
             }
             // An ended instance gives its network back before its end is
             // published, so nobody sees an ended instance holding an address.
-            let p = this.layout.instance(&id);
-            let recorded_end =
-                shim::read_record(&p.record()).is_ok_and(|r| r.status.state.is_final());
+            // The shim is gone, so its record no longer changes: read it once.
+            let rec = shim::read_record(&this.layout.instance(&id).record()).ok();
+            let recorded_end = rec.as_ref().is_some_and(|r| r.status.state.is_final());
             if recorded_end {
                 this.release_network(&id).await;
             }
-            this.shim_gone(&id);
+            this.shim_gone(&id, rec);
             if !recorded_end {
                 this.release_network(&id).await;
             }
         });
     }
 
-    /// The shim has exited: its record holds the end, unless it died.
-    fn shim_gone(&self, id: &InstanceId) {
+    /// The shim has exited: its record (`rec`, read after the exit) holds
+    /// the end, unless it died.
+    fn shim_gone(&self, id: &InstanceId, rec: Option<Record>) {
         let p = self.layout.instance(id);
-        let rec = self.refresh_from_record(id, &p);
+        if let Some(r) = &rec {
+            self.apply_record(id, r);
+        }
         let ended = rec.as_ref().is_some_and(|r| r.status.state.is_final());
         if !ended {
             tracing::error!(instance = %id, "shim exited without recording the instance's end");
@@ -681,7 +688,10 @@ impl Executor {
                         self.spawn_watcher(id.clone(), r.shim_pid, r.shim_start);
                     }
                     _ => {
-                        self.shim_gone(&id);
+                        // Read again: the shim may have finished its record
+                        // after the read above.
+                        let rec = shim::read_record(&p.record()).ok();
+                        self.shim_gone(&id, rec);
                         self.release_network(&id).await;
                     }
                 },

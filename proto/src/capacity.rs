@@ -11,7 +11,7 @@ pub struct Capacity {
     pub containers: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum CapacityError {
     #[error("not enough memory: requested {requested} MB, {free} MB free of {total} MB")]
     Memory {

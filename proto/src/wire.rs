@@ -494,20 +494,9 @@ pub enum BidOutcome {
 /// Why a cell will not (or cannot) do something.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
-    #[error("not enough memory: requested {requested} MB, {free} MB free of {total} MB")]
-    Memory {
-        requested: u64,
-        free: u64,
-        total: u64,
-    },
-    #[error("not enough disk: requested {requested} MB, {free} MB free of {total} MB")]
-    Disk {
-        requested: u64,
-        free: u64,
-        total: u64,
-    },
-    #[error("no container slot free: all {total} are in use")]
-    Containers { total: u64 },
+    /// The cell lacks memory, disk or a container slot.
+    #[error(transparent)]
+    Capacity(#[from] CapacityError),
     #[error("the cell lacks placement tags {}", join(.missing))]
     MissingTags {
         #[serde(deserialize_with = "serde_util::bounded_set::<_, _, MAX_TAGS>")]
@@ -540,32 +529,6 @@ impl Refusal {
                 max: MAX_TAGS,
             }),
             _ => Ok(()),
-        }
-    }
-}
-
-impl From<CapacityError> for Refusal {
-    fn from(e: CapacityError) -> Self {
-        match e {
-            CapacityError::Memory {
-                requested,
-                free,
-                total,
-            } => Self::Memory {
-                requested,
-                free,
-                total,
-            },
-            CapacityError::Disk {
-                requested,
-                free,
-                total,
-            } => Self::Disk {
-                requested,
-                free,
-                total,
-            },
-            CapacityError::Containers { total } => Self::Containers { total },
         }
     }
 }

@@ -159,20 +159,20 @@ fn spec() -> impl Strategy<Value = InstanceSpec> {
 fn refusal() -> impl Strategy<Value = Refusal> {
     prop_oneof![
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(requested, free, total)| {
-            Refusal::Memory {
+            Refusal::Capacity(CapacityError::Memory {
                 requested,
                 free,
                 total,
-            }
+            })
         }),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(requested, free, total)| {
-            Refusal::Disk {
+            Refusal::Capacity(CapacityError::Disk {
                 requested,
                 free,
                 total,
-            }
+            })
         }),
-        any::<u64>().prop_map(|total| Refusal::Containers { total }),
+        any::<u64>().prop_map(|total| Refusal::Capacity(CapacityError::Containers { total })),
         tags().prop_map(|missing| Refusal::MissingTags { missing }),
         text().prop_map(|rootfs| Refusal::RootfsUnavailable { rootfs }),
         Just(Refusal::Evacuating),
