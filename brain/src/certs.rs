@@ -17,7 +17,7 @@
 //! in its common name. Cell certificates are for TLS clients only; brain
 //! certificates for servers and clients (a brain will talk to its peers).
 
-use crate::identity::{identity_of, IdentityError, PeerIdentity, Role};
+use corral_link::identity::{identity_of, IdentityError, PeerIdentity, Role};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType,
@@ -30,7 +30,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-pub const CA_CERT_FILE: &str = "ca.pem";
+pub use corral_link::identity::{leaf_paths, CA_CERT_FILE};
 pub const CA_KEY_FILE: &str = "ca-key.pem";
 
 /// Default lifetime of the CA, in days.
@@ -257,15 +257,6 @@ fn read(path: &Path) -> Result<String, CertError> {
         path: path.to_owned(),
         source,
     })
-}
-
-/// Paths of an identity's certificate and key in `dir`.
-pub fn leaf_paths(dir: &Path, who: &PeerIdentity) -> (PathBuf, PathBuf) {
-    let stem = who.file_stem();
-    (
-        dir.join(format!("{stem}.pem")),
-        dir.join(format!("{stem}-key.pem")),
-    )
 }
 
 /// `certs init`: a new CA in `dir` (created, 0700, if missing). Returns the

@@ -1,7 +1,7 @@
 //! The brain's answer to a cell's [`Hello`]: pure, given who the certificate
 //! says the peer is.
 
-use crate::identity::PeerIdentity;
+use corral_link::identity::PeerIdentity;
 use corral_proto::wire::{
     negotiate, BrainId, CloseCode, Hello, HelloAck, Ipv4Net, VersionRange, WireError,
 };

@@ -26,9 +26,8 @@ pub mod config;
 pub mod converge;
 pub mod desired;
 pub mod hello;
-pub mod identity;
 pub mod model;
 pub mod store;
-pub mod tls;
 
-pub use identity::{identity_of, IdentityError, PeerIdentity, Role};
+pub use corral_link::identity::{identity_of, IdentityError, PeerIdentity, Role};
+pub use corral_link::{identity, tls};

@@ -14,8 +14,7 @@
 //! Everything uses the *ring* provider explicitly rather than a process-wide
 //! default, so no other crate's choice can change it.
 
-use crate::certs::CA_CERT_FILE;
-use crate::identity::{identity_of, IdentityError, PeerIdentity, Role};
+use crate::identity::{identity_of, leaf_paths, IdentityError, PeerIdentity, Role, CA_CERT_FILE};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
@@ -144,7 +143,7 @@ impl Credentials {
     /// Reads `ca.pem`, `<role>-<id>.pem` and `<role>-<id>-key.pem` from a
     /// certificate directory as `corral-brain certs` lays it out.
     pub fn from_dir(dir: &Path, who: &PeerIdentity) -> Result<Self, TlsError> {
-        let (cert, key) = crate::certs::leaf_paths(dir, who);
+        let (cert, key) = leaf_paths(dir, who);
         Self::from_files(&dir.join(CA_CERT_FILE), &cert, &key)
     }
 

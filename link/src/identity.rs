@@ -7,6 +7,7 @@ use corral_proto::wire::BrainId;
 use corral_proto::{CellId, IdError};
 use rustls::pki_types::CertificateDer;
 use std::fmt;
+use std::path::{Path, PathBuf};
 use x509_parser::extensions::GeneralName;
 
 pub const URI_SCHEME: &str = "corral://";
@@ -157,6 +158,19 @@ pub fn identity_of(cert: &CertificateDer<'_>) -> Result<PeerIdentity, IdentityEr
             uris: uris.iter().map(|u| (*u).to_owned()).collect(),
         }),
     }
+}
+
+/// The cluster CA certificate's file name in a certificate directory.
+pub const CA_CERT_FILE: &str = "ca.pem";
+
+/// Where `who`'s certificate and key live in a certificate directory:
+/// `DIR/<stem>.pem` and `DIR/<stem>-key.pem`.
+pub fn leaf_paths(dir: &Path, who: &PeerIdentity) -> (PathBuf, PathBuf) {
+    let stem = who.file_stem();
+    (
+        dir.join(format!("{stem}.pem")),
+        dir.join(format!("{stem}-key.pem")),
+    )
 }
 
 #[cfg(test)]
