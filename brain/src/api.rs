@@ -160,6 +160,7 @@ pub struct ApiState {
     events: broadcast::Sender<ChangeEvent>,
     changes: watch::Sender<u64>,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
+    metrics: Option<Box<dyn Fn() -> String + Send + Sync>>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -193,12 +194,19 @@ impl ApiState {
             events: broadcast::channel(EVENT_BUFFER).0,
             changes: watch::channel(revision).0,
             clock: Box::new(system_now),
+            metrics: None,
         })
     }
 
     /// Replaces the wall clock (tests).
     pub fn with_clock(mut self, clock: impl Fn() -> Timestamp + Send + Sync + 'static) -> Self {
         self.clock = Box::new(clock);
+        self
+    }
+
+    /// Serves `GET /metrics` (no token) with what `render` returns.
+    pub fn with_metrics(mut self, render: impl Fn() -> String + Send + Sync + 'static) -> Self {
+        self.metrics = Some(Box::new(render));
         self
     }
 
@@ -551,6 +559,18 @@ async fn route(state: &ApiState, closing: watch::Receiver<bool>, req: Request<In
             Method::GET | Method::HEAD => Ok(full(StatusCode::OK, "text/plain", "ok\n")),
             _ => Err(method_not_allowed(&method, &path, "GET")),
         };
+    }
+    if segs.as_slice() == ["metrics"] {
+        if let Some(render) = &state.metrics {
+            return match method {
+                Method::GET | Method::HEAD => Ok(full(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    render(),
+                )),
+                _ => Err(method_not_allowed(&method, &path, "GET")),
+            };
+        }
     }
     let who = authenticate(state, &req)?;
     let query = query_tenant(&req)?;

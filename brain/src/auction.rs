@@ -119,6 +119,8 @@ pub enum RootfsSupport {
     Any,
     /// Only these (preloaded stacks).
     Only(BTreeSet<String>),
+    /// Any but these (the cell said it lacks them).
+    Except(BTreeSet<String>),
 }
 
 impl RootfsSupport {
@@ -126,6 +128,7 @@ impl RootfsSupport {
         match self {
             Self::Any => true,
             Self::Only(set) => set.contains(rootfs),
+            Self::Except(set) => !set.contains(rootfs),
         }
     }
 }

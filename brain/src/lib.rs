@@ -22,11 +22,15 @@ pub mod api;
 pub mod auction;
 pub mod backoff;
 pub mod certs;
+pub mod cluster;
 pub mod config;
 pub mod converge;
 pub mod desired;
 pub mod hello;
+pub mod metrics;
 pub mod model;
+pub mod run;
+pub mod sim;
 pub mod store;
 
 pub use corral_link::identity::{identity_of, IdentityError, PeerIdentity, Role};

@@ -1,12 +1,14 @@
-//! `corral-brain`: the brain node. For now only `certs` works: it makes the
-//! cluster CA and issues cell and brain certificates. Running the brain
-//! itself is not implemented yet, and says so.
+//! `corral-brain`: the brain node. `corral-brain --config FILE` runs it
+//! (`--check` validates the configuration and certificates and changes
+//! nothing); `corral-brain certs` makes the cluster CA and issues cell and
+//! brain certificates.
 //!
 //! Exit codes: 0 success, 1 failure, 2 bad usage.
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use corral_brain::certs::{self, Validity, DEFAULT_CA_DAYS, DEFAULT_LEAF_DAYS};
+use corral_brain::config::Config;
 use corral_brain::PeerIdentity;
 use corral_proto::wire::BrainId;
 use corral_proto::CellId;
@@ -15,10 +17,21 @@ use std::process::ExitCode;
 use std::time::SystemTime;
 
 #[derive(Parser)]
-#[command(name = "corral-brain", version, about = "corral brain node")]
+#[command(
+    name = "corral-brain",
+    version,
+    about = "corral brain node",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    /// Runs the brain with this configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validates the configuration and certificates, then exits.
+    #[arg(long, requires = "config")]
+    check: bool,
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
 }
 
 #[derive(Subcommand)]
@@ -27,11 +40,6 @@ enum Cmd {
     Certs {
         #[command(subcommand)]
         cmd: CertsCmd,
-    },
-    /// Runs the brain (not implemented yet).
-    Run {
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-        args: Vec<String>,
     },
 }
 
@@ -92,11 +100,77 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    match cli.cmd {
-        Cmd::Certs { cmd } => certs_cmd(cmd),
-        Cmd::Run { .. } => bail!(
-            "running the brain is not implemented yet: this version only has `corral-brain certs`"
-        ),
+    match (cli.cmd, cli.config) {
+        (Some(Cmd::Certs { cmd }), _) => certs_cmd(cmd),
+        (None, Some(path)) => run_brain(&path, cli.check),
+        (None, None) => bail!("give --config FILE to run the brain, or a subcommand (see --help)"),
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "brain".to_owned())
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let json = std::env::var("CORRAL_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn run_brain(path: &Path, check: bool) -> Result<()> {
+    let config = Config::load(path, &hostname())?;
+    if check {
+        let creds = corral_brain::tls::Credentials::from_files(
+            &config.tls.ca,
+            &config.tls.cert,
+            &config.tls.key,
+        )?;
+        let me = PeerIdentity::Brain(config.brain_id.clone());
+        if creds.identity() != &me {
+            bail!(
+                "{} is a certificate for {}, not for {me}",
+                config.tls.cert.display(),
+                creds.identity()
+            );
+        }
+        println!(
+            "{}: configuration and certificates are valid",
+            path.display()
+        );
+        return Ok(());
+    }
+    init_tracing();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        corral_brain::run::run(config, |_| {}, shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers, run until killed.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
 }
 

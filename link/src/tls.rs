@@ -39,9 +39,26 @@ pub const ALPN: &[u8] = b"corral/1";
 /// against it (identity is the URI SAN); QUIC just needs one.
 pub const SERVER_NAME: &str = "brain.corral";
 
-/// How often a cell's connection sends keep-alives, so that an idle
-/// connection neither times out nor loses its NAT binding.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+/// How often both ends send keep-alives, so that an idle connection neither
+/// times out nor loses its NAT binding.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// How long a connection may hear nothing before it counts as dead: the
+/// brain notices a cell that vanished (power cut, partition, kill -9 of the
+/// agent's whole node) within this time, and the cell notices a lost brain.
+/// Three keep-alives fit in it, so one or two lost packets do not end a
+/// healthy connection.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(KEEP_ALIVE));
+    // A constant well inside QUIC's varint range.
+    if let Ok(idle) = quinn::IdleTimeout::try_from(IDLE_TIMEOUT) {
+        transport.max_idle_timeout(Some(idle));
+    }
+    Arc::new(transport)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -379,7 +396,8 @@ fn quic_err(e: impl std::fmt::Display) -> TlsError {
 /// The brain's QUIC endpoint, listening on `addr`. Needs a tokio runtime.
 pub fn server_endpoint(addr: SocketAddr, creds: &Credentials) -> Result<quinn::Endpoint, TlsError> {
     let crypto = QuicServerConfig::try_from(server_config(creds)?).map_err(quic_err)?;
-    let config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport());
     quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Bind { addr, source })
 }
 
@@ -393,9 +411,7 @@ pub fn client_endpoint(
     let crypto =
         QuicClientConfig::try_from(client_config(creds, expected_brain)?).map_err(quic_err)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(KEEP_ALIVE));
-    config.transport_config(Arc::new(transport));
+    config.transport_config(transport());
     let mut endpoint =
         quinn::Endpoint::client(bind).map_err(|source| TlsError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);

@@ -1,0 +1,715 @@
+//! The brain's picture of the cluster: desired state as the store holds it,
+//! actual state as the cells report it, and what is in flight between the
+//! two (starts asked for, stops sent). Pure: the run loop ([`crate::run`])
+//! feeds it what arrives, with the time, and carries out the [`Effect`]s it
+//! returns; it never touches a socket, a clock or the store itself.
+//!
+//! From this picture come the inputs of the pure decisions: the
+//! [`ClusterState`] that [`converge`](crate::converge::converge) plans from,
+//! the cells an auction places on ([`Cluster::auction_cells`]), and the
+//! view the management API shows ([`Cluster::view`]).
+//!
+//! What the brain learns from a cell is reconciled per instance, by id:
+//!
+//! - an LRP instance that reaches `running` ends its slot's start in flight
+//!   and tells the slot's crash backoff it runs;
+//! - one that reaches `crashed` counts a crash for its slot (persisted) and
+//!   is removed from its cell (its record has served its purpose); the
+//!   convergence then restarts the slot, subject to the backoff;
+//! - a task that starts is `running` in the store; one that ends is
+//!   `succeeded` or `failed` with its exit code, then removed from its cell;
+//! - an instance that leaves its cell takes its placement record with it.
+
+use crate::api::{ActualSnapshot, CellState, CellView as ApiCell, InstanceView};
+use crate::auction::{CellView as AuctionCell, RootfsSupport};
+use crate::backoff::{BackoffConfig, CrashBackoff, CrashState};
+use crate::converge::{
+    ActualInstance, CellStatus, ClusterState, DesiredApp, Liveness, PendingStart,
+};
+use crate::desired::{
+    App, AppKey, CrashKey, CrashRecord, Placement, Task, TaskId, TaskResult, TaskState, Workload,
+};
+use crate::model::{LrpKey, Time};
+use crate::store::Snapshot;
+use corral_proto::wire::{Hello, Ipv4Net, StateChange, StateDelta, StateSnapshot, Tag, Zone};
+use corral_proto::{
+    Capacity, CellId, InstanceId, InstanceInfo, InstanceKind, InstanceState, Timestamp,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// A cell as the brain knows it.
+#[derive(Debug, Clone)]
+pub struct Cell {
+    pub id: CellId,
+    pub zone: Zone,
+    pub tags: BTreeSet<Tag>,
+    pub total: Capacity,
+    pub available: Capacity,
+    pub subnet: Option<Ipv4Net>,
+    pub addresses: Vec<IpAddr>,
+    pub liveness: Liveness,
+    /// Asked to evacuate (by the operator or by the cell itself).
+    pub draining: bool,
+    /// Since when the cell has been in its current liveness, wall clock.
+    pub since: Timestamp,
+    /// The last state sequence number applied; `None` until a snapshot.
+    seq: Option<u64>,
+    /// What the cell runs, by id, with when each entered its state.
+    pub instances: BTreeMap<InstanceId, Observed>,
+    /// Root filesystems the cell said it does not have.
+    pub missing_rootfs: BTreeSet<String>,
+    /// The cell has never reported since the brain started: what it runs
+    /// is known only from the store's placements.
+    pub restored: bool,
+}
+
+/// One instance as its cell last reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub info: InstanceInfo,
+    /// When the brain saw it enter its current state.
+    pub since: Time,
+    pub since_wall: Timestamp,
+}
+
+/// A start the brain asked for and no cell has reported yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: InstanceId,
+    pub version: u64,
+    pub since: Time,
+}
+
+/// What the run loop must do as a consequence of what the cluster learnt.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Persist the slot's crash record.
+    PersistCrash(CrashRecord),
+    /// Persist a task's new state.
+    PersistTask(Task),
+    /// Forget a placement (its instance left its cell).
+    DeletePlacement(InstanceId),
+    /// Remove an ended instance's record from its cell (a `StopWork`).
+    Remove { cell: CellId, id: InstanceId },
+    /// Ask the cell for a fresh snapshot: a delta did not follow on.
+    RequestState { cell: CellId },
+}
+
+/// Why a report from a cell was not applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReportError {
+    #[error("cell {0} is not connected")]
+    UnknownCell(CellId),
+    #[error(
+        "state delta {got} from cell {cell} does not follow {expected}: asking for a snapshot"
+    )]
+    Gap {
+        cell: CellId,
+        expected: u64,
+        got: u64,
+    },
+}
+
+/// The whole picture (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    backoff: BackoffConfig,
+    pub cells: BTreeMap<CellId, Cell>,
+    pub apps: BTreeMap<AppKey, App>,
+    pub tasks: BTreeMap<TaskId, Task>,
+    pub placements: BTreeMap<InstanceId, Placement>,
+    /// LRP starts in flight, per slot.
+    pub pending: BTreeMap<LrpKey, Pending>,
+    /// Task starts in flight.
+    pub pending_tasks: BTreeMap<TaskId, Time>,
+    pub crashes: BTreeMap<LrpKey, CrashBackoff>,
+    /// Stops sent and not yet done, with when they were sent.
+    pub stopping: BTreeMap<InstanceId, Time>,
+}
+
+fn lrp_key(info: &InstanceInfo) -> LrpKey {
+    LrpKey::new(
+        AppKey {
+            tenant: info.tenant.clone(),
+            name: info.app.clone(),
+        },
+        info.index,
+    )
+}
+
+fn crash_key(slot: &LrpKey) -> CrashKey {
+    CrashKey {
+        tenant: slot.app.tenant.clone(),
+        app: slot.app.name.clone(),
+        index: slot.index,
+    }
+}
+
+impl Cluster {
+    /// The picture after a brain (re)start, from the store: desired state,
+    /// crash history and placements. Every cell that holds a placement is
+    /// *disconnected since `now`*, with its placed instances assumed to
+    /// run: convergence waits the lost-cell grace for it to come back
+    /// rather than starting duplicates of everything at once.
+    pub fn restore(backoff: BackoffConfig, snap: Snapshot, now: Time, wall: Timestamp) -> Self {
+        let mut cluster = Self {
+            backoff,
+            cells: BTreeMap::new(),
+            apps: snap.apps.into_iter().map(|a| (a.key(), a)).collect(),
+            tasks: snap.tasks.into_iter().map(|t| (t.id.clone(), t)).collect(),
+            placements: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            pending_tasks: BTreeMap::new(),
+            crashes: BTreeMap::new(),
+            stopping: BTreeMap::new(),
+        };
+        for record in snap.crashes {
+            let slot = LrpKey::new(
+                AppKey {
+                    tenant: record.key.tenant.clone(),
+                    name: record.key.app.clone(),
+                },
+                record.key.index,
+            );
+            let at = Time::from_timestamp(record.last_at);
+            let restart_at = at.plus(backoff.delay_after(record.count));
+            let state = CrashState {
+                crashes: record.count,
+                running_since: None,
+                restart_at: Some(restart_at),
+            };
+            cluster
+                .crashes
+                .insert(slot, CrashBackoff::with_state(backoff, state));
+        }
+        for p in snap.placements {
+            let cell = cluster.cells.entry(p.cell.clone()).or_insert_with(|| Cell {
+                id: p.cell.clone(),
+                zone: unknown_zone(),
+                tags: BTreeSet::new(),
+                total: Capacity::default(),
+                available: Capacity::default(),
+                subnet: None,
+                addresses: Vec::new(),
+                liveness: Liveness::Disconnected { last_seen: now },
+                draining: false,
+                since: wall,
+                seq: None,
+                instances: BTreeMap::new(),
+                missing_rootfs: BTreeSet::new(),
+                restored: true,
+            });
+            if let Some(info) = cluster_placeholder(&p, &cluster.apps, &cluster.tasks) {
+                cell.instances.insert(
+                    p.instance.clone(),
+                    Observed {
+                        info,
+                        since: now,
+                        since_wall: p.since,
+                    },
+                );
+            }
+            cluster.placements.insert(p.instance.clone(), p);
+        }
+        cluster
+    }
+
+    // -----------------------------------------------------------------
+    // What cells say.
+
+    /// A cell said hello (its identity already checked against its
+    /// certificate). What it runs arrives with its snapshot.
+    pub fn connect(&mut self, hello: &Hello, wall: Timestamp) {
+        let cell = self
+            .cells
+            .entry(hello.cell.clone())
+            .or_insert_with(|| Cell {
+                id: hello.cell.clone(),
+                zone: hello.zone.clone(),
+                tags: BTreeSet::new(),
+                total: Capacity::default(),
+                available: Capacity::default(),
+                subnet: None,
+                addresses: Vec::new(),
+                liveness: Liveness::Lost,
+                draining: false,
+                since: wall,
+                seq: None,
+                instances: BTreeMap::new(),
+                missing_rootfs: BTreeSet::new(),
+                restored: false,
+            });
+        cell.zone = hello.zone.clone();
+        cell.tags = hello.tags.clone();
+        cell.total = hello.total;
+        cell.available = hello.available;
+        cell.subnet = hello.subnet;
+        cell.addresses = hello.addresses.clone();
+        cell.liveness = Liveness::Connected;
+        cell.since = wall;
+        cell.seq = None;
+        cell.missing_rootfs.clear();
+    }
+
+    /// The cell's connection ended at `now`.
+    pub fn disconnect(&mut self, id: &CellId, now: Time, wall: Timestamp) {
+        if let Some(cell) = self.cells.get_mut(id) {
+            if cell.liveness == Liveness::Connected {
+                cell.liveness = Liveness::Disconnected { last_seen: now };
+                cell.since = wall;
+            }
+        }
+    }
+
+    /// Convergence declared the cell lost: its instances are replaced, its
+    /// placements forgotten. If it comes back, what it still runs is
+    /// reconciled as stale copies.
+    pub fn mark_lost(&mut self, id: &CellId, wall: Timestamp) -> Vec<Effect> {
+        let Some(cell) = self.cells.get_mut(id) else {
+            return Vec::new();
+        };
+        cell.liveness = Liveness::Lost;
+        cell.since = wall;
+        let gone: Vec<InstanceId> = cell.instances.keys().cloned().collect();
+        cell.instances.clear();
+        let mut effects = Vec::new();
+        for instance in gone {
+            if let Some(p) = self.placements.remove(&instance) {
+                if let Workload::Task { task } = &p.workload {
+                    // Its task is placed again.
+                    if let Some(t) = self.tasks.get_mut(task) {
+                        if t.transition(TaskState::Pending, None, None, wall).is_ok() {
+                            effects.push(Effect::PersistTask(t.clone()));
+                        }
+                    }
+                }
+                effects.push(Effect::DeletePlacement(instance));
+            }
+        }
+        effects
+    }
+
+    pub fn set_draining(&mut self, id: &CellId, draining: bool) {
+        if let Some(cell) = self.cells.get_mut(id) {
+            cell.draining = draining;
+        }
+    }
+
+    /// Everything the cell runs. Instances it no longer has are gone.
+    pub fn apply_snapshot(
+        &mut self,
+        id: &CellId,
+        snap: StateSnapshot,
+        now: Time,
+        wall: Timestamp,
+    ) -> Result<Vec<Effect>, ReportError> {
+        let cell = self
+            .cells
+            .get_mut(id)
+            .ok_or_else(|| ReportError::UnknownCell(id.clone()))?;
+        cell.seq = Some(snap.seq);
+        cell.available = snap.available;
+        cell.restored = false;
+        if snap.evacuating {
+            cell.draining = true;
+        }
+        let reported: BTreeMap<InstanceId, InstanceInfo> = snap
+            .instances
+            .into_iter()
+            .map(|i| (i.id.clone(), i))
+            .collect();
+        let vanished: Vec<InstanceId> = cell
+            .instances
+            .keys()
+            .filter(|k| !reported.contains_key(*k))
+            .cloned()
+            .collect();
+        let mut effects = Vec::new();
+        for gone in vanished {
+            self.removed(id, &gone, &mut effects);
+        }
+        for info in reported.into_values() {
+            self.upsert(id, info, now, wall, &mut effects);
+        }
+        Ok(effects)
+    }
+
+    /// Changes since the last snapshot or delta.
+    pub fn apply_delta(
+        &mut self,
+        id: &CellId,
+        delta: StateDelta,
+        now: Time,
+        wall: Timestamp,
+    ) -> Result<Vec<Effect>, ReportError> {
+        let cell = self
+            .cells
+            .get_mut(id)
+            .ok_or_else(|| ReportError::UnknownCell(id.clone()))?;
+        let expected = cell.seq.map_or(0, |s| s.wrapping_add(1));
+        if cell.seq.is_none() || delta.seq != expected {
+            return Err(ReportError::Gap {
+                cell: id.clone(),
+                expected,
+                got: delta.seq,
+            });
+        }
+        cell.seq = Some(delta.seq);
+        cell.available = delta.available;
+        let mut effects = Vec::new();
+        for change in delta.changes {
+            match change {
+                StateChange::Upsert { instance } => {
+                    self.upsert(id, instance, now, wall, &mut effects)
+                }
+                StateChange::Removed { id: gone } => self.removed(id, &gone, &mut effects),
+            }
+        }
+        Ok(effects)
+    }
+
+    fn removed(&mut self, cell: &CellId, id: &InstanceId, effects: &mut Vec<Effect>) {
+        if let Some(c) = self.cells.get_mut(cell) {
+            c.instances.remove(id);
+        }
+        self.stopping.remove(id);
+        if let Some(p) = self.placements.get(id) {
+            if &p.cell == cell {
+                self.placements.remove(id);
+                effects.push(Effect::DeletePlacement(id.clone()));
+            }
+        }
+    }
+
+    fn upsert(
+        &mut self,
+        cell_id: &CellId,
+        info: InstanceInfo,
+        now: Time,
+        wall: Timestamp,
+        effects: &mut Vec<Effect>,
+    ) {
+        let Some(cell) = self.cells.get_mut(cell_id) else {
+            return;
+        };
+        let old_state = cell.instances.get(&info.id).map(|o| o.info.state);
+        let changed = old_state != Some(info.state);
+        let (since, since_wall) = match cell.instances.get(&info.id) {
+            Some(o) if !changed => (o.since, o.since_wall),
+            _ => (now, wall),
+        };
+        let id = info.id.clone();
+        let state = info.state;
+        let kind = info.kind;
+        let slot = lrp_key(&info);
+        let exit_code = info.exit_code;
+        let reason = info.reason.clone();
+        cell.instances.insert(
+            id.clone(),
+            Observed {
+                info,
+                since,
+                since_wall,
+            },
+        );
+        if !changed {
+            return;
+        }
+        match kind {
+            InstanceKind::Lrp => {
+                if self.pending.get(&slot).is_some_and(|p| p.id == id) {
+                    self.pending.remove(&slot);
+                }
+                match state {
+                    InstanceState::Running => {
+                        if let Some(b) = self.crashes.get_mut(&slot) {
+                            b.on_running_since(now);
+                        }
+                    }
+                    InstanceState::Crashed => {
+                        // A crash of the slot's current placement counts;
+                        // a stale copy's does not.
+                        let current = self.placements.get(&id).is_some_and(|p| &p.cell == cell_id);
+                        if current && self.apps.contains_key(&slot.app) {
+                            let backoff = self
+                                .crashes
+                                .entry(slot.clone())
+                                .or_insert_with(|| CrashBackoff::new(self.backoff));
+                            backoff.on_crash(now);
+                            let count = backoff.state().crashes;
+                            effects.push(Effect::PersistCrash(CrashRecord {
+                                key: crash_key(&slot),
+                                count,
+                                last_at: wall,
+                                last_reason: reason.unwrap_or_else(|| "crashed".to_owned()),
+                                revision: 0,
+                            }));
+                        }
+                        effects.push(Effect::Remove {
+                            cell: cell_id.clone(),
+                            id,
+                        });
+                    }
+                    InstanceState::Exited => effects.push(Effect::Remove {
+                        cell: cell_id.clone(),
+                        id,
+                    }),
+                    InstanceState::Starting | InstanceState::Stopping => {}
+                }
+            }
+            InstanceKind::Task => {
+                let Ok(task_id) = TaskId::new(id.as_str()) else {
+                    return;
+                };
+                self.pending_tasks.remove(&task_id);
+                let Some(task) = self.tasks.get_mut(&task_id) else {
+                    // Not ours (or long forgotten): clear it off the cell
+                    // once it ends.
+                    if matches!(state, InstanceState::Exited | InstanceState::Crashed) {
+                        effects.push(Effect::Remove {
+                            cell: cell_id.clone(),
+                            id,
+                        });
+                    }
+                    return;
+                };
+                let (to, result) = match state {
+                    InstanceState::Starting | InstanceState::Running => (TaskState::Running, None),
+                    InstanceState::Exited | InstanceState::Crashed => {
+                        let to = if state == InstanceState::Exited && exit_code == Some(0) {
+                            TaskState::Succeeded
+                        } else {
+                            TaskState::Failed
+                        };
+                        let result = TaskResult {
+                            exit_code,
+                            reason,
+                            finished_at: wall,
+                        };
+                        (to, Some(result))
+                    }
+                    InstanceState::Stopping => return,
+                };
+                if task.state != to
+                    && task
+                        .transition(to, Some(cell_id.clone()), result, wall)
+                        .is_ok()
+                {
+                    effects.push(Effect::PersistTask(task.clone()));
+                }
+                if to.is_final() {
+                    effects.push(Effect::Remove {
+                        cell: cell_id.clone(),
+                        id,
+                    });
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------
+    // What the brain decides.
+
+    /// The input of [`converge`](crate::converge::converge).
+    pub fn converge_state(&self) -> ClusterState {
+        let mut actual = Vec::new();
+        for cell in self.cells.values() {
+            for (id, o) in &cell.instances {
+                if o.info.kind != InstanceKind::Lrp {
+                    continue;
+                }
+                let (version, generation) = match self.placements.get(id) {
+                    Some(Placement {
+                        workload: Workload::Lrp { version, .. },
+                        revision,
+                        cell: placed_on,
+                        ..
+                    }) if placed_on == &cell.id => (*version, *revision),
+                    // Unknown to the store: an instance the brain never
+                    // placed (or forgot). Version 0 is never current, so
+                    // it is replaced, and only once its replacement runs.
+                    _ => (0, 0),
+                };
+                actual.push(ActualInstance {
+                    id: id.clone(),
+                    cell: cell.id.clone(),
+                    app: lrp_key(&o.info).app,
+                    index: o.info.index,
+                    version,
+                    state: o.info.state,
+                    since: o.since,
+                    generation,
+                });
+            }
+        }
+        ClusterState {
+            desired: self.apps.values().map(DesiredApp::from).collect(),
+            actual,
+            cells: self
+                .cells
+                .values()
+                .map(|c| CellStatus {
+                    id: c.id.clone(),
+                    liveness: c.liveness,
+                    draining: c.draining,
+                })
+                .collect(),
+            pending: self
+                .pending
+                .iter()
+                .map(|(slot, p)| PendingStart {
+                    slot: slot.clone(),
+                    version: p.version,
+                    since: p.since,
+                })
+                .collect(),
+            crashes: self.crashes.clone(),
+        }
+    }
+
+    /// Connected cells as the auction sees them, each with what is on it
+    /// and what is starting.
+    pub fn auction_cells(&self) -> Vec<AuctionCell> {
+        self.cells
+            .values()
+            .filter(|c| c.liveness == Liveness::Connected)
+            .map(|c| {
+                let mut view = AuctionCell::new(c.id.clone(), c.zone.clone(), c.total);
+                view.tags = c.tags.clone();
+                view.available = c.available;
+                view.draining = c.draining;
+                if !c.missing_rootfs.is_empty() {
+                    view.rootfs = RootfsSupport::Except(c.missing_rootfs.clone());
+                }
+                for o in c.instances.values() {
+                    let live = matches!(
+                        o.info.state,
+                        InstanceState::Starting | InstanceState::Running
+                    );
+                    if o.info.state == InstanceState::Starting {
+                        view.starting += 1;
+                    }
+                    if live && o.info.kind == InstanceKind::Lrp {
+                        *view.app_instances.entry(lrp_key(&o.info).app).or_insert(0) += 1;
+                    }
+                }
+                view
+            })
+            .collect()
+    }
+
+    /// Tasks waiting to be placed: pending in the store, not in flight.
+    pub fn tasks_to_place(&self) -> Vec<&Task> {
+        self.tasks
+            .values()
+            .filter(|t| t.state == TaskState::Pending && !self.pending_tasks.contains_key(&t.id))
+            .collect()
+    }
+
+    /// Forgets starts in flight that are older than `timeout` (their auction
+    /// or cell never answered); convergence asks again.
+    pub fn expire_pending(&mut self, now: Time, timeout: Duration) {
+        self.pending.retain(|_, p| now.since(p.since) < timeout);
+        self.pending_tasks
+            .retain(|_, since| now.since(*since) < timeout);
+    }
+
+    /// Whether a stop for `id` was sent less than `resend` ago.
+    pub fn stop_in_flight(&self, id: &InstanceId, now: Time, resend: Duration) -> bool {
+        self.stopping
+            .get(id)
+            .is_some_and(|sent| now.since(*sent) < resend)
+    }
+
+    // -----------------------------------------------------------------
+    // What the API shows.
+
+    pub fn view(&self) -> ActualSnapshot {
+        let mut snap = ActualSnapshot::default();
+        for c in self.cells.values() {
+            let state = match c.liveness {
+                Liveness::Connected if c.draining => CellState::Draining,
+                Liveness::Connected => CellState::Connected,
+                Liveness::Disconnected { .. } | Liveness::Lost => CellState::Lost,
+            };
+            snap.cells.push(ApiCell {
+                id: c.id.clone(),
+                zone: c.zone.clone(),
+                tags: c.tags.clone(),
+                state,
+                total: c.total,
+                available: c.available,
+                instances: u32::try_from(c.instances.len()).unwrap_or(u32::MAX),
+                since: c.since,
+            });
+            if c.liveness == Liveness::Lost {
+                continue;
+            }
+            for o in c.instances.values() {
+                snap.instances.push(InstanceView {
+                    id: o.info.id.clone(),
+                    tenant: o.info.tenant.clone(),
+                    app: o.info.app.clone(),
+                    index: o.info.index,
+                    cell: c.id.clone(),
+                    state: o.info.state,
+                    address: o.info.address.map(IpAddr::V4),
+                    since: o.since_wall,
+                    reason: o.info.reason.clone(),
+                });
+            }
+        }
+        snap
+    }
+
+    /// Counts for metrics: desired and actual (running) LRP instances.
+    pub fn instance_counts(&self) -> (u64, u64) {
+        let desired = self.apps.values().map(|a| u64::from(a.instances)).sum();
+        let running = self
+            .cells
+            .values()
+            .filter(|c| c.liveness != Liveness::Lost)
+            .flat_map(|c| c.instances.values())
+            .filter(|o| o.info.kind == InstanceKind::Lrp && o.info.state == InstanceState::Running)
+            .count();
+        (desired, running as u64)
+    }
+}
+
+/// An instance record standing for a placement until its cell reports.
+fn cluster_placeholder(
+    p: &Placement,
+    apps: &BTreeMap<AppKey, App>,
+    tasks: &BTreeMap<TaskId, Task>,
+) -> Option<InstanceInfo> {
+    let (spec, kind) = match &p.workload {
+        Workload::Lrp { app, index, .. } => {
+            let key = AppKey {
+                tenant: p.tenant.clone(),
+                name: app.clone(),
+            };
+            (apps.get(&key)?.instance_spec(*index), InstanceKind::Lrp)
+        }
+        Workload::Task { task } => {
+            let t = tasks.get(task)?;
+            if t.state.is_final() {
+                return None;
+            }
+            (t.instance_spec(), InstanceKind::Task)
+        }
+    };
+    let status = corral_proto::Status {
+        state: InstanceState::Running,
+        ..corral_proto::Status::new()
+    };
+    let mut info = InstanceInfo::new(&p.instance, &spec, &status);
+    info.kind = kind;
+    Some(info)
+}
+/// The zone of a cell known only from the store, until it says hello.
+fn unknown_zone() -> Zone {
+    #[allow(clippy::expect_used)]
+    Zone::new("unknown").expect("\"unknown\" is a valid zone name")
+}

@@ -1,0 +1,1184 @@
+//! The running brain: the QUIC endpoint for cells, the management API, and
+//! one loop that owns the [`Cluster`] and acts on it.
+//!
+//! ```text
+//!  cells ──QUIC──▶ connection tasks ──Input──▶ ┌──────────── loop ────────────┐
+//!        ◀─────── (one per cell)   ◀─Message── │ Cluster (pure)               │
+//!                                              │ converge → starts, stops     │
+//!  API (hyper) ── store commit ── changes ───▶ │ auction  → bids → StartWork  │
+//!                                              │ effects  → store, StopWork   │
+//!                                              └──────── SharedView ──▶ API ───┘
+//! ```
+//!
+//! Connection tasks do the protocol's mechanics: the handshake (identity
+//! from the certificate), the hello and version negotiation, framing, and
+//! closing with a [`CloseCode`] that says why. Everything that decides
+//! lives in the loop, which processes what arrived in a batch, then runs
+//! convergence once over the result: event-driven, plus a safety sweep
+//! every [`SWEEP`] and a wake-up when a grace or backoff ends.
+//!
+//! # Auctions
+//!
+//! Starts are batched (up to [`MAX_BATCH_ITEMS`] per round, one round in
+//! flight, like Diego's auctioneer batching its pending work). A round:
+//!
+//! 1. the brain scores every connected cell centrally from the state the
+//!    cells report ([`run_auction`]; Diego's auctioneer likewise fetches its
+//!    cells' state and scores centrally), which sees the whole batch and
+//!    spreads it;
+//! 2. each chosen cell is sent a [`BidRequest`] holding only the items
+//!    placed on it, and answers with a bid or a refusal per item from its
+//!    live state (capacity, tags, root filesystem, evacuation) — so traffic
+//!    grows with the batch, not with batch × cells;
+//! 3. accepted items are recorded as placements (one store commit) and
+//!    sent as [`StartWork`]; refused ones go back to the queue, never to
+//!    the same cell again in this try; a cell that does not answer within
+//!    [`BID_TIMEOUT`] is treated as refusing.
+//!
+//! An item that fits nowhere is logged with the reason ("no cell has 512 MB
+//! free: largest free is 256 MB on cell-2"), counted by reason, and tried
+//! again after [`UNPLACED_RETRY`]; a task that fits nowhere fails with the
+//! reason, as in Diego.
+//!
+//! Store writes happen on the loop, synchronously: redb commits take about a
+//! millisecond, and doing them in order keeps "recorded before sent".
+
+use crate::api::{ActualView, ApiState, SharedView};
+use crate::auction::{run_auction, AuctionConfig, CellView as AuctionCell};
+use crate::backoff::BackoffConfig;
+use crate::cluster::{Cluster, Effect, Pending};
+use crate::config::Config;
+use crate::converge::{converge, Action, ConvergeConfig, StopReason};
+use crate::desired::{ChangeEvent, Placement, TaskId, TaskResult, TaskState, Workload};
+use crate::hello::accept_hello;
+use crate::metrics::BrainMetrics;
+use crate::model::{LrpKey, Time};
+use crate::store::{Op, RedbStore, Store, StoreError};
+use corral_link::framed::{LinkError, MessageReader, MessageWriter};
+use corral_link::tls::{self, Credentials};
+use corral_link::PeerIdentity;
+use corral_proto::wire::{
+    AckOutcome, BidOutcome, BidRequest, BrainId, CloseCode, Hello, Message, Refusal, RequestId,
+    Sender, StartWork, StopWork, WorkItem, MAX_BATCH_ITEMS, SUPPORTED_VERSIONS,
+};
+use corral_proto::{CellId, InstanceId, InstanceKind, Timestamp};
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+
+/// The convergence safety sweep.
+pub const SWEEP: Duration = Duration::from_secs(5);
+/// How long a cell has to answer a bid request.
+pub const BID_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a cell has to say hello after connecting.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How soon an item that fit nowhere is tried again (sooner if cells come).
+pub const UNPLACED_RETRY: Duration = Duration::from_secs(5);
+/// A stop not done after this long is sent again.
+const STOP_RESEND: Duration = Duration::from_secs(30);
+/// Grace a stop gives an instance between SIGTERM and SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Messages queued to one cell before it counts as stuck and is dropped
+/// (it reconnects and resynchronises).
+const OUTBOX: usize = 8192;
+
+/// The brain's clock: monotonic, with an epoch at the Unix epoch so that
+/// crash-backoff deadlines persisted as wall-clock times keep their meaning
+/// across a restart.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    start: Instant,
+    start_wall_ms: u64,
+}
+
+impl Clock {
+    pub fn new() -> Self {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        Self {
+            start: Instant::now(),
+            start_wall_ms: wall,
+        }
+    }
+
+    pub fn now(&self) -> Time {
+        let elapsed = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Time::from_millis(self.start_wall_ms.saturating_add(elapsed))
+    }
+
+    pub fn wall(&self) -> Timestamp {
+        self.now().to_timestamp()
+    }
+
+    fn instant_of(&self, t: Time) -> Instant {
+        let from_start = t.as_millis().saturating_sub(self.start_wall_ms);
+        self.start + Duration::from_millis(from_start)
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Why the brain could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tls(#[from] corral_link::tls::TlsError),
+    #[error("the certificate {cert} is for {found}, but this brain is brain {expected}: issue one with `corral-brain certs issue --brain {expected}` or set brain_id")]
+    WrongIdentity {
+        cert: std::path::PathBuf,
+        found: PeerIdentity,
+        expected: BrainId,
+    },
+    #[error("cannot listen for the management API on {addr}: {source}")]
+    ApiBind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What arrives at the loop.
+enum Input {
+    Connected {
+        conn: u64,
+        hello: Hello,
+        outbox: mpsc::Sender<Message>,
+        connection: quinn::Connection,
+    },
+    Message {
+        cell: CellId,
+        conn: u64,
+        msg: Message,
+    },
+    Disconnected {
+        cell: CellId,
+        conn: u64,
+        reason: String,
+    },
+}
+
+/// A running brain's addresses, for tests and the demo.
+#[derive(Debug, Clone)]
+pub struct Bound {
+    pub quic: SocketAddr,
+    pub api: Option<SocketAddr>,
+}
+
+/// Runs the brain until `shutdown` completes. `ready` receives the bound
+/// addresses once the brain accepts cells and API requests.
+pub async fn run(
+    config: Config,
+    ready: impl FnOnce(Bound),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let creds = Credentials::from_files(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    let me = PeerIdentity::Brain(config.brain_id.clone());
+    if creds.identity() != &me {
+        return Err(StartError::WrongIdentity {
+            cert: config.tls.cert.clone(),
+            found: creds.identity().clone(),
+            expected: config.brain_id.clone(),
+        });
+    }
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.store_path())?);
+    let clock = Clock::new();
+    let snapshot = store.snapshot()?;
+    let backoff = BackoffConfig::default();
+    let cluster = Cluster::restore(backoff, snapshot, clock.now(), clock.wall());
+    tracing::info!(
+        apps = cluster.apps.len(),
+        tasks = cluster.tasks.len(),
+        placements = cluster.placements.len(),
+        cells = cluster.cells.len(),
+        "store opened: {}",
+        config.store_path().display()
+    );
+    let view = Arc::new(SharedView::new(cluster.view()));
+    let metrics = Arc::new(BrainMetrics::new());
+    let api = Arc::new(
+        ApiState::new(
+            store.clone(),
+            view.clone() as Arc<dyn ActualView>,
+            config.tokens.clone(),
+        )?
+        .with_metrics({
+            let metrics = metrics.clone();
+            move || metrics.render()
+        }),
+    );
+    let endpoint = tls::server_endpoint(config.quic_listen, &creds)?;
+    let quic = endpoint
+        .local_addr()
+        .map_err(|source| StartError::ApiBind {
+            addr: config.quic_listen,
+            source,
+        })?;
+    let listener = match config.api_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::ApiBind { addr, source })?,
+        ),
+        None => None,
+    };
+    let api_addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+    tracing::info!(brain = %config.brain_id, %quic, api = ?api_addr, "brain running");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let api_task = listener.map(|l| {
+        let api = api.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(crate::api::serve(l, api, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }))
+    });
+    let (input_tx, input_rx) = mpsc::channel(65_536);
+    let accept_task = tokio::spawn(accept_loop(
+        endpoint.clone(),
+        config.brain_id.clone(),
+        input_tx,
+        metrics.clone(),
+    ));
+    ready(Bound {
+        quic,
+        api: api_addr,
+    });
+    let brain = Loop {
+        cluster,
+        conns: BTreeMap::new(),
+        store,
+        api,
+        view,
+        metrics,
+        clock,
+        converge: ConvergeConfig {
+            lost_cell_grace: Duration::from_secs(config.cell_lost_grace_secs),
+            ..ConvergeConfig::default()
+        },
+        auction: AuctionConfig::default(),
+        next_request: 1,
+        requests: BTreeMap::new(),
+        queue: Vec::new(),
+        round: None,
+        wake_at: None,
+    };
+    brain.run(input_rx, shutdown).await;
+    let _ = stop_tx.send(true);
+    accept_task.abort();
+    endpoint.close(
+        quinn::VarInt::from_u32(CloseCode::Normal.as_u32()),
+        b"brain shutting down",
+    );
+    if let Some(t) = api_task {
+        let _ = t.await;
+    }
+    endpoint.wait_idle().await;
+    tracing::info!("brain stopped");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Connections.
+
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    brain: BrainId,
+    input: mpsc::Sender<Input>,
+    metrics: Arc<BrainMetrics>,
+) {
+    let mut next_conn = 0u64;
+    while let Some(incoming) = endpoint.accept().await {
+        next_conn += 1;
+        let conn = next_conn;
+        let input = input.clone();
+        let brain = brain.clone();
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => serve_cell(conn, connection, brain, input, metrics).await,
+                Err(e) => match tls::handshake_refusal(&e) {
+                    Some(r) => tracing::warn!(%remote, "refused a cell's connection: {r}"),
+                    None => tracing::info!(%remote, "a cell's connection failed: {e}"),
+                },
+            }
+        });
+    }
+}
+
+fn close(connection: &quinn::Connection, code: CloseCode, reason: &str) {
+    connection.close(quinn::VarInt::from_u32(code.as_u32()), reason.as_bytes());
+}
+
+/// One cell's connection, from the hello to its end.
+async fn serve_cell(
+    conn: u64,
+    connection: quinn::Connection,
+    brain: BrainId,
+    input: mpsc::Sender<Input>,
+    metrics: Arc<BrainMetrics>,
+) {
+    let remote = connection.remote_address();
+    let peer = match tls::peer_identity(&connection) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(%remote, "refused a connection: {e}");
+            close(&connection, CloseCode::Identity, &e.to_string());
+            return;
+        }
+    };
+    let greeting = tokio::time::timeout(HELLO_TIMEOUT, async {
+        let (send, recv) = connection.accept_bi().await?;
+        let mut reader = MessageReader::new(recv, Sender::Cell);
+        let first = reader.next().await?;
+        Ok::<_, LinkError>((MessageWriter::new(send), reader, first))
+    })
+    .await;
+    let (mut writer, mut reader, hello) = match greeting {
+        Ok(Ok((w, r, Some(Message::Hello(hello))))) => (w, r, hello),
+        Ok(Ok((_, _, other))) => {
+            let what = other.as_ref().map_or("nothing", Message::name);
+            tracing::warn!(%peer, %remote, "refused: sent {what} before hello");
+            close(&connection, CloseCode::Protocol, "hello first");
+            return;
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(%peer, %remote, "refused: {e}");
+            close(&connection, CloseCode::Protocol, &e.to_string());
+            return;
+        }
+        Err(_) => {
+            tracing::warn!(%peer, %remote, "refused: no hello within {HELLO_TIMEOUT:?}");
+            close(&connection, CloseCode::Protocol, "no hello in time");
+            return;
+        }
+    };
+    let ack = match accept_hello(&peer, &hello, SUPPORTED_VERSIONS, &brain, hello.subnet) {
+        Ok(ack) => ack,
+        Err(e) => {
+            tracing::warn!(%peer, %remote, "refused the cell: {e}");
+            close(&connection, e.close_code(), &e.to_string());
+            return;
+        }
+    };
+    if let Err(e) = writer.send(&Message::HelloAck(ack)).await {
+        tracing::info!(%peer, "lost the cell during the hello: {e}");
+        return;
+    }
+    let cell = hello.cell.clone();
+    tracing::info!(%cell, %remote, zone = %hello.zone, "cell connected");
+    let (outbox_tx, mut outbox) = mpsc::channel::<Message>(OUTBOX);
+    if input
+        .send(Input::Connected {
+            conn,
+            hello,
+            outbox: outbox_tx,
+            connection: connection.clone(),
+        })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let reason = loop {
+        tokio::select! {
+            msg = reader.next() => match msg {
+                Ok(Some(msg)) => {
+                    metrics.message("in", msg.name());
+                    if input.send(Input::Message { cell: cell.clone(), conn, msg }).await.is_err() {
+                        break "the brain is stopping".to_owned();
+                    }
+                }
+                Ok(None) => break "the cell finished its stream".to_owned(),
+                Err(LinkError::Closed(e)) | Err(LinkError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                    break format!("connection lost: {e}");
+                }
+                Err(e) => {
+                    tracing::warn!(%cell, "dropping the cell: {e}");
+                    close(&connection, CloseCode::Protocol, &e.to_string());
+                    break e.to_string();
+                }
+            },
+            out = outbox.recv() => match out {
+                Some(msg) => {
+                    metrics.message("out", msg.name());
+                    if let Err(e) = writer.send(&msg).await {
+                        break format!("sending {}: {e}", msg.name());
+                    }
+                }
+                // The loop replaced or dropped this connection.
+                None => break "replaced".to_owned(),
+            },
+        }
+    };
+    let _ = input.send(Input::Disconnected { cell, conn, reason }).await;
+}
+
+// ---------------------------------------------------------------------------
+// The loop.
+
+struct Conn {
+    id: u64,
+    outbox: mpsc::Sender<Message>,
+    connection: quinn::Connection,
+}
+
+/// What a request to a cell was for, to act on its answer.
+enum Request {
+    Start {
+        cell: CellId,
+        id: InstanceId,
+        slot: Option<LrpKey>,
+        task: Option<TaskId>,
+    },
+    Stop,
+}
+
+/// An item waiting for an auction, and the cells that refused it.
+struct Queued {
+    item: WorkItem,
+    spec: corral_proto::InstanceSpec,
+    slot: Option<(LrpKey, u64)>,
+    refused_by: BTreeSet<CellId>,
+}
+
+/// An auction waiting for bids.
+struct Round {
+    started: Instant,
+    deadline: Instant,
+    /// Per request sent: the cell and the items offered to it.
+    offers: BTreeMap<RequestId, (CellId, Vec<Queued>)>,
+}
+
+struct Loop {
+    cluster: Cluster,
+    conns: BTreeMap<CellId, Conn>,
+    store: Arc<dyn Store>,
+    api: Arc<ApiState>,
+    view: Arc<SharedView>,
+    metrics: Arc<BrainMetrics>,
+    clock: Clock,
+    converge: ConvergeConfig,
+    auction: AuctionConfig,
+    next_request: u64,
+    requests: BTreeMap<RequestId, Request>,
+    queue: Vec<Queued>,
+    round: Option<Round>,
+    wake_at: Option<Time>,
+}
+
+impl Loop {
+    async fn run(mut self, mut input: mpsc::Receiver<Input>, shutdown: impl Future<Output = ()>) {
+        let mut changes = self.api.watch_changes();
+        tokio::pin!(shutdown);
+        self.reload_desired();
+        self.step();
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                got = input.recv() => {
+                    let Some(first) = got else { break };
+                    self.handle(first);
+                    // Take whatever else has arrived, then decide once.
+                    while let Ok(more) = input.try_recv() {
+                        self.handle(more);
+                    }
+                }
+                changed = changes.changed() => {
+                    if changed.is_err() { break; }
+                    self.reload_desired();
+                }
+                () = tokio::time::sleep_until(wake.into()) => {}
+                () = &mut shutdown => break,
+            }
+            self.step();
+        }
+        for conn in self.conns.values() {
+            close(&conn.connection, CloseCode::Normal, "brain shutting down");
+        }
+    }
+
+    fn next_wake(&self) -> Instant {
+        let mut wake = Instant::now() + SWEEP;
+        if let Some(at) = self.wake_at {
+            wake = wake.min(self.clock.instant_of(at));
+        }
+        if let Some(r) = &self.round {
+            wake = wake.min(r.deadline);
+        }
+        wake
+    }
+
+    fn reload_desired(&mut self) {
+        match (self.store.apps(None), self.store.tasks(None)) {
+            (Ok(apps), Ok(tasks)) => {
+                self.cluster.apps = apps.into_iter().map(|a| (a.key(), a)).collect();
+                self.cluster.tasks = tasks.into_iter().map(|t| (t.id.clone(), t)).collect();
+            }
+            (Err(e), _) | (_, Err(e)) => tracing::error!("reading desired state: {e}"),
+        }
+    }
+
+    fn request_id(&mut self) -> RequestId {
+        let id = RequestId(self.next_request);
+        self.next_request += 1;
+        id
+    }
+
+    fn send(&mut self, cell: &CellId, msg: Message) -> bool {
+        let Some(conn) = self.conns.get(cell) else {
+            return false;
+        };
+        match conn.outbox.try_send(msg) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(%cell, "the cell is not keeping up ({e}): dropping its connection");
+                close(
+                    &conn.connection,
+                    CloseCode::Protocol,
+                    "too far behind; reconnect",
+                );
+                false
+            }
+        }
+    }
+
+    fn handle(&mut self, input: Input) {
+        let now = self.clock.now();
+        let wall = self.clock.wall();
+        match input {
+            Input::Connected {
+                conn,
+                hello,
+                outbox,
+                connection,
+            } => {
+                let cell = hello.cell.clone();
+                if let Some(old) = self.conns.remove(&cell) {
+                    tracing::info!(%cell, "the cell connected again: closing its older connection");
+                    close(
+                        &old.connection,
+                        CloseCode::Replaced,
+                        "replaced by a newer connection",
+                    );
+                }
+                self.cluster.connect(&hello, wall);
+                self.conns.insert(
+                    cell,
+                    Conn {
+                        id: conn,
+                        outbox,
+                        connection,
+                    },
+                );
+            }
+            Input::Disconnected { cell, conn, reason } => {
+                if self.conns.get(&cell).is_some_and(|c| c.id == conn) {
+                    self.conns.remove(&cell);
+                    self.cluster.disconnect(&cell, now, wall);
+                    tracing::warn!(%cell, "cell disconnected: {reason}");
+                }
+            }
+            Input::Message { cell, conn, msg } => {
+                if self.conns.get(&cell).is_none_or(|c| c.id != conn) {
+                    return; // From a connection already replaced.
+                }
+                self.on_message(&cell, msg, now, wall);
+            }
+        }
+    }
+
+    fn on_message(&mut self, cell: &CellId, msg: Message, now: Time, wall: Timestamp) {
+        let applied = match msg {
+            Message::StateSnapshot(s) => self.cluster.apply_snapshot(cell, s, now, wall),
+            Message::StateDelta(d) => self.cluster.apply_delta(cell, d, now, wall),
+            Message::Bids(bids) => {
+                self.on_bids(cell, bids);
+                return;
+            }
+            Message::Ack(ack) => {
+                self.on_ack(cell, ack.request, ack.outcome, wall);
+                return;
+            }
+            Message::Event(e) => {
+                tracing::debug!(%cell, instance = %e.id, event = e.kind.name(), "instance event");
+                if matches!(e.kind, corral_proto::wire::InstanceEventKind::Evacuating) {
+                    self.cluster.set_draining(cell, true);
+                }
+                return;
+            }
+            Message::Ping { seq } => {
+                self.send(cell, Message::Pong { seq });
+                return;
+            }
+            Message::Pong { .. } => return,
+            // The reader refuses brain-only messages; a second hello is a
+            // protocol error.
+            other => {
+                tracing::warn!(%cell, "unexpected {} from the cell: dropping it", other.name());
+                if let Some(c) = self.conns.get(cell) {
+                    close(&c.connection, CloseCode::Protocol, "unexpected message");
+                }
+                return;
+            }
+        };
+        match applied {
+            Ok(effects) => self.carry_out(effects),
+            Err(e) => {
+                tracing::info!("{e}");
+                self.send(cell, Message::RequestState);
+            }
+        }
+    }
+
+    fn carry_out(&mut self, effects: Vec<Effect>) {
+        let mut ops = Vec::new();
+        let mut tasks = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::PersistCrash(record) => {
+                    tracing::warn!(slot = %record.key, count = record.count, "instance crashed: {}", record.last_reason);
+                    self.metrics.crash();
+                    ops.push(Op::PutCrash {
+                        record,
+                        expect: crate::store::Expect::Any,
+                    });
+                }
+                Effect::PersistTask(task) => {
+                    tasks.push(task.clone());
+                    ops.push(Op::PutTask {
+                        task,
+                        expect: crate::store::Expect::Any,
+                    });
+                }
+                Effect::DeletePlacement(instance) => ops.push(Op::DeletePlacement {
+                    instance,
+                    expect: crate::store::Expect::Any,
+                }),
+                Effect::Remove { cell, id } => {
+                    let request = self.request_id();
+                    self.requests.insert(request, Request::Stop);
+                    self.send(
+                        &cell,
+                        Message::StopWork(StopWork {
+                            request,
+                            id,
+                            grace: STOP_GRACE,
+                        }),
+                    );
+                }
+                Effect::RequestState { cell } => {
+                    self.send(&cell, Message::RequestState);
+                }
+            }
+        }
+        if ops.is_empty() {
+            return;
+        }
+        match self.store.commit(ops) {
+            Ok(revision) => {
+                for mut task in tasks {
+                    task.revision = revision;
+                    if let Some(t) = self.cluster.tasks.get_mut(&task.id) {
+                        t.revision = revision;
+                    }
+                    self.api
+                        .publish(ChangeEvent::TaskUpdated { revision, task });
+                }
+            }
+            Err(e) => tracing::error!("recording what cells reported: {e}"),
+        }
+    }
+
+    fn on_ack(&mut self, cell: &CellId, request: RequestId, outcome: AckOutcome, wall: Timestamp) {
+        let Some(req) = self.requests.remove(&request) else {
+            return;
+        };
+        let (
+            AckOutcome::Refused(refusal),
+            Request::Start {
+                cell: asked,
+                id,
+                slot,
+                task,
+            },
+        ) = (outcome, req)
+        else {
+            return;
+        };
+        if &asked != cell {
+            return;
+        }
+        if matches!(refusal, Refusal::Duplicate { .. }) {
+            return; // Already there: the start happened.
+        }
+        tracing::warn!(%cell, instance = %id, "the cell refused to start the instance: {refusal}");
+        self.apply_refusal(cell, &refusal);
+        if let Some(slot) = slot {
+            if self.cluster.pending.get(&slot).is_some_and(|p| p.id == id) {
+                self.cluster.pending.remove(&slot);
+            }
+        }
+        if let Some(task) = task {
+            self.cluster.pending_tasks.remove(&task);
+            self.task_back_to_pending(&task, wall);
+        }
+        self.cluster.placements.remove(&id);
+        self.carry_out(vec![Effect::DeletePlacement(id)]);
+    }
+
+    fn task_back_to_pending(&mut self, task: &TaskId, wall: Timestamp) {
+        if let Some(t) = self.cluster.tasks.get_mut(task) {
+            if t.transition(TaskState::Pending, None, None, wall).is_ok() {
+                let t = t.clone();
+                self.carry_out(vec![Effect::PersistTask(t)]);
+            }
+        }
+    }
+
+    fn apply_refusal(&mut self, cell: &CellId, refusal: &Refusal) {
+        match refusal {
+            Refusal::Evacuating => self.cluster.set_draining(cell, true),
+            Refusal::RootfsUnavailable { rootfs } => {
+                if let Some(c) = self.cluster.cells.get_mut(cell) {
+                    c.missing_rootfs.insert(rootfs.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // -----------------------------------------------------------------
+    // Deciding.
+
+    fn step(&mut self) {
+        let now = self.clock.now();
+        let wall = self.clock.wall();
+        self.cluster
+            .expire_pending(now, self.converge.start_timeout);
+        let plan = converge(&self.converge, &self.cluster.converge_state(), now);
+        self.wake_at = plan.wake_at;
+        self.metrics.convergence_run();
+        for action in plan.actions {
+            self.metrics.convergence_action(action_name(&action));
+            match action {
+                Action::MarkCellLost { cell } => {
+                    tracing::warn!(%cell, grace = ?self.converge.lost_cell_grace, "cell lost: its instances are started elsewhere");
+                    let effects = self.cluster.mark_lost(&cell, wall);
+                    self.carry_out(effects);
+                }
+                Action::Start {
+                    slot,
+                    version,
+                    reason,
+                } => self.queue_lrp(slot, version, &reason, now),
+                Action::Stop {
+                    cell,
+                    instance,
+                    slot,
+                    reason,
+                } => {
+                    if self.cluster.stop_in_flight(&instance, now, STOP_RESEND) {
+                        continue;
+                    }
+                    let why = match &reason {
+                        StopReason::ScaledDown => "scaled down".to_owned(),
+                        StopReason::AppDeleted => "app deleted".to_owned(),
+                        StopReason::Duplicate { kept } => format!("duplicate of {kept}"),
+                        StopReason::Replaced { by } => format!("replaced by {by}"),
+                    };
+                    tracing::info!(%cell, %instance, %slot, "stopping: {why}");
+                    let request = self.request_id();
+                    if self.send(
+                        &cell,
+                        Message::StopWork(StopWork {
+                            request,
+                            id: instance.clone(),
+                            grace: STOP_GRACE,
+                        }),
+                    ) {
+                        self.requests.insert(request, Request::Stop);
+                        self.cluster.stopping.insert(instance, now);
+                    }
+                }
+                Action::RestartAt { .. } => {}
+            }
+        }
+        self.queue_tasks(now);
+        self.auction_step(now, wall);
+        self.publish_view();
+    }
+
+    fn queue_lrp(
+        &mut self,
+        slot: LrpKey,
+        version: u64,
+        reason: &crate::converge::StartReason,
+        now: Time,
+    ) {
+        let Some(app) = self.cluster.apps.get(&slot.app) else {
+            return;
+        };
+        if self.cluster.pending.contains_key(&slot) {
+            return;
+        }
+        let id = lrp_instance_id(&slot);
+        let spec = app.instance_spec(slot.index);
+        let item = WorkItem::new(id.clone(), &spec, app.tags.clone());
+        tracing::debug!(%slot, instance = %id, ?reason, "starting");
+        self.cluster.pending.insert(
+            slot.clone(),
+            Pending {
+                id,
+                version,
+                since: now,
+            },
+        );
+        self.queue.push(Queued {
+            item,
+            spec,
+            slot: Some((slot, version)),
+            refused_by: BTreeSet::new(),
+        });
+    }
+
+    fn queue_tasks(&mut self, now: Time) {
+        let tasks: Vec<_> = self
+            .cluster
+            .tasks_to_place()
+            .into_iter()
+            .map(|t| (t.id.clone(), t.instance_spec(), t.spec.tags.clone()))
+            .collect();
+        for (task, spec, tags) in tasks {
+            let item = WorkItem::new(task.instance_id().clone(), &spec, tags);
+            self.cluster.pending_tasks.insert(task, now);
+            self.queue.push(Queued {
+                item,
+                spec,
+                slot: None,
+                refused_by: BTreeSet::new(),
+            });
+        }
+    }
+
+    /// Finishes a round whose bids are in (or late), then starts the next.
+    fn auction_step(&mut self, now: Time, wall: Timestamp) {
+        if let Some(round) = &self.round {
+            let all_in = round.offers.is_empty();
+            if !all_in && Instant::now() < round.deadline {
+                return;
+            }
+        }
+        if let Some(round) = self.round.take() {
+            // Whoever has not answered refuses by silence.
+            for (_, (cell, items)) in round.offers {
+                tracing::warn!(%cell, items = items.len(), "no bids within {BID_TIMEOUT:?}");
+                for mut q in items {
+                    q.refused_by.insert(cell.clone());
+                    self.queue.push(q);
+                }
+            }
+            self.metrics
+                .auction_done(round.started.elapsed().as_secs_f64());
+        }
+        if self.queue.is_empty() {
+            return;
+        }
+        let take = self.queue.len().min(MAX_BATCH_ITEMS);
+        let batch: Vec<Queued> = self.queue.drain(..take).collect();
+        let mut cells = self.cluster.auction_cells();
+        let (placed, unplaced) = place(&self.auction, &mut cells, batch);
+        for (q, error) in unplaced {
+            self.metrics.placement_failure(error.reason());
+            self.unplaced(q, &error.to_string(), now, wall);
+        }
+        let mut per_cell: BTreeMap<CellId, Vec<Queued>> = BTreeMap::new();
+        for (q, cell) in placed {
+            per_cell.entry(cell).or_default().push(q);
+        }
+        if per_cell.is_empty() {
+            return;
+        }
+        let mut offers = BTreeMap::new();
+        for (cell, items) in per_cell {
+            let request = self.request_id();
+            let msg = Message::BidRequest(BidRequest {
+                request,
+                items: items.iter().map(|q| q.item.clone()).collect(),
+            });
+            if self.send(&cell, msg) {
+                offers.insert(request, (cell, items));
+            } else {
+                for mut q in items {
+                    q.refused_by.insert(cell.clone());
+                    self.queue.push(q);
+                }
+            }
+        }
+        let started = Instant::now();
+        self.round = Some(Round {
+            started,
+            deadline: started + BID_TIMEOUT,
+            offers,
+        });
+    }
+
+    fn unplaced(&mut self, q: Queued, error: &str, now: Time, wall: Timestamp) {
+        match q.slot {
+            Some((slot, _)) => {
+                tracing::warn!(%slot, "cannot place: {error}");
+                // Held as pending so that convergence does not ask again at
+                // once; it expires after UNPLACED_RETRY.
+                if let Some(p) = self.cluster.pending.get_mut(&slot) {
+                    let hold = self.converge.start_timeout.saturating_sub(UNPLACED_RETRY);
+                    p.since = Time::from_millis(
+                        now.as_millis()
+                            .saturating_sub(u64::try_from(hold.as_millis()).unwrap_or(0)),
+                    );
+                }
+            }
+            None => {
+                let Ok(task) = TaskId::new(q.item.id.as_str()) else {
+                    return;
+                };
+                tracing::warn!(%task, "cannot place the task: {error}");
+                self.cluster.pending_tasks.remove(&task);
+                if let Some(t) = self.cluster.tasks.get_mut(&task) {
+                    let result = TaskResult {
+                        exit_code: None,
+                        reason: Some(format!("cannot place: {error}")),
+                        finished_at: wall,
+                    };
+                    if t.transition(TaskState::Failed, None, Some(result), wall)
+                        .is_ok()
+                    {
+                        let t = t.clone();
+                        self.carry_out(vec![Effect::PersistTask(t)]);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_bids(&mut self, cell: &CellId, bids: corral_proto::wire::Bids) {
+        let Some(round) = self.round.as_mut() else {
+            return;
+        };
+        let Some((offered_to, items)) = round.offers.remove(&bids.request) else {
+            return;
+        };
+        if &offered_to != cell {
+            return;
+        }
+        let refusals: BTreeMap<InstanceId, Refusal> = bids
+            .bids
+            .into_iter()
+            .filter_map(|b| match b.outcome {
+                BidOutcome::Refused(r) => Some((b.id, r)),
+                BidOutcome::Score(_) => None,
+            })
+            .collect();
+        let wall = self.clock.wall();
+        let mut accepted = Vec::new();
+        for mut q in items {
+            if let Some(r) = refusals.get(&q.item.id) {
+                tracing::info!(%cell, instance = %q.item.id, "bid refused: {r}");
+                self.apply_refusal(cell, r);
+                q.refused_by.insert(cell.clone());
+                self.queue.push(q);
+            } else {
+                accepted.push(q);
+            }
+        }
+        self.start_accepted(cell, accepted, wall);
+    }
+
+    /// Records the placements, then sends the work.
+    fn start_accepted(&mut self, cell: &CellId, accepted: Vec<Queued>, wall: Timestamp) {
+        if accepted.is_empty() {
+            return;
+        }
+        let placements: Vec<Placement> = accepted
+            .iter()
+            .map(|q| Placement {
+                instance: q.item.id.clone(),
+                cell: cell.clone(),
+                tenant: q.item.tenant.clone(),
+                workload: match &q.slot {
+                    Some((slot, version)) => Workload::Lrp {
+                        app: slot.app.name.clone(),
+                        index: slot.index,
+                        version: *version,
+                    },
+                    None => Workload::Task {
+                        task: TaskId::new(q.item.id.as_str())
+                            .unwrap_or_else(|_| unreachable_task_id()),
+                    },
+                },
+                since: wall,
+                revision: 0,
+            })
+            .collect();
+        let mut ops: Vec<Op> = placements
+            .iter()
+            .map(|p| Op::PutPlacement {
+                placement: p.clone(),
+                expect: crate::store::Expect::Any,
+            })
+            .collect();
+        let mut running_tasks = Vec::new();
+        for q in &accepted {
+            if q.item.kind == InstanceKind::Task {
+                if let Ok(id) = TaskId::new(q.item.id.as_str()) {
+                    if let Some(t) = self.cluster.tasks.get_mut(&id) {
+                        if t.transition(TaskState::Running, Some(cell.clone()), None, wall)
+                            .is_ok()
+                        {
+                            running_tasks.push(t.clone());
+                            ops.push(Op::PutTask {
+                                task: t.clone(),
+                                expect: crate::store::Expect::Any,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        let revision = match self.store.commit(ops) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("recording placements: {e}; they are auctioned again");
+                for q in accepted {
+                    self.queue.push(q);
+                }
+                return;
+            }
+        };
+        for task in running_tasks {
+            self.api.publish(ChangeEvent::TaskUpdated {
+                revision,
+                task: crate::desired::Task { revision, ..task },
+            });
+        }
+        for mut p in placements {
+            p.revision = revision;
+            self.cluster.placements.insert(p.instance.clone(), p);
+        }
+        self.metrics.placed(accepted.len());
+        for q in accepted {
+            let request = self.request_id();
+            self.requests.insert(
+                request,
+                Request::Start {
+                    cell: cell.clone(),
+                    id: q.item.id.clone(),
+                    slot: q.slot.as_ref().map(|(s, _)| s.clone()),
+                    task: match q.item.kind {
+                        InstanceKind::Task => TaskId::new(q.item.id.as_str()).ok(),
+                        InstanceKind::Lrp => None,
+                    },
+                },
+            );
+            self.send(
+                cell,
+                Message::StartWork(StartWork {
+                    request,
+                    id: q.item.id,
+                    spec: q.spec,
+                }),
+            );
+        }
+    }
+
+    fn publish_view(&mut self) {
+        let view = self.cluster.view();
+        let (desired, running) = self.cluster.instance_counts();
+        self.metrics.observe_cluster(&view, desired, running);
+        self.view.set(view);
+    }
+}
+
+/// Items placed (with their cell) and items that fit nowhere (with why).
+type Placed = (
+    Vec<(Queued, CellId)>,
+    Vec<(Queued, crate::auction::PlacementError)>,
+);
+
+/// Runs the auction over a batch, excluding for each item the cells that
+/// refused it: items are grouped by the set of cells they exclude, and each
+/// group is placed on the remaining cells in turn, all on one working view so
+/// that capacity taken by one group is seen by the next.
+fn place(config: &AuctionConfig, cells: &mut [AuctionCell], batch: Vec<Queued>) -> Placed {
+    let mut groups: BTreeMap<BTreeSet<CellId>, Vec<Queued>> = BTreeMap::new();
+    for q in batch {
+        groups.entry(q.refused_by.clone()).or_default().push(q);
+    }
+    let mut placed = Vec::new();
+    let mut unplaced = Vec::new();
+    for (excluded, group) in groups {
+        // Allowed cells first; the auction sees only those.
+        cells.sort_by_key(|c| excluded.contains(&c.id));
+        let allowed = cells.iter().filter(|c| !excluded.contains(&c.id)).count();
+        let items: Vec<WorkItem> = group.iter().map(|q| q.item.clone()).collect();
+        let outcome = run_auction(config, &mut cells[..allowed], &items);
+        let mut by_id: BTreeMap<InstanceId, Queued> =
+            group.into_iter().map(|q| (q.item.id.clone(), q)).collect();
+        for p in outcome.placed {
+            if let Some(q) = by_id.remove(&p.id) {
+                placed.push((q, p.cell));
+            }
+        }
+        for u in outcome.unplaced {
+            if let Some(q) = by_id.remove(&u.id) {
+                unplaced.push((q, u.error));
+            }
+        }
+    }
+    (placed, unplaced)
+}
+
+fn action_name(action: &Action) -> &'static str {
+    match action {
+        Action::MarkCellLost { .. } => "mark-cell-lost",
+        Action::Start { .. } => "start",
+        Action::Stop { .. } => "stop",
+        Action::RestartAt { .. } => "wait-backoff",
+    }
+}
+
+/// A fresh instance id for a slot: `<app>-<index>-<random>`, readable in
+/// `corral app` and on the cell, unique across the slot's placements.
+pub fn lrp_instance_id(slot: &LrpKey) -> InstanceId {
+    let name: String = slot.app.name.as_str().chars().take(40).collect();
+    let suffix = random_u32();
+    InstanceId::new(format!("{name}-{}-{suffix:08x}", slot.index))
+        .or_else(|_| InstanceId::new(format!("i-{suffix:08x}")))
+        .unwrap_or_else(|_| unreachable_instance_id())
+}
+
+fn random_u32() -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(Instant::now().elapsed().as_nanos());
+    h.finish() as u32
+}
+
+#[allow(clippy::expect_used)]
+fn unreachable_instance_id() -> InstanceId {
+    InstanceId::new("i").expect("\"i\" is a valid instance id")
+}
+
+#[allow(clippy::expect_used)]
+fn unreachable_task_id() -> TaskId {
+    TaskId::new("t").expect("\"t\" is a valid task id")
+}

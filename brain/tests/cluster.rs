@@ -1,0 +1,408 @@
+//! The running brain end to end without root: a real brain (store, API,
+//! QUIC endpoint, loop) and simulated cells over real QUIC with real
+//! certificates ([`corral_brain::sim`]), which run no containers but speak
+//! the whole protocol. Apps are pushed through the real HTTP API.
+//!
+//! The same scenarios with real agents and containers run as root in
+//! `tests/tests/brain.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use corral_brain::certs::{self, Validity};
+use corral_brain::config::{Config, TlsFiles, Token, Tokens};
+use corral_brain::sim::{self, SimCell, SimHandle};
+use corral_brain::tls::Credentials;
+use corral_brain::PeerIdentity;
+use corral_proto::wire::{BrainId, Zone};
+use corral_proto::{Capacity, CellId, InstanceState, TenantId};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const ADMIN: &str = "admin-token-0123456789";
+const ACME: &str = "acme-token-0123456789";
+const GRACE_SECS: u64 = 2;
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Brain {
+    api: SocketAddr,
+    quic: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Brain {
+    async fn start(dir: &Path, quic: Option<SocketAddr>) -> Brain {
+        let config = Config {
+            brain_id: BrainId::new("b1").unwrap(),
+            data_dir: dir.join("data"),
+            api_listen: Some("127.0.0.1:0".parse().unwrap()),
+            quic_listen: quic.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()),
+            tls: TlsFiles {
+                ca: dir.join("certs/ca.pem"),
+                cert: dir.join("certs/brain-b1.pem"),
+                key: dir.join("certs/brain-b1-key.pem"),
+            },
+            tokens: Tokens::new(
+                Some(Token::new(ADMIN).unwrap()),
+                vec![(Token::new(ACME).unwrap(), TenantId::new("acme").unwrap())],
+            )
+            .unwrap(),
+            cell_lost_grace_secs: GRACE_SECS,
+            vip_range: None,
+        };
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            corral_brain::run::run(
+                config,
+                move |b| {
+                    let _ = ready_tx.send(b);
+                },
+                async move {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+            .unwrap();
+        });
+        let bound = ready_rx.await.unwrap();
+        Brain {
+            api: bound.api.unwrap(),
+            quic: bound.quic,
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("the brain stops")
+            .unwrap();
+    }
+}
+
+fn make_certs(dir: &Path, cells: &[&str]) -> PathBuf {
+    let certs = dir.join("certs");
+    let v = Validity::days_from(SystemTime::now(), 2);
+    certs::init(&certs, v, false).unwrap();
+    certs::issue(
+        &certs,
+        &PeerIdentity::Brain(BrainId::new("b1").unwrap()),
+        v,
+        false,
+    )
+    .unwrap();
+    for c in cells {
+        certs::issue(
+            &certs,
+            &PeerIdentity::Cell(CellId::new(*c).unwrap()),
+            v,
+            false,
+        )
+        .unwrap();
+    }
+    certs
+}
+
+fn cell(certs: &Path, id: &str, zone: &str, brain: SocketAddr, reconnect: Duration) -> SimHandle {
+    let who = PeerIdentity::Cell(CellId::new(id).unwrap());
+    let creds = Credentials::from_dir(certs, &who).unwrap();
+    sim::spawn(
+        SimCell {
+            id: CellId::new(id).unwrap(),
+            zone: Zone::new(zone).unwrap(),
+            tags: Default::default(),
+            total: Capacity {
+                memory_mb: 4096,
+                disk_mb: 16_384,
+                containers: 50,
+            },
+            start_delay: Duration::from_millis(50),
+        },
+        creds,
+        brain,
+        reconnect,
+    )
+}
+
+/// One HTTP/1.1 request; returns the status and the JSON body.
+async fn call(api: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: brain\r\nauthorization: Bearer {ADMIN}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+async fn push(api: SocketAddr, name: &str, instances: u32) {
+    let (status, body) = call(
+        api,
+        "POST",
+        "/v1/apps",
+        Some(json!({
+            "tenant": "acme", "name": name, "instances": instances, "rootfs": "/rootfs",
+            "command": ["/bin/sleep", "1000"], "resources": {"memory_mb": 64, "disk_mb": 64},
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+}
+
+async fn scale(api: SocketAddr, name: &str, instances: u32) {
+    let (status, body) = call(
+        api,
+        "PATCH",
+        &format!("/v1/apps/{name}?tenant=acme"),
+        Some(json!({ "instances": instances })),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// Running instances per cell, as the cells themselves hold them.
+fn running(cells: &[&SimHandle]) -> Vec<usize> {
+    cells
+        .iter()
+        .map(|c| {
+            c.instances()
+                .values()
+                .filter(|(_, s)| *s == InstanceState::Running)
+                .count()
+        })
+        .collect()
+}
+
+async fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Per-cell counts settle (equal for `settle`) before they are judged.
+async fn settled(cells: &[&SimHandle], total: usize) -> Vec<usize> {
+    let mut last = Vec::new();
+    let mut stable_since = Instant::now();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = running(cells);
+        let all_live: usize = cells.iter().map(|c| c.live()).sum();
+        if now != last {
+            last = now.clone();
+            stable_since = Instant::now();
+        } else if now.iter().sum::<usize>() == total
+            && all_live == total
+            && stable_since.elapsed() > Duration::from_millis(700)
+        {
+            return now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {total} running, have {now:?} ({all_live} live)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_spread_scale_heal_and_survive_a_brain_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), &["c1", "c2", "c3"]);
+    let brain = Brain::start(dir.path(), None).await;
+    let fast = Duration::from_millis(200);
+    let c1 = cell(&certs, "c1", "z1", brain.quic, fast);
+    let c2 = cell(&certs, "c2", "z2", brain.quic, fast);
+    let c3 = cell(&certs, "c3", "z3", brain.quic, fast);
+    let all = [&c1, &c2, &c3];
+    wait_for("three cells", || all.iter().all(|c| c.connected())).await;
+    let (_, cells) = call(brain.api, "GET", "/v1/cells", None).await;
+    assert_eq!(cells["cells"].as_array().unwrap().len(), 3, "{cells}");
+
+    // Six instances spread evenly over three cells in three zones.
+    push(brain.api, "web", 6).await;
+    assert_eq!(settled(&all, 6).await, vec![2, 2, 2]);
+    let (_, inst) = call(brain.api, "GET", "/v1/apps/web/instances?tenant=acme", None).await;
+    let list = inst["instances"].as_array().unwrap();
+    assert_eq!(list.len(), 6, "{inst}");
+    let mut indexes: Vec<u64> = list.iter().map(|i| i["index"].as_u64().unwrap()).collect();
+    indexes.sort_unstable();
+    assert_eq!(indexes, vec![0, 1, 2, 3, 4, 5]);
+
+    // Scale up and down.
+    scale(brain.api, "web", 9).await;
+    assert_eq!(settled(&all, 9).await, vec![3, 3, 3]);
+    scale(brain.api, "web", 6).await;
+    assert_eq!(settled(&all, 6).await.iter().sum::<usize>(), 6);
+
+    // A crashed instance is replaced, and the crash is counted.
+    let (victim, _) = c1
+        .instances()
+        .into_iter()
+        .find(|(_, (_, s))| *s == InstanceState::Running)
+        .unwrap();
+    assert!(c1.crash(&victim, 137));
+    wait_for("the crashed instance to be replaced and removed", || {
+        !c1.instances().contains_key(&victim)
+    })
+    .await;
+    assert_eq!(settled(&all, 6).await.iter().sum::<usize>(), 6);
+    let metrics = metrics(brain.api).await;
+    assert!(
+        metrics.contains("corral_brain_instance_crashes_total 1"),
+        "{metrics}"
+    );
+
+    // A brain restart restarts nothing and loses nothing.
+    let before: Vec<(u64, u64)> = all.iter().map(|c| c.counts()).collect();
+    let quic = brain.quic;
+    brain.stop().await;
+    let brain = Brain::start(dir.path(), Some(quic)).await;
+    wait_for("cells to reconnect", || all.iter().all(|c| c.connected())).await;
+    // Long enough for the lost-cell grace and a few convergence passes.
+    tokio::time::sleep(Duration::from_secs(GRACE_SECS + 2)).await;
+    assert_eq!(settled(&all, 6).await.iter().sum::<usize>(), 6);
+    let after: Vec<(u64, u64)> = all.iter().map(|c| c.counts()).collect();
+    assert_eq!(before, after, "no start or stop after a brain restart");
+    let (_, app) = call(brain.api, "GET", "/v1/apps/web?tenant=acme", None).await;
+    assert_eq!(app["instances"], 6, "{app}");
+
+    // Drain a cell: its instances are replaced elsewhere, then stopped.
+    c3.evacuate();
+    wait_for("c3 to be emptied", || c3.live() == 0).await;
+    let counts = settled(&all, 6).await;
+    assert_eq!(counts, vec![3, 3, 0]);
+
+    // Deleting the app stops everything.
+    let (status, _) = call(brain.api, "DELETE", "/v1/apps/web?tenant=acme", None).await;
+    assert_eq!(status, 200);
+    wait_for("every instance to stop", || {
+        all.iter().all(|c| c.instances().is_empty())
+    })
+    .await;
+    brain.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_cell_is_replaced_and_its_return_does_not_over_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), &["c1", "c2", "c3"]);
+    let brain = Brain::start(dir.path(), None).await;
+    let fast = Duration::from_millis(200);
+    let c1 = cell(&certs, "c1", "z1", brain.quic, fast);
+    let c2 = cell(&certs, "c2", "z2", brain.quic, fast);
+    // c3 stays away for longer than the grace when it drops.
+    let c3 = cell(
+        &certs,
+        "c3",
+        "z3",
+        brain.quic,
+        Duration::from_secs(GRACE_SECS + 4),
+    );
+    let all = [&c1, &c2, &c3];
+    wait_for("three cells", || all.iter().all(|c| c.connected())).await;
+    push(brain.api, "web", 6).await;
+    assert_eq!(settled(&all, 6).await, vec![2, 2, 2]);
+
+    let lost_at = Instant::now();
+    c3.disconnect();
+    // Its two instances are started elsewhere once the grace is over (c3's
+    // own copies keep running: it is only unreachable).
+    wait_for("replacements on c1 and c2", || {
+        running(&[&c1, &c2]).iter().sum::<usize>() == 6
+    })
+    .await;
+    let healed = lost_at.elapsed();
+    assert!(
+        healed >= Duration::from_secs(GRACE_SECS),
+        "replaced before the grace: {healed:?}"
+    );
+    // It comes back with its stale copies: they are stopped, nothing else.
+    wait_for("c3 to come back", || c3.connected()).await;
+    wait_for("c3's stale copies to stop", || c3.live() == 0).await;
+    assert_eq!(settled(&all, 6).await, vec![3, 3, 0]);
+    let (_, cells) = call(brain.api, "GET", "/v1/cells", None).await;
+    let states: Vec<&str> = cells["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, vec!["connected"; 3], "{cells}");
+    brain.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cell_from_another_ca_is_refused_and_an_unplaceable_app_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), &["c1"]);
+    let other = tempfile::tempdir().unwrap();
+    let other_certs = make_certs(other.path(), &["c9"]);
+    let brain = Brain::start(dir.path(), None).await;
+    let c1 = cell(&certs, "c1", "z1", brain.quic, Duration::from_millis(200));
+    let rogue = cell(
+        &other_certs,
+        "c9",
+        "z1",
+        brain.quic,
+        Duration::from_millis(200),
+    );
+    wait_for("c1", || c1.connected()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!rogue.connected(), "a cell from another CA must be refused");
+    let (_, cells) = call(brain.api, "GET", "/v1/cells", None).await;
+    let ids: Vec<&str> = cells["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec!["c1"]);
+
+    // Too big for any cell: nothing starts, the failure is counted by reason.
+    let (status, body) = call(
+        brain.api,
+        "POST",
+        "/v1/apps",
+        Some(json!({
+            "tenant": "acme", "name": "huge", "instances": 1, "rootfs": "/rootfs",
+            "command": ["/bin/true"], "resources": {"memory_mb": 999_999},
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let m = metrics(brain.api).await;
+        if m.contains("corral_brain_placement_failures_total{reason=\"memory\"}") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(c1.instances().is_empty());
+    rogue.kill();
+    brain.stop().await;
+}
+
+async fn metrics(api: SocketAddr) -> String {
+    let mut s = tokio::net::TcpStream::connect(api).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    buf
+}
