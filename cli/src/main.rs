@@ -1,8 +1,13 @@
-//! `corral`: the command line for users and operators. For now it talks to a
-//! cell agent's local API (unix socket by default).
+//! `corral`: the command line for users and operators. Instance and cell
+//! commands talk to a cell agent's local API (unix socket by default); app,
+//! task, cells and events commands talk to the brain's management API with
+//! a bearer token.
 //!
-//! Exit codes: 0 success, 1 the agent refused the request (4xx/5xx), 2 bad
-//! usage or input, 3 the agent could not be reached.
+//! Exit codes: 0 success, 1 the agent or the brain refused the request
+//! (4xx/5xx) or failed, 2 bad usage or input, 3 the agent or the brain
+//! could not be reached (or ended an event stream).
+
+mod brain_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use corral_cli::client::{Client, ClientError, Endpoint, Response};
@@ -11,21 +16,60 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "corral", version, about = "corral command line")]
+#[command(
+    name = "corral",
+    version,
+    about = "corral command line",
+    after_help = "Instance and 'cell status' commands talk to a cell agent (--agent); \
+                  push, apps, app, scale, delete-app, task(s), cells and events talk to \
+                  the brain (--brain, --token)."
+)]
 struct Cli {
     /// The agent's unix socket.
     #[arg(
         long,
         global = true,
+        help_heading = "Global options",
         default_value = "/run/corral/agent.sock",
         env = "CORRAL_AGENT_SOCKET"
     )]
     agent: PathBuf,
     /// The agent's TCP API address (host:port); overrides --agent.
-    #[arg(long, global = true, env = "CORRAL_AGENT_ADDR")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CORRAL_AGENT_ADDR"
+    )]
     agent_addr: Option<std::net::SocketAddr>,
+    /// The brain's management API (http://HOST:PORT).
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "URL",
+        env = "CORRAL_BRAIN",
+        default_value = corral_cli::brain::DEFAULT_BRAIN
+    )]
+    brain: String,
+    /// Bearer token for the brain: the admin token or a tenant's.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CORRAL_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// Output format.
-    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    #[arg(
+        long,
+        short,
+        global = true,
+        help_heading = "Global options",
+        value_enum,
+        default_value_t = Output::Table
+    )]
     output: Output,
     #[command(subcommand)]
     cmd: Cmd,
@@ -69,6 +113,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CellCmd,
     },
+    #[command(flatten)]
+    Brain(brain_cmds::BrainCmd),
 }
 
 #[derive(Subcommand)]
@@ -81,6 +127,12 @@ enum Fail {
     Usage(String),
     Refused(Response),
     Unreachable(ClientError),
+    BrainRefused(Response),
+    BrainUnreachable(ClientError),
+    /// Anything else that went wrong (exit 1).
+    Failed(String),
+    /// The brain ended a stream we follow (exit 3).
+    Ended(String),
 }
 
 fn main() -> ExitCode {
@@ -114,6 +166,22 @@ fn main() -> ExitCode {
         }
         Err(Fail::Unreachable(e)) => {
             eprintln!("corral: {e}\n  is corral-agent running? (systemctl status corral-agent; or pass --agent/--agent-addr)");
+            ExitCode::from(3)
+        }
+        Err(Fail::BrainRefused(r)) => {
+            eprintln!("corral: {}", corral_cli::brain::refusal(r.status, &r.body));
+            ExitCode::from(1)
+        }
+        Err(Fail::BrainUnreachable(e)) => {
+            eprintln!("corral: {e}\n  is corral-brain running and serving its API there? (pass --brain URL or set CORRAL_BRAIN)");
+            ExitCode::from(3)
+        }
+        Err(Fail::Failed(m)) => {
+            eprintln!("corral: {m}");
+            ExitCode::from(1)
+        }
+        Err(Fail::Ended(m)) => {
+            eprintln!("corral: {m}");
             ExitCode::from(3)
         }
     }
@@ -244,6 +312,7 @@ fn run(cli: &Cli, c: Client) -> Result<(), Fail> {
                 }));
             }
         }
+        Cmd::Brain(cmd) => brain_cmds::run(cli, cmd)?,
         Cmd::Cell {
             cmd: CellCmd::Status,
         } => {
