@@ -89,6 +89,12 @@ struct Common {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.cmd.is_none() && cli.config.is_none() {
+        eprintln!(
+            "corral-brain: give --config FILE to run the brain, or a subcommand (see --help)"
+        );
+        return ExitCode::from(2);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -97,12 +97,56 @@ fn bad_input_is_refused_and_changes_nothing() {
 }
 
 #[test]
-fn running_the_brain_says_it_is_not_implemented() {
-    let o = brain(&["run"]);
+fn the_brain_checks_its_configuration_before_running() {
+    let o = brain(&[]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--config"), "{}", stderr(&o));
+
+    let o = brain(&["--config", "/nonexistent/brain.toml", "--check"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        stderr(&o).contains("running the brain is not implemented yet"),
+        stderr(&o).contains("/nonexistent/brain.toml"),
         "{}",
         stderr(&o)
     );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let certs = d.join("certs");
+    let c = certs.to_str().unwrap();
+    assert!(brain(&["certs", "init", "--dir", c]).status.success());
+    assert!(brain(&["certs", "issue", "--dir", c, "--brain", "b1"])
+        .status
+        .success());
+    assert!(brain(&["certs", "issue", "--dir", c, "--brain", "b2"])
+        .status
+        .success());
+    let config = |id: &str, extra: &str| {
+        let path = d.join(format!("{id}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "brain_id = \"b1\"\ndata_dir = \"{data}\"\n{extra}\n[tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/brain-{id}.pem\"\nkey = \"{c}/brain-{id}-key.pem\"\n[tokens]\nadmin = \"0123456789abcdef0123\"\n",
+                data = d.join("data").display()
+            ),
+        )
+        .unwrap();
+        path
+    };
+    let good = config("b1", "");
+    let o = brain(&["--config", good.to_str().unwrap(), "--check"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!d.join("data").exists(), "--check changes nothing");
+
+    // Another brain's certificate.
+    let wrong = config("b2", "");
+    let o = brain(&["--config", wrong.to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not for brain b1"), "{}", stderr(&o));
+
+    // Unknown keys and bad values, all reported at once.
+    let bad = config("b1", "cell_lost_grace = 3\n[quic]\nlisten = \"nowhere\"");
+    let o = brain(&["--config", bad.to_str().unwrap(), "--check"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("cell_lost_grace"), "{}", stderr(&o));
 }
