@@ -1,10 +1,16 @@
 //! The agent's configuration file (TOML). Every field has a documented
 //! default; [`Config::load`] reports every problem in the file at once.
 
+use corral_proto::wire::{BrainId, Tag, Zone, MAX_TAGS};
 use corral_proto::{Capacity, CellId};
 use serde::Deserialize;
+use std::collections::BTreeSet;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
+/// Where `corral-brain certs` puts a node's certificates by default.
+pub const DEFAULT_CERTS_DIR: &str = "/etc/corral/certs";
 
 /// The file as written; every field optional so that missing ones get defaults
 /// and all problems can be collected before giving up.
@@ -13,6 +19,7 @@ use std::path::{Path, PathBuf};
 struct RawConfig {
     cell_id: Option<String>,
     zone: Option<String>,
+    tags: Option<Vec<String>>,
     data_dir: Option<PathBuf>,
     run_dir: Option<PathBuf>,
     cgroup_root: Option<String>,
@@ -29,6 +36,17 @@ struct RawConfig {
     disk: RawDisk,
     #[serde(default)]
     network: RawNetwork,
+    brain: Option<RawBrain>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBrain {
+    addresses: Option<Vec<String>>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    brain_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,7 +97,10 @@ pub struct Config {
     /// This cell's id. Default: the host name.
     pub cell_id: CellId,
     /// Failure domain for placement. Default: "default".
-    pub zone: String,
+    pub zone: Zone,
+    /// Placement tags this cell offers (`ssd`, `gpu`): work that requires
+    /// tags is placed only on cells that have them all. Default: none.
+    pub tags: BTreeSet<Tag>,
     /// Durable state: instance specs, logs, writable layers. Default: /var/lib/corral.
     pub data_dir: PathBuf,
     /// Runtime state lost at reboot: shim records, container state, rootfs
@@ -119,6 +140,90 @@ pub struct Config {
     /// counters) on instance veths; needs `subnet`. Maps are pinned under
     /// `/sys/fs/bpf/corral/<cell_id>/`. Default: true.
     pub dataplane: bool,
+    /// The brain(s) this cell reports to and takes work from, when the
+    /// `[brain]` table is present. Default: none (the cell is driven only
+    /// through its local API).
+    pub brain: Option<BrainConfig>,
+}
+
+/// The `[brain]` table: how the cell reaches the brain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrainConfig {
+    /// Brain QUIC endpoints, tried in turn: `ip:port`, `[ipv6]:port` or
+    /// `host:port` (resolved at each attempt). At least one; no default.
+    pub addresses: Vec<BrainAddress>,
+    /// The cluster CA certificate (PEM). Default: `/etc/corral/certs/ca.pem`.
+    pub ca: PathBuf,
+    /// This cell's certificate (PEM), naming `corral://cell/<cell_id>`.
+    /// Default: `/etc/corral/certs/cell-<cell_id>.pem`.
+    pub cert: PathBuf,
+    /// Its private key (PEM). Default: `/etc/corral/certs/cell-<cell_id>-key.pem`.
+    pub key: PathBuf,
+    /// Accept only a brain whose certificate names this brain. Default: any
+    /// brain certificate from the cluster CA.
+    pub brain_id: Option<BrainId>,
+}
+
+/// One brain endpoint as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BrainAddress {
+    Socket(SocketAddr),
+    /// A host name, resolved when connecting.
+    Host {
+        name: String,
+        port: u16,
+    },
+}
+
+impl fmt::Display for BrainAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Socket(a) => write!(f, "{a}"),
+            Self::Host { name, port } => write!(f, "{name}:{port}"),
+        }
+    }
+}
+
+impl std::str::FromStr for BrainAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            if a.port() == 0 {
+                return Err(format!("{s:?} has port 0"));
+            }
+            return Ok(Self::Socket(a));
+        }
+        let bad = || format!("{s:?} is not ip:port, [ipv6]:port or host:port");
+        let (name, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(format!("{s:?} has port 0"));
+        }
+        if !is_host_name(name) {
+            return Err(bad());
+        }
+        Ok(Self::Host {
+            name: name.to_owned(),
+            port,
+        })
+    }
+}
+
+/// A DNS host name: dot-separated labels of letters, digits and inner '-'.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
 }
 
 /// Facts about the host that defaults are derived from; passed in so that
@@ -195,10 +300,14 @@ impl Config {
                     None
                 }
             };
-        let zone = raw.zone.unwrap_or_else(|| "default".into());
-        if zone.is_empty() || zone.len() > 63 {
-            p.push("zone must be 1 to 63 characters".into());
-        }
+        let zone = match Zone::new(raw.zone.unwrap_or_else(|| "default".into())) {
+            Ok(z) => Some(z),
+            Err(e) => {
+                p.push(format!("zone: {e}"));
+                None
+            }
+        };
+        let tags = parse_tags(raw.tags.unwrap_or_default(), &mut p);
         let data_dir = raw.data_dir.unwrap_or_else(|| "/var/lib/corral".into());
         check_abs("data_dir", &data_dir, &mut p);
         let run_dir = raw.run_dir.unwrap_or_else(|| "/run/corral".into());
@@ -291,10 +400,16 @@ impl Config {
             p.push(format!("logs.keep {log_keep} is more than 100"));
         }
 
-        match cell_id {
-            Some(cell_id) if p.is_empty() => Ok(Config {
+        let brain = match (raw.brain, &cell_id) {
+            (Some(b), Some(cell_id)) => parse_brain(b, cell_id, &mut p),
+            _ => None,
+        };
+
+        match (cell_id, zone) {
+            (Some(cell_id), Some(zone)) if p.is_empty() => Ok(Config {
                 cell_id,
                 zone,
+                tags,
                 data_dir,
                 run_dir,
                 cgroup_root,
@@ -309,10 +424,77 @@ impl Config {
                 disk_enforce,
                 subnet,
                 dataplane: raw.network.dataplane.unwrap_or(true),
+                brain,
             }),
             _ => Err(p),
         }
     }
+}
+
+fn parse_tags(raw: Vec<String>, p: &mut Vec<String>) -> BTreeSet<Tag> {
+    let mut tags = BTreeSet::new();
+    if raw.len() > MAX_TAGS {
+        p.push(format!(
+            "tags has {} entries, more than the {MAX_TAGS} allowed",
+            raw.len()
+        ));
+    }
+    for t in raw {
+        match Tag::new(t.as_str()) {
+            Ok(tag) => {
+                if !tags.insert(tag) {
+                    p.push(format!("tags lists {t:?} twice"));
+                }
+            }
+            Err(e) => p.push(format!("tags: {e}")),
+        }
+    }
+    tags
+}
+
+fn parse_brain(raw: RawBrain, cell_id: &CellId, p: &mut Vec<String>) -> Option<BrainConfig> {
+    let before = p.len();
+    let raw_addrs = raw.addresses.unwrap_or_default();
+    if raw_addrs.is_empty() {
+        p.push(
+            "brain.addresses must list at least one brain address (ip:port or host:port)".into(),
+        );
+    }
+    let mut addresses = Vec::new();
+    for a in &raw_addrs {
+        match a.parse::<BrainAddress>() {
+            Ok(addr) if addresses.contains(&addr) => {
+                p.push(format!("brain.addresses lists {addr} twice"));
+            }
+            Ok(addr) => addresses.push(addr),
+            Err(e) => p.push(format!("brain.addresses: {e}")),
+        }
+    }
+    let dir = Path::new(DEFAULT_CERTS_DIR);
+    let stem = format!("cell-{cell_id}");
+    let ca = raw.ca.unwrap_or_else(|| dir.join("ca.pem"));
+    let cert = raw.cert.unwrap_or_else(|| dir.join(format!("{stem}.pem")));
+    let key = raw
+        .key
+        .unwrap_or_else(|| dir.join(format!("{stem}-key.pem")));
+    check_abs("brain.ca", &ca, p);
+    check_abs("brain.cert", &cert, p);
+    check_abs("brain.key", &key, p);
+    let brain_id = match raw.brain_id.map(BrainId::new) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => {
+            p.push(format!("brain.brain_id: {e}"));
+            None
+        }
+    };
+    (p.len() == before).then_some(BrainConfig {
+        addresses,
+        ca,
+        cert,
+        key,
+        brain_id,
+    })
 }
 
 impl HostFacts {
@@ -434,6 +616,67 @@ mod tests {
         assert!(
             problems[0].contains("unknown field `listen_on`"),
             "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn zone_and_tags() {
+        let c = Config::parse("zone = \"rack-1\"\ntags = [\"ssd\", \"gpu\"]\n", &host()).unwrap();
+        assert_eq!(c.zone.as_str(), "rack-1");
+        let tags: Vec<&str> = c.tags.iter().map(Tag::as_str).collect();
+        assert_eq!(tags, ["gpu", "ssd"]);
+        assert!(c.brain.is_none());
+        let problems = Config::parse("zone = \"a b\"\ntags = [\"ssd\", \"ssd\", \"\"]\n", &host())
+            .unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("twice")), "{problems:?}");
+    }
+
+    #[test]
+    fn brain_table_gets_certificate_defaults() {
+        let c = Config::parse(
+            "cell_id = \"c1\"\n[brain]\naddresses = [\"10.0.0.1:7900\", \"[::1]:7900\", \"brain-1.example:7900\"]\n",
+            &host(),
+        )
+        .unwrap();
+        let b = c.brain.unwrap();
+        assert_eq!(
+            b.addresses,
+            [
+                BrainAddress::Socket("10.0.0.1:7900".parse().unwrap()),
+                BrainAddress::Socket("[::1]:7900".parse().unwrap()),
+                BrainAddress::Host {
+                    name: "brain-1.example".into(),
+                    port: 7900
+                },
+            ]
+        );
+        assert_eq!(b.ca, Path::new("/etc/corral/certs/ca.pem"));
+        assert_eq!(b.cert, Path::new("/etc/corral/certs/cell-c1.pem"));
+        assert_eq!(b.key, Path::new("/etc/corral/certs/cell-c1-key.pem"));
+        assert_eq!(b.brain_id, None);
+        assert_eq!(b.addresses[2].to_string(), "brain-1.example:7900");
+    }
+
+    #[test]
+    fn brain_table_reports_every_problem() {
+        let problems = Config::parse(
+            r#"
+            [brain]
+            addresses = ["10.0.0.1", "10.0.0.1:0", "x:y", "-bad-:1", "10.0.0.2:1", "10.0.0.2:1"]
+            ca = "relative.pem"
+            brain_id = "no/slash"
+            "#,
+            &host(),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 7, "{problems:#?}");
+        let empty = Config::parse("[brain]\n", &host()).unwrap_err();
+        assert!(empty[0].contains("at least one"), "{empty:?}");
+        let unknown = Config::parse("[brain]\naddress = \"x:1\"\n", &host()).unwrap_err();
+        assert!(
+            unknown[0].contains("unknown field `address`"),
+            "{unknown:?}"
         );
     }
 }

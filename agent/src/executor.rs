@@ -108,6 +108,20 @@ pub struct Executor {
     table: Mutex<BTreeMap<InstanceId, Entry>>,
     metrics: Arc<Metrics>,
     net: Option<NetState>,
+    /// Ticks whenever anything an [`InstanceInfo`] shows changes: an entry
+    /// added or removed, its status or its address. A `watch` keeps only
+    /// "something changed since you last looked", so a slow reader misses
+    /// nothing: it re-reads the table. Every such change below calls
+    /// [`changed`](Self::changed).
+    changes: watch::Sender<()>,
+}
+
+/// What [`Executor::admit`] decided.
+enum Admission {
+    /// The same spec is already there.
+    Exists(InstanceInfo),
+    /// A new entry, starting, with its status channel, to be launched.
+    New(watch::Sender<Status>, InstancePaths),
 }
 
 impl Executor {
@@ -144,7 +158,19 @@ impl Executor {
             table: Mutex::new(BTreeMap::new()),
             metrics,
             net,
+            changes: watch::Sender::new(()),
         })
+    }
+
+    /// Subscribes to changes of the table (see the field's docs). The
+    /// receiver starts with the current state seen: it fires on the next
+    /// change.
+    pub fn changes(&self) -> watch::Receiver<()> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_replace(());
     }
 
     pub fn config(&self) -> &Config {
@@ -217,52 +243,101 @@ impl Executor {
     ) -> Result<(bool, InstanceInfo), ExecError> {
         let span =
             tracing::info_span!("instance", id = %id, app = %spec.app, tenant = %spec.tenant);
-        self.put_inner(id, spec).instrument(span).await
+        async move {
+            match self.admit(&id, &spec)? {
+                Admission::Exists(info) => Ok((false, info)),
+                Admission::New(tx, paths) => self.start_admitted(id, spec, tx, paths).await,
+            }
+        }
+        .instrument(span)
+        .await
     }
 
-    async fn put_inner(
+    /// Like [`put`](Self::put), but returns as soon as the instance is
+    /// admitted (`true`) or found already there with the same spec
+    /// (`false`); the start goes on in the background and is seen through
+    /// [`changes`](Self::changes). For the brain, whose `StartWork` is
+    /// acknowledged on admission, not after the start.
+    pub fn start_detached(
         self: &Arc<Self>,
         id: InstanceId,
         spec: InstanceSpec,
-    ) -> Result<(bool, InstanceInfo), ExecError> {
-        spec.validate()?;
-        check_rootfs(&spec)?;
-        let (tx, paths) = {
-            let mut t = self.table();
-            if let Some(e) = t.get(&id) {
-                return if e.deleting {
-                    Err(ExecError::Deleting { id })
-                } else if e.spec == spec {
-                    Ok((false, e.info(&id)))
-                } else {
-                    Err(ExecError::Conflict { id })
-                };
+    ) -> Result<bool, ExecError> {
+        let span =
+            tracing::info_span!("instance", id = %id, app = %spec.app, tenant = %spec.tenant);
+        match span.in_scope(|| self.admit(&id, &spec))? {
+            Admission::Exists(_) => Ok(false),
+            Admission::New(tx, paths) => {
+                let this = Arc::clone(self);
+                tokio::spawn(
+                    async move {
+                        // Failures after admission end as a crashed
+                        // instance; only I/O errors that undo the
+                        // admission land here.
+                        if let Err(e) = this.start_admitted(id, spec, tx, paths).await {
+                            tracing::error!("instance start failed: {e}");
+                        }
+                    }
+                    .instrument(span),
+                );
+                Ok(true)
             }
-            let states: Vec<(&InstanceSpec, InstanceState)> = t
-                .values()
-                .map(|e| (&e.spec, e.status.borrow().state))
-                .collect();
-            let avail = Capacity::available(self.cfg.capacity, states);
-            Capacity::check_fit(self.cfg.capacity, avail, Capacity::of(&spec))?;
-            let (tx, _) = watch::channel(Status::new());
-            t.insert(
-                id.clone(),
-                Entry {
-                    spec: spec.clone(),
-                    status: tx.clone(),
-                    shim: None,
-                    init: None,
-                    cpu_ns: None,
-                    oom_kills: 0,
-                    deleting: false,
-                    address: None,
-                },
-            );
-            (tx, self.layout.instance(&id))
-        };
+        }
+    }
+
+    /// Checks a start request and, when it is new and fits, enters it in
+    /// the table as starting (so capacity is held from here on).
+    fn admit(&self, id: &InstanceId, spec: &InstanceSpec) -> Result<Admission, ExecError> {
+        spec.validate()?;
+        check_rootfs(spec)?;
+        let mut t = self.table();
+        if let Some(e) = t.get(id) {
+            return if e.deleting {
+                Err(ExecError::Deleting { id: id.clone() })
+            } else if e.spec == *spec {
+                Ok(Admission::Exists(e.info(id)))
+            } else {
+                Err(ExecError::Conflict { id: id.clone() })
+            };
+        }
+        let states: Vec<(&InstanceSpec, InstanceState)> = t
+            .values()
+            .map(|e| (&e.spec, e.status.borrow().state))
+            .collect();
+        let avail = Capacity::available(self.cfg.capacity, states);
+        Capacity::check_fit(self.cfg.capacity, avail, Capacity::of(spec))?;
+        let (tx, _) = watch::channel(Status::new());
+        t.insert(
+            id.clone(),
+            Entry {
+                spec: spec.clone(),
+                status: tx.clone(),
+                shim: None,
+                init: None,
+                cpu_ns: None,
+                oom_kills: 0,
+                deleting: false,
+                address: None,
+            },
+        );
+        drop(t);
+        self.changed();
+        Ok(Admission::New(tx, self.layout.instance(id)))
+    }
+
+    /// Prepares, wires and launches an admitted instance; returns once its
+    /// start is decided.
+    async fn start_admitted(
+        self: &Arc<Self>,
+        id: InstanceId,
+        spec: InstanceSpec,
+        tx: watch::Sender<Status>,
+        paths: InstancePaths,
+    ) -> Result<(bool, InstanceInfo), ExecError> {
         let started = Instant::now();
         if let Err(e) = self.prepare(&spec, &paths) {
             self.table().remove(&id);
+            self.changed();
             let _ = std::fs::remove_dir_all(&paths.data);
             let _ = std::fs::remove_dir_all(&paths.run);
             return Err(e);
@@ -281,6 +356,7 @@ impl Executor {
                         },
                     );
                 });
+                self.changed();
                 self.persist_status(&id);
                 self.count_end(&id);
                 let info = self
@@ -292,6 +368,7 @@ impl Executor {
         if let Err(e) = self.write_launch(&id, &spec, &paths, netns) {
             self.release_network(&id).await;
             self.table().remove(&id);
+            self.changed();
             let _ = std::fs::remove_dir_all(&paths.data);
             let _ = std::fs::remove_dir_all(&paths.run);
             return Err(e);
@@ -329,6 +406,7 @@ impl Executor {
                             },
                         );
                     });
+                    self.changed();
                 }
                 self.release_network(&id).await;
                 self.count_end(&id);
@@ -346,6 +424,7 @@ impl Executor {
                             },
                         );
                     });
+                    self.changed();
                     self.cleanup_orphan(&id, &paths);
                 }
                 self.release_network(&id).await;
@@ -429,6 +508,7 @@ impl Executor {
             e.cpu_ns = rec.cpu_ns;
             e.oom_kills = rec.oom_kills;
             e.status.send_replace(rec.status.clone());
+            self.changed();
         }
     }
 
@@ -496,6 +576,7 @@ impl Executor {
             .is_ok()
         {
             e.status.send_replace(st.clone());
+            self.changed();
             let rec = Record {
                 shim_pid: e.shim.map_or(0, |s| s.0),
                 shim_start: e.shim.map_or(0, |s| s.1),
@@ -595,6 +676,7 @@ impl Executor {
                     e.status.send_modify(|s| {
                         let _ = s.apply(kind, Event::StopRequested);
                     });
+                    self.changed();
                 }
             }
             let limit = Duration::from_secs(grace + 30);
@@ -624,6 +706,7 @@ impl Executor {
             }
         }
         self.table().remove(id);
+        self.changed();
         tracing::info!("instance removed");
         Ok(info)
     }
@@ -670,6 +753,7 @@ impl Executor {
                     address: None,
                 },
             );
+            self.changed();
             match rec {
                 None => {
                     self.mark_lost(
@@ -763,6 +847,7 @@ impl Executor {
         if let Some(e) = self.table().get_mut(id) {
             e.address = Some(addr);
         }
+        self.changed();
         tracing::info!(%addr, host_if = %att.host_if, wired_ms = wired.as_millis() as u64, total_ms = t0.elapsed().as_millis() as u64, "instance network attached");
         Ok(Some(att.netns))
     }
@@ -789,6 +874,7 @@ impl Executor {
         if let Some(e) = self.table().get_mut(id) {
             e.address = None;
         }
+        self.changed();
     }
 
     /// Takes back a running instance's address after an agent restart.
@@ -807,6 +893,7 @@ impl Executor {
                     e.address = Some(att.address);
                     e.spec.tenant.clone()
                 });
+                self.changed();
                 // Re-attaching replaces the filters' programs in place; the
                 // entries are rewritten as they were.
                 if let (Some(plane), Some(tenant)) = (&net.plane, tenant) {

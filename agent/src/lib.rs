@@ -2,6 +2,7 @@
 #![deny(rust_2018_idioms)]
 
 pub mod api;
+pub mod cell_link;
 pub mod cgroups;
 pub mod config;
 pub mod executor;

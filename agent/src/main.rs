@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use corral_agent::cell_link::{self, LinkSettings};
 use corral_agent::config::{Config, HostFacts};
 use corral_agent::executor::{CleanupArgs, Executor};
 use corral_agent::metrics::Metrics;
@@ -76,6 +77,19 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // The brain credentials are part of the configuration: a certificate
+    // that does not load or names another cell stops the start, as a bad
+    // config file does.
+    let creds = match &cfg.brain {
+        None => None,
+        Some(b) => match cell_link::load_credentials(b, &cfg.cell_id) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("corral-agent: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
     // --check changes nothing on the host: a missing bpffs, which the agent
     // mounts itself at start, is only a note there.
     let mut notes = Vec::new();
@@ -101,6 +115,13 @@ fn main() {
         for n in notes {
             println!("note: {n}");
         }
+        if let Some(b) = &cfg.brain {
+            println!(
+                "brain credentials {} name this cell ({})",
+                b.cert.display(),
+                cfg.cell_id
+            );
+        }
         println!("configuration {} and host are fine", cli.config.display());
         return;
     }
@@ -115,7 +136,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cfg)) {
+    if let Err(e) = rt.block_on(run(cfg, creds)) {
         tracing::error!("{e:#}");
         eprintln!("corral-agent: {e:#}");
         std::process::exit(1);
@@ -136,7 +157,7 @@ fn init_tracing() {
     }
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+async fn run(cfg: Config, creds: Option<corral_link::tls::Credentials>) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
     for d in [&cfg.data_dir, &cfg.run_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -225,10 +246,34 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         "agent ready"
     );
 
+    // After re-adoption, like the API: the first snapshot the brain gets
+    // holds every instance this cell has.
+    let link = match (LinkSettings::from_config(&cfg), creds) {
+        (Some(settings), Some(creds)) => {
+            let addresses: Vec<String> = settings.addresses.iter().map(|a| a.to_string()).collect();
+            match cell_link::spawn(settings, creds, exec.clone(), metrics.clone()) {
+                Ok(link) => {
+                    tracing::info!(brain = ?addresses, "brain link started");
+                    Some(link)
+                }
+                // Validated at start-up, so not expected; the cell still
+                // serves its local API.
+                Err(e) => {
+                    tracing::error!("cannot start the brain link: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+    if let Some(link) = link {
+        link.shutdown().await;
     }
     let running = exec
         .snapshot()

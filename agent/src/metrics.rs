@@ -8,7 +8,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
@@ -20,10 +20,25 @@ pub struct EndLabels {
     pub state: String,
 }
 
+/// Labels of `corral_brain_messages_total`: both bounded (two directions,
+/// the fixed set of `Message::name()`s).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BrainMessageLabels {
+    /// `sent` or `received`.
+    pub direction: &'static str,
+    /// The message's `Message::name()`.
+    pub r#type: &'static str,
+}
+
 pub struct Metrics {
     pub start_latency: Histogram,
     pub instance_ends: Family<EndLabels, Counter>,
     pub oom_kills: Counter,
+    /// 1 while a brain session is established (after its `HelloAck`).
+    pub brain_connected: Gauge,
+    /// Brain sessions established.
+    pub brain_connects: Counter,
+    pub brain_messages: Family<BrainMessageLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -39,7 +54,20 @@ impl Metrics {
             start_latency: Histogram::new(exponential_buckets(0.005, 2.0, 13)),
             instance_ends: Family::default(),
             oom_kills: Counter::default(),
+            brain_connected: Gauge::default(),
+            brain_connects: Counter::default(),
+            brain_messages: Family::default(),
         }
+    }
+
+    /// Counts a message to or from the brain.
+    pub fn count_brain_message(&self, sent: bool, msg: &corral_proto::wire::Message) {
+        self.brain_messages
+            .get_or_create(&BrainMessageLabels {
+                direction: if sent { "sent" } else { "received" },
+                r#type: msg.name(),
+            })
+            .inc();
     }
 
     pub fn count_end(&self, info: &InstanceInfo) {
@@ -76,6 +104,21 @@ impl Metrics {
             "oom_kills",
             "Instances ended by the out-of-memory killer",
             self.oom_kills.clone(),
+        );
+        r.register(
+            "brain_connected",
+            "1 while a session with the brain is established, else 0",
+            self.brain_connected.clone(),
+        );
+        r.register(
+            "brain_connects",
+            "Sessions with the brain established (hello answered)",
+            self.brain_connects.clone(),
+        );
+        r.register(
+            "brain_messages",
+            "Messages exchanged with the brain, by direction (sent, received) and type",
+            self.brain_messages.clone(),
         );
         r.register_collector(Box::new(CellCollector { exec }));
         r
@@ -345,4 +388,32 @@ pub fn render(reg: &Registry) -> String {
         out.clear();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::wire::Message;
+
+    #[test]
+    fn brain_metrics_render_with_bounded_labels() {
+        let m = Arc::new(Metrics::new());
+        m.brain_connected.set(1);
+        m.brain_connects.inc();
+        m.count_brain_message(true, &Message::Ping { seq: 1 });
+        m.count_brain_message(false, &Message::RequestState);
+        let text = render(&m.registry(Weak::new()));
+        assert!(text.contains("corral_brain_connected 1"), "{text}");
+        assert!(text.contains("corral_brain_connects_total 1"), "{text}");
+        assert!(
+            text.contains(r#"corral_brain_messages_total{direction="sent",type="ping"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"corral_brain_messages_total{direction="received",type="request-state"} 1"#
+            ),
+            "{text}"
+        );
+    }
 }
