@@ -406,8 +406,9 @@ impl<'a, R: CellRuntime> Session<'a, R> {
         let (work, work_rx) = mpsc::channel::<Work>(WORK_QUEUE);
         tokio::spawn(worker(Arc::clone(runtime), work_rx, ack_tx).in_current_span());
         loop {
+            // Unbiased: a busy change feed must not starve the brain's
+            // requests, nor a chatty brain the state reports.
             let step = tokio::select! {
-                biased;
                 () = stopping(shutdown) => return goodbye(&self.conn),
                 Some(ack) = acks.recv() => self.send(ack).await,
                 changed = changes.changed(), if feed_open => match changed {
@@ -615,7 +616,7 @@ fn explain(e: &quinn::ConnectionError, addr: SocketAddr) -> Problem {
                 format!("the brain at {addr} closed the connection ({what}): {reason}")
             };
             match code {
-                Some(CloseCode::Normal) => Problem::info(said("shutting down")),
+                Some(CloseCode::Normal) => Problem::info(said("normal close")),
                 Some(CloseCode::Replaced) => {
                     Problem::info(said("replaced by a newer connection of this cell"))
                 }
