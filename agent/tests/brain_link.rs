@@ -273,6 +273,12 @@ fn settings(addr: SocketAddr) -> LinkSettings {
 /// The real executor on a temporary directory (no root needed until an
 /// instance starts).
 async fn executor(dir: &Path) -> Arc<Executor> {
+    let exec = unadopted_executor(dir);
+    exec.adopt().await.unwrap();
+    exec
+}
+
+fn unadopted_executor(dir: &Path) -> Arc<Executor> {
     let host = HostFacts {
         hostname: CELL.into(),
         memory_mb: 16_000,
@@ -288,14 +294,12 @@ async fn executor(dir: &Path) -> Arc<Executor> {
         d = dir.display()
     );
     let cfg = Config::parse(&text, &host).unwrap();
-    let exec = Executor::new(
+    Executor::new(
         cfg,
         PathBuf::from("/bin/false"),
         Arc::new(Metrics::new()),
         None,
-    );
-    exec.adopt().await.unwrap();
-    exec
+    )
 }
 
 fn spec(rootfs: &Path, memory_mb: u64) -> InstanceSpec {
@@ -521,6 +525,86 @@ async fn hello_snapshot_bids_and_work_against_the_real_executor() {
     assert!(reason.contains("stopping"), "{reason}");
     let text = corral_agent::metrics::render(&metrics.registry(std::sync::Weak::new()));
     assert!(text.contains("corral_brain_connected 0"), "{text}");
+}
+
+#[tokio::test]
+async fn an_instance_found_at_adoption_is_reported_and_a_stop_removes_it() {
+    capture_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let exec = unadopted_executor(dir.path());
+    // An instance that ended before the agent (re)started: its files only.
+    let id = InstanceId::new("old-0").unwrap();
+    let paths = exec.paths(&id);
+    std::fs::create_dir_all(&paths.data).unwrap();
+    std::fs::create_dir_all(&paths.run).unwrap();
+    let the_spec = spec(Path::new("/srv/rootfs"), 64);
+    std::fs::write(paths.spec(), serde_json::to_vec(&the_spec).unwrap()).unwrap();
+    let mut status = Status::new();
+    status.state = InstanceState::Exited;
+    status.exit_code = Some(0);
+    corral_agent::shim::write_record(
+        &paths.record(),
+        &corral_agent::shim::Record {
+            shim_pid: 0,
+            shim_start: 0,
+            init_pid: None,
+            init_start: None,
+            status,
+            cpu_ns: None,
+            oom_kills: 0,
+            logs_dropped: 0,
+        },
+    )
+    .unwrap();
+    exec.adopt().await.unwrap();
+
+    let cluster = Cluster::new();
+    let brain = TestBrain::new(&cluster.creds(&PeerIdentity::Brain(brain_id())));
+    let link = cell_link::spawn(
+        settings(brain.addr()),
+        cluster.creds(&PeerIdentity::Cell(cell_id())),
+        exec,
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let mut c = brain.accept().await;
+    c.greet().await;
+    let Message::StateSnapshot(snap) = c.recv().await else {
+        panic!("snapshot expected");
+    };
+    assert_eq!(snap.instances.len(), 1);
+    assert_eq!(
+        (&snap.instances[0].id, snap.instances[0].state),
+        (&id, InstanceState::Exited)
+    );
+    // An ended instance holds nothing.
+    assert_eq!(snap.available, TOTAL);
+
+    c.send(Message::StopWork(StopWork {
+        request: RequestId(1),
+        id: id.clone(),
+        grace: Duration::from_secs(1),
+    }))
+    .await;
+    let removed = StateChange::Removed { id: id.clone() };
+    let (m, before) = c
+        .until(|m| matches!(m, Message::StateDelta(d) if d.changes.contains(&removed)))
+        .await;
+    let Message::StateDelta(delta) = m else {
+        unreachable!()
+    };
+    assert_eq!(delta.seq, snap.seq + 1);
+    let acked = before
+        .iter()
+        .any(|m| matches!(m, Message::Ack(a) if a.request == RequestId(1) && a.outcome == AckOutcome::Done));
+    if !acked {
+        let Message::Ack(a) = c.recv().await else {
+            panic!("ack expected")
+        };
+        assert_eq!((a.request, a.outcome), (RequestId(1), AckOutcome::Done));
+    }
+    assert!(!paths.data.exists() && !paths.run.exists());
+    link.shutdown().await;
 }
 
 #[tokio::test]
