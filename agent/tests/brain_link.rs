@@ -405,9 +405,10 @@ async fn hello_snapshot_bids_and_work_against_the_real_executor() {
         outcomes[2],
         (
             "too-big",
+            // The batch's first item holds 256 MB of it.
             &BidOutcome::Refused(Refusal::Capacity(CapacityError::Memory {
                 requested: 4096,
-                free: 1024,
+                free: 768,
                 total: 1024
             }))
         )

@@ -97,9 +97,8 @@ pub fn rootfs_path_ok(rootfs: &str) -> bool {
         && !rootfs.split('/').any(|c| c == "." || c == "..")
 }
 
-/// The cell's bid for one item, judged alone against what is free now (the
-/// brain accounts for the other items of its batch). Refusals are checked
-/// in this order: evacuating, tags, root filesystem, capacity.
+/// The cell's bid for one item against what `cell` has free. Refusals are
+/// checked in this order: evacuating, tags, root filesystem, capacity.
 pub fn bid(item: &WorkItem, cell: &CellOffer<'_>, rootfs_available: bool) -> BidOutcome {
     if cell.evacuating {
         return BidOutcome::Refused(Refusal::Evacuating);
@@ -120,28 +119,45 @@ pub fn bid(item: &WorkItem, cell: &CellOffer<'_>, rootfs_available: bool) -> Bid
     }
 }
 
-/// Bids for a whole request, one per item in order. `probe` says whether a
+/// Bids for a whole request, one per item in order. The brain sends a cell
+/// only the items it placed there, so the bids are a promise for the batch:
+/// each item that gets a score is charged against what is free before the
+/// next is judged, and items that do not fit together are refused rather
+/// than accepted and then refused at `StartWork`. `probe` says whether a
 /// root filesystem directory exists; it is asked once per distinct rootfs,
 /// and only for well-formed paths.
 pub fn bids(req: &BidRequest, cell: &CellOffer<'_>, mut probe: impl FnMut(&Path) -> bool) -> Bids {
     let mut probed: BTreeMap<&str, bool> = BTreeMap::new();
+    let mut offer = *cell;
     let bids = req
         .items
         .iter()
         .map(|item| {
             let rootfs = item.rootfs.as_str();
-            let available = *probed
+            let rootfs_available = *probed
                 .entry(rootfs)
                 .or_insert_with(|| rootfs_path_ok(rootfs) && probe(Path::new(rootfs)));
+            let outcome = bid(item, &offer, rootfs_available);
+            if let BidOutcome::Score(_) = outcome {
+                offer.available = minus(offer.available, request_of(item));
+            }
             Bid {
                 id: item.id.clone(),
-                outcome: bid(item, cell, available),
+                outcome,
             }
         })
         .collect();
     Bids {
         request: req.request,
         bids,
+    }
+}
+
+fn minus(a: Capacity, b: Capacity) -> Capacity {
+    Capacity {
+        memory_mb: a.memory_mb.saturating_sub(b.memory_mb),
+        disk_mb: a.disk_mb.saturating_sub(b.disk_mb),
+        containers: a.containers.saturating_sub(b.containers),
     }
 }
 
@@ -454,10 +470,48 @@ mod tests {
             out.bids[2].outcome,
             BidOutcome::Refused(Refusal::RootfsUnavailable { .. })
         ));
-        // Each item is judged alone: the second is not charged for the first.
+        // The second is judged after the first is charged.
+        let after_first = minus(TOTAL, request_of(&req.items[0]));
         assert_eq!(
             out.bids[1].outcome,
-            BidOutcome::Score(score(TOTAL, TOTAL, request_of(&req.items[1])))
+            BidOutcome::Score(score(TOTAL, after_first, request_of(&req.items[1])))
+        );
+    }
+
+    #[test]
+    fn a_batch_that_fits_only_in_part_is_refused_in_part() {
+        let cell_tags = tags(&["ssd"]);
+        let offer = CellOffer {
+            tags: &cell_tags,
+            total: TOTAL,
+            available: TOTAL,
+            evacuating: false,
+        };
+        let req = BidRequest {
+            request: RequestId(1),
+            items: vec![
+                item("a", 600, &[]),
+                item("refused-tags", 100, &["gpu"]),
+                item("b", 600, &[]),
+                item("c", 400, &[]),
+            ],
+        };
+        let out = bids(&req, &offer, |_| true);
+        let scored: Vec<&str> = out
+            .bids
+            .iter()
+            .filter(|b| matches!(b.outcome, BidOutcome::Score(_)))
+            .map(|b| b.id.as_str())
+            .collect();
+        // A refused item holds nothing: c still fits after a.
+        assert_eq!(scored, ["a", "c"]);
+        assert_eq!(
+            out.bids[2].outcome,
+            BidOutcome::Refused(Refusal::Capacity(CapacityError::Memory {
+                requested: 600,
+                free: 400,
+                total: 1000
+            }))
         );
     }
 
