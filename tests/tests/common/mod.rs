@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod cluster;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 pub fn workspace() -> PathBuf {
@@ -118,12 +120,22 @@ impl Cell {
 
     /// Starts a cell; `extra` is appended to the generated config.
     pub fn start_with(extra: &str) -> Cell {
-        require_root();
-        let name = format!(
+        Self::start_named(&Self::new_name(), extra)
+    }
+
+    /// A fresh cell name (its cell id, and the base of its namespace names).
+    pub fn new_name() -> String {
+        format!(
             "ct{}x{}",
             std::process::id(),
             SEQ.fetch_add(1, Ordering::SeqCst)
-        );
+        )
+    }
+
+    /// Starts a cell with this name (from [`Cell::new_name`]).
+    pub fn start_named(name: &str, extra: &str) -> Cell {
+        require_root();
+        let name = name.to_owned();
         let netns = format!("corral-{name}");
         let out = run("ip", &["netns", "add", &netns]);
         assert!(
@@ -139,8 +151,13 @@ impl Cell {
         let config = dir.path().join("agent.toml");
         let cgroup_root = format!("corral-{name}");
         let d = dir.path().display();
+        let zone = if extra.contains("zone =") {
+            ""
+        } else {
+            "zone = \"z1\"\n"
+        };
         let text = format!(
-            "cell_id = \"{name}\"\nzone = \"z1\"\ndata_dir = \"{d}/data\"\nrun_dir = \"{d}/run\"\n\
+            "cell_id = \"{name}\"\n{zone}data_dir = \"{d}/data\"\nrun_dir = \"{d}/run\"\n\
              cgroup_root = \"{cgroup_root}\"\nstop_grace_secs = 2\n{extra}\n"
         );
         // Sections given in `extra` win; add the defaults only where missing.
