@@ -143,7 +143,7 @@ fn a_brain_places_scales_and_heals_across_three_cells() {
     let t = Instant::now();
     fabric.wait_json(&app, "instances of the lost cell elsewhere", |v| {
         let by = running_by_cell(v);
-        by.get(&lost).is_none() && by.values().sum::<usize>() == 4
+        !by.contains_key(&lost) && by.values().sum::<usize>() == 4
     });
     eprintln!(
         "lost cell had {had} instances; replaced after {:?}",
