@@ -26,7 +26,7 @@ pub fn run() -> Result<()> {
         Sandbox::start(&Spec {
             prefix: "corral-demo",
             cell_id: "demo-cell-1",
-            agent_bin,
+            agent_bin: agent_bin.clone(),
             stop_grace_secs: 2,
             capacity: Capacity {
                 memory_mb: 4096,
@@ -144,6 +144,14 @@ pub fn run() -> Result<()> {
     println!("GET /v1/instances lists no instances: both are gone");
 
     drop(sandbox);
+
+    section(
+        "a brain and two cells",
+        "corral-brain in a fabric namespace with a bridge; two cells in their own node \
+         namespaces connect to it over QUIC with mutual TLS; apps of two tenants are \
+         pushed, scaled and deleted with the corral CLI",
+    );
+    crate::demo_cluster::run(&agent_bin, &rootfs)?;
     println!("\ndemo finished");
     Ok(())
 }

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_auction;
 mod demo;
+mod demo_cluster;
 mod deps;
 mod fuzz;
 mod http;

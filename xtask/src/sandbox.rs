@@ -79,13 +79,7 @@ pub struct Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.cleanup.run();
-        let mut active = lock(active());
-        if active
-            .as_ref()
-            .is_some_and(|c| Arc::ptr_eq(c, &self.cleanup))
-        {
-            *active = None;
-        }
+        lock(active()).retain(|c| !Arc::ptr_eq(c, &self.cleanup));
     }
 }
 
@@ -103,9 +97,30 @@ pub fn wait_for_interrupt_exit() -> std::process::ExitCode {
     std::process::ExitCode::from(130)
 }
 
-fn active() -> &'static Mutex<Option<Arc<Cleanup>>> {
-    static ACTIVE: Mutex<Option<Arc<Cleanup>>> = Mutex::new(None);
+fn active() -> &'static Mutex<Vec<Arc<Cleanup>>> {
+    static ACTIVE: Mutex<Vec<Arc<Cleanup>>> = Mutex::new(Vec::new());
     &ACTIVE
+}
+
+type Hook = Box<dyn Fn() + Send>;
+
+fn hooks() -> &'static Mutex<Vec<(u64, Hook)>> {
+    static HOOKS: Mutex<Vec<(u64, Hook)>> = Mutex::new(Vec::new());
+    &HOOKS
+}
+
+/// Registers clean-up that an interrupt runs before the sandboxes' own
+/// (e.g. stopping a brain that would otherwise re-place what the cells are
+/// deleting). Returns a key for [`unregister_hook`].
+pub fn register_hook(hook: impl Fn() + Send + 'static) -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let key = NEXT.fetch_add(1, Ordering::SeqCst);
+    lock(hooks()).push((key, Box::new(hook)));
+    key
+}
+
+pub fn unregister_hook(key: u64) {
+    lock(hooks()).retain(|(k, _)| *k != key);
 }
 
 fn install_signal_handler() -> Result<()> {
@@ -114,10 +129,10 @@ fn install_signal_handler() -> Result<()> {
         return Ok(());
     }
     ctrlc::set_handler(|| {
-        let cleanup = lock(active()).clone();
+        let cleanup: Vec<Arc<Cleanup>> = lock(active()).clone();
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
             eprintln!("\ninterrupted again: exiting without finishing the cleanup");
-            if let Some(c) = cleanup {
+            for c in &cleanup {
                 eprintln!(
                     "left behind (maybe): network namespace {} (`ip netns del {}`), {}",
                     c.netns,
@@ -131,8 +146,11 @@ fn install_signal_handler() -> Result<()> {
         // On a thread of its own: this handler thread must stay free to
         // receive the second Ctrl-C.
         thread::spawn(move || {
-            if let Some(cleanup) = cleanup {
-                cleanup.run();
+            for (_, hook) in lock(hooks()).iter() {
+                hook();
+            }
+            for c in cleanup.iter().rev() {
+                c.run();
             }
             std::process::exit(130);
         });
@@ -148,6 +166,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Sandbox {
     pub fn start(spec: &Spec) -> Result<Self> {
+        Self::start_with(spec, "")
+    }
+
+    /// Like [`Sandbox::start`], with `extra` appended to the agent's config
+    /// (a `zone = ...` in it replaces the default zone).
+    pub fn start_with(spec: &Spec, extra: &str) -> Result<Self> {
         install_signal_handler()?;
         let name = format!("{}-{}", spec.prefix, std::process::id());
         let dir = std::env::temp_dir().join(&name);
@@ -177,7 +201,7 @@ impl Sandbox {
         });
         // Registered before anything exists, so an interrupt at any point
         // below finds and removes whatever was created so far.
-        *lock(active()) = Some(Arc::clone(&cleanup));
+        lock(active()).push(Arc::clone(&cleanup));
         let mut sandbox = Sandbox {
             cleanup: Arc::clone(&cleanup),
             client: Client::new(&socket),
@@ -198,8 +222,15 @@ impl Sandbox {
         println!("netns:          {name} (loopback only)");
 
         let config = dir.join("agent.toml");
-        fs::write(&config, agent_config(spec, &name, &dir, &socket))
-            .with_context(|| format!("write {}", config.display()))?;
+        let mut text = agent_config(spec, &name, &dir, &socket);
+        if extra.contains("zone =") {
+            text = text.replace("zone = \"z1\"\n", "");
+        }
+        // Top-level keys of `extra` go first: after a table header they
+        // would belong to that table.
+        let (top, tables) = extra.split_at(extra.find('[').unwrap_or(extra.len()));
+        text = format!("{top}{text}{tables}");
+        fs::write(&config, text).with_context(|| format!("write {}", config.display()))?;
         println!("agent config:   {}", config.display());
         println!("agent log:      {}", log.display());
 
