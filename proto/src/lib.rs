@@ -8,6 +8,7 @@
 pub mod capacity;
 pub mod ids;
 pub mod instance;
+pub mod policy;
 pub mod time;
 pub mod wire;
 

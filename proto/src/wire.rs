@@ -15,6 +15,9 @@
 //! cell  → brain  Ack                    done, or refused with a reason
 //! cell  → brain  Event                  started, crashed, exited, evacuating
 //! either         Ping / Pong            liveness, matched by sequence number
+//! brain → cell   Routes                 every other cell's instance subnet and node address
+//! brain → cell   Endpoints              the cluster's instances (address → tenant), incrementally
+//! brain → cell   Policies               every cross-tenant policy (the whole set)
 //! ```
 //!
 //! Frames are a `u32` big-endian payload length followed by a postcard
@@ -81,6 +84,12 @@ pub const MAX_SNAPSHOT_INSTANCES: usize = 4096;
 pub const MAX_DELTA_CHANGES: usize = 1024;
 /// Most work items in one [`BidRequest`] (and bids in one [`Bids`]).
 pub const MAX_BATCH_ITEMS: usize = 1024;
+/// Most routes (other cells) in one [`Routes`].
+pub const MAX_ROUTES: usize = 4096;
+/// Most upserts plus removals in one [`Endpoints`].
+pub const MAX_ENDPOINTS: usize = 4096;
+/// Most policies in one [`Policies`].
+pub const MAX_POLICIES: usize = 16_384;
 
 /// An inclusive range of protocol versions, never empty, never containing 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -271,6 +280,9 @@ pub enum Message {
     Event(InstanceEvent),
     Ping { seq: u64 },
     Pong { seq: u64 },
+    Routes(Routes),
+    Endpoints(Endpoints),
+    Policies(Policies),
 }
 
 /// Who may send a message.
@@ -298,6 +310,9 @@ impl Message {
             Self::Event(_) => "event",
             Self::Ping { .. } => "ping",
             Self::Pong { .. } => "pong",
+            Self::Routes(_) => "routes",
+            Self::Endpoints(_) => "endpoints",
+            Self::Policies(_) => "policies",
         }
     }
 
@@ -314,7 +329,10 @@ impl Message {
             | Self::RequestState
             | Self::BidRequest(_)
             | Self::StartWork(_)
-            | Self::StopWork(_) => Sender::Brain,
+            | Self::StopWork(_)
+            | Self::Routes(_)
+            | Self::Endpoints(_)
+            | Self::Policies(_) => Sender::Brain,
             Self::Ping { .. } | Self::Pong { .. } => Sender::Either,
         }
     }
@@ -359,6 +377,13 @@ impl Message {
                 AckOutcome::Refused(r) => r.check_limits(),
                 AckOutcome::Done => Ok(()),
             },
+            Self::Routes(r) => at_most("routes.routes", r.routes.len(), MAX_ROUTES),
+            Self::Endpoints(e) => at_most(
+                "endpoints.upsert+remove",
+                e.upsert.len() + e.remove.len(),
+                MAX_ENDPOINTS,
+            ),
+            Self::Policies(p) => at_most("policies.policies", p.policies.len(), MAX_POLICIES),
             Self::HelloAck(_)
             | Self::RequestState
             | Self::StartWork(_)
@@ -598,6 +623,55 @@ impl InstanceEventKind {
             Self::Evacuating => "evacuating",
         }
     }
+}
+
+/// How to reach every other cell's instances: the whole set, sent after
+/// `HelloAck` and whenever it changes. A cell routes each `subnet` via `via`
+/// and removes routes it made that are no longer listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Routes {
+    #[serde(deserialize_with = "serde_util::bounded_vec::<_, _, MAX_ROUTES>")]
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Route {
+    pub cell: CellId,
+    pub subnet: Ipv4Net,
+    /// The other cell's node address.
+    pub via: IpAddr,
+}
+
+/// Changes to the cluster-wide endpoint map (instance address → tenant),
+/// which every cell's data plane uses to keep tenants apart across cells.
+/// `reset` first forgets every endpoint learnt from the brain (the first
+/// message of a connection has it; a full map may take several messages,
+/// only the first of which resets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoints {
+    pub reset: bool,
+    #[serde(deserialize_with = "serde_util::bounded_vec::<_, _, MAX_ENDPOINTS>")]
+    pub upsert: Vec<RemoteEndpoint>,
+    #[serde(deserialize_with = "serde_util::bounded_vec::<_, _, MAX_ENDPOINTS>")]
+    pub remove: Vec<Ipv4Addr>,
+}
+
+/// An instance somewhere in the cluster, as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RemoteEndpoint {
+    pub addr: Ipv4Addr,
+    pub tenant: TenantId,
+    pub instance: InstanceId,
+    pub cell: CellId,
+}
+
+/// Every cross-tenant policy of the cluster: the whole set, sent after
+/// `HelloAck` and whenever it changes. The cell's data plane then holds
+/// exactly these.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policies {
+    #[serde(deserialize_with = "serde_util::bounded_vec::<_, _, MAX_POLICIES>")]
+    pub policies: Vec<crate::policy::PolicyRule>,
 }
 
 /// QUIC application close codes for a cell ⇄ brain connection, so that the

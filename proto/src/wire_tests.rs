@@ -327,6 +327,57 @@ fn message() -> impl Strategy<Value = Message> {
             .prop_map(|(id, at, kind)| Message::Event(InstanceEvent { id, at, kind })),
         any::<u64>().prop_map(|seq| Message::Ping { seq }),
         any::<u64>().prop_map(|seq| Message::Pong { seq }),
+        vec(
+            (cell(), subnet(), any::<[u8; 4]>()).prop_map(|(cell, subnet, ip)| Route {
+                cell,
+                subnet,
+                via: IpAddr::from(ip)
+            }),
+            0..4
+        )
+        .prop_map(|routes| Message::Routes(Routes { routes })),
+        (
+            any::<bool>(),
+            vec(
+                (any::<[u8; 4]>(), tenant(), instance_id(), cell()).prop_map(
+                    |(ip, tenant, instance, cell)| RemoteEndpoint {
+                        addr: Ipv4Addr::from(ip),
+                        tenant,
+                        instance,
+                        cell,
+                    }
+                ),
+                0..4
+            ),
+            vec(any::<[u8; 4]>().prop_map(Ipv4Addr::from), 0..4)
+        )
+            .prop_map(|(reset, upsert, remove)| Message::Endpoints(Endpoints {
+                reset,
+                upsert,
+                remove
+            })),
+        vec(
+            (
+                tenant(),
+                tenant(),
+                prop_oneof![
+                    Just(crate::policy::Protocol::Any),
+                    Just(crate::policy::Protocol::Icmp),
+                    Just(crate::policy::Protocol::Tcp),
+                    Just(crate::policy::Protocol::Udp),
+                    Just(crate::policy::Protocol::Sctp),
+                ],
+                any::<u16>()
+            )
+                .prop_map(|(from, to, protocol, port)| crate::policy::PolicyRule {
+                    from,
+                    to,
+                    protocol,
+                    port
+                }),
+            0..4
+        )
+        .prop_map(|policies| Message::Policies(Policies { policies })),
     ]
 }
 
