@@ -75,9 +75,10 @@ fn error(status: StatusCode, msg: String, details: Vec<String>) -> Response<Resp
 fn exec_error(e: ExecError) -> Response<RespBody> {
     let status = match &e {
         ExecError::BadSpec(_) | ExecError::BadRootfs(_) => StatusCode::BAD_REQUEST,
-        ExecError::Conflict { .. } | ExecError::Deleting { .. } | ExecError::NoCapacity(_) => {
-            StatusCode::CONFLICT
-        }
+        ExecError::Conflict { .. }
+        | ExecError::Deleting { .. }
+        | ExecError::NoCapacity(_)
+        | ExecError::Evacuating => StatusCode::CONFLICT,
         ExecError::NotFound(_) => StatusCode::NOT_FOUND,
         ExecError::StopTimeout { .. } | ExecError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
@@ -146,6 +147,7 @@ pub async fn handle(
                     "zone": cfg.zone,
                     "capacity": { "total": exec.total(), "available": exec.available() },
                     "disk_limits": if exec.disk_quota() { "filesystem-per-instance" } else { "none" },
+                    "evacuating": exec.evacuating().is_some(),
                     "instances": instances,
                 }),
             )
@@ -158,6 +160,7 @@ pub async fn handle(
             )
         }
         (_, ["v1", "policies"]) => policies(&state, method.clone(), req).await,
+        (_, ["v1", "evacuate"]) => evacuate(&state, &method, &req).await,
         (&Method::GET, ["v1", "dataplane"]) => match state.exec.plane() {
             None => error(
                 StatusCode::CONFLICT,
@@ -331,6 +334,118 @@ fn logs(state: &Arc<ApiState>, id: InstanceId, req: &Request<Incoming>) -> Respo
         r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
     }
     r
+}
+
+/// Longest `wait_secs` of `POST /v1/evacuate`.
+const MAX_EVACUATION_WAIT: u64 = 3600;
+
+/// The cell's evacuation as the API shows it; `changed` says whether the
+/// request changed it.
+fn evacuation(exec: &Executor, changed: Option<bool>) -> serde_json::Value {
+    let since = exec.evacuating();
+    let mut v = serde_json::json!({
+        "cell_id": exec.config().cell_id,
+        "evacuating": since.is_some(),
+        "since": since,
+        "remaining": exec.live_lrps(),
+    });
+    if let Some(c) = changed {
+        v["changed"] = c.into();
+    }
+    v
+}
+
+/// How waiting for an evacuation ended.
+enum Drained {
+    Empty,
+    TimedOut,
+    Cancelled,
+}
+
+/// Waits until no LRP instance is live, the evacuation is cancelled, or
+/// `limit` passes.
+async fn wait_drained(exec: &Executor, limit: Duration) -> Drained {
+    let deadline = tokio::time::Instant::now() + limit;
+    // Subscribed before the first look, so no change falls in between.
+    let mut changes = exec.changes();
+    loop {
+        changes.borrow_and_update();
+        if exec.evacuating().is_none() {
+            return Drained::Cancelled;
+        }
+        if exec.live_lrps() == 0 {
+            return Drained::Empty;
+        }
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Err(_) => return Drained::TimedOut,
+            // The executor is gone: nothing will change any more.
+            Ok(Err(_)) => return Drained::TimedOut,
+            Ok(Ok(())) => {}
+        }
+    }
+}
+
+/// `GET/POST/DELETE /v1/evacuate`: whether the cell is draining; start
+/// draining (202, or with `?wait_secs=N` 200 once no LRP instance runs, 504
+/// if some still do after N s); cancel (200).
+async fn evacuate(
+    state: &Arc<ApiState>,
+    method: &Method,
+    req: &Request<Incoming>,
+) -> Response<RespBody> {
+    let exec = &state.exec;
+    match *method {
+        Method::GET => json(StatusCode::OK, &evacuation(exec, None)),
+        Method::DELETE => match exec.set_evacuating(false) {
+            Ok(changed) => json(StatusCode::OK, &evacuation(exec, Some(changed))),
+            Err(e) => exec_error(e),
+        },
+        Method::POST => {
+            let wait = match query(req, "wait_secs").map(|w| w.parse::<u64>()) {
+                None => None,
+                Some(Ok(w)) if w <= MAX_EVACUATION_WAIT => Some(w),
+                Some(_) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        format!("wait_secs must be 0..={MAX_EVACUATION_WAIT}"),
+                        vec![],
+                    )
+                }
+            };
+            let changed = match exec.set_evacuating(true) {
+                Ok(c) => c,
+                Err(e) => return exec_error(e),
+            };
+            let Some(secs) = wait else {
+                return json(StatusCode::ACCEPTED, &evacuation(exec, Some(changed)));
+            };
+            let outcome = wait_drained(exec, Duration::from_secs(secs)).await;
+            let mut body = evacuation(exec, Some(changed));
+            let remaining = body["remaining"].clone();
+            match outcome {
+                Drained::Empty => json(StatusCode::OK, &body),
+                Drained::TimedOut => {
+                    body["error"] = format!(
+                        "{remaining} LRP instances still run after {secs} s; the cell keeps evacuating"
+                    )
+                    .into();
+                    json(StatusCode::GATEWAY_TIMEOUT, &body)
+                }
+                Drained::Cancelled => {
+                    body["error"] = format!(
+                        "the evacuation was cancelled while waiting; {remaining} LRP instances run"
+                    )
+                    .into();
+                    json(StatusCode::CONFLICT, &body)
+                }
+            }
+        }
+        _ => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("{method} is not allowed here (GET, POST, DELETE)"),
+            vec![],
+        ),
+    }
 }
 
 /// A cross-tenant allowance as the API shows it.

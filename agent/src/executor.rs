@@ -16,7 +16,7 @@ use crate::shim::{self, Launch, Record, StartReport};
 use crate::sys;
 use corral_proto::{
     Capacity, CapacityError, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState,
-    SpecError, Status, TenantId,
+    SpecError, Status, TenantId, Timestamp,
 };
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -43,6 +43,11 @@ pub enum ExecError {
     NoCapacity(#[from] CapacityError),
     #[error("instance {id} is being deleted; retry once it is gone")]
     Deleting { id: InstanceId },
+    #[error(
+        "the cell is evacuating and takes no new instances \
+         (cancel with `corral cell undrain` or DELETE /v1/evacuate)"
+    )]
+    Evacuating,
     #[error("no instance {0}")]
     NotFound(InstanceId),
     #[error("instance {id} did not stop within {secs} s (shim pid {pid})")]
@@ -108,8 +113,12 @@ pub struct Executor {
     table: Mutex<BTreeMap<InstanceId, Entry>>,
     metrics: Arc<Metrics>,
     net: Option<NetState>,
+    /// Since when the cell is evacuating (draining), if it is; mirrored by
+    /// the file [`Layout::evacuation`].
+    evacuation: Mutex<Option<Timestamp>>,
     /// Ticks whenever anything an [`InstanceInfo`] shows changes: an entry
-    /// added or removed, its status or its address. A `watch` keeps only
+    /// added or removed, its status or its address; and when the cell
+    /// starts or stops evacuating. A `watch` keeps only
     /// "something changed since you last looked", so a slow reader misses
     /// nothing: it re-reads the table. Every such change below calls
     /// [`changed`](Self::changed).
@@ -158,6 +167,7 @@ impl Executor {
             table: Mutex::new(BTreeMap::new()),
             metrics,
             net,
+            evacuation: Mutex::new(None),
             changes: watch::Sender::new(()),
         })
     }
@@ -223,6 +233,77 @@ impl Executor {
 
     pub fn total(&self) -> Capacity {
         self.cfg.capacity
+    }
+
+    /// Since when the cell is evacuating, or `None` when it takes work.
+    pub fn evacuating(&self) -> Option<Timestamp> {
+        *lock(&self.evacuation)
+    }
+
+    /// Starts (`true`) or cancels evacuation; returns whether that changed
+    /// anything. The file is written (or removed) first, so the state the
+    /// API reports is the one a restarted agent comes back with.
+    pub fn set_evacuating(&self, on: bool) -> Result<bool, ExecError> {
+        let path = self.layout.evacuation();
+        let mut cur = lock(&self.evacuation);
+        if cur.is_some() == on {
+            return Ok(false);
+        }
+        if on {
+            let since = shim::now();
+            let body = serde_json::to_vec(&Evacuation { since })
+                .map_err(|e| io("encoding the evacuation marker")(std::io::Error::other(e)))?;
+            write_atomic(&path, &body).map_err(io(format!("writing {}", path.display())))?;
+            *cur = Some(since);
+            tracing::info!("cell evacuating: no new work; the brain moves its instances away");
+        } else {
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io(format!("removing {}", path.display()))(e)),
+            }
+            *cur = None;
+            tracing::info!("cell evacuation cancelled: taking new work again");
+        }
+        drop(cur);
+        self.changed();
+        Ok(true)
+    }
+
+    /// Reads the evacuation marker left by an earlier run. A marker that
+    /// does not parse still means "evacuating" (since now): draining by
+    /// mistake is safer than taking work by mistake.
+    fn restore_evacuation(&self) {
+        let path = self.layout.evacuation();
+        let since = match std::fs::read(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                tracing::error!("reading {}: {e}; the cell stays evacuating", path.display());
+                shim::now()
+            }
+            Ok(b) => match serde_json::from_slice::<Evacuation>(&b) {
+                Ok(ev) => ev.since,
+                Err(e) => {
+                    tracing::error!("{}: {e}; the cell stays evacuating", path.display());
+                    shim::now()
+                }
+            },
+        };
+        tracing::warn!(%since, "the cell is evacuating (from an earlier run): it takes no new work until cancelled");
+        *lock(&self.evacuation) = Some(since);
+        self.changed();
+    }
+
+    /// LRP instances that have not ended (starting, running or stopping):
+    /// what an evacuation waits for.
+    pub fn live_lrps(&self) -> usize {
+        self.table()
+            .values()
+            .filter(|e| {
+                e.spec.kind == corral_proto::InstanceKind::Lrp
+                    && !e.status.borrow().state.is_final()
+            })
+            .count()
     }
 
     pub fn available(&self) -> Capacity {
@@ -299,6 +380,11 @@ impl Executor {
             } else {
                 Err(ExecError::Conflict { id: id.clone() })
             };
+        }
+        // After the look-up: a repeated start of what already runs here is
+        // still answered as done.
+        if self.evacuating().is_some() {
+            return Err(ExecError::Evacuating);
         }
         let states: Vec<(&InstanceSpec, InstanceState)> = t
             .values()
@@ -713,8 +799,10 @@ impl Executor {
 
     /// Rebuilds the table from disk after an agent (re)start: running
     /// instances are re-adopted through their shims, ended ones keep their
-    /// exit status, and ones whose shim vanished are marked crashed.
+    /// exit status, and ones whose shim vanished are marked crashed. An
+    /// evacuation started by an earlier run goes on.
     pub async fn adopt(self: &Arc<Self>) -> Result<usize, ExecError> {
+        self.restore_evacuation();
         let dir = self.layout.instances_data();
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         std::fs::create_dir_all(self.layout.instances_run()).map_err(io("creating the run dir"))?;
@@ -931,6 +1019,12 @@ impl Executor {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The evacuation marker's contents.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Evacuation {
+    since: Timestamp,
 }
 
 /// Arguments of `corral-agent cleanup`.

@@ -197,6 +197,13 @@ impl Collector for CellCollector {
             MetricType::Gauge,
             [(vec![], cap(avail.containers))],
         )?;
+        family(
+            &mut enc,
+            "cell_evacuating",
+            "1 while the cell is evacuating (draining): it takes no new work",
+            MetricType::Gauge,
+            [(vec![], cap(u64::from(exec.evacuating().is_some())))],
+        )?;
 
         let snaps = exec.snapshot();
         let by_state = InstanceState::ALL.map(|st| {

@@ -41,6 +41,13 @@ impl Layout {
         self.run_dir.join("instances")
     }
 
+    /// Present while the cell is evacuating (draining): `{"since": ...}`.
+    /// On the data dir, so an agent restart (or a node reboot) keeps
+    /// draining until it is cancelled.
+    pub fn evacuation(&self) -> PathBuf {
+        self.data_dir.join("evacuation.json")
+    }
+
     pub fn instance(&self, id: &InstanceId) -> InstancePaths {
         InstancePaths {
             data: self.instances_data().join(id.as_str()),

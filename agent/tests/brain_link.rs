@@ -817,3 +817,176 @@ async fn started_work_is_acknowledged_then_reported_as_deltas_and_events() {
     }
     link.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_evacuating_cell_refuses_new_work_says_so_and_stays_evacuating_after_a_restart() {
+    capture_logs();
+    let dir = tempfile::tempdir().unwrap();
+    // A rootfs that holds the command, so a start gets as far as admission.
+    let rootfs = dir.path().join("rootfs");
+    std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+    std::fs::write(rootfs.join("bin/server"), "#!/bin/sh\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            rootfs.join("bin/server"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+    }
+    let cluster = Cluster::new();
+    let brain = TestBrain::new(&cluster.creds(&PeerIdentity::Brain(brain_id())));
+    let exec = executor(dir.path()).await;
+    let metrics = Arc::new(Metrics::new());
+    let link = cell_link::spawn(
+        settings(brain.addr()),
+        cluster.creds(&PeerIdentity::Cell(cell_id())),
+        exec.clone(),
+        metrics.clone(),
+    )
+    .unwrap();
+    let mut c = brain.accept().await;
+    c.greet().await;
+    let Message::StateSnapshot(snap) = c.recv().await else {
+        panic!("snapshot expected");
+    };
+    assert!(!snap.evacuating);
+
+    // Draining: a fresh snapshot says so (deltas cannot).
+    assert!(exec.set_evacuating(true).unwrap());
+    assert!(!exec.set_evacuating(true).unwrap(), "already evacuating");
+    let Message::StateSnapshot(snap) = c.recv().await else {
+        panic!("a snapshot must follow the start of an evacuation");
+    };
+    assert!(snap.evacuating);
+    assert_eq!(snap.seq, 2);
+    let since = exec.evacuating().unwrap();
+
+    // No bid, no start.
+    c.send(Message::BidRequest(BidRequest {
+        request: RequestId(1),
+        items: vec![item("a", &rootfs, 64, &[])],
+    }))
+    .await;
+    let Message::Bids(bids) = c.recv().await else {
+        panic!("bids expected");
+    };
+    assert_eq!(
+        bids.bids[0].outcome,
+        BidOutcome::Refused(Refusal::Evacuating)
+    );
+    c.send(Message::StartWork(StartWork {
+        request: RequestId(2),
+        id: InstanceId::new("a").unwrap(),
+        spec: spec(&rootfs, 64),
+    }))
+    .await;
+    let Message::Ack(a) = c.recv().await else {
+        panic!("ack expected");
+    };
+    assert_eq!(
+        (a.request, a.outcome),
+        (RequestId(2), AckOutcome::Refused(Refusal::Evacuating))
+    );
+    assert!(exec.get(&InstanceId::new("a").unwrap()).is_none());
+    let text = corral_agent::metrics::render(&metrics.registry(Arc::downgrade(&exec)));
+    assert!(text.contains("corral_cell_evacuating 1"), "{text}");
+
+    // A restarted agent (a new executor on the same directories) is still
+    // draining, since the same instant.
+    let again = executor(dir.path()).await;
+    assert_eq!(again.evacuating(), Some(since));
+    drop(again);
+
+    // Cancelled: a snapshot without the flag; bids are scored again.
+    assert!(exec.set_evacuating(false).unwrap());
+    let Message::StateSnapshot(snap) = c.recv().await else {
+        panic!("a snapshot must follow the end of an evacuation");
+    };
+    assert!(!snap.evacuating);
+    assert_eq!(snap.seq, 3);
+    c.send(Message::BidRequest(BidRequest {
+        request: RequestId(3),
+        items: vec![item("a", &rootfs, 64, &[])],
+    }))
+    .await;
+    let Message::Bids(bids) = c.recv().await else {
+        panic!("bids expected");
+    };
+    assert!(matches!(bids.bids[0].outcome, BidOutcome::Score(_)));
+    let text = corral_agent::metrics::render(&metrics.registry(Arc::downgrade(&exec)));
+    assert!(text.contains("corral_cell_evacuating 0"), "{text}");
+    assert_eq!(executor(dir.path()).await.evacuating(), None);
+    link.shutdown().await;
+}
+
+#[tokio::test]
+async fn evacuation_tells_the_brain_about_each_running_lrp() {
+    capture_logs();
+    let cluster = Cluster::new();
+    let brain = TestBrain::new(&cluster.creds(&PeerIdentity::Brain(brain_id())));
+    let cell = FakeCell::new();
+    let link = cell_link::spawn(
+        settings(brain.addr()),
+        cluster.creds(&PeerIdentity::Cell(cell_id())),
+        cell.clone(),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    let mut c = brain.accept().await;
+    c.greet().await;
+    let Message::StateSnapshot(_) = c.recv().await else {
+        panic!("snapshot expected");
+    };
+    let rootfs = Path::new("/srv/rootfs");
+    let id = InstanceId::new("web-0").unwrap();
+    c.send(Message::StartWork(StartWork {
+        request: RequestId(1),
+        id: id.clone(),
+        spec: spec(rootfs, 64),
+    }))
+    .await;
+    c.until(|m| matches!(m, Message::Event(e) if e.kind == InstanceEventKind::Started))
+        .await;
+
+    cell.set_evacuating(true);
+    let (m, _) = c.until(|m| matches!(m, Message::StateSnapshot(_))).await;
+    let Message::StateSnapshot(snap) = m else {
+        unreachable!()
+    };
+    assert!(snap.evacuating);
+    assert_eq!(snap.instances.len(), 1);
+    let Message::Event(e) = c.recv().await else {
+        panic!("an evacuating event must follow the snapshot");
+    };
+    assert_eq!((e.id, e.kind), (id.clone(), InstanceEventKind::Evacuating));
+
+    // What runs keeps running; a repeated start of it is still done, a new
+    // one is refused.
+    for (request, which) in [(2, "web-0"), (3, "web-1")] {
+        c.send(Message::StartWork(StartWork {
+            request: RequestId(request),
+            id: InstanceId::new(which).unwrap(),
+            spec: spec(rootfs, 64),
+        }))
+        .await;
+    }
+    let mut acks = BTreeMap::new();
+    while acks.len() < 2 {
+        let (m, _) = c.until(|m| matches!(m, Message::Ack(_))).await;
+        let Message::Ack(a) = m else { unreachable!() };
+        acks.insert(a.request.0, a.outcome);
+    }
+    assert_eq!(acks[&2], AckOutcome::Done);
+    assert_eq!(acks[&3], AckOutcome::Refused(Refusal::Evacuating));
+    assert_eq!(running_here(&cell), 1);
+    link.shutdown().await;
+}
+
+fn running_here(cell: &FakeCell) -> usize {
+    use corral_agent::cell_link::CellRuntime;
+    cell.instances()
+        .iter()
+        .filter(|i| i.state == InstanceState::Running)
+        .count()
+}

@@ -8,6 +8,7 @@
 //! could not be reached (or ended an event stream).
 
 mod brain_cmds;
+mod cell_cmds;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use corral_cli::client::{Client, ClientError, Endpoint, Response};
@@ -20,7 +21,7 @@ use std::process::ExitCode;
     name = "corral",
     version,
     about = "corral command line",
-    after_help = "Instance and 'cell status' commands talk to a cell agent (--agent); \
+    after_help = "Instance and 'cell' commands talk to a cell agent (--agent); \
                   push, apps, app, scale, delete-app, task(s), cells and events talk to \
                   the brain (--brain, --token)."
 )]
@@ -108,19 +109,13 @@ enum Cmd {
         #[arg(long)]
         tail: Option<usize>,
     },
-    /// Cell commands.
+    /// The local cell: status, drain, undrain.
     Cell {
         #[command(subcommand)]
-        cmd: CellCmd,
+        cmd: cell_cmds::CellCmd,
     },
     #[command(flatten)]
     Brain(brain_cmds::BrainCmd),
-}
-
-#[derive(Subcommand)]
-enum CellCmd {
-    /// Capacity and instances of the local cell.
-    Status,
 }
 
 enum Fail {
@@ -313,24 +308,7 @@ fn run(cli: &Cli, c: Client) -> Result<(), Fail> {
             }
         }
         Cmd::Brain(cmd) => brain_cmds::run(cli, cmd)?,
-        Cmd::Cell {
-            cmd: CellCmd::Status,
-        } => {
-            let v = call(c.get("/v1/state"))?;
-            print(cli.output, &v, |v| {
-                println!("cell {} (zone {})", s(v, "cell_id"), s(v, "zone"));
-                let (t, a) = (&v["capacity"]["total"], &v["capacity"]["available"]);
-                for k in ["memory_mb", "disk_mb", "containers"] {
-                    println!("  {k:<11} {:>8} available of {:>8}", s(a, k), s(t, k));
-                }
-                table(
-                    v["instances"]
-                        .as_array()
-                        .map(Vec::as_slice)
-                        .unwrap_or_default(),
-                );
-            });
-        }
+        Cmd::Cell { cmd } => cell_cmds::run(cli, c, cmd)?,
     }
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! A brain and three cells, each in its own node namespace, with real
 //! agents and containers, driven through the `corral` CLI: placement across
 //! cells and zones, scaling, healing a killed process, losing and regaining
-//! a node, a brain restart that restarts nothing, and a cell from another CA
-//! refused.
+//! a node, a brain restart that restarts nothing, a cell drained through its
+//! own agent (`corral cell drain`), and a cell from another CA refused.
 //!
 //! Run as root through `cargo xtask test`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,6 +13,7 @@ use common::cluster::Fabric;
 use common::{rootfs, Cell};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `corral app web -o json` instances that are running, by cell.
@@ -39,6 +40,37 @@ fn running_ids(app: &Value) -> BTreeSet<String> {
 
 fn total(app: &Value) -> usize {
     running_by_cell(app).values().sum()
+}
+
+/// Runs `corral` against a cell's agent socket.
+fn cell_cli(cell: &Cell, args: &[&str]) -> std::process::Output {
+    Command::new(common::cluster::cli_bin())
+        .arg("--agent")
+        .arg(cell.run_dir().join("agent.sock"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `corral cell drain --wait` on `cell`, watching the app meanwhile:
+/// the CLI's output and the fewest instances seen running.
+fn drain(cell: &Cell, fabric: &Fabric, app: &[&str]) -> (std::process::Output, usize) {
+    let mut child = Command::new(common::cluster::cli_bin())
+        .arg("--agent")
+        .arg(cell.run_dir().join("agent.sock"))
+        .args(["cell", "drain", "--wait", "90", "-o", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The CLI gives up 30 s after its --wait, so this loop ends.
+    let mut fewest = usize::MAX;
+    while child.try_wait().unwrap().is_none() {
+        fewest = fewest.min(total(&fabric.cli_json(app)));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = child.wait_with_output().unwrap();
+    (out, fewest)
 }
 
 /// Instances the cell's own agent runs (starting or running).
@@ -193,6 +225,70 @@ fn a_brain_places_scales_and_heals_across_three_cells() {
     std::thread::sleep(Duration::from_secs(6));
     let v = fabric.wait_json(&app, "4 running", |v| total(v) == 4);
     assert_eq!(running_ids(&v), ids_before, "no instance restarted");
+
+    // Drain the cell that runs the most, with the CLI on its agent's
+    // socket: its instances are started elsewhere before they are stopped
+    // on it, so the app never runs fewer than four.
+    let (drained, had) = running_by_cell(&v)
+        .into_iter()
+        .max_by_key(|(_, n)| *n)
+        .unwrap();
+    let cell = cells.iter().find(|c| c.name == drained).unwrap();
+    let t = Instant::now();
+    let (out, fewest) = drain(cell, &fabric, &app);
+    assert!(
+        out.status.success(),
+        "corral cell drain: {}{}\nbrain log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        fabric.brain_log()
+    );
+    eprintln!(
+        "drained {had} instances off {drained} in {:?}; fewest running meanwhile: {fewest}",
+        t.elapsed()
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&body["evacuating"], &body["remaining"]),
+        (&Value::from(true), &Value::from(0)),
+        "{body}"
+    );
+    assert_eq!(live_on(cell), 0);
+    assert!(
+        fewest >= 4,
+        "the app dropped to {fewest} running while draining"
+    );
+    fabric.wait_json(&app, "4 running, none on the drained cell", |v| {
+        let by = running_by_cell(v);
+        !by.contains_key(&drained) && by.values().sum::<usize>() == 4
+    });
+    let v = fabric.cli_json(&["cells"]);
+    let view = v["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == drained.as_str())
+        .unwrap();
+    assert_eq!(view["state"], "draining", "{v}");
+    let state = cell.client.get("/v1/state").unwrap().json().unwrap();
+    assert_eq!(state["evacuating"], true);
+    assert!(cell.metrics().contains("corral_cell_evacuating 1"));
+    // Undrained, the agent takes work again. (The brain does not yet take
+    // a cell back when it stops evacuating: see agent/tests/brain_interop.rs.)
+    let out = cell_cli(cell, &["cell", "undrain", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&body["evacuating"], &body["changed"]),
+        (&Value::from(false), &Value::from(true)),
+        "{body}"
+    );
+    let state = cell.client.get("/v1/state").unwrap().json().unwrap();
+    assert_eq!(state["evacuating"], false);
 
     // A cell whose certificate comes from another CA is refused.
     let rogue_name = Cell::new_name();

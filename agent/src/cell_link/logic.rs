@@ -7,7 +7,7 @@ use corral_proto::wire::{
     Bid, BidOutcome, BidRequest, Bids, InstanceEvent, InstanceEventKind, Refusal, StateChange,
     StateDelta, StateSnapshot, Tag, WorkItem, MAX_DELTA_CHANGES,
 };
-use corral_proto::{Capacity, InstanceId, InstanceInfo, InstanceState, Timestamp};
+use corral_proto::{Capacity, InstanceId, InstanceInfo, InstanceKind, InstanceState, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::time::Duration;
@@ -216,21 +216,27 @@ pub fn events_for(
     out
 }
 
-/// What to send after the instances changed.
+/// What to send after the instances changed, in this order: the snapshot
+/// or the deltas, then the events.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Update {
+    /// A whole snapshot instead of deltas, when the cell started or stopped
+    /// evacuating: only a snapshot carries that flag.
+    pub snapshot: Option<StateSnapshot>,
     /// Consecutive deltas (several when there are more than
     /// [`MAX_DELTA_CHANGES`] changes); empty when nothing changed.
     pub deltas: Vec<StateDelta>,
     pub events: Vec<InstanceEvent>,
 }
 
-/// What the brain was last told about this cell's instances, and the
-/// sequence number the next delta continues. One per connection.
+/// What the brain was last told about this cell's instances and whether it
+/// is evacuating, and the sequence number the next delta continues. One per
+/// connection.
 #[derive(Debug, Clone, Default)]
 pub struct StateTracker {
     seq: u64,
     available: Capacity,
+    evacuating: bool,
     sent: BTreeMap<InstanceId, InstanceInfo>,
 }
 
@@ -249,6 +255,7 @@ impl StateTracker {
     ) -> StateSnapshot {
         self.seq += 1;
         self.available = available;
+        self.evacuating = evacuating;
         self.sent = instances
             .iter()
             .map(|i| (i.id.clone(), i.clone()))
@@ -263,12 +270,42 @@ impl StateTracker {
 
     /// The deltas and events that bring the brain from what it was last
     /// told to `instances`. Changes are in id order, removals after upserts.
+    ///
+    /// When `evacuating` differs from what the brain was told, the update
+    /// is a snapshot instead (with the same events); when evacuation
+    /// begins, each LRP instance that has not ended also gets an
+    /// `Evacuating` event, so the brain knows to replace it before asking
+    /// for its stop.
     pub fn update(
         &mut self,
         available: Capacity,
+        evacuating: bool,
         instances: Vec<InstanceInfo>,
         now: Timestamp,
     ) -> Update {
+        if evacuating != self.evacuating {
+            let mut events: Vec<InstanceEvent> = instances
+                .iter()
+                .flat_map(|i| events_for(self.sent.get(&i.id), i, now))
+                .collect();
+            if evacuating {
+                events.extend(
+                    instances
+                        .iter()
+                        .filter(|i| i.kind == InstanceKind::Lrp && !i.state.is_final())
+                        .map(|i| InstanceEvent {
+                            id: i.id.clone(),
+                            at: now,
+                            kind: InstanceEventKind::Evacuating,
+                        }),
+                );
+            }
+            return Update {
+                snapshot: Some(self.snapshot(available, evacuating, instances)),
+                deltas: Vec::new(),
+                events,
+            };
+        }
         let mut changes = Vec::new();
         let mut events = Vec::new();
         let mut current = BTreeMap::new();
@@ -307,7 +344,11 @@ impl StateTracker {
                 break;
             }
         }
-        Update { deltas, events }
+        Update {
+            snapshot: None,
+            deltas,
+            events,
+        }
     }
 }
 
@@ -581,7 +622,7 @@ mod tests {
         assert_eq!(snap.instances.len(), 2);
         let now = Timestamp(1);
         assert_eq!(
-            t.update(TOTAL, vec![a.clone(), b.clone()], now),
+            t.update(TOTAL, false, vec![a.clone(), b.clone()], now),
             Update::default()
         );
 
@@ -592,7 +633,7 @@ mod tests {
             memory_mb: 900,
             ..TOTAL
         };
-        let u = t.update(less, vec![b_running.clone(), c.clone()], now);
+        let u = t.update(less, false, vec![b_running.clone(), c.clone()], now);
         assert_eq!(u.deltas.len(), 1);
         let d = &u.deltas[0];
         assert_eq!((d.seq, d.available), (2, less));
@@ -611,14 +652,14 @@ mod tests {
         assert_eq!(kinds(&u.events), ["started"]);
 
         // Capacity alone changing is news too.
-        let u = t.update(TOTAL, vec![b_running.clone(), c.clone()], now);
+        let u = t.update(TOTAL, false, vec![b_running.clone(), c.clone()], now);
         assert_eq!(u.deltas[0].seq, 3);
         assert!(u.deltas[0].changes.is_empty());
 
         // A fresh snapshot restarts the comparison from what it carried.
         let snap = t.snapshot(TOTAL, false, vec![b.clone()]);
         assert_eq!(snap.seq, 4);
-        let u = t.update(TOTAL, vec![b_running], now);
+        let u = t.update(TOTAL, false, vec![b_running], now);
         assert_eq!(u.deltas[0].seq, 5);
         assert_eq!(kinds(&u.events), ["started"]);
     }
@@ -630,10 +671,94 @@ mod tests {
         let many: Vec<InstanceInfo> = (0..MAX_DELTA_CHANGES + 5)
             .map(|n| info(&format!("i{n}"), InstanceState::Starting))
             .collect();
-        let u = t.update(TOTAL, many, Timestamp(1));
+        let u = t.update(TOTAL, false, many, Timestamp(1));
         let seqs: Vec<u64> = u.deltas.iter().map(|d| d.seq).collect();
         assert_eq!(seqs, [2, 3]);
         assert_eq!(u.deltas[0].changes.len(), MAX_DELTA_CHANGES);
         assert_eq!(u.deltas[1].changes.len(), 5);
+    }
+
+    #[test]
+    fn starting_or_stopping_evacuation_is_a_snapshot_with_the_flag() {
+        let mut t = StateTracker::new();
+        let mut web = info("web", InstanceState::Running);
+        web.started_at = Some(Timestamp(5));
+        let mut job = info("job", InstanceState::Running);
+        job.kind = corral_proto::InstanceKind::Task;
+        let mut done = info("done", InstanceState::Exited);
+        done.exit_code = Some(0);
+        let snap = t.snapshot(TOTAL, false, vec![web.clone(), job.clone(), done.clone()]);
+        assert!(!snap.evacuating);
+        let now = Timestamp(7);
+
+        // Evacuation begins, and meanwhile a new instance started.
+        let fresh = info("fresh", InstanceState::Starting);
+        let all = vec![web.clone(), job.clone(), done.clone(), fresh.clone()];
+        let u = t.update(TOTAL, true, all.clone(), now);
+        assert!(u.deltas.is_empty());
+        let snap = u.snapshot.expect("a flag change is a snapshot");
+        assert_eq!(snap.seq, 2);
+        assert!(snap.evacuating);
+        assert_eq!(snap.instances, all);
+        // Live LRPs only: not the task, not the ended one.
+        let evacuating: Vec<&str> = u
+            .events
+            .iter()
+            .filter(|e| e.kind == InstanceEventKind::Evacuating)
+            .map(|e| e.id.as_str())
+            .collect();
+        assert_eq!(evacuating, ["web", "fresh"]);
+        assert!(u.events.iter().all(|e| e.at == now));
+
+        // While it goes on, changes are deltas again, continuing the snapshot.
+        let mut stopping = web.clone();
+        stopping.state = InstanceState::Stopping;
+        let u = t.update(TOTAL, true, vec![stopping.clone(), job.clone()], now);
+        assert!(u.snapshot.is_none());
+        assert_eq!(u.deltas[0].seq, 3);
+        assert!(u.events.is_empty());
+        assert_eq!(
+            t.update(TOTAL, true, vec![stopping.clone(), job.clone()], now),
+            Update::default()
+        );
+
+        // Cancelled: a snapshot without the flag, and no evacuation events.
+        let u = t.update(TOTAL, false, vec![stopping, job], now);
+        let snap = u.snapshot.expect("a flag change is a snapshot");
+        assert_eq!((snap.seq, snap.evacuating), (4, false));
+        assert!(u.events.is_empty());
+    }
+
+    #[test]
+    fn a_snapshot_carries_the_flag_and_a_fresh_session_starts_from_it() {
+        let mut t = StateTracker::new();
+        let web = info("web", InstanceState::Running);
+        // A cell that was already evacuating when the session began says
+        // so in its first snapshot; no flag change follows.
+        assert!(t.snapshot(TOTAL, true, vec![web.clone()]).evacuating);
+        assert_eq!(
+            t.update(TOTAL, true, vec![web], Timestamp(1)),
+            Update::default()
+        );
+    }
+
+    #[test]
+    fn an_evacuating_cell_refuses_every_item_of_a_batch() {
+        let cell_tags = tags(&["ssd"]);
+        let offer = CellOffer {
+            tags: &cell_tags,
+            total: TOTAL,
+            available: TOTAL,
+            evacuating: true,
+        };
+        let req = BidRequest {
+            request: RequestId(3),
+            items: vec![item("a", 64, &[]), item("b", 64, &["ssd"])],
+        };
+        let out = bids(&req, &offer, |_| true);
+        assert!(out
+            .bids
+            .iter()
+            .all(|b| b.outcome == BidOutcome::Refused(Refusal::Evacuating)));
     }
 }

@@ -19,9 +19,12 @@ pub trait CellRuntime: Send + Sync + 'static {
     fn available(&self) -> Capacity;
     /// Every instance the cell has, ended ones included.
     fn instances(&self) -> Vec<InstanceInfo>;
-    /// Fires after any change to what [`instances`](Self::instances) or
-    /// [`available`](Self::available) return. Coalescing, never losing the
-    /// last change.
+    /// Whether the cell is evacuating: it refuses bids and starts with
+    /// [`Refusal::Evacuating`] and says so in every snapshot.
+    fn evacuating(&self) -> bool;
+    /// Fires after any change to what [`instances`](Self::instances),
+    /// [`available`](Self::available) or [`evacuating`](Self::evacuating)
+    /// return. Coalescing, never losing the last change.
     fn changes(&self) -> watch::Receiver<()>;
     /// Whether a root filesystem directory exists on this cell.
     fn rootfs_available(&self, rootfs: &Path) -> bool {
@@ -29,7 +32,9 @@ pub trait CellRuntime: Send + Sync + 'static {
     }
     /// Admits `StartWork` and starts it in the background: the answer comes
     /// once it is accepted (or refused), not when it runs. Idempotent: the
-    /// same id with the same spec is `Done`.
+    /// same id with the same spec is `Done`, even while evacuating; any
+    /// other start while evacuating is refused with
+    /// [`Refusal::Evacuating`].
     fn start(
         self: Arc<Self>,
         id: InstanceId,
@@ -51,6 +56,7 @@ pub fn refusal_for(e: ExecError) -> Refusal {
         ExecError::BadRootfs(reason) => Refusal::Invalid { reason },
         ExecError::Conflict { id } => Refusal::Duplicate { id },
         ExecError::NoCapacity(e) => Refusal::Capacity(e),
+        ExecError::Evacuating => Refusal::Evacuating,
         e @ (ExecError::Deleting { .. }
         | ExecError::NotFound(_)
         | ExecError::StopTimeout { .. }
@@ -83,6 +89,10 @@ impl CellRuntime for Executor {
 
     fn instances(&self) -> Vec<InstanceInfo> {
         self.snapshot().into_iter().map(|s| s.info).collect()
+    }
+
+    fn evacuating(&self) -> bool {
+        Executor::evacuating(self).is_some()
     }
 
     fn changes(&self) -> watch::Receiver<()> {
@@ -147,6 +157,7 @@ mod tests {
                 reason: "a; b".into()
             }
         );
+        assert_eq!(refusal_for(ExecError::Evacuating), Refusal::Evacuating);
         assert!(matches!(
             refusal_for(ExecError::Deleting { id }),
             Refusal::Other { reason } if reason.contains("being deleted")

@@ -442,7 +442,7 @@ impl<'a, R: CellRuntime> Session<'a, R> {
                     tags: &self.ctx.settings.tags,
                     total: runtime.total(),
                     available: runtime.available(),
-                    evacuating: false,
+                    evacuating: runtime.evacuating(),
                 };
                 let bids = logic::bids(&req, &offer, |p| runtime.rootfs_available(p));
                 self.send(Message::Bids(bids)).await
@@ -465,17 +465,25 @@ impl<'a, R: CellRuntime> Session<'a, R> {
 
     async fn send_snapshot(&mut self) -> Result<(), Problem> {
         let runtime = &self.ctx.runtime;
-        let snapshot = self
-            .tracker
-            .snapshot(runtime.available(), false, runtime.instances());
+        let snapshot = self.tracker.snapshot(
+            runtime.available(),
+            runtime.evacuating(),
+            runtime.instances(),
+        );
         self.send(Message::StateSnapshot(snapshot)).await
     }
 
     async fn send_update(&mut self) -> Result<(), Problem> {
         let runtime = &self.ctx.runtime;
-        let update =
-            self.tracker
-                .update(runtime.available(), runtime.instances(), crate::shim::now());
+        let update = self.tracker.update(
+            runtime.available(),
+            runtime.evacuating(),
+            runtime.instances(),
+            crate::shim::now(),
+        );
+        if let Some(snapshot) = update.snapshot {
+            self.send(Message::StateSnapshot(snapshot)).await?;
+        }
         for delta in update.deltas {
             self.send(Message::StateDelta(delta)).await?;
         }

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -114,6 +115,7 @@ pub async fn wait_status(link: &LinkHandle, pred: impl Fn(&LinkStatus) -> bool) 
 /// Instances that "run" as soon as they are admitted, a moment later.
 pub struct FakeCell {
     table: Mutex<BTreeMap<InstanceId, (InstanceSpec, InstanceInfo)>>,
+    evacuating: AtomicBool,
     changes: watch::Sender<()>,
 }
 
@@ -121,8 +123,15 @@ impl FakeCell {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             table: Mutex::new(BTreeMap::new()),
+            evacuating: AtomicBool::new(false),
             changes: watch::Sender::new(()),
         })
+    }
+
+    /// Starts or cancels evacuation, as `POST`/`DELETE /v1/evacuate` do.
+    pub fn set_evacuating(&self, on: bool) {
+        self.evacuating.store(on, Ordering::SeqCst);
+        self.changes.send_replace(());
     }
 
     pub fn set_state(&self, id: &InstanceId, state: InstanceState, at: u64) {
@@ -160,6 +169,10 @@ impl CellRuntime for FakeCell {
         t.values().map(|(_, i)| i.clone()).collect()
     }
 
+    fn evacuating(&self) -> bool {
+        self.evacuating.load(Ordering::SeqCst)
+    }
+
     fn changes(&self) -> watch::Receiver<()> {
         self.changes.subscribe()
     }
@@ -178,6 +191,9 @@ impl CellRuntime for FakeCell {
                 } else {
                     AckOutcome::Refused(Refusal::Duplicate { id })
                 };
+            }
+            if self.evacuating() {
+                return AckOutcome::Refused(Refusal::Evacuating);
             }
             let info = InstanceInfo::new(&id, &spec, &Status::new());
             t.insert(id.clone(), (spec, info));
