@@ -192,6 +192,76 @@ impl Executor {
         self.net.as_ref().and_then(|n| n.plane.as_ref())
     }
 
+    /// Applies the brain's routes, endpoint map or policies (see
+    /// [`crate::cell_link::CellRuntime::network`]). `Ok(None)`: nothing to
+    /// do here (no cell network, or no data plane for endpoints and
+    /// policies); `Ok(Some(summary))`: what changed.
+    pub async fn apply_network(
+        &self,
+        update: corral_proto::wire::Message,
+    ) -> Result<Option<String>, String> {
+        let Some(net) = self.net.as_ref() else {
+            return Ok(None);
+        };
+        match update {
+            corral_proto::wire::Message::Routes(r) => {
+                let own = self.config().subnet;
+                let mut want = Vec::new();
+                for route in &r.routes {
+                    let subnet = (route.subnet.addr(), route.subnet.prefix());
+                    let std::net::IpAddr::V4(via) = route.via else {
+                        tracing::warn!(cell = %route.cell, via = %route.via, "skipping a route via an IPv6 address: instance networking is IPv4");
+                        continue;
+                    };
+                    let overlaps = own.is_some_and(|o| {
+                        route.subnet.contains(o.network()) || o.contains(route.subnet.addr())
+                    });
+                    if overlaps {
+                        tracing::error!(cell = %route.cell, subnet = %route.subnet, "the brain routes a subnet that overlaps this cell's: skipped");
+                        continue;
+                    }
+                    want.push((subnet, via));
+                }
+                let (added, removed) = net
+                    .network
+                    .sync_routes(&want)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok((added + removed > 0).then(|| {
+                    format!(
+                        "{} routes to other cells ({added} added, {removed} removed)",
+                        want.len()
+                    )
+                }))
+            }
+            corral_proto::wire::Message::Endpoints(e) => {
+                let Some(plane) = net.plane.as_ref() else {
+                    return Ok(None);
+                };
+                let (written, removed) = plane
+                    .apply_endpoints(&e, &self.config().cell_id)
+                    .map_err(|e| e.to_string())?;
+                Ok((written + removed > 0 || e.reset)
+                    .then(|| format!("{written} remote endpoints written, {removed} removed")))
+            }
+            corral_proto::wire::Message::Policies(p) => {
+                let Some(plane) = net.plane.as_ref() else {
+                    return Ok(None);
+                };
+                let (added, removed) = plane
+                    .replace_policies(&p.policies)
+                    .map_err(|e| e.to_string())?;
+                Ok((added + removed > 0).then(|| {
+                    format!(
+                        "{} policies ({added} added, {removed} removed)",
+                        p.policies.len()
+                    )
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Whether instances' disk limits are enforced (a filesystem each).
     pub fn disk_quota(&self) -> bool {
         self.disk_quota

@@ -16,9 +16,11 @@
 //! event stream.
 
 use crate::config::{Principal, Tokens};
+use crate::desired::StoredPolicy;
 use crate::desired::{App, AppKey, AppPatch, ChangeEvent, NewApp, NewTask, Task, TaskId};
-use crate::store::{Store, StoreError};
+use crate::store::{Expect, Op, Store, StoreError};
 use bytes::Bytes;
+use corral_proto::policy::PolicyRule;
 use corral_proto::wire::{Tag, Zone};
 use corral_proto::{AppId, Capacity, CellId, InstanceId, InstanceState, TenantId, Timestamp};
 use http_body_util::{BodyExt, Full, Limited};
@@ -103,6 +105,22 @@ pub trait ActualView: Send + Sync {
     fn cells(&self) -> Vec<CellView>;
     /// The instances of one app, in any order.
     fn instances(&self, app: &AppKey) -> Vec<InstanceView>;
+    /// The app's instances that fit on no cell at the last try.
+    fn unplaced(&self, app: &AppKey) -> Vec<UnplacedView> {
+        let _ = app;
+        Vec::new()
+    }
+}
+
+/// An app instance that the last auction could place on no cell, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnplacedView {
+    pub tenant: TenantId,
+    pub app: AppId,
+    pub index: u32,
+    /// E.g. "no cell has 512 MB free: largest free is 256 MB on cell-2".
+    pub reason: String,
+    pub since: Timestamp,
 }
 
 /// A whole picture of actual state.
@@ -110,6 +128,7 @@ pub trait ActualView: Send + Sync {
 pub struct ActualSnapshot {
     pub cells: Vec<CellView>,
     pub instances: Vec<InstanceView>,
+    pub unplaced: Vec<UnplacedView>,
 }
 
 /// An [`ActualView`] the brain replaces wholesale whenever its picture
@@ -143,6 +162,15 @@ impl ActualView for SharedView {
             .instances
             .iter()
             .filter(|i| i.tenant == app.tenant && i.app == app.name)
+            .cloned()
+            .collect()
+    }
+
+    fn unplaced(&self, app: &AppKey) -> Vec<UnplacedView> {
+        self.get()
+            .unplaced
+            .iter()
+            .filter(|u| u.tenant == app.tenant && u.app == app.name)
             .cloned()
             .collect()
     }
@@ -593,11 +621,13 @@ async fn route(state: &ApiState, closing: watch::Receiver<bool>, req: Request<In
             let app = find_app(state, &who, parse_app_name(name)?, query).await?;
             let mut instances = state.view.instances(&app.key());
             instances.sort_by(|a, b| (a.index, &a.id).cmp(&(b.index, &b.id)));
+            let mut unplaced = state.view.unplaced(&app.key());
+            unplaced.sort_by_key(|u| u.index);
             Ok(json(
                 StatusCode::OK,
                 &serde_json::json!({
                     "tenant": app.tenant, "app": app.name, "desired": app.instances,
-                    "instances": instances,
+                    "instances": instances, "unplaced": unplaced,
                 }),
             ))
         }
@@ -619,6 +649,10 @@ async fn route(state: &ApiState, closing: watch::Receiver<bool>, req: Request<In
             )),
         },
         (["v1", "cells"], _) => Err(method_not_allowed(&method, &path, "GET")),
+        (["v1", "policies"], &Method::GET) => list_policies(state, &who).await,
+        (["v1", "policies"], &Method::POST) => create_policy(state, &who, req).await,
+        (["v1", "policies"], &Method::DELETE) => delete_policy(state, &who, req).await,
+        (["v1", "policies"], _) => Err(method_not_allowed(&method, &path, "GET, POST, DELETE")),
         (["v1", "events"], &Method::GET) => Ok(events(state, who, closing)),
         (["v1", "events"], _) => Err(method_not_allowed(&method, &path, "GET")),
         _ => Err(Failure::new(
@@ -626,6 +660,111 @@ async fn route(state: &ApiState, closing: watch::Receiver<bool>, req: Request<In
             format!("no route for {method} {path}"),
         )),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Policies: a tenant grants other tenants access to its own instances, so a
+// tenant token creates and deletes only policies `to` itself, and sees those
+// that name it on either side.
+
+async fn list_policies(state: &ApiState, who: &Principal) -> Reply {
+    let all = blocking(state, |s| s.policies()).await?;
+    let visible: Vec<StoredPolicy> = all
+        .into_iter()
+        .filter(|p| match who {
+            Principal::Admin => true,
+            Principal::Tenant(own) => &p.rule.from == own || &p.rule.to == own,
+        })
+        .collect();
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "policies": visible }),
+    ))
+}
+
+/// The rule in a request body, checked: valid, about known tenants, and
+/// granted by the tenant it opens (for a tenant token).
+async fn policy_body(
+    state: &ApiState,
+    who: &Principal,
+    req: Request<Incoming>,
+) -> Result<PolicyRule, Failure> {
+    let rule: PolicyRule = read_json(req, "policy").await?;
+    rule.validate()
+        .map_err(|p| Failure::bad("invalid policy").details(p))?;
+    if let Principal::Tenant(own) = who {
+        if &rule.to != own {
+            return Err(Failure::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "a tenant token grants access only to its own instances: \"to\" must be {own}"
+                ),
+            ));
+        }
+    }
+    let mut known = state.tokens.tenants();
+    let apps = blocking(state, |s| s.apps(None)).await?;
+    known.extend(apps.into_iter().map(|a| a.tenant));
+    let unknown: Vec<String> = [&rule.from, &rule.to]
+        .into_iter()
+        .filter(|t| !known.contains(*t))
+        .map(|t| format!("unknown tenant {t}: it has no token and no apps"))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Failure::bad("invalid policy").details(unknown));
+    }
+    Ok(rule)
+}
+
+async fn create_policy(state: &ApiState, who: &Principal, req: Request<Incoming>) -> Reply {
+    let rule = policy_body(state, who, req).await?;
+    let policy = StoredPolicy {
+        rule,
+        created_at: state.now(),
+        revision: 0,
+    };
+    let stored = policy.clone();
+    let revision = blocking(state, move |s| {
+        s.commit(vec![Op::PutPolicy {
+            policy: stored,
+            expect: Expect::Absent,
+        }])
+    })
+    .await?;
+    let policy = StoredPolicy { revision, ..policy };
+    tracing::info!(policy = %policy.rule, revision, "policy created");
+    state.publish(ChangeEvent::PolicyCreated {
+        revision,
+        policy: policy.clone(),
+    });
+    Ok(json(StatusCode::CREATED, &policy))
+}
+
+async fn delete_policy(state: &ApiState, who: &Principal, req: Request<Incoming>) -> Reply {
+    let rule = policy_body(state, who, req).await?;
+    let key = rule.clone();
+    let (policy, revision) = blocking(state, move |s| {
+        let found = s
+            .policies()?
+            .into_iter()
+            .find(|p| p.rule == key)
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "policy",
+                key: key.to_string(),
+            })?;
+        let rev = s.commit(vec![Op::DeletePolicy {
+            rule: key,
+            expect: Expect::Revision(found.revision),
+        }])?;
+        Ok((found, rev))
+    })
+    .await?;
+    tracing::info!(policy = %policy.rule, revision, "policy deleted");
+    state.publish(ChangeEvent::PolicyDeleted {
+        revision,
+        policy: policy.clone(),
+    });
+    Ok(json(StatusCode::OK, &policy))
 }
 
 async fn list_apps(state: &ApiState, who: &Principal, query: Option<TenantId>) -> Reply {

@@ -20,7 +20,7 @@
 //!   `succeeded` or `failed` with its exit code, then removed from its cell;
 //! - an instance that leaves its cell takes its placement record with it.
 
-use crate::api::{ActualSnapshot, CellState, CellView as ApiCell, InstanceView};
+use crate::api::{ActualSnapshot, CellState, CellView as ApiCell, InstanceView, UnplacedView};
 use crate::auction::{CellView as AuctionCell, RootfsSupport};
 use crate::backoff::{BackoffConfig, CrashBackoff, CrashState};
 use crate::converge::{
@@ -31,7 +31,9 @@ use crate::desired::{
 };
 use crate::model::{LrpKey, Time};
 use crate::store::Snapshot;
-use corral_proto::wire::{Hello, Ipv4Net, StateChange, StateDelta, StateSnapshot, Tag, Zone};
+use corral_proto::wire::{
+    Hello, Ipv4Net, RemoteEndpoint, Route, StateChange, StateDelta, StateSnapshot, Tag, Zone,
+};
 use corral_proto::{
     Capacity, CellId, InstanceId, InstanceInfo, InstanceKind, InstanceState, Timestamp,
 };
@@ -127,6 +129,8 @@ pub struct Cluster {
     pub crashes: BTreeMap<LrpKey, CrashBackoff>,
     /// Stops sent and not yet done, with when they were sent.
     pub stopping: BTreeMap<InstanceId, Time>,
+    /// Slots the last auction could place nowhere: why, and since when.
+    pub unplaced: BTreeMap<LrpKey, (String, Timestamp)>,
 }
 
 fn lrp_key(info: &InstanceInfo) -> LrpKey {
@@ -164,6 +168,7 @@ impl Cluster {
             pending_tasks: BTreeMap::new(),
             crashes: BTreeMap::new(),
             stopping: BTreeMap::new(),
+            unplaced: BTreeMap::new(),
         };
         for record in snap.crashes {
             let slot = LrpKey::new(
@@ -276,17 +281,21 @@ impl Cluster {
         cell.instances.clear();
         let mut effects = Vec::new();
         for instance in gone {
-            if let Some(p) = self.placements.remove(&instance) {
-                if let Workload::Task { task } = &p.workload {
-                    // Its task is placed again.
-                    if let Some(t) = self.tasks.get_mut(task) {
-                        if t.transition(TaskState::Pending, None, None, wall).is_ok() {
-                            effects.push(Effect::PersistTask(t.clone()));
-                        }
-                    }
+            // An LRP's placement stays: if the cell comes back with the
+            // instance, the placement's generation marks it as the older
+            // copy. A task is placed again (same id), so its old placement
+            // goes.
+            let Some(Workload::Task { task }) = self.placements.get(&instance).map(|p| &p.workload)
+            else {
+                continue;
+            };
+            if let Some(t) = self.tasks.get_mut(task) {
+                if t.transition(TaskState::Pending, None, None, wall).is_ok() {
+                    effects.push(Effect::PersistTask(t.clone()));
                 }
-                effects.push(Effect::DeletePlacement(instance));
             }
+            self.placements.remove(&instance);
+            effects.push(Effect::DeletePlacement(instance));
         }
         effects
     }
@@ -329,6 +338,22 @@ impl Cluster {
         let mut effects = Vec::new();
         for gone in vanished {
             self.removed(id, &gone, &mut effects);
+        }
+        let placed_here: Vec<InstanceId> = self
+            .placements
+            .values()
+            .filter(|p| &p.cell == id && !reported.contains_key(&p.instance))
+            .map(|p| p.instance.clone())
+            .collect();
+        for gone in placed_here {
+            // Placed here, but the cell does not have it (any more): a start
+            // in flight is not reported yet, anything else is gone.
+            let in_flight = self.pending.values().any(|p| p.id == gone)
+                || TaskId::new(gone.as_str()).is_ok_and(|t| self.pending_tasks.contains_key(&t));
+            if !in_flight {
+                self.placements.remove(&gone);
+                effects.push(Effect::DeletePlacement(gone));
+            }
         }
         for info in reported.into_values() {
             self.upsert(id, info, now, wall, &mut effects);
@@ -422,6 +447,7 @@ impl Cluster {
                 if self.pending.get(&slot).is_some_and(|p| p.id == id) {
                     self.pending.remove(&slot);
                 }
+                self.unplaced.remove(&slot);
                 match state {
                     InstanceState::Running => {
                         if let Some(b) = self.crashes.get_mut(&slot) {
@@ -447,15 +473,20 @@ impl Cluster {
                                 revision: 0,
                             }));
                         }
+                        if self.manages(&id, &slot.app) {
+                            effects.push(Effect::Remove {
+                                cell: cell_id.clone(),
+                                id,
+                            });
+                        }
+                    }
+                    InstanceState::Exited if self.manages(&id, &slot.app) => {
                         effects.push(Effect::Remove {
                             cell: cell_id.clone(),
                             id,
-                        });
+                        })
                     }
-                    InstanceState::Exited => effects.push(Effect::Remove {
-                        cell: cell_id.clone(),
-                        id,
-                    }),
+                    InstanceState::Exited => {}
                     InstanceState::Starting | InstanceState::Stopping => {}
                 }
             }
@@ -465,14 +496,8 @@ impl Cluster {
                 };
                 self.pending_tasks.remove(&task_id);
                 let Some(task) = self.tasks.get_mut(&task_id) else {
-                    // Not ours (or long forgotten): clear it off the cell
-                    // once it ends.
-                    if matches!(state, InstanceState::Exited | InstanceState::Crashed) {
-                        effects.push(Effect::Remove {
-                            cell: cell_id.clone(),
-                            id,
-                        });
-                    }
+                    // Not a task of the brain's: started through the cell's
+                    // own API, it is the cell's business.
                     return;
                 };
                 let (to, result) = match state {
@@ -509,6 +534,13 @@ impl Cluster {
         }
     }
 
+    /// Whether the brain manages this instance: it placed it (a placement
+    /// record) or it is of an app the brain has. Anything else was started
+    /// through the cell's own API and is left alone.
+    fn manages(&self, id: &InstanceId, app: &AppKey) -> bool {
+        self.placements.contains_key(id) || self.apps.contains_key(app)
+    }
+
     // -----------------------------------------------------------------
     // What the brain decides.
 
@@ -517,7 +549,7 @@ impl Cluster {
         let mut actual = Vec::new();
         for cell in self.cells.values() {
             for (id, o) in &cell.instances {
-                if o.info.kind != InstanceKind::Lrp {
+                if o.info.kind != InstanceKind::Lrp || !self.manages(id, &lrp_key(&o.info).app) {
                     continue;
                 }
                 let (version, generation) = match self.placements.get(id) {
@@ -628,6 +660,22 @@ impl Cluster {
 
     pub fn view(&self) -> ActualSnapshot {
         let mut snap = ActualSnapshot::default();
+        for (slot, (reason, since)) in &self.unplaced {
+            // Only while the slot is still wanted.
+            let wanted = self
+                .apps
+                .get(&slot.app)
+                .is_some_and(|a| slot.index < a.instances);
+            if wanted {
+                snap.unplaced.push(UnplacedView {
+                    tenant: slot.app.tenant.clone(),
+                    app: slot.app.name.clone(),
+                    index: slot.index,
+                    reason: reason.clone(),
+                    since: *since,
+                });
+            }
+        }
         for c in self.cells.values() {
             let state = match c.liveness {
                 Liveness::Connected if c.draining => CellState::Draining,
@@ -662,6 +710,48 @@ impl Cluster {
             }
         }
         snap
+    }
+
+    /// How to reach each cell's instances: every cell not declared lost
+    /// that announced a subnet and a node address.
+    pub fn routes(&self) -> Vec<Route> {
+        self.cells
+            .values()
+            .filter(|c| c.liveness != Liveness::Lost)
+            .filter_map(|c| {
+                Some(Route {
+                    cell: c.id.clone(),
+                    subnet: c.subnet?,
+                    via: *c.addresses.first()?,
+                })
+            })
+            .collect()
+    }
+
+    /// Every instance with an address on a cell not declared lost: the
+    /// cluster-wide endpoint map of the data plane.
+    pub fn endpoints(&self) -> BTreeMap<std::net::Ipv4Addr, RemoteEndpoint> {
+        let mut map = BTreeMap::new();
+        for c in self.cells.values().filter(|c| c.liveness != Liveness::Lost) {
+            for o in c.instances.values() {
+                let holds = matches!(
+                    o.info.state,
+                    InstanceState::Starting | InstanceState::Running | InstanceState::Stopping
+                );
+                if let (true, Some(addr)) = (holds, o.info.address) {
+                    map.insert(
+                        addr,
+                        RemoteEndpoint {
+                            addr,
+                            tenant: o.info.tenant.clone(),
+                            instance: o.info.id.clone(),
+                            cell: c.id.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        map
     }
 
     /// Counts for metrics: desired and actual (running) LRP instances.
@@ -712,4 +802,240 @@ fn cluster_placeholder(
 fn unknown_zone() -> Zone {
     #[allow(clippy::expect_used)]
     Zone::new("unknown").expect("\"unknown\" is a valid zone name")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::converge::{converge, Action, ConvergeConfig};
+    use corral_proto::wire::{Hello, SUPPORTED_VERSIONS};
+    use corral_proto::{AppId, TenantId};
+
+    fn cell_id(s: &str) -> CellId {
+        CellId::new(s).unwrap()
+    }
+
+    fn hello(cell: &str, subnet: &str, addr: &str) -> Hello {
+        let cap = Capacity {
+            memory_mb: 1024,
+            disk_mb: 1024,
+            containers: 10,
+        };
+        Hello {
+            versions: SUPPORTED_VERSIONS,
+            cell: cell_id(cell),
+            zone: Zone::new("z").unwrap(),
+            tags: BTreeSet::new(),
+            total: cap,
+            available: cap,
+            subnet: Some(subnet.parse().unwrap()),
+            addresses: vec![addr.parse().unwrap()],
+        }
+    }
+
+    fn app(name: &str, instances: u32) -> App {
+        serde_json::from_value::<crate::desired::NewApp>(serde_json::json!({
+            "name": name, "instances": instances, "rootfs": "/r", "command": ["x"],
+            "resources": {"memory_mb": 8},
+        }))
+        .unwrap()
+        .into_app(TenantId::new("acme").unwrap(), Timestamp(1))
+        .unwrap()
+    }
+
+    fn info(
+        id: &str,
+        app: &str,
+        index: u32,
+        state: InstanceState,
+        addr: Option<&str>,
+    ) -> InstanceInfo {
+        let a = self::app(app, 1);
+        let spec = a.instance_spec(index);
+        let status = corral_proto::Status {
+            state,
+            exit_code: (state == InstanceState::Crashed).then_some(1),
+            ..corral_proto::Status::new()
+        };
+        let mut i = InstanceInfo::new(&InstanceId::new(id).unwrap(), &spec, &status);
+        i.address = addr.map(|a| a.parse().unwrap());
+        i
+    }
+
+    fn snapshot(seq: u64, instances: Vec<InstanceInfo>) -> StateSnapshot {
+        StateSnapshot {
+            seq,
+            available: Capacity::default(),
+            evacuating: false,
+            instances,
+        }
+    }
+
+    fn placement(id: &str, cell: &str, app: &str, index: u32, revision: u64) -> Placement {
+        Placement {
+            instance: InstanceId::new(id).unwrap(),
+            cell: cell_id(cell),
+            tenant: TenantId::new("acme").unwrap(),
+            workload: Workload::Lrp {
+                app: AppId::new(app).unwrap(),
+                index,
+                version: 1,
+            },
+            since: Timestamp(1),
+            revision,
+        }
+    }
+
+    #[test]
+    fn after_a_restart_placed_instances_count_until_the_grace_ends() {
+        let snap = Snapshot {
+            revision: 5,
+            apps: vec![app("web", 1)],
+            placements: vec![placement("web-0-a", "c1", "web", 0, 4)],
+            ..Snapshot::default()
+        };
+        let now = Time::from_secs(1000);
+        let c = Cluster::restore(BackoffConfig::default(), snap, now, Timestamp(1));
+        let cfg = ConvergeConfig::default();
+        let plan = converge(&cfg, &c.converge_state(), now);
+        assert!(plan.actions.is_empty(), "{plan:?}");
+        let later = now.plus(cfg.lost_cell_grace);
+        let plan = converge(&cfg, &c.converge_state(), later);
+        assert!(
+            matches!(plan.actions[0], Action::MarkCellLost { .. }),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn a_crash_is_counted_and_removed_but_a_local_instance_is_left_alone() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot {
+                apps: vec![app("web", 1)],
+                ..Snapshot::default()
+            },
+            Time::ZERO,
+            Timestamp(1),
+        );
+        c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
+        c.placements.insert(
+            InstanceId::new("web-0-a").unwrap(),
+            placement("web-0-a", "c1", "web", 0, 3),
+        );
+        let crashed = info("web-0-a", "web", 0, InstanceState::Crashed, None);
+        let local = info("mine", "other", 0, InstanceState::Exited, None);
+        let effects = c
+            .apply_snapshot(
+                &cell_id("c1"),
+                snapshot(0, vec![crashed, local]),
+                Time::from_secs(1),
+                Timestamp(2),
+            )
+            .unwrap();
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::PersistCrash(r) if r.count == 1)),
+            "{effects:?}"
+        );
+        let removed: Vec<&InstanceId> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Remove { id, .. } => Some(id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(removed, vec![&InstanceId::new("web-0-a").unwrap()]);
+        // The local instance is not the brain's: convergence does not see it.
+        assert!(c
+            .converge_state()
+            .actual
+            .iter()
+            .all(|a| a.id.as_str() != "mine"));
+    }
+
+    #[test]
+    fn a_delta_that_does_not_follow_on_asks_for_a_snapshot() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot::default(),
+            Time::ZERO,
+            Timestamp(1),
+        );
+        c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
+        let delta = |seq| StateDelta {
+            seq,
+            available: Capacity::default(),
+            changes: vec![],
+        };
+        // No snapshot yet.
+        assert!(c
+            .apply_delta(&cell_id("c1"), delta(1), Time::ZERO, Timestamp(1))
+            .is_err());
+        c.apply_snapshot(
+            &cell_id("c1"),
+            snapshot(7, vec![]),
+            Time::ZERO,
+            Timestamp(1),
+        )
+        .unwrap();
+        assert!(c
+            .apply_delta(&cell_id("c1"), delta(8), Time::ZERO, Timestamp(1))
+            .is_ok());
+        let err = c
+            .apply_delta(&cell_id("c1"), delta(10), Time::ZERO, Timestamp(1))
+            .unwrap_err();
+        assert_eq!(
+            err,
+            ReportError::Gap {
+                cell: cell_id("c1"),
+                expected: 9,
+                got: 10
+            }
+        );
+    }
+
+    #[test]
+    fn routes_and_endpoints_cover_every_cell_not_lost() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot::default(),
+            Time::ZERO,
+            Timestamp(1),
+        );
+        c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
+        c.connect(&hello("c2", "10.244.2.0/24", "10.99.0.3"), Timestamp(1));
+        for (cell, id, addr) in [("c1", "a", "10.244.1.2"), ("c2", "b", "10.244.2.2")] {
+            let running = info(id, "web", 0, InstanceState::Running, Some(addr));
+            let ended = info(
+                &format!("{id}-old"),
+                "web",
+                1,
+                InstanceState::Exited,
+                Some("10.244.9.9"),
+            );
+            c.apply_snapshot(
+                &cell_id(cell),
+                snapshot(0, vec![running, ended]),
+                Time::ZERO,
+                Timestamp(1),
+            )
+            .unwrap();
+        }
+        let routes = c.routes();
+        assert_eq!(routes.len(), 2);
+        assert_eq!(routes[1].via.to_string(), "10.99.0.3");
+        let eps = c.endpoints();
+        assert_eq!(eps.len(), 2, "ended instances hold no address: {eps:?}");
+        assert_eq!(eps[&"10.244.2.2".parse().unwrap()].cell, cell_id("c2"));
+
+        // A disconnected cell keeps its routes (its instances may still
+        // serve); a lost one does not.
+        c.disconnect(&cell_id("c2"), Time::from_secs(1), Timestamp(2));
+        assert_eq!(c.routes().len(), 2);
+        c.mark_lost(&cell_id("c2"), Timestamp(3));
+        assert_eq!(c.routes().len(), 1);
+        assert_eq!(c.endpoints().len(), 1);
+    }
 }

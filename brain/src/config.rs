@@ -205,6 +205,11 @@ impl Tokens {
         Ok(Self { admin, tenants })
     }
 
+    /// The tenants that have a token.
+    pub fn tenants(&self) -> BTreeSet<TenantId> {
+        self.tenants.iter().map(|(_, t)| t.clone()).collect()
+    }
+
     /// Whom `presented` (the bearer token of a request) speaks for. Every
     /// token is compared, so timing does not reveal which one nearly matched.
     pub fn authenticate(&self, presented: &str) -> Option<Principal> {

@@ -566,6 +566,16 @@ impl CrashRecord {
     }
 }
 
+/// A cross-tenant network policy as the store keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    #[serde(flatten)]
+    pub rule: corral_proto::policy::PolicyRule,
+    pub created_at: Timestamp,
+    #[serde(default)]
+    pub revision: u64,
+}
+
 /// A change to desired state, as `GET /v1/events` streams it. `revision` is
 /// the store revision that made it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -585,6 +595,10 @@ pub enum ChangeEvent {
     TaskCreated { revision: u64, task: Task },
     #[serde(rename = "task.updated")]
     TaskUpdated { revision: u64, task: Task },
+    #[serde(rename = "policy.created")]
+    PolicyCreated { revision: u64, policy: StoredPolicy },
+    #[serde(rename = "policy.deleted")]
+    PolicyDeleted { revision: u64, policy: StoredPolicy },
 }
 
 impl ChangeEvent {
@@ -595,6 +609,8 @@ impl ChangeEvent {
             Self::AppDeleted { .. } => "app.deleted",
             Self::TaskCreated { .. } => "task.created",
             Self::TaskUpdated { .. } => "task.updated",
+            Self::PolicyCreated { .. } => "policy.created",
+            Self::PolicyDeleted { .. } => "policy.deleted",
         }
     }
 
@@ -604,7 +620,9 @@ impl ChangeEvent {
             | Self::AppUpdated { revision, .. }
             | Self::AppDeleted { revision, .. }
             | Self::TaskCreated { revision, .. }
-            | Self::TaskUpdated { revision, .. } => *revision,
+            | Self::TaskUpdated { revision, .. }
+            | Self::PolicyCreated { revision, .. }
+            | Self::PolicyDeleted { revision, .. } => *revision,
         }
     }
 
@@ -614,6 +632,10 @@ impl ChangeEvent {
             Self::AppCreated { app, .. } | Self::AppUpdated { app, .. } => &app.tenant,
             Self::AppDeleted { tenant, .. } => tenant,
             Self::TaskCreated { task, .. } | Self::TaskUpdated { task, .. } => &task.tenant,
+            // The tenant whose instances the policy opens.
+            Self::PolicyCreated { policy, .. } | Self::PolicyDeleted { policy, .. } => {
+                &policy.rule.to
+            }
         }
     }
 }

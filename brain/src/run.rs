@@ -57,14 +57,16 @@ use crate::store::{Op, RedbStore, Store, StoreError};
 use corral_link::framed::{LinkError, MessageReader, MessageWriter};
 use corral_link::tls::{self, Credentials};
 use corral_link::PeerIdentity;
+use corral_proto::policy::PolicyRule;
 use corral_proto::wire::{
     AckOutcome, BidOutcome, BidRequest, BrainId, CloseCode, Hello, Message, Refusal, RequestId,
     Sender, StartWork, StopWork, WorkItem, MAX_BATCH_ITEMS, SUPPORTED_VERSIONS,
 };
+use corral_proto::wire::{Endpoints, Policies, RemoteEndpoint, Route, Routes, MAX_ENDPOINTS};
 use corral_proto::{CellId, InstanceId, InstanceKind, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
@@ -271,6 +273,10 @@ pub async fn run(
         queue: Vec::new(),
         round: None,
         wake_at: None,
+        policies: Vec::new(),
+        told_routes: Vec::new(),
+        told_endpoints: BTreeMap::new(),
+        told_policies: Vec::new(),
     };
     brain.run(input_rx, shutdown).await;
     let _ = stop_tx.send(true);
@@ -475,6 +481,12 @@ struct Loop {
     queue: Vec<Queued>,
     round: Option<Round>,
     wake_at: Option<Time>,
+    /// Desired policies, from the store.
+    policies: Vec<PolicyRule>,
+    /// What every connected cell was last told.
+    told_routes: Vec<Route>,
+    told_endpoints: BTreeMap<Ipv4Addr, RemoteEndpoint>,
+    told_policies: Vec<PolicyRule>,
 }
 
 impl Loop {
@@ -520,6 +532,10 @@ impl Loop {
     }
 
     fn reload_desired(&mut self) {
+        match self.store.policies() {
+            Ok(p) => self.policies = p.into_iter().map(|p| p.rule).collect(),
+            Err(e) => tracing::error!("reading policies: {e}"),
+        }
         match (self.store.apps(None), self.store.tasks(None)) {
             (Ok(apps), Ok(tasks)) => {
                 self.cluster.apps = apps.into_iter().map(|a| (a.key(), a)).collect();
@@ -574,13 +590,14 @@ impl Loop {
                 }
                 self.cluster.connect(&hello, wall);
                 self.conns.insert(
-                    cell,
+                    cell.clone(),
                     Conn {
                         id: conn,
                         outbox,
                         connection,
                     },
                 );
+                self.tell_network(&cell);
             }
             Input::Disconnected { cell, conn, reason } => {
                 if self.conns.get(&cell).is_some_and(|c| c.id == conn) {
@@ -816,7 +833,113 @@ impl Loop {
         }
         self.queue_tasks(now);
         self.auction_step(now, wall);
+        self.spread_network();
         self.publish_view();
+    }
+
+    /// A new connection learns the whole network picture as last told to
+    /// everyone (what changed since reaches it with everyone else's).
+    fn tell_network(&mut self, cell: &CellId) {
+        let routes = self
+            .told_routes
+            .iter()
+            .filter(|r| &r.cell != cell)
+            .cloned()
+            .collect();
+        self.send(cell, Message::Routes(Routes { routes }));
+        let all: Vec<RemoteEndpoint> = self.told_endpoints.values().cloned().collect();
+        let mut first = true;
+        for chunk in all.chunks(MAX_ENDPOINTS) {
+            self.send(
+                cell,
+                Message::Endpoints(Endpoints {
+                    reset: first,
+                    upsert: chunk.to_vec(),
+                    remove: Vec::new(),
+                }),
+            );
+            first = false;
+        }
+        if first {
+            self.send(
+                cell,
+                Message::Endpoints(Endpoints {
+                    reset: true,
+                    upsert: Vec::new(),
+                    remove: Vec::new(),
+                }),
+            );
+        }
+        self.send(
+            cell,
+            Message::Policies(Policies {
+                policies: self.told_policies.clone(),
+            }),
+        );
+    }
+
+    /// Tells every connected cell what changed in the routes, the endpoint
+    /// map and the policies since they were last told.
+    fn spread_network(&mut self) {
+        let cells: Vec<CellId> = self.conns.keys().cloned().collect();
+        let routes = self.cluster.routes();
+        if routes != self.told_routes {
+            for cell in &cells {
+                let mine = routes.iter().filter(|r| &r.cell != cell).cloned().collect();
+                self.send(cell, Message::Routes(Routes { routes: mine }));
+            }
+            self.told_routes = routes;
+        }
+        let endpoints = self.cluster.endpoints();
+        if endpoints != self.told_endpoints {
+            let upsert: Vec<RemoteEndpoint> = endpoints
+                .iter()
+                .filter(|(a, e)| self.told_endpoints.get(*a) != Some(*e))
+                .map(|(_, e)| e.clone())
+                .collect();
+            let remove: Vec<Ipv4Addr> = self
+                .told_endpoints
+                .keys()
+                .filter(|a| !endpoints.contains_key(*a))
+                .copied()
+                .collect();
+            for chunk in upsert.chunks(MAX_ENDPOINTS) {
+                for cell in &cells {
+                    self.send(
+                        cell,
+                        Message::Endpoints(Endpoints {
+                            reset: false,
+                            upsert: chunk.to_vec(),
+                            remove: Vec::new(),
+                        }),
+                    );
+                }
+            }
+            for chunk in remove.chunks(MAX_ENDPOINTS) {
+                for cell in &cells {
+                    self.send(
+                        cell,
+                        Message::Endpoints(Endpoints {
+                            reset: false,
+                            upsert: Vec::new(),
+                            remove: chunk.to_vec(),
+                        }),
+                    );
+                }
+            }
+            self.told_endpoints = endpoints;
+        }
+        if self.policies != self.told_policies {
+            for cell in &cells {
+                self.send(
+                    cell,
+                    Message::Policies(Policies {
+                        policies: self.policies.clone(),
+                    }),
+                );
+            }
+            self.told_policies = self.policies.clone();
+        }
     }
 
     fn queue_lrp(
@@ -937,6 +1060,13 @@ impl Loop {
         match q.slot {
             Some((slot, _)) => {
                 tracing::warn!(%slot, "cannot place: {error}");
+                let since = match self.cluster.unplaced.get(&slot) {
+                    Some((same, since)) if same == error => *since,
+                    _ => wall,
+                };
+                self.cluster
+                    .unplaced
+                    .insert(slot.clone(), (error.to_owned(), since));
                 // Held as pending so that convergence does not ask again at
                 // once; it expires after UNPLACED_RETRY.
                 if let Some(p) = self.cluster.pending.get_mut(&slot) {
@@ -1069,6 +1199,11 @@ impl Loop {
                 revision,
                 task: crate::desired::Task { revision, ..task },
             });
+        }
+        for q in &accepted {
+            if let Some((slot, _)) = &q.slot {
+                self.cluster.unplaced.remove(slot);
+            }
         }
         for mut p in placements {
             p.revision = revision;

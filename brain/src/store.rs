@@ -10,7 +10,8 @@
 //! `Expect::Revision`. That is also the shape an etcd implementation needs
 //! (one `Txn` with compares), which is why the trait is built around it.
 
-use crate::desired::{App, AppKey, CrashKey, CrashRecord, Placement, Task, TaskId};
+use crate::desired::{App, AppKey, CrashKey, CrashRecord, Placement, StoredPolicy, Task, TaskId};
+use corral_proto::policy::PolicyRule;
 use corral_proto::{InstanceId, TenantId, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -65,6 +66,14 @@ pub enum Op {
         key: CrashKey,
         expect: Expect,
     },
+    PutPolicy {
+        policy: StoredPolicy,
+        expect: Expect,
+    },
+    DeletePolicy {
+        rule: PolicyRule,
+        expect: Expect,
+    },
 }
 
 /// Everything in the store as of one revision (one read transaction).
@@ -75,6 +84,7 @@ pub struct Snapshot {
     pub tasks: Vec<Task>,
     pub placements: Vec<Placement>,
     pub crashes: Vec<CrashRecord>,
+    pub policies: Vec<StoredPolicy>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -154,6 +164,8 @@ pub trait Store: Send + Sync {
     fn placements(&self) -> Result<Vec<Placement>, StoreError>;
     fn crash(&self, key: &CrashKey) -> Result<Option<CrashRecord>, StoreError>;
     fn crashes(&self) -> Result<Vec<CrashRecord>, StoreError>;
+    /// Every cross-tenant policy, ordered by key.
+    fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError>;
     /// Everything, consistently as of one revision.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
@@ -284,6 +296,7 @@ const APPS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("apps");
 const TASKS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("tasks");
 const PLACEMENTS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("placements");
 const CRASHES: TableDefinition<'_, &str, Bytes> = TableDefinition::new("crashes");
+const POLICIES: TableDefinition<'_, &str, Bytes> = TableDefinition::new("policies");
 const REVISION: &str = "revision";
 const SCHEMA: &str = "schema";
 
@@ -352,6 +365,24 @@ impl Record for CrashRecord {
     }
 }
 
+impl Record for StoredPolicy {
+    const KIND: &'static str = "policy";
+    const TABLE: TableDefinition<'static, &'static str, Bytes> = POLICIES;
+    fn key(&self) -> String {
+        policy_key(&self.rule)
+    }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn set_revision(&mut self, rev: u64) {
+        self.revision = rev;
+    }
+}
+
+fn policy_key(r: &PolicyRule) -> String {
+    format!("{}/{}/{}/{}", r.from, r.to, r.protocol, r.port)
+}
+
 // Ids cannot contain '/', so "tenant/name" is unambiguous and a tenant's
 // records are the key range "tenant/" .. "tenant0" ('0' follows '/').
 fn app_key(k: &AppKey) -> String {
@@ -414,6 +445,7 @@ struct Tables<'t> {
     tasks: redb::Table<'t, &'static str, Bytes>,
     placements: redb::Table<'t, &'static str, Bytes>,
     crashes: redb::Table<'t, &'static str, Bytes>,
+    policies: redb::Table<'t, &'static str, Bytes>,
 }
 
 fn current<R: Record>(
@@ -477,6 +509,10 @@ impl Tables<'_> {
             Op::PutCrash { record, expect } => put(&mut self.crashes, record, expect, rev),
             Op::DeleteCrash { key, expect } => {
                 delete::<CrashRecord>(&mut self.crashes, &crash_key(&key), expect)
+            }
+            Op::PutPolicy { policy, expect } => put(&mut self.policies, policy, expect, rev),
+            Op::DeletePolicy { rule, expect } => {
+                delete::<StoredPolicy>(&mut self.policies, &policy_key(&rule), expect)
             }
         }
     }
@@ -554,7 +590,9 @@ impl RedbStore {
                     meta.insert(REVISION, 0).map_err(backend("opening"))?;
                 }
             }
-            for t in [APPS, TASKS, PLACEMENTS, CRASHES] {
+            // Opening in a write transaction creates a table missing from a
+            // file written by an older brain (policies came later).
+            for t in [APPS, TASKS, PLACEMENTS, CRASHES, POLICIES] {
                 txn.open_table(t).map_err(backend("opening"))?;
             }
         }
@@ -622,6 +660,7 @@ impl Store for RedbStore {
                 tasks: txn.open_table(TASKS).map_err(backend("writing"))?,
                 placements: txn.open_table(PLACEMENTS).map_err(backend("writing"))?,
                 crashes: txn.open_table(CRASHES).map_err(backend("writing"))?,
+                policies: txn.open_table(POLICIES).map_err(backend("writing"))?,
             };
             for op in ops {
                 tables.apply(op, rev)?;
@@ -684,6 +723,10 @@ impl Store for RedbStore {
         self.read(|t| scan(t, None))
     }
 
+    fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        self.read(|t| scan(t, None))
+    }
+
     fn snapshot(&self) -> Result<Snapshot, StoreError> {
         self.read(|t| {
             Ok(Snapshot {
@@ -692,6 +735,7 @@ impl Store for RedbStore {
                 tasks: scan(t, None)?,
                 placements: scan(t, None)?,
                 crashes: scan(t, None)?,
+                policies: scan(t, None)?,
             })
         })
     }

@@ -76,6 +76,7 @@ fn actual() -> ActualSnapshot {
             instance("acme", "web", 0, "cell-1", "10.244.1.5"),
             instance("beta", "web", 0, "cell-2", "10.244.2.6"),
         ],
+        unplaced: vec![],
     }
 }
 
@@ -1097,4 +1098,68 @@ async fn the_event_stream_delivers_changes_to_those_who_may_see_them() {
         .await
         .expect("stream did not end")
         .unwrap();
+}
+
+#[tokio::test]
+async fn policies_are_granted_by_the_tenant_they_open_and_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(&dir.path().join("brain.redb")).await;
+    let rule = json!({"from": "beta", "to": "acme", "protocol": "tcp", "port": 8080});
+
+    // beta cannot open acme's instances; acme can.
+    srv.send("POST", "/v1/policies", BETA, rule.clone())
+        .await
+        .expect(403);
+    let p = srv
+        .send("POST", "/v1/policies", ACME, rule.clone())
+        .await
+        .expect(201);
+    assert_eq!(p["from"], "beta");
+    assert!(p["revision"].as_u64().unwrap() > 0);
+    srv.send("POST", "/v1/policies", ACME, rule.clone())
+        .await
+        .expect(409);
+
+    // Both tenants see it, the admin too; a third tenant would not.
+    for token in [ACME, BETA, ADMIN] {
+        let v = srv.get("/v1/policies", token).await.expect(200);
+        assert_eq!(v["policies"].as_array().unwrap().len(), 1, "{v}");
+    }
+
+    // Bad input changes nothing.
+    for (body, words) in [
+        (json!({"from": "acme", "to": "acme"}), "to itself"),
+        (
+            json!({"from": "beta", "to": "acme", "protocol": "icmp", "port": 1}),
+            "needs protocol",
+        ),
+        (
+            json!({"from": "nobody", "to": "acme"}),
+            "unknown tenant nobody",
+        ),
+        (
+            json!({"from": "beta", "to": "acme", "app": "web"}),
+            "unknown field",
+        ),
+    ] {
+        let r = srv.send("POST", "/v1/policies", ADMIN, body).await;
+        assert_eq!(r.status, 400);
+        let text = String::from_utf8_lossy(&r.body).into_owned();
+        assert!(text.contains(words), "{text}");
+    }
+    let v = srv.get("/v1/policies", ADMIN).await.expect(200);
+    assert_eq!(v["policies"].as_array().unwrap().len(), 1);
+
+    // beta cannot withdraw it; acme can, once.
+    srv.send("DELETE", "/v1/policies", BETA, rule.clone())
+        .await
+        .expect(403);
+    srv.send("DELETE", "/v1/policies", ACME, rule.clone())
+        .await
+        .expect(200);
+    srv.send("DELETE", "/v1/policies", ACME, rule)
+        .await
+        .expect(404);
+    let v = srv.get("/v1/policies", ADMIN).await.expect(200);
+    assert!(v["policies"].as_array().unwrap().is_empty());
 }

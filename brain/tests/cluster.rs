@@ -393,6 +393,19 @@ async fn a_cell_from_another_ca_is_refused_and_an_unplaceable_app_says_why() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(c1.instances().is_empty());
+    // The app says why, through the API.
+    let (_, inst) = call(
+        brain.api,
+        "GET",
+        "/v1/apps/huge/instances?tenant=acme",
+        None,
+    )
+    .await;
+    let reason = inst["unplaced"][0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with("no cell has 999999 MB free: largest free is 4096 MB on c1"),
+        "{inst}"
+    );
     rogue.kill();
     brain.stop().await;
 }

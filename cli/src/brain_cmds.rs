@@ -65,6 +65,68 @@ pub(crate) enum BrainCmd {
     /// Follows the brain's changes as they happen, one line each (-o json:
     /// one JSON object each).
     Events,
+    /// Lists the network policies between tenants (a tenant token sees
+    /// those that name its tenant).
+    Policies,
+    /// Network policies: allow, or stop allowing, one tenant's instances
+    /// to reach another's.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand)]
+pub(crate) enum PolicyCmd {
+    /// Lets instances of FROM open connections to instances of TO (a
+    /// tenant token may only open its own instances: TO is its tenant).
+    Add(PolicyArgs),
+    /// Removes a policy (the same FROM, TO, protocol and port).
+    Delete(PolicyArgs),
+}
+
+#[derive(Args)]
+pub(crate) struct PolicyArgs {
+    /// The tenant whose instances may connect.
+    from: String,
+    /// The tenant whose instances they may reach.
+    to: String,
+    /// any, icmp, tcp, udp or sctp.
+    #[arg(long, default_value = "any")]
+    protocol: String,
+    /// Destination port (0: any; needs tcp, udp or sctp).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+}
+
+impl PolicyArgs {
+    fn body(&self) -> Result<Value, Fail> {
+        for t in [&self.from, &self.to] {
+            TenantId::new(t.as_str()).map_err(|e| Fail::Usage(e.to_string()))?;
+        }
+        if !["any", "icmp", "tcp", "udp", "sctp"].contains(&self.protocol.as_str()) {
+            return Err(Fail::Usage(format!(
+                "unknown protocol {:?}: use any, icmp, tcp, udp or sctp",
+                self.protocol
+            )));
+        }
+        Ok(json!({
+            "from": self.from, "to": self.to, "protocol": self.protocol, "port": self.port,
+        }))
+    }
+}
+
+fn policy_line(p: &Value) -> String {
+    let port = match p["port"].as_u64() {
+        Some(0) | None => String::new(),
+        Some(n) => format!("/{n}"),
+    };
+    format!(
+        "{} -> {} {}{port}",
+        brain::text(&p["from"]),
+        brain::text(&p["to"]),
+        brain::text(&p["protocol"])
+    )
 }
 
 #[derive(Subcommand)]
@@ -211,7 +273,9 @@ pub(crate) fn run(cli: &Cli, cmd: &BrainCmd) -> Result<(), Fail> {
             // The tenant of the app found, so both answers are about one app.
             let q = brain::tenant_query(app["tenant"].as_str());
             let inst = call(c.get(&format!("/v1/apps/{name}/instances{q}")))?;
-            let v = json!({ "app": app, "instances": inst["instances"] });
+            let v = json!({
+                "app": app, "instances": inst["instances"], "unplaced": inst["unplaced"],
+            });
             print(out, &v, |v| {
                 print!("{}", brain::app_details(&v["app"]));
                 let n = v["instances"].as_array().map_or(0, Vec::len);
@@ -221,6 +285,13 @@ pub(crate) fn run(cli: &Cli, cmd: &BrainCmd) -> Result<(), Fail> {
                     if n == 0 { " (no cell runs it yet)" } else { "" }
                 );
                 print!("{}", brain::instances_table(&v["instances"]));
+                for u in v["unplaced"].as_array().into_iter().flatten() {
+                    println!(
+                        "index {} is not placed: {}",
+                        brain::text(&u["index"]),
+                        brain::text(&u["reason"])
+                    );
+                }
             });
             Ok(())
         }
@@ -298,6 +369,29 @@ pub(crate) fn run(cli: &Cli, cmd: &BrainCmd) -> Result<(), Fail> {
             Ok(())
         }
         BrainCmd::Events => events(connect(cli)?, out),
+        BrainCmd::Policies => {
+            let v = call(connect(cli)?.get("/v1/policies"))?;
+            print(out, &v, |v| {
+                let list = v["policies"].as_array().cloned().unwrap_or_default();
+                if list.is_empty() {
+                    println!("no policies: tenants reach only their own instances");
+                }
+                for p in &list {
+                    println!("{}", policy_line(p));
+                }
+            });
+            Ok(())
+        }
+        BrainCmd::Policy { cmd } => {
+            let (method, args, done) = match cmd {
+                PolicyCmd::Add(a) => ("POST", a, "added policy"),
+                PolicyCmd::Delete(a) => ("DELETE", a, "deleted policy"),
+            };
+            let body = args.body()?.to_string();
+            let v = call(connect(cli)?.request(method, "/v1/policies", Some(body.as_bytes())))?;
+            print(out, &v, |v| println!("{done} {}", policy_line(v)));
+            Ok(())
+        }
     }
 }
 

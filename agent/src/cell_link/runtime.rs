@@ -3,7 +3,7 @@
 //! tests drive the link with a fake.
 
 use crate::executor::{ExecError, Executor};
-use corral_proto::wire::{AckOutcome, Refusal};
+use corral_proto::wire::{AckOutcome, Message, Refusal};
 use corral_proto::{Capacity, InstanceId, InstanceInfo, InstanceSpec, SpecError};
 use std::future::Future;
 use std::path::Path;
@@ -47,6 +47,15 @@ pub trait CellRuntime: Send + Sync + 'static {
         id: InstanceId,
         grace: Duration,
     ) -> impl Future<Output = AckOutcome> + Send;
+    /// The brain's picture of the cluster network ([`Message::Routes`],
+    /// [`Message::Endpoints`], [`Message::Policies`]): applied in the order
+    /// received. Failures are the cell's to log; the brain is not told (it
+    /// sends the whole picture again on the next connection). A cell without
+    /// a data plane ignores them.
+    fn network(self: Arc<Self>, update: Message) -> impl Future<Output = ()> + Send {
+        let _ = update;
+        async {}
+    }
 }
 
 /// Why the executor refused a start, in the brain's terms.
@@ -113,6 +122,15 @@ impl CellRuntime for Executor {
         match self.start_detached(id, spec) {
             Ok(_) => AckOutcome::Done,
             Err(e) => AckOutcome::Refused(refusal_for(e)),
+        }
+    }
+
+    async fn network(self: Arc<Self>, update: Message) {
+        let what = update.name();
+        match self.apply_network(update).await {
+            Ok(Some(summary)) => tracing::info!("{what} from the brain: {summary}"),
+            Ok(None) => {}
+            Err(e) => tracing::error!("applying {what} from the brain: {e}"),
         }
     }
 

@@ -350,9 +350,13 @@ impl<'a, R: CellRuntime> Session<'a, R> {
 
     fn hello(&self) -> Message {
         let settings = &self.ctx.settings;
+        // quinn reports no local address for a client connection; the
+        // kernel's choice of source address towards the brain is what other
+        // cells reach this node by (a connected UDP socket sends nothing).
         let addresses = self
             .conn
             .local_ip()
+            .or_else(|| source_address_towards(self.conn.remote_address()))
             .filter(|ip| !ip.is_unspecified())
             .into_iter()
             .collect();
@@ -451,6 +455,10 @@ impl<'a, R: CellRuntime> Session<'a, R> {
             Message::StopWork(w) => self.queue(work, Work::Stop(w)).await,
             Message::Ping { seq } => self.send(Message::Pong { seq }).await,
             Message::Pong { .. } => Ok(()),
+            update @ (Message::Routes(_) | Message::Endpoints(_) | Message::Policies(_)) => {
+                self.ctx.runtime.clone().network(update).await;
+                Ok(())
+            }
             // The reader refuses what only a cell may send; what is left is
             // a brain message out of place.
             other => Err(self.violation(format!("unexpected {} after hello-ack", other.name()))),
@@ -672,4 +680,15 @@ fn random_u64() -> u64 {
             .as_nanos(),
     );
     h.finish()
+}
+
+/// The address the kernel would send from to reach `peer`.
+fn source_address_towards(peer: std::net::SocketAddr) -> Option<std::net::IpAddr> {
+    let any: std::net::SocketAddr = match peer {
+        std::net::SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        std::net::SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    let socket = std::net::UdpSocket::bind(any).ok()?;
+    socket.connect(peer).ok()?;
+    socket.local_addr().ok().map(|a| a.ip())
 }

@@ -17,12 +17,17 @@ pub mod plane;
 use corral_proto::InstanceId;
 use futures_util::stream::TryStreamExt;
 use rtnetlink::packet_route::address::AddressAttribute;
-use rtnetlink::packet_route::route::RouteScope;
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+/// The routing protocol number on the routes to other cells' subnets that
+/// the agent makes (`ip route show proto 200`), so that it can tell them
+/// from the operator's.
+pub const ROUTE_PROTOCOL: u8 = 200;
 
 /// The gateway instances route through; owned by every host-side veth.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
@@ -184,6 +189,72 @@ impl Network {
             }
         }
         Ok(out)
+    }
+
+    /// Makes the node's routes to other cells' instance subnets exactly
+    /// `want` (subnet, prefix, via): routes this agent made carry protocol
+    /// [`ROUTE_PROTOCOL`], so it removes only its own, and a restarted agent
+    /// finds them. Returns (added, removed).
+    pub async fn sync_routes(
+        &self,
+        want: &[((Ipv4Addr, u8), Ipv4Addr)],
+    ) -> Result<(usize, usize), NetError> {
+        let mut have = Vec::new();
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        while let Some(msg) = routes
+            .try_next()
+            .await
+            .map_err(nl("listing the node's routes"))?
+        {
+            if msg.header.protocol != RouteProtocol::Other(ROUTE_PROTOCOL) {
+                continue;
+            }
+            let mut dst = None;
+            let mut via = None;
+            for attr in &msg.attributes {
+                match attr {
+                    RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
+                    RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(*a),
+                    _ => {}
+                }
+            }
+            if let (Some(dst), Some(via)) = (dst, via) {
+                have.push(((dst, msg.header.destination_prefix_length), via));
+            }
+        }
+        let build = |((dst, prefix), via): ((Ipv4Addr, u8), Ipv4Addr)| {
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(dst, prefix)
+                .gateway(via)
+                .protocol(RouteProtocol::Other(ROUTE_PROTOCOL))
+                .build()
+        };
+        let mut removed = 0;
+        for r in have.iter().filter(|r| !want.contains(r)) {
+            self.handle
+                .route()
+                .del(build(*r))
+                .execute()
+                .await
+                .map_err(nl(format!("removing the route to {}/{}", r.0 .0, r.0 .1)))?;
+            removed += 1;
+        }
+        let mut added = 0;
+        for r in want.iter().filter(|r| !have.contains(r)) {
+            self.handle
+                .route()
+                .add(build(*r))
+                .replace()
+                .execute()
+                .await
+                .map_err(nl(format!("routing {}/{} via {}", r.0 .0, r.0 .1, r.1)))?;
+            added += 1;
+        }
+        Ok((added, removed))
     }
 
     async fn index_of(&self, h: &Handle, name: &str) -> Result<Option<u32>, NetError> {

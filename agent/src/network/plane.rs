@@ -15,8 +15,12 @@
 #![allow(clippy::result_large_err)]
 
 use super::Attachment;
-use corral_ebpf::{Counters, Dataplane, Endpoint, InstanceIface, InstanceNum, Policy, TenantNum};
-use corral_proto::TenantId;
+use corral_ebpf::{
+    Counters, Dataplane, Endpoint, InstanceIface, InstanceNum, Policy, Protocol, TenantNum,
+};
+use corral_proto::policy::{PolicyRule, Protocol as WireProtocol};
+use corral_proto::wire::Endpoints;
+use corral_proto::{CellId, TenantId};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -166,6 +170,93 @@ impl Plane {
 
     pub fn policies(&self) -> Result<Vec<Policy>, corral_ebpf::Error> {
         lock(&self.dp).policies()
+    }
+
+    /// Applies the brain's changes to the cluster-wide endpoint map. Local
+    /// instances' endpoints are this agent's own (written by [`Plane::add`])
+    /// and never touched here; `reset` removes every other endpoint first,
+    /// which also clears what a previous agent process learnt. Returns how
+    /// many entries were written and removed.
+    pub fn apply_endpoints(
+        &self,
+        update: &Endpoints,
+        own_cell: &CellId,
+    ) -> Result<(usize, usize), corral_ebpf::Error> {
+        let mut dp = lock(&self.dp);
+        let local: std::collections::BTreeSet<Ipv4Addr> =
+            dp.interfaces()?.into_iter().map(|(_, f)| f.addr).collect();
+        let mut removed = 0;
+        if update.reset {
+            for (addr, _) in dp.endpoints()? {
+                if !local.contains(&addr) && dp.remove_endpoint(addr)? {
+                    removed += 1;
+                }
+            }
+        }
+        for addr in &update.remove {
+            if !local.contains(addr) && dp.remove_endpoint(*addr)? {
+                removed += 1;
+            }
+        }
+        let mut written = 0;
+        for e in &update.upsert {
+            if &e.cell == own_cell || local.contains(&e.addr) {
+                continue;
+            }
+            let tenant = tenant_num(&e.tenant);
+            lock(&self.tenants).insert(tenant, e.tenant.clone());
+            dp.set_endpoint(
+                e.addr,
+                &Endpoint {
+                    tenant,
+                    instance: instance_num(e.addr),
+                },
+            )?;
+            written += 1;
+        }
+        Ok((written, removed))
+    }
+
+    /// Makes the policy map hold exactly `rules` (the brain's whole set).
+    /// Returns how many were added and removed.
+    pub fn replace_policies(
+        &self,
+        rules: &[PolicyRule],
+    ) -> Result<(usize, usize), corral_ebpf::Error> {
+        let want: Vec<Policy> = rules
+            .iter()
+            .map(|r| {
+                for t in [&r.from, &r.to] {
+                    lock(&self.tenants).insert(tenant_num(t), t.clone());
+                }
+                Policy {
+                    from: tenant_num(&r.from),
+                    to: tenant_num(&r.to),
+                    protocol: match r.protocol {
+                        WireProtocol::Any => Protocol::Any,
+                        WireProtocol::Icmp => Protocol::Icmp,
+                        WireProtocol::Tcp => Protocol::Tcp,
+                        WireProtocol::Udp => Protocol::Udp,
+                        WireProtocol::Sctp => Protocol::Sctp,
+                    },
+                    port: r.port,
+                }
+            })
+            .collect();
+        let mut dp = lock(&self.dp);
+        let have = dp.policies()?;
+        let mut removed = 0;
+        for p in have.iter().filter(|p| !want.contains(p)) {
+            if dp.remove_policy(p)? {
+                removed += 1;
+            }
+        }
+        let mut added = 0;
+        for p in want.iter().filter(|p| !have.contains(p)) {
+            dp.set_policy(p)?;
+            added += 1;
+        }
+        Ok((added, removed))
     }
 
     pub fn remember_tenant(&self, t: &TenantId) -> TenantNum {

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 static FABRICS: AtomicU32 = AtomicU32::new(0);
 
 pub const ADMIN: &str = "admin-token-0123456789abcdef";
+pub const ACME: &str = "acme-token-0123456789abcdef";
+pub const GLOBEX: &str = "globex-token-0123456789abcdef";
 pub const BRAIN_IP: &str = "10.99.0.1";
 pub const QUIC_PORT: u16 = 7901;
 pub const API_PORT: u16 = 7900;
@@ -112,7 +114,9 @@ impl Fabric {
                 "brain_id = \"b1\"\ndata_dir = \"{d}/data\"\ncell_lost_grace_secs = 4\n\
                  [api]\nlisten = \"{BRAIN_IP}:{API_PORT}\"\n[quic]\nlisten = \"{BRAIN_IP}:{QUIC_PORT}\"\n\
                  [tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/brain-b1.pem\"\nkey = \"{c}/brain-b1-key.pem\"\n\
-                 [tokens]\nadmin = \"{ADMIN}\"\n"
+                 [tokens]\nadmin = \"{ADMIN}\"\n\
+                 [[tokens.tenant]]\ntenant = \"acme\"\ntoken = \"{ACME}\"\n\
+                 [[tokens.tenant]]\ntenant = \"globex\"\ntoken = \"{GLOBEX}\"\n"
             ),
         )
         .unwrap();
