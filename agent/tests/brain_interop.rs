@@ -281,8 +281,6 @@ async fn the_real_brain_replaces_the_instances_of_an_evacuating_cell_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the brain keeps a cell draining after the cell's snapshot says it stopped \
-            evacuating (Cluster::apply_snapshot only ever sets `draining`)"]
 async fn the_real_brain_takes_a_cell_back_when_its_evacuation_is_cancelled() {
     capture_logs();
     let dir = tempfile::tempdir().unwrap();

@@ -321,9 +321,9 @@ impl Cluster {
         cell.seq = Some(snap.seq);
         cell.available = snap.available;
         cell.restored = false;
-        if snap.evacuating {
-            cell.draining = true;
-        }
+        // The cell says whether it is evacuating in every snapshot: a
+        // cancelled drain takes it back.
+        cell.draining = snap.evacuating;
         let reported: BTreeMap<InstanceId, InstanceInfo> = snap
             .instances
             .into_iter()

@@ -32,6 +32,41 @@ fn connects(cell: &Cell, id: &str, tenant: &str, addr: &str, tries: u32) -> bool
     v["exit_code"] == 0
 }
 
+/// Runs one task of `tenant` on `cell` that tries each address once (TCP
+/// 8080) and reports which answered.
+fn reach(cell: &Cell, id: &str, tenant: &str, addrs: &[String]) -> Vec<(String, bool)> {
+    let list = addrs.join(" ");
+    let mut t = task(&format!(
+        "for a in {list}; do if printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 1 $a 8080 | grep -q hello; then echo \"$a ok\"; else echo \"$a fail\"; fi; done"
+    ));
+    t["tenant"] = serde_json::json!(tenant);
+    cell.put_ok(id, &t);
+    cell.wait_for(id, "ended", |v| {
+        v["state"] == "exited" || v["state"] == "crashed"
+    });
+    let logs = cell.logs(id);
+    cell.delete(id);
+    addrs
+        .iter()
+        .map(|a| (a.clone(), logs.contains(&format!("{a} ok"))))
+        .collect()
+}
+
+/// The node (its own network namespace, not an instance) fetches a page.
+fn node_reaches(cell: &Cell, addr: &str) -> bool {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", cell.netns))
+        .args([
+            "bash",
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{addr}/8080 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 2 cat <&3 | grep -q hello"
+            ),
+        ])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn drops(cell: &Cell, tenant: &str) -> u64 {
     let series = format!("corral_network_drops_total{{tenant=\"{tenant}\",reason=\"policy\"}}");
     cell.metrics()
@@ -98,7 +133,11 @@ fn tenants_reach_their_own_instances_across_cells_and_policies_open_the_rest() {
 
     let ctx = || {
         format!(
-            "brain log:\n{}\ncell 1 log:\n{}\ncell 2 log:\n{}",
+            "endpoints: {:?} / {:?}\ninstances: {} / {}\nbrain log:\n{}\ncell 1 log:\n{}\ncell 2 log:\n{}",
+            remote_endpoints(&cells[0]),
+            remote_endpoints(&cells[1]),
+            cells[0].client.get("/v1/instances").unwrap().text(),
+            cells[1].client.get("/v1/instances").unwrap().text(),
             fabric.brain_log(),
             cells[0].agent_log(),
             cells[1].agent_log()
@@ -170,6 +209,90 @@ fn tenants_reach_their_own_instances_across_cells_and_policies_open_the_rest() {
 
     // Same tenant across cells: through.
     assert!(connects(&cells[0], "probe-acme", "acme", &far, 10));
+
+    // A second tenant with an instance on each cell too; then every pair:
+    // each tenant, from each cell, to every instance of both tenants.
+    let out = fabric.cli(&[
+        "push",
+        "shop",
+        "--tenant",
+        "globex",
+        "--instances",
+        "2",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--disk",
+        "64",
+        "--port",
+        "8080",
+        "--",
+        "/bin/sh",
+        "-c",
+        "mkdir -p /www && echo hello > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shop = fabric.wait_json(
+        &["app", "shop", "--tenant", "globex"],
+        "shop running",
+        |v| {
+            let l = v["instances"].as_array().unwrap();
+            l.len() == 2
+                && l.iter()
+                    .all(|i| i["state"] == "running" && i["address"].is_string())
+        },
+    );
+    let addrs = |v: &Value| -> Vec<String> {
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| i["address"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let acme_addrs = addrs(&v);
+    let globex_addrs = addrs(&shop);
+    let all: Vec<String> = acme_addrs.iter().chain(&globex_addrs).cloned().collect();
+    wait("every endpoint on both cells", ctx, || {
+        cells.iter().all(|c| {
+            let eps = remote_endpoints(c);
+            all.iter()
+                .all(|a| eps.iter().any(|e| e["address"] == a.as_str()))
+        })
+    });
+    let drops_before: Vec<u64> = cells
+        .iter()
+        .map(|c| drops(c, "acme") + drops(c, "globex"))
+        .collect();
+    for (n, cell) in cells.iter().enumerate() {
+        for (tenant, own) in [("acme", &acme_addrs), ("globex", &globex_addrs)] {
+            for (addr, ok) in reach(cell, &format!("pairs-{tenant}-{n}"), tenant, &all) {
+                assert_eq!(
+                    ok,
+                    own.contains(&addr),
+                    "{tenant} on cell {n} -> {addr}: {}",
+                    if ok {
+                        "connected across tenants"
+                    } else {
+                        "same tenant refused"
+                    }
+                );
+            }
+        }
+        // The node itself reaches every instance on it and elsewhere.
+        for addr in &all {
+            assert!(node_reaches(cell, addr), "node {n} -> {addr}");
+        }
+    }
+    for (n, cell) in cells.iter().enumerate() {
+        let after = drops(cell, "acme") + drops(cell, "globex");
+        assert!(after > drops_before[n], "cell {n}: drops did not rise");
+    }
     // Another tenant: dropped on its own cell, and counted there.
     let before = drops(&cells[0], "globex");
     assert!(!connects(&cells[0], "probe-globex", "globex", &far, 2));
@@ -229,11 +352,15 @@ fn tenants_reach_their_own_instances_across_cells_and_policies_open_the_rest() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // The app goes: so do its endpoints, on both cells.
-    assert!(fabric
-        .cli(&["delete-app", "web", "--tenant", "acme"])
-        .status
-        .success());
+    // The apps go: so do their endpoints, on both cells.
+    for (app, tenant) in [("web", "acme"), ("shop", "globex")] {
+        let out = fabric.cli(&["delete-app", app, "--tenant", tenant]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     wait("no endpoints left", ctx, || {
         cells.iter().all(|c| remote_endpoints(c).is_empty())
     });

@@ -2,8 +2,8 @@
 //! core** ([`corral_brain::auction`]) placing 100,000 instances on 1,000
 //! simulated cells held in memory. No QUIC, no cells answering bids, no
 //! store: this measures the placement algorithm alone, the floor under the
-//! end-to-end benchmark (a load generator holding 1,000 real QUIC
-//! connections), which is not built yet.
+//! end-to-end benchmark over QUIC (`bench auction --quic`, in
+//! [`crate::bench_cluster`]).
 //!
 //! It reports, for the default auction, Diego's scoring, and Diego's loop as
 //! transcribed in `auction::reference`: placements per second, batch latency
@@ -31,8 +31,8 @@ use corral_brain::auction::{self, AuctionConfig, AuctionOutcome, CellView, Scori
 use corral_proto::wire::{WorkItem, Zone};
 use corral_proto::{AppId, Capacity, CellId, InstanceId, InstanceKind, Resources, TenantId};
 
-const ZONES: usize = 3;
-const CELL: Capacity = Capacity {
+pub(crate) const ZONES: usize = 3;
+pub(crate) const CELL: Capacity = Capacity {
     memory_mb: 80 * 1024,
     disk_mb: 320 * 1024,
     containers: 250,
@@ -99,10 +99,10 @@ fn parse(args: &[String]) -> Result<Options> {
 }
 
 /// SplitMix64: small, fast, good enough for a workload, and seeded.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -111,12 +111,12 @@ impl Rng {
     }
 
     /// Uniform in `lo..=hi`.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+    pub(crate) fn range(&mut self, lo: u64, hi: u64) -> u64 {
         lo + self.next() % (hi - lo + 1)
     }
 
     /// Picks from `(weight, value)` pairs.
-    fn weighted(&mut self, table: &[(u64, u64)]) -> u64 {
+    pub(crate) fn weighted(&mut self, table: &[(u64, u64)]) -> u64 {
         let total: u64 = table.iter().map(|(w, _)| w).sum();
         let mut x = self.next() % total;
         for (w, v) in table {
@@ -190,35 +190,38 @@ fn workload(o: &Options) -> Result<Vec<WorkItem>> {
 
 /// max − min used fraction across cells, per dimension.
 #[derive(Debug, Clone, Copy, Default)]
-struct Spread {
-    memory: f64,
-    disk: f64,
-    containers: f64,
+pub(crate) struct Spread {
+    pub(crate) memory: f64,
+    pub(crate) disk: f64,
+    pub(crate) containers: f64,
     /// Mean used memory fraction when measured.
-    mean_memory: f64,
+    pub(crate) mean_memory: f64,
 }
 
 fn frac(used: u64, total: u64) -> f64 {
-    used as f64 / total.max(1) as f64
+    used.min(total) as f64 / total.max(1) as f64
 }
 
-fn spread(cells: &[CellView]) -> Spread {
-    let dims: [fn(&CellView) -> f64; 3] = [
-        |c| frac(c.total.memory_mb - c.available.memory_mb, c.total.memory_mb),
-        |c| frac(c.total.disk_mb - c.available.disk_mb, c.total.disk_mb),
-        |c| {
-            frac(
-                c.total.containers - c.available.containers,
-                c.total.containers,
-            )
-        },
+/// A cell's total and available capacity.
+type Caps = (Capacity, Capacity);
+
+/// The spread of cells given as `(total, available)` capacities.
+pub(crate) fn spread_of(cells: &[Caps]) -> Spread {
+    let dims: [fn(&Caps) -> f64; 3] = [
+        |(t, a)| frac(t.memory_mb.saturating_sub(a.memory_mb), t.memory_mb),
+        |(t, a)| frac(t.disk_mb.saturating_sub(a.disk_mb), t.disk_mb),
+        |(t, a)| frac(t.containers.saturating_sub(a.containers), t.containers),
     ];
-    let range = |f: fn(&CellView) -> f64| {
+    let range = |f: fn(&Caps) -> f64| {
         let (lo, hi) = cells
             .iter()
             .map(f)
             .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)));
-        hi - lo
+        if cells.is_empty() {
+            0.0
+        } else {
+            hi - lo
+        }
     };
     Spread {
         memory: range(dims[0]),
@@ -226,6 +229,11 @@ fn spread(cells: &[CellView]) -> Spread {
         containers: range(dims[2]),
         mean_memory: cells.iter().map(dims[0]).sum::<f64>() / cells.len().max(1) as f64,
     }
+}
+
+fn spread(cells: &[CellView]) -> Spread {
+    let caps: Vec<(Capacity, Capacity)> = cells.iter().map(|c| (c.total, c.available)).collect();
+    spread_of(&caps)
 }
 
 type AuctionFn = fn(&AuctionConfig, &mut [CellView], &[WorkItem]) -> AuctionOutcome;

@@ -6,6 +6,7 @@
 
 mod bench;
 mod bench_auction;
+mod bench_cluster;
 mod demo;
 mod demo_cluster;
 mod deps;
@@ -34,6 +35,13 @@ commands:
   bench auction [OPTS] the brain's auction core in process: 100,000 instances
                        on 1,000 simulated cells (--cells --instances --batch
                        --seed --starting-weight --app-penalty --no-reference)
+  bench auction --quic [OPTS]
+                       the auction end to end: the release corral-brain, a
+                       load generator holding 1,000 simulated cells over real
+                       QUIC, 100,000 instances pushed through the API
+                       (--cells --instances --seed --clients --start-delay-ms
+                       --timeout --keep; `--quic --help` explains; smoke test:
+                       --quic --cells 50 --instances 2000)
   fuzz [SECONDS]       run every cargo-fuzz target SECONDS each (default 60);
                        installs cargo-fuzz if missing, works on stable
   help                 print this message
@@ -54,6 +62,8 @@ fn main() -> ExitCode {
         ("test", rest) => test::run(rest),
         ("demo", []) => demo::run(),
         ("bench", [sub]) if sub == "start" => bench::run(),
+        // Hidden: the load generator `bench auction --quic` starts.
+        ("bench", [sub, rest @ ..]) if sub == "auction-loadgen" => bench_cluster::loadgen(rest),
         // Placement speed means nothing in a debug build: re-run in release.
         ("bench", [sub, rest @ ..]) if sub == "auction" && cfg!(debug_assertions) => util::run(
             util::cargo()
@@ -69,7 +79,14 @@ fn main() -> ExitCode {
                 ])
                 .args(rest),
         ),
-        ("bench", [sub, rest @ ..]) if sub == "auction" => bench_auction::run(rest),
+        ("bench", [sub, rest @ ..]) if sub == "auction" => {
+            if rest.iter().any(|a| a == "--quic") {
+                let rest: Vec<String> = rest.iter().filter(|a| *a != "--quic").cloned().collect();
+                bench_cluster::run(&rest)
+            } else {
+                bench_auction::run(rest)
+            }
+        }
         ("fuzz", rest) => fuzz::run(rest),
         ("help" | "-h" | "--help", _) => {
             println!("{USAGE}");
