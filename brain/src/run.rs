@@ -73,6 +73,16 @@ use tokio::sync::mpsc;
 
 /// The convergence safety sweep.
 pub const SWEEP: Duration = Duration::from_secs(5);
+/// Convergence (with the API view and the network picture) takes at most
+/// about a tenth of the loop's time: after a pass that took `t`, the next
+/// waits `10 × t` (at most [`MAX_CONVERGE_INTERVAL`]) unless a timer is due.
+/// A small cluster converges after every batch; 100,000 instances do not
+/// make every bid answer pay for a walk over all of them.
+const CONVERGE_SHARE: u32 = 10;
+pub const MAX_CONVERGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Most starts in one auction round; each chosen cell gets its share in bid
+/// requests of at most [`MAX_BATCH_ITEMS`].
+pub const ROUND_ITEMS: usize = 8192;
 /// How long a cell has to answer a bid request.
 pub const BID_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a cell has to say hello after connecting.
@@ -272,6 +282,10 @@ pub async fn run(
         requests: BTreeMap::new(),
         queue: Vec::new(),
         round: None,
+        accepted: Vec::new(),
+        last_converge: None,
+        dirty: false,
+        converge_cost: Duration::ZERO,
         wake_at: None,
         policies: Vec::new(),
         told_routes: Vec::new(),
@@ -480,6 +494,14 @@ struct Loop {
     requests: BTreeMap<RequestId, Request>,
     queue: Vec<Queued>,
     round: Option<Round>,
+    /// Bids accepted and not yet recorded (see `start_accepted`).
+    accepted: Vec<(CellId, Vec<Queued>)>,
+    /// When convergence last ran, to bound its cost under a storm of reports.
+    last_converge: Option<Instant>,
+    /// Inputs arrived since convergence last ran.
+    dirty: bool,
+    /// How long the last convergence pass took.
+    converge_cost: Duration,
     wake_at: Option<Time>,
     /// Desired policies, from the store.
     policies: Vec<PolicyRule>,
@@ -498,6 +520,9 @@ impl Loop {
         loop {
             let wake = self.next_wake();
             tokio::select! {
+                // What cells said first: a bid deadline must not win over
+                // bids that have arrived.
+                biased;
                 got = input.recv() => {
                     let Some(first) = got else { break };
                     self.handle(first);
@@ -522,6 +547,11 @@ impl Loop {
 
     fn next_wake(&self) -> Instant {
         let mut wake = Instant::now() + SWEEP;
+        if self.dirty {
+            if let Some(last) = self.last_converge {
+                wake = wake.min(last + self.converge_interval());
+            }
+        }
         if let Some(at) = self.wake_at {
             wake = wake.min(self.clock.instant_of(at));
         }
@@ -778,9 +808,28 @@ impl Loop {
     // -----------------------------------------------------------------
     // Deciding.
 
+    fn converge_interval(&self) -> Duration {
+        (self.converge_cost * CONVERGE_SHARE).min(MAX_CONVERGE_INTERVAL)
+    }
+
+    /// One pass after a batch of inputs: record and send accepted work,
+    /// converge (see [`CONVERGE_SHARE`]), move the auction on.
     fn step(&mut self) {
         let now = self.clock.now();
         let wall = self.clock.wall();
+        self.start_accepted();
+        let timer_due = self.wake_at.is_some_and(|w| w <= now);
+        let interval = self.converge_interval();
+        let recent = self.last_converge.is_some_and(|t| t.elapsed() < interval);
+        if recent && !timer_due {
+            self.dirty = true;
+            self.auction_step(now, wall);
+            return;
+        }
+        self.dirty = false;
+        let started = Instant::now();
+        self.last_converge = Some(started);
+        self.hold_waiting_starts(now);
         self.cluster
             .expire_pending(now, self.converge.start_timeout);
         let plan = converge(&self.converge, &self.cluster.converge_state(), now);
@@ -835,6 +884,37 @@ impl Loop {
         self.auction_step(now, wall);
         self.spread_network();
         self.publish_view();
+        self.converge_cost = started.elapsed();
+    }
+
+    /// A start waiting in the brain's own queue, offered in a round or
+    /// accepted and not yet sent has not timed out: only a cell that never
+    /// reports it has. Without this, a long queue under load would have its
+    /// starts asked for again and placed twice.
+    fn hold_waiting_starts(&mut self, now: Time) {
+        let mut waiting: BTreeSet<&InstanceId> = self.queue.iter().map(|q| &q.item.id).collect();
+        if let Some(r) = &self.round {
+            waiting.extend(
+                r.offers
+                    .values()
+                    .flat_map(|(_, items)| items.iter().map(|q| &q.item.id)),
+            );
+        }
+        waiting.extend(
+            self.accepted
+                .iter()
+                .flat_map(|(_, items)| items.iter().map(|q| &q.item.id)),
+        );
+        for p in self.cluster.pending.values_mut() {
+            if waiting.contains(&p.id) {
+                p.since = now;
+            }
+        }
+        for (task, since) in self.cluster.pending_tasks.iter_mut() {
+            if waiting.contains(task.instance_id()) {
+                *since = now;
+            }
+        }
     }
 
     /// A new connection learns the whole network picture as last told to
@@ -1017,7 +1097,7 @@ impl Loop {
         if self.queue.is_empty() {
             return;
         }
-        let take = self.queue.len().min(MAX_BATCH_ITEMS);
+        let take = self.queue.len().min(ROUND_ITEMS);
         let batch: Vec<Queued> = self.queue.drain(..take).collect();
         let mut cells = self.cluster.auction_cells();
         let (placed, unplaced) = place(&self.auction, &mut cells, batch);
@@ -1033,18 +1113,22 @@ impl Loop {
             return;
         }
         let mut offers = BTreeMap::new();
-        for (cell, items) in per_cell {
-            let request = self.request_id();
-            let msg = Message::BidRequest(BidRequest {
-                request,
-                items: items.iter().map(|q| q.item.clone()).collect(),
-            });
-            if self.send(&cell, msg) {
-                offers.insert(request, (cell, items));
-            } else {
-                for mut q in items {
-                    q.refused_by.insert(cell.clone());
-                    self.queue.push(q);
+        for (cell, mut items) in per_cell {
+            while !items.is_empty() {
+                let rest = items.split_off(items.len().min(MAX_BATCH_ITEMS));
+                let chunk = std::mem::replace(&mut items, rest);
+                let request = self.request_id();
+                let msg = Message::BidRequest(BidRequest {
+                    request,
+                    items: chunk.iter().map(|q| q.item.clone()).collect(),
+                });
+                if self.send(&cell, msg) {
+                    offers.insert(request, (cell.clone(), chunk));
+                } else {
+                    for mut q in chunk {
+                        q.refused_by.insert(cell.clone());
+                        self.queue.push(q);
+                    }
                 }
             }
         }
@@ -1130,17 +1214,29 @@ impl Loop {
                 accepted.push(q);
             }
         }
-        self.start_accepted(cell, accepted, wall);
+        let _ = wall;
+        if !accepted.is_empty() {
+            self.accepted.push((cell.clone(), accepted));
+        }
     }
 
-    /// Records the placements, then sends the work.
-    fn start_accepted(&mut self, cell: &CellId, accepted: Vec<Queued>, wall: Timestamp) {
-        if accepted.is_empty() {
+    /// Records every placement accepted since the last call in one store
+    /// commit, then sends the work: one disk sync per loop pass, however
+    /// many cells answered (an auction over 1,000 cells gets about one item
+    /// accepted per answer).
+    fn start_accepted(&mut self) {
+        if self.accepted.is_empty() {
             return;
         }
+        let wall = self.clock.wall();
+        let batches = std::mem::take(&mut self.accepted);
+        let accepted: Vec<(CellId, Queued)> = batches
+            .into_iter()
+            .flat_map(|(cell, items)| items.into_iter().map(move |q| (cell.clone(), q)))
+            .collect();
         let placements: Vec<Placement> = accepted
             .iter()
-            .map(|q| Placement {
+            .map(|(cell, q)| Placement {
                 instance: q.item.id.clone(),
                 cell: cell.clone(),
                 tenant: q.item.tenant.clone(),
@@ -1167,7 +1263,7 @@ impl Loop {
             })
             .collect();
         let mut running_tasks = Vec::new();
-        for q in &accepted {
+        for (cell, q) in &accepted {
             if q.item.kind == InstanceKind::Task {
                 if let Ok(id) = TaskId::new(q.item.id.as_str()) {
                     if let Some(t) = self.cluster.tasks.get_mut(&id) {
@@ -1188,7 +1284,7 @@ impl Loop {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("recording placements: {e}; they are auctioned again");
-                for q in accepted {
+                for (_, q) in accepted {
                     self.queue.push(q);
                 }
                 return;
@@ -1200,7 +1296,7 @@ impl Loop {
                 task: crate::desired::Task { revision, ..task },
             });
         }
-        for q in &accepted {
+        for (_, q) in &accepted {
             if let Some((slot, _)) = &q.slot {
                 self.cluster.unplaced.remove(slot);
             }
@@ -1210,7 +1306,7 @@ impl Loop {
             self.cluster.placements.insert(p.instance.clone(), p);
         }
         self.metrics.placed(accepted.len());
-        for q in accepted {
+        for (cell, q) in accepted {
             let request = self.request_id();
             self.requests.insert(
                 request,
@@ -1225,7 +1321,7 @@ impl Loop {
                 },
             );
             self.send(
-                cell,
+                &cell,
                 Message::StartWork(StartWork {
                     request,
                     id: q.item.id,
