@@ -7,6 +7,7 @@
 mod bench;
 mod bench_auction;
 mod bench_cluster;
+mod bench_net;
 mod demo;
 mod demo_cluster;
 mod deps;
@@ -42,6 +43,11 @@ commands:
                        (--cells --instances --seed --clients --start-delay-ms
                        --timeout --keep; `--quic --help` explains; smoke test:
                        --quic --cells 50 --instances 2000)
+  bench net [OPTS]     the eBPF data plane's cost: ns/packet of each TC program
+                       path (BPF_PROG_TEST_RUN), and TCP request/response and
+                       bulk between instances on one cell and on two, with vs
+                       without the programs; appends to docs/benchmarks.md
+                       (root; `bench net --help` lists the options)
   fuzz [SECONDS]       run every cargo-fuzz target SECONDS each (default 60);
                        installs cargo-fuzz if missing, works on stable
   help                 print this message
@@ -87,6 +93,9 @@ fn main() -> ExitCode {
                 bench_auction::run(rest)
             }
         }
+        ("bench", [sub, rest @ ..]) if sub == "net" => bench_net::run(rest),
+        // Hidden: the load `bench net` runs inside instances' namespaces.
+        ("bench", [sub, rest @ ..]) if sub == "net-peer" => bench_net::peer(rest),
         ("fuzz", rest) => fuzz::run(rest),
         ("help" | "-h" | "--help", _) => {
             println!("{USAGE}");
