@@ -89,9 +89,11 @@ fn a_brain_places_scales_and_heals_across_three_cells() {
     common::require_root();
     let names: Vec<String> = (0..3).map(|_| Cell::new_name()).collect();
     let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Declared before the fabric, so dropped after it: if the test fails,
+    // the brain is stopped before the cells are emptied.
+    let mut cells = Vec::new();
     let mut fabric = Fabric::new(&ids);
     fabric.start_brain();
-    let mut cells = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let cell = Cell::start_named(name, &fabric.agent_config(name, &format!("z{}", i + 1)));
         fabric.attach(&cell);

@@ -108,9 +108,11 @@ fn tenants_reach_their_own_instances_across_cells_and_policies_open_the_rest() {
     common::require_root();
     let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
     let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Declared before the fabric, so dropped after it: if the test fails,
+    // the brain is stopped before the cells are emptied.
+    let mut cells = Vec::new();
     let mut fabric = Fabric::new(&ids);
     fabric.start_brain();
-    let mut cells = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let extra = format!(
             "{}[network]\nsubnet = \"10.244.{}.0/24\"\n",

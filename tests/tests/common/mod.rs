@@ -430,6 +430,31 @@ impl Cell {
         );
     }
 
+    /// SIGKILLs every process in the cell's instance cgroups and waits (up
+    /// to 5 s) until they are gone, so the cgroups can be removed.
+    fn kill_cgroup_processes(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut pids = Vec::new();
+            for d in self.cgroup_dirs() {
+                if let Ok(text) = std::fs::read_to_string(d.join("cgroup.procs")) {
+                    pids.extend(text.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+                }
+            }
+            if pids.is_empty() || Instant::now() > deadline {
+                return;
+            }
+            for pid in pids {
+                #[allow(unsafe_code)]
+                // SAFETY: kill(2) on processes in cgroups this test's cell made.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Deletes every instance through the API.
     pub fn delete_all(&self) {
         if let Ok(r) = self.client.get("/v1/instances") {
@@ -464,6 +489,10 @@ impl Drop for Cell {
                 libc::kill(pid as i32, libc::SIGKILL);
             }
         }
+        // A container whose shim is gone (killed above, or a brain that
+        // kept placing while the cell was being emptied) keeps its cgroup:
+        // end what runs in this cell's cgroups, which only this test made.
+        self.kill_cgroup_processes();
         for entry in std::fs::read_dir("/sys/fs/cgroup")
             .into_iter()
             .flatten()
