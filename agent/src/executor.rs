@@ -978,9 +978,24 @@ impl Executor {
             return Err(format!("cannot record the instance's network: {e}"));
         }
         let t0 = Instant::now();
-        let att = match net.network.attach(id, addr, &p.netns()).await {
+        // The host veth's ifindex decides its slot in the data plane.
+        let ifindex = match net.plane.as_ref().map(Plane::reserve_ifindex).transpose() {
+            Ok(i) => i,
+            Err(e) => {
+                lock(&net.ipam).release(addr);
+                let _ = std::fs::remove_file(p.net());
+                return Err(format!("data plane: {e}"));
+            }
+        };
+        let unreserve = || {
+            if let (Some(plane), Some(i)) = (&net.plane, ifindex) {
+                plane.unreserve(i);
+            }
+        };
+        let att = match net.network.attach(id, addr, &p.netns(), ifindex).await {
             Ok(a) => a,
             Err(e) => {
+                unreserve();
                 lock(&net.ipam).release(addr);
                 let _ = std::fs::remove_file(p.net());
                 return Err(format!("network set-up failed: {e}"));
@@ -988,6 +1003,7 @@ impl Executor {
         };
         let wired = t0.elapsed();
         if let Err(e) = record(&att) {
+            unreserve();
             net.network.detach(&att).await;
             lock(&net.ipam).release(addr);
             let _ = std::fs::remove_file(p.net());
@@ -996,6 +1012,7 @@ impl Executor {
         if let Some(plane) = &net.plane {
             if let Err(e) = plane.add(&att, tenant) {
                 plane.remove(&att);
+                unreserve();
                 net.network.detach(&att).await;
                 lock(&net.ipam).release(addr);
                 let _ = std::fs::remove_file(p.net());

@@ -39,10 +39,13 @@ pub(crate) mod c {
     include!(concat!(env!("OUT_DIR"), "/layout.rs"));
 }
 
-/// `struct corral_iface`: value of `ifaces` (key: host-side veth ifindex, `u32`).
+/// `struct corral_iface`: value of `ifaces` (key: the slot, `ifindex %
+/// CORRAL_MAX_IFACES`).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Iface {
+    /// The host-side veth's ifindex; 0: the slot is free.
+    pub ifindex: u32,
     /// The instance's IPv4 address, network byte order (see [`ipv4_to_raw`]).
     pub addr: u32,
     pub tenant: u32,
@@ -100,11 +103,11 @@ pub struct FlowState {
     pub last_seen_ns: u64,
 }
 
-/// `struct corral_counter_key`: key of `tenant_stats` and `instance_stats`.
+/// `struct corral_counter_key`: key of `retired_stats`.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct CounterKey {
-    /// Tenant or instance number.
+    /// Tenant number.
     pub id: u32,
     /// `enum corral_direction`.
     pub dir: u32,
@@ -120,8 +123,8 @@ pub struct DropKey {
     pub reason: u32,
 }
 
-/// `struct corral_counter`: value of every stats map, one per CPU in the
-/// kernel; the crate hands out the sum over CPUs.
+/// `struct corral_counter`: value of every stats map (one per CPU in the
+/// per-CPU ones; the crate hands out the sum over CPUs).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Counter {
@@ -203,7 +206,7 @@ mod tests {
     #[test]
     fn rust_mirrors_match_the_c_layout() {
         let mut checked = Vec::new();
-        check!(checked, Iface, "corral_iface" { addr, tenant, instance });
+        check!(checked, Iface, "corral_iface" { ifindex, addr, tenant, instance });
         check!(checked, Endpoint, "corral_endpoint" { tenant, instance });
         check!(checked, PolicyKey, "corral_policy_key" { from_tenant, to_tenant, port, proto, pad });
         check!(checked, PolicyValue, "corral_policy_value" { flags });

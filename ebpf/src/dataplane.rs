@@ -6,7 +6,11 @@ use std::mem::size_of;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, MapData, MapError, MapInfo, MapType, PerCpuHashMap};
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{
+    Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray, PerCpuHashMap, PerCpuValues,
+};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle};
 use aya::programs::{ProgramError, ProgramType, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader, Pod};
@@ -76,8 +80,8 @@ const IFACES: &str = "ifaces";
 const ENDPOINTS: &str = "endpoints";
 const POLICY: &str = "policy";
 const CONNTRACK: &str = "conntrack";
-const TENANT_STATS: &str = "tenant_stats";
 const INSTANCE_STATS: &str = "instance_stats";
+const RETIRED_STATS: &str = "retired_stats";
 const DROP_STATS: &str = "drop_stats";
 
 fn map_specs() -> [MapSpec; 7] {
@@ -91,7 +95,7 @@ fn map_specs() -> [MapSpec; 7] {
     [
         spec(
             IFACES,
-            MapType::Hash,
+            MapType::Array,
             size_of::<u32>(),
             size_of::<abi::Iface>(),
             c::CORRAL_MAX_IFACES,
@@ -118,18 +122,18 @@ fn map_specs() -> [MapSpec; 7] {
             c::CORRAL_MAX_FLOWS,
         ),
         spec(
-            TENANT_STATS,
-            MapType::PerCpuHash,
-            size_of::<abi::CounterKey>(),
+            INSTANCE_STATS,
+            MapType::PerCpuArray,
+            size_of::<u32>(),
             size_of::<abi::Counter>(),
-            c::CORRAL_MAX_TENANT_STATS,
+            2 * c::CORRAL_MAX_IFACES,
         ),
         spec(
-            INSTANCE_STATS,
-            MapType::PerCpuHash,
+            RETIRED_STATS,
+            MapType::Hash,
             size_of::<abi::CounterKey>(),
             size_of::<abi::Counter>(),
-            c::CORRAL_MAX_INSTANCE_STATS,
+            c::CORRAL_MAX_RETIRED_STATS,
         ),
         spec(
             DROP_STATS,
@@ -151,13 +155,29 @@ pub struct Dataplane {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     restored: bool,
-    ifaces: HashMap<MapData, u32, abi::Iface>,
+    ifaces: Array<MapData, abi::Iface>,
     endpoints: HashMap<MapData, u32, abi::Endpoint>,
     policy: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
     conntrack: HashMap<MapData, abi::Flow, abi::FlowState>,
-    tenant_stats: PerCpuHashMap<MapData, abi::CounterKey, Counter>,
-    instance_stats: PerCpuHashMap<MapData, abi::CounterKey, Counter>,
+    instance_stats: PerCpuArray<MapData, Counter>,
+    retired_stats: HashMap<MapData, abi::CounterKey, Counter>,
     drop_stats: PerCpuHashMap<MapData, abi::DropKey, Counter>,
+    /// What `ifaces` holds, by slot (only the agent writes it).
+    slots: BTreeMap<u32, (u32, InstanceIface)>,
+    /// Slots handed out by [`Dataplane::reserve_ifindex`], not declared yet.
+    reserved: BTreeSet<u32>,
+}
+
+/// Number of interface slots (`CORRAL_MAX_IFACES`).
+pub const SLOTS: u32 = c::CORRAL_MAX_IFACES;
+
+/// The first ifindex [`Dataplane::reserve_ifindex`] hands out
+/// (`CORRAL_IFINDEX_BASE`).
+pub const IFINDEX_BASE: u32 = c::CORRAL_IFINDEX_BASE;
+
+/// The `ifaces` slot of an interface: its entry is `ifaces[slot]`.
+pub const fn slot_of(ifindex: u32) -> u32 {
+    ifindex % SLOTS
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -208,17 +228,29 @@ impl Dataplane {
             prog.load().map_err(|e| program_load_error(program, e))?;
         }
 
+        let ifaces: Array<MapData, abi::Iface> = take(&mut ebpf, IFACES)?;
+        let mut slots = BTreeMap::new();
+        for slot in 0..SLOTS {
+            let raw = ifaces
+                .get(&slot, 0)
+                .map_err(|e| map_error(IFACES, 0, format!("read slot {slot}"), e))?;
+            if let Some(iface) = InstanceIface::from_raw(&raw) {
+                slots.insert(slot, (raw.ifindex, iface));
+            }
+        }
         Ok(Self {
-            ifaces: take_map(&mut ebpf, IFACES)?,
-            endpoints: take_map(&mut ebpf, ENDPOINTS)?,
-            policy: take_map(&mut ebpf, POLICY)?,
-            conntrack: take_map(&mut ebpf, CONNTRACK)?,
-            tenant_stats: take_percpu_map(&mut ebpf, TENANT_STATS)?,
-            instance_stats: take_percpu_map(&mut ebpf, INSTANCE_STATS)?,
-            drop_stats: take_percpu_map(&mut ebpf, DROP_STATS)?,
+            ifaces,
+            endpoints: take(&mut ebpf, ENDPOINTS)?,
+            policy: take(&mut ebpf, POLICY)?,
+            conntrack: take(&mut ebpf, CONNTRACK)?,
+            instance_stats: take(&mut ebpf, INSTANCE_STATS)?,
+            retired_stats: take(&mut ebpf, RETIRED_STATS)?,
+            drop_stats: take(&mut ebpf, DROP_STATS)?,
             ebpf,
             pin_dir: pin_dir.to_owned(),
             restored,
+            slots,
+            reserved: BTreeSet::new(),
         })
     }
 
@@ -342,44 +374,177 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Declares the instance behind the host-side veth `ifindex`.
-    pub fn set_interface(&mut self, ifindex: u32, iface: &InstanceIface) -> Result<(), Error> {
-        self.ifaces.insert(ifindex, iface.to_raw(), 0).map_err(|e| {
-            map_error(
-                IFACES,
-                c::CORRAL_MAX_IFACES,
-                format!(
-                    "set interface {ifindex} to instance {} ({})",
-                    iface.instance, iface.addr
-                ),
-                e,
-            )
-        })
+    /// An ifindex for a new instance veth whose slot is free: the lowest
+    /// free slot `s` gives [`IFINDEX_BASE`] + `s`. If some other interface
+    /// already has that index, [`IFINDEX_BASE`] + `s` + k·[`SLOTS`] shares
+    /// the slot. The slot stays reserved until
+    /// [`set_interface`](Self::set_interface) declares it or
+    /// [`unreserve`](Self::unreserve) gives it back.
+    pub fn reserve_ifindex(&mut self) -> Result<u32, Error> {
+        let slot = (0..SLOTS)
+            .find(|s| !self.slots.contains_key(s) && !self.reserved.contains(s))
+            .ok_or_else(|| Error::MapFull {
+                map: IFACES,
+                max_entries: SLOTS,
+                action: "reserve a slot for a new instance interface".to_owned(),
+            })?;
+        self.reserved.insert(slot);
+        Ok(IFINDEX_BASE + slot)
     }
 
-    /// Returns whether there was an entry.
+    /// Gives back a slot reserved for `ifindex` and never declared.
+    pub fn unreserve(&mut self, ifindex: u32) {
+        self.reserved.remove(&slot_of(ifindex));
+    }
+
+    /// Declares the instance behind the host-side veth `ifindex`, in the
+    /// veth's slot. Fails with [`Error::SlotTaken`] if another interface
+    /// holds that slot. The slot's counters start from zero unless it
+    /// already holds this instance on this interface (a restarted agent
+    /// declaring it again, or the instance's address changing); those of a
+    /// different instance that held it are folded into its tenant's first.
+    pub fn set_interface(&mut self, ifindex: u32, iface: &InstanceIface) -> Result<(), Error> {
+        let slot = slot_of(ifindex);
+        let action = || {
+            format!(
+                "set interface {ifindex} to instance {} ({})",
+                iface.instance, iface.addr
+            )
+        };
+        match self.slots.get(&slot).copied() {
+            Some((holder, _)) if holder != ifindex => {
+                return Err(Error::SlotTaken {
+                    ifindex,
+                    slot,
+                    slots: SLOTS,
+                    holder,
+                })
+            }
+            Some((_, old)) if old.instance == iface.instance => {}
+            Some((_, old)) => self.retire_slot(slot, old.tenant)?,
+            None => self.zero_slot(slot)?,
+        }
+        self.ifaces
+            .set(slot, iface.to_raw(ifindex), 0)
+            .map_err(|e| map_error(IFACES, SLOTS, action(), e))?;
+        self.slots.insert(slot, (ifindex, *iface));
+        self.reserved.remove(&slot);
+        Ok(())
+    }
+
+    /// Frees the interface's slot; its traffic counters are folded into its
+    /// tenant's ([`tenant_counter`](Self::tenant_counter) keeps counting
+    /// them). Returns whether there was an entry.
+    ///
+    /// The entry goes first, so the programs drop (as `unknown_interface`)
+    /// anything still arriving on the veth instead of counting it in a
+    /// slot being emptied. An agent that dies between the steps loses the
+    /// slot's unfolded counts, never counts them twice: a slot is zeroed
+    /// when it is declared again.
     pub fn remove_interface(&mut self, ifindex: u32) -> Result<bool, Error> {
-        removed(self.ifaces.remove(&ifindex), IFACES, || {
-            format!("remove interface {ifindex}")
-        })
+        let slot = slot_of(ifindex);
+        let Some((_, old)) = self
+            .slots
+            .get(&slot)
+            .copied()
+            .filter(|(i, _)| *i == ifindex)
+        else {
+            return Ok(false);
+        };
+        self.ifaces
+            .set(slot, abi::Iface::default(), 0)
+            .map_err(|e| map_error(IFACES, 0, format!("remove interface {ifindex}"), e))?;
+        self.slots.remove(&slot);
+        self.retire_slot(slot, old.tenant)?;
+        Ok(true)
     }
 
     pub fn interface(&self, ifindex: u32) -> Result<Option<InstanceIface>, Error> {
-        let raw = found(self.ifaces.get(&ifindex, 0), IFACES, || {
-            format!("read interface {ifindex}")
-        })?;
-        Ok(raw.as_ref().and_then(InstanceIface::from_raw))
+        Ok(self
+            .slots
+            .get(&slot_of(ifindex))
+            .filter(|(i, _)| *i == ifindex)
+            .map(|(_, iface)| *iface))
     }
 
     /// All entries, sorted by ifindex.
     pub fn interfaces(&self) -> Result<Vec<(u32, InstanceIface)>, Error> {
-        let mut all = Vec::new();
-        for item in self.ifaces.iter() {
-            let (ifindex, raw) = item.map_err(|e| map_error(IFACES, 0, "list interfaces", e))?;
-            all.extend(InstanceIface::from_raw(&raw).map(|i| (ifindex, i)));
-        }
+        let mut all: Vec<_> = self.slots.values().copied().collect();
         all.sort_by_key(|(ifindex, _)| *ifindex);
         Ok(all)
+    }
+
+    /// Adds a slot's counters to the tenant's retired totals, then zeroes them.
+    fn retire_slot(&mut self, slot: u32, tenant: TenantNum) -> Result<(), Error> {
+        for dir in Direction::ALL {
+            let gone = self.slot_counter(slot, dir)?;
+            if gone == Counter::default() {
+                continue;
+            }
+            let key = abi::CounterKey {
+                id: tenant.get(),
+                dir: dir.raw(),
+            };
+            let before = found(self.retired_stats.get(&key, 0), RETIRED_STATS, || {
+                format!("read the retired counters of tenant {tenant}")
+            })?
+            .unwrap_or_default();
+            let total = [before, gone].iter().sum::<Counter>();
+            self.retired_stats.insert(key, total, 0).map_err(|e| {
+                map_error(
+                    RETIRED_STATS,
+                    c::CORRAL_MAX_RETIRED_STATS,
+                    format!("keep the counters of tenant {tenant}"),
+                    e,
+                )
+            })?;
+        }
+        self.zero_slot(slot)
+    }
+
+    fn zero_slot(&mut self, slot: u32) -> Result<(), Error> {
+        let cpus = aya::util::nr_cpus().map_err(|(what, source)| Error::Map {
+            map: INSTANCE_STATS,
+            action: format!("count the CPUs ({what})"),
+            source: MapError::from(source),
+        })?;
+        for dir in Direction::ALL {
+            let zeros = PerCpuValues::try_from(vec![Counter::default(); cpus]).map_err(|e| {
+                map_error(
+                    INSTANCE_STATS,
+                    0,
+                    "zero a slot's counters",
+                    MapError::from(e),
+                )
+            })?;
+            self.instance_stats
+                .set(slot * 2 + dir.raw(), zeros, 0)
+                .map_err(|e| {
+                    map_error(
+                        INSTANCE_STATS,
+                        0,
+                        format!("zero the counters of slot {slot}"),
+                        e,
+                    )
+                })?;
+        }
+        Ok(())
+    }
+
+    /// A slot's counter, summed over CPUs.
+    fn slot_counter(&self, slot: u32, dir: Direction) -> Result<Counter, Error> {
+        let values = self
+            .instance_stats
+            .get(&(slot * 2 + dir.raw()), 0)
+            .map_err(|e| {
+                map_error(
+                    INSTANCE_STATS,
+                    0,
+                    format!("read the counters of slot {slot}"),
+                    e,
+                )
+            })?;
+        Ok(values.iter().sum())
     }
 
     /// Declares who owns `addr` (any instance of the cluster, on any cell).
@@ -472,26 +637,36 @@ impl Dataplane {
         Ok(n)
     }
 
-    /// Packets and bytes of a tenant that passed, summed over CPUs.
+    /// Packets and bytes of a tenant that passed: its instances here and
+    /// those gone, summed over CPUs.
     pub fn tenant_counter(&self, tenant: TenantNum, dir: Direction) -> Result<Counter, Error> {
         let key = abi::CounterKey {
             id: tenant.get(),
             dir: dir.raw(),
         };
-        read_counter(&self.tenant_stats, &key, TENANT_STATS)
+        let mut total = found(self.retired_stats.get(&key, 0), RETIRED_STATS, || {
+            format!("read the retired counters of tenant {tenant}")
+        })?
+        .unwrap_or_default();
+        for (slot, (_, iface)) in &self.slots {
+            if iface.tenant == tenant {
+                total = [total, self.slot_counter(*slot, dir)?].iter().sum();
+            }
+        }
+        Ok(total)
     }
 
-    /// Packets and bytes of an instance that passed, summed over CPUs.
+    /// Packets and bytes of an instance with an interface here that passed,
+    /// summed over CPUs (zero for any other instance).
     pub fn instance_counter(
         &self,
         instance: InstanceNum,
         dir: Direction,
     ) -> Result<Counter, Error> {
-        let key = abi::CounterKey {
-            id: instance.get(),
-            dir: dir.raw(),
-        };
-        read_counter(&self.instance_stats, &key, INSTANCE_STATS)
+        match self.slots.iter().find(|(_, (_, i))| i.instance == instance) {
+            Some((slot, _)) => self.slot_counter(*slot, dir),
+            None => Ok(Counter::default()),
+        }
     }
 
     /// Dropped packets and bytes, summed over CPUs. `tenant` is `None` for
@@ -511,19 +686,22 @@ impl Dataplane {
     /// Every counter, summed over CPUs (for a metrics scrape).
     pub fn counters(&self) -> Result<Counters, Error> {
         let mut out = Counters::default();
-        for item in self.tenant_stats.iter() {
-            let (key, values) = item.map_err(|e| map_error(TENANT_STATS, 0, "list counters", e))?;
+        let mut tenants: BTreeMap<(TenantNum, Direction), Counter> = BTreeMap::new();
+        for item in self.retired_stats.iter() {
+            let (key, value) = item.map_err(|e| map_error(RETIRED_STATS, 0, "list counters", e))?;
             if let (Some(t), Some(d)) = (TenantNum::new(key.id), Direction::from_raw(key.dir)) {
-                out.tenants.push((t, d, values.iter().sum()));
+                tenants.insert((t, d), value);
             }
         }
-        for item in self.instance_stats.iter() {
-            let (key, values) =
-                item.map_err(|e| map_error(INSTANCE_STATS, 0, "list counters", e))?;
-            if let (Some(i), Some(d)) = (InstanceNum::new(key.id), Direction::from_raw(key.dir)) {
-                out.instances.push((i, d, values.iter().sum()));
+        for (slot, (_, iface)) in &self.slots {
+            for dir in Direction::ALL {
+                let c = self.slot_counter(*slot, dir)?;
+                let t = tenants.entry((iface.tenant, dir)).or_default();
+                *t = [*t, c].iter().sum();
+                out.instances.push((iface.instance, dir, c));
             }
         }
+        out.tenants = tenants.into_iter().map(|((t, d), c)| (t, d, c)).collect();
         for item in self.drop_stats.iter() {
             let (key, values) = item.map_err(|e| map_error(DROP_STATS, 0, "list counters", e))?;
             if let Some(r) = DropReason::from_raw(key.reason) {
@@ -531,28 +709,13 @@ impl Dataplane {
                     .push((TenantNum::new(key.tenant), r, values.iter().sum()));
             }
         }
-        out.tenants.sort_by_key(|(t, d, _)| (*t, *d));
         out.instances.sort_by_key(|(i, d, _)| (*i, *d));
         out.drops.sort_by_key(|(t, r, _)| (*t, *r));
         Ok(out)
     }
 
-    /// Forgets an instance's counters (after its last scrape, once it is
-    /// gone), so that the map does not fill up with the dead.
-    pub fn remove_instance_counters(&mut self, instance: InstanceNum) -> Result<(), Error> {
-        for dir in Direction::ALL {
-            let key = abi::CounterKey {
-                id: instance.get(),
-                dir: dir.raw(),
-            };
-            removed(self.instance_stats.remove(&key), INSTANCE_STATS, || {
-                format!("remove counters of instance {instance}")
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Forgets a tenant's traffic and drop counters.
+    /// Forgets a tenant's retired traffic and drop counters (those of its
+    /// instances still here keep counting).
     pub fn remove_tenant_counters(&mut self, tenant: TenantNum) -> Result<(), Error> {
         let action = || format!("remove counters of tenant {tenant}");
         for dir in Direction::ALL {
@@ -560,7 +723,7 @@ impl Dataplane {
                 id: tenant.get(),
                 dir: dir.raw(),
             };
-            removed(self.tenant_stats.remove(&key), TENANT_STATS, action)?;
+            removed(self.retired_stats.remove(&key), RETIRED_STATS, action)?;
         }
         for reason in DropReason::ALL {
             let key = abi::DropKey {
@@ -647,24 +810,14 @@ fn classifier_mut(ebpf: &mut Ebpf, program: Program) -> Result<&mut SchedClassif
         })
 }
 
-fn take_map<K: Pod, V: Pod>(
+fn take<M: TryFrom<aya::maps::Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
-) -> Result<HashMap<MapData, K, V>, Error> {
+) -> Result<M, Error> {
     let map = ebpf.take_map(name).ok_or_else(|| Error::NotInObject {
         what: format!("map {name}"),
     })?;
-    HashMap::try_from(map).map_err(|e| map_error(name, 0, "open the map", e))
-}
-
-fn take_percpu_map<K: Pod, V: Pod>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<PerCpuHashMap<MapData, K, V>, Error> {
-    let map = ebpf.take_map(name).ok_or_else(|| Error::NotInObject {
-        what: format!("map {name}"),
-    })?;
-    PerCpuHashMap::try_from(map).map_err(|e| map_error(name, 0, "open the map", e))
+    M::try_from(map).map_err(|e| map_error(name, 0, "open the map", e))
 }
 
 fn program_load_error(program: Program, source: ProgramError) -> Error {

@@ -64,6 +64,18 @@ pub enum Error {
         action: String,
     },
 
+    #[error(
+        "interface {ifindex} cannot be declared: its slot {slot} (ifindex % {slots}) \
+         belongs to interface {holder}; give instance veths the ifindexes \
+         Dataplane::reserve_ifindex hands out"
+    )]
+    SlotTaken {
+        ifindex: u32,
+        slot: u32,
+        slots: u32,
+        holder: u32,
+    },
+
     #[error("cannot {action} (map {map})")]
     Map {
         map: &'static str,

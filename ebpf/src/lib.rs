@@ -21,9 +21,9 @@
 //! # Verdicts
 //!
 //! `corral_from_instance`, in order:
-//! 1. the interface (`skb->ifindex`) must be in `ifaces`, else drop
-//!    (`unknown_interface`, tenant 0): fail closed, so set the interface
-//!    entry before attaching;
+//! 1. the interface (`skb->ifindex`) must be in `ifaces` (its slot's entry
+//!    names that ifindex), else drop (`unknown_interface`, tenant 0): fail
+//!    closed, so set the interface entry before attaching;
 //! 2. ARP passes if its sender address is the instance's address or 0.0.0.0
 //!    (ARP probes), else drop (`spoof`);
 //! 3. IPv6 is dropped (`ipv6`): instances have IPv4 only for now, and letting
@@ -70,13 +70,28 @@
 //!
 //! | name | type | key → value | written by |
 //! |---|---|---|---|
-//! | `ifaces` | hash, 4096 | host veth ifindex (`u32`) → `corral_iface {addr, tenant, instance}` | agent |
+//! | `ifaces` | array, 4096 | slot (`ifindex % 4096`) → `corral_iface {ifindex, addr, tenant, instance}` | agent |
 //! | `endpoints` | hash, 65536 | IPv4 address (network order `u32`) → `corral_endpoint {tenant, instance}` | agent, for every instance of the cluster |
 //! | `policy` | hash, 16384 | `corral_policy_key {from_tenant, to_tenant, port, proto}` → `corral_policy_value` (presence allows) | agent |
 //! | `conntrack` | LRU hash, 65536 | `corral_flow` 5-tuple → `corral_flow_state {last_seen_ns}` | programs |
-//! | `tenant_stats` | per-CPU hash, 8192 | `corral_counter_key {id: tenant, dir}` → `corral_counter {packets, bytes}` | programs |
-//! | `instance_stats` | per-CPU hash, 8192 | `corral_counter_key {id: instance, dir}` → `corral_counter` | programs |
+//! | `instance_stats` | per-CPU array, 8192 | slot × 2 + direction → `corral_counter {packets, bytes}` | programs |
+//! | `retired_stats` | hash, 8192 | `corral_counter_key {id: tenant, dir}` → `corral_counter` | agent (the traffic of a tenant's instances that are gone) |
 //! | `drop_stats` | per-CPU hash, 8192 | `corral_drop_key {tenant, reason}` → `corral_counter` | programs |
+//!
+//! ## Slots: arrays on the per-packet path
+//!
+//! Every packet needs its interface's entry and a counter; hash lookups
+//! for both cost ~40 ns each on this VM, array lookups (inlined by the
+//! verifier) a few. So interfaces live in *slots*: the veth of ifindex `I`
+//! is described by `ifaces[I % 4096]`, whose entry names `I` (a stale or
+//! foreign entry never matches), and its counters are
+//! `instance_stats[slot * 2 + direction]`. Live veths must not share a
+//! slot: the agent creates instance veths with an ifindex from
+//! [`Dataplane::reserve_ifindex`] ([`IFINDEX_BASE`] + a free slot, 2^20 +
+//! slot; when some other interface already has that index, the next one of
+//! the same slot), and [`Dataplane::set_interface`] refuses a slot held by
+//! another interface ([`Error::SlotTaken`]). The Rust side keeps a mirror
+//! of `ifaces` (only the agent writes it), read back from the pin at load.
 //!
 //! Tenant and instance numbers ([`TenantNum`], [`InstanceNum`]) are `u32`
 //! assigned by the control plane; 0 is reserved for "unknown". Addresses
@@ -85,25 +100,28 @@
 //!
 //! # Counters
 //!
-//! - `tenant_stats` and `instance_stats` count the packets that **passed**,
-//!   per direction ([`Direction::FromInstance`]: sent by the instance;
-//!   [`Direction::ToInstance`]: delivered to it);
+//! - `instance_stats` counts the packets that **passed**, per slot and
+//!   direction ([`Direction::FromInstance`]: sent by the instance;
+//!   [`Direction::ToInstance`]: delivered to it); a tenant's totals are the
+//!   sum over its slots plus `retired_stats`, where
+//!   [`Dataplane::remove_interface`] folds the counters of a slot it frees
+//!   (so tenant counters stay monotonic when instances go);
 //! - `drop_stats` counts the dropped ones per tenant and [`DropReason`]:
 //!   the sender's tenant for `corral_from_instance`, the receiver's for
 //!   `corral_to_instance`, 0 when the interface is unknown;
 //! - bytes are `skb->len`: the whole frame, Ethernet header included;
 //! - values are per CPU in the kernel (no atomics on the fast path); the
-//!   read methods return the sum over CPUs. Counters are monotonic until
-//!   removed ([`Dataplane::remove_instance_counters`] once an instance is
-//!   gone and scraped) and survive agent restarts. A full stats map loses
-//!   counts, never packets.
+//!   read methods return the sum over CPUs. An instance's counters live as
+//!   long as its interface entry; tenant counters until
+//!   [`Dataplane::remove_tenant_counters`]. Both survive agent restarts. A
+//!   full drop or retired map loses counts, never packets.
 //!
 //! # Pinning and restarts
 //!
 //! ```text
 //! /sys/fs/bpf/corral/<cell>/        the pin directory given to Dataplane::load
 //!     ifaces  endpoints  policy  conntrack
-//!     tenant_stats  instance_stats  drop_stats
+//!     instance_stats  retired_stats  drop_stats
 //! ```
 //!
 //! [`Dataplane::load`] reuses maps already pinned there and pins the ones it
@@ -139,7 +157,9 @@ mod dataplane;
 mod error;
 mod types;
 
-pub use dataplane::{ifindex, Dataplane, Program, TC_HANDLE, TC_PRIORITY};
+pub use dataplane::{
+    ifindex, slot_of, Dataplane, Program, IFINDEX_BASE, SLOTS, TC_HANDLE, TC_PRIORITY,
+};
 pub use error::Error;
 pub use types::{
     Counter, Counters, Direction, DropReason, Endpoint, InstanceIface, InstanceNum, Policy,

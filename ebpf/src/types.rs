@@ -144,16 +144,22 @@ pub struct InstanceIface {
 }
 
 impl InstanceIface {
-    pub fn to_raw(&self) -> abi::Iface {
+    /// The entry of the veth `ifindex`.
+    pub fn to_raw(&self, ifindex: u32) -> abi::Iface {
         abi::Iface {
+            ifindex,
             addr: abi::ipv4_to_raw(self.addr),
             tenant: self.tenant.get(),
             instance: self.instance.get(),
         }
     }
 
-    /// `None` if the entry carries a reserved 0 (not written by this crate).
+    /// `None` if the entry carries a reserved 0 (a free slot, or not
+    /// written by this crate).
     pub fn from_raw(raw: &abi::Iface) -> Option<Self> {
+        if raw.ifindex == 0 {
+            return None;
+        }
         Some(Self {
             addr: abi::ipv4_from_raw(raw.addr),
             tenant: TenantNum::new(raw.tenant)?,
@@ -435,6 +441,7 @@ mod tests {
     #[test]
     fn raw_values_with_reserved_numbers_are_not_trusted() {
         let raw = abi::Iface {
+            ifindex: 7,
             addr: abi::ipv4_to_raw(Ipv4Addr::new(10, 0, 0, 2)),
             tenant: 0,
             instance: 3,
@@ -443,6 +450,11 @@ mod tests {
         let ok = abi::Iface { tenant: 4, ..raw };
         let iface = InstanceIface::from_raw(&ok).unwrap();
         assert_eq!(iface.addr, Ipv4Addr::new(10, 0, 0, 2));
-        assert_eq!(iface.to_raw(), ok);
+        assert_eq!(iface.to_raw(7), ok);
+        // A free slot.
+        assert_eq!(
+            InstanceIface::from_raw(&abi::Iface { ifindex: 0, ..ok }),
+            None
+        );
     }
 }

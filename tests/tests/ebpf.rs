@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use aya::{TestRun, TestRunOptions};
 use corral_ebpf::{
-    Counter, Dataplane, Direction, DropReason, Endpoint, Error, InstanceIface, InstanceNum, Policy,
-    Program, Protocol, TenantNum,
+    slot_of, Counter, Dataplane, Direction, DropReason, Endpoint, Error, InstanceIface,
+    InstanceNum, Policy, Program, Protocol, TenantNum, IFINDEX_BASE, SLOTS,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -633,6 +633,40 @@ fn unsupported_malformed_and_unknown_traffic_is_dropped_with_a_reason() {
 }
 
 #[test]
+fn interfaces_live_in_slots_that_never_collide() {
+    let mut f = Fixture::new();
+    // The fixture declared lo (ifindex 1): slot 1. Another interface of the
+    // same slot is refused rather than silently taking over.
+    f.dp.set_interface(LO, &a1()).unwrap();
+    let err = f.dp.set_interface(LO + SLOTS, &a2()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::SlotTaken {
+                slot: 1,
+                holder: LO,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(f.dp.interface(LO + SLOTS).unwrap(), None);
+    assert_eq!(f.dp.interface(LO).unwrap(), Some(a1()));
+
+    // Reservations hand out free slots only, each once, above IFINDEX_BASE.
+    let first = f.dp.reserve_ifindex().unwrap();
+    let second = f.dp.reserve_ifindex().unwrap();
+    assert_eq!((first, second), (IFINDEX_BASE, IFINDEX_BASE + 2));
+    f.dp.unreserve(first);
+    assert_eq!(f.dp.reserve_ifindex().unwrap(), IFINDEX_BASE);
+    // Declaring a reserved ifindex takes its slot for good.
+    f.dp.set_interface(second, &a2()).unwrap();
+    assert_eq!(slot_of(second), 2);
+    assert_eq!(f.dp.reserve_ifindex().unwrap(), IFINDEX_BASE + 3);
+    assert_eq!(f.dp.interfaces().unwrap(), vec![(LO, a1()), (second, a2())]);
+}
+
+#[test]
 fn a_second_load_on_the_same_pins_sees_the_same_maps() {
     let mut f = Fixture::new();
     let policy = Policy {
@@ -672,10 +706,34 @@ fn a_second_load_on_the_same_pins_sees_the_same_maps() {
         counter(2, 2 * packet.len())
     );
 
-    // Forgetting a gone instance's counters.
-    dp.remove_instance_counters(a1().instance).unwrap();
+    // The instance goes: its slot is freed and zeroed, and its traffic
+    // stays in its tenant's totals (folded into retired_stats), also across
+    // another restart.
+    assert!(dp.remove_interface(LO).unwrap());
+    assert!(!dp.remove_interface(LO).unwrap());
     assert_eq!(
         dp.instance_counter(a1().instance, Direction::FromInstance)
+            .unwrap(),
+        Counter::default()
+    );
+    let folded = counter(2, 2 * packet.len());
+    assert_eq!(
+        dp.tenant_counter(tenant(TENANT_A), Direction::FromInstance)
+            .unwrap(),
+        folded
+    );
+    drop(dp);
+    let mut dp = Dataplane::load(&pins.path).unwrap();
+    assert_eq!(dp.interfaces().unwrap(), vec![]);
+    assert_eq!(
+        dp.tenant_counter(tenant(TENANT_A), Direction::FromInstance)
+            .unwrap(),
+        folded
+    );
+    // A new instance in the slot starts from zero.
+    dp.set_interface(LO, &a2()).unwrap();
+    assert_eq!(
+        dp.instance_counter(a2().instance, Direction::FromInstance)
             .unwrap(),
         Counter::default()
     );

@@ -269,12 +269,16 @@ impl Network {
     }
 
     /// Creates the instance's namespace at `netns` and wires it up with
-    /// `address`. On error everything made is removed again.
+    /// `address`. The host veth gets `ifindex` if given (or, when another
+    /// interface has that index, the next one in the same data-plane slot:
+    /// `ifindex` + k × [`corral_ebpf::SLOTS`]); else the kernel picks. On
+    /// error everything made is removed again.
     pub async fn attach(
         &self,
         id: &InstanceId,
         address: Ipv4Addr,
         netns: &Path,
+        ifindex: Option<u32>,
     ) -> Result<Attachment, NetError> {
         let mut att = Attachment {
             address,
@@ -283,7 +287,7 @@ impl Network {
             netns: netns.to_owned(),
         };
         create_netns(netns)?;
-        match self.wire(&att).await {
+        match self.wire(&att, ifindex).await {
             Ok(idx) => {
                 att.host_ifindex = idx;
                 Ok(att)
@@ -295,16 +299,50 @@ impl Network {
         }
     }
 
+    /// Creates the veth pair, the host side with `ifindex` (or another
+    /// index of its slot, see [`Network::attach`]) if given.
+    async fn create_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        ifindex: Option<u32>,
+    ) -> Result<(), NetError> {
+        /// Indexes of one slot tried before giving up.
+        const TRIES: u32 = 16;
+        let Some(first) = ifindex else {
+            return self
+                .handle
+                .link()
+                .add(LinkVeth::new(host, peer).build())
+                .execute()
+                .await
+                .map_err(nl(format!("creating veth {host}")));
+        };
+        let mut index = first;
+        for _ in 0..TRIES {
+            let mut msg = LinkVeth::new(host, peer).build();
+            msg.header.index = index;
+            match self.handle.link().add(msg).execute().await {
+                Ok(()) => return Ok(()),
+                // EBUSY: another interface has this index.
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EBUSY => {
+                    index = index.saturating_add(corral_ebpf::SLOTS);
+                }
+                Err(e) => return Err(nl(format!("creating veth {host} (ifindex {index})"))(e)),
+            }
+        }
+        Err(NetError::Other(format!(
+            "creating veth {host}: ifindexes {first}, {first} + {}, ... ({TRIES} of them) are all taken",
+            corral_ebpf::SLOTS
+        )))
+    }
+
     /// Returns the host veth's ifindex.
-    async fn wire(&self, att: &Attachment) -> Result<u32, NetError> {
+    async fn wire(&self, att: &Attachment, ifindex: Option<u32>) -> Result<u32, NetError> {
         let h = &self.handle;
         let host = att.host_if.as_str();
         let peer = format!("{}p", &host[..host.len().min(14)]);
-        h.link()
-            .add(LinkVeth::new(host, &peer).build())
-            .execute()
-            .await
-            .map_err(nl(format!("creating veth {host}")))?;
+        self.create_veth(host, &peer, ifindex).await?;
         let host_idx = self
             .index_of(h, host)
             .await?

@@ -71,6 +71,17 @@ impl Plane {
         })
     }
 
+    /// An ifindex for a new instance's host veth, in a free slot of the
+    /// data plane (see [`corral_ebpf::Dataplane::reserve_ifindex`]); give it
+    /// back with [`Plane::unreserve`] if the instance is not added.
+    pub fn reserve_ifindex(&self) -> Result<u32, corral_ebpf::Error> {
+        lock(&self.dp).reserve_ifindex()
+    }
+
+    pub fn unreserve(&self, ifindex: u32) {
+        lock(&self.dp).unreserve(ifindex);
+    }
+
     /// Enforces and meters an instance's traffic: its interface entry (set
     /// before attaching: the programs fail closed), its endpoint, the filters.
     pub fn add(&self, att: &Attachment, tenant: &TenantId) -> Result<(), corral_ebpf::Error> {
@@ -97,8 +108,8 @@ impl Plane {
         Ok(())
     }
 
-    /// Removes an instance's entries and counters. Idempotent; the filters
-    /// go with the veth.
+    /// Removes an instance's entries; its counters are folded into its
+    /// tenant's. Idempotent; the filters go with the veth.
     pub fn remove(&self, att: &Attachment) {
         let mut dp = lock(&self.dp);
         let i = instance_num(att.address);
@@ -118,9 +129,6 @@ impl Plane {
             if let Err(e) = dp.remove_interface(att.host_ifindex) {
                 tracing::warn!("removing interface {}: {e}", att.host_ifindex);
             }
-        }
-        if let Err(e) = dp.remove_instance_counters(i) {
-            tracing::warn!("removing counters of {}: {e}", att.address);
         }
     }
 

@@ -22,18 +22,20 @@
 #include <linux/types.h>
 
 /* Capacities (max_entries). Changing one makes existing pins incompatible. */
-#define CORRAL_MAX_IFACES 4096	   /* instance veths on one cell */
+#define CORRAL_MAX_IFACES 4096	   /* instance veths on one cell; a power of 2 */
 #define CORRAL_MAX_ENDPOINTS 65536 /* instance addresses in the cluster */
 #define CORRAL_MAX_POLICIES 16384  /* cross-tenant allow rules */
 #define CORRAL_MAX_FLOWS 65536	   /* conntrack: policy-allowed flows */
-#define CORRAL_MAX_TENANT_STATS 8192
-#define CORRAL_MAX_INSTANCE_STATS 8192
+#define CORRAL_MAX_RETIRED_STATS 8192
 #define CORRAL_MAX_DROP_STATS 8192
 
 /* Conntrack idle timeouts: replies of a policy-allowed flow pass for this
  * long after the last packet of the flow's forward direction. */
 #define CORRAL_CT_TCP_TIMEOUT_S 21600 /* 6 h, like Cilium's established TCP */
 #define CORRAL_CT_OTHER_TIMEOUT_S 60
+/* A flow's last_seen_ns is refreshed at most this often (1 s): the timeouts
+ * above are therefore exact to within a second. */
+#define CORRAL_CT_REFRESH_NS 1000000000ULL
 
 /* Direction of a counted packet, seen from the instance. */
 enum corral_direction {
@@ -51,9 +53,18 @@ enum corral_drop_reason {
 	CORRAL_DROP_MALFORMED = 6,     /* truncated or invalid headers */
 };
 
-/* ifaces: host-side veth ifindex (__u32) -> the instance behind it. */
+/*
+ * The host-side veth of ifindex I is described by ifaces[I % CORRAL_MAX_IFACES]
+ * (its *slot*); the entry names I, so a stale or foreign entry never matches.
+ * The agent gives instance veths ifindexes whose slots are free
+ * (CORRAL_IFINDEX_BASE + slot), so live veths never share a slot.
+ */
+#define CORRAL_IFINDEX_BASE 1048576 /* 1 << 20, a multiple of CORRAL_MAX_IFACES */
+
+/* ifaces: slot (__u32) -> the instance behind the veth in that slot. */
 struct corral_iface {
-	__u32 addr; /* the instance's IPv4 address, network byte order */
+	__u32 ifindex; /* the host-side veth's ifindex; 0: slot free */
+	__u32 addr;    /* the instance's IPv4 address, network byte order */
 	__u32 tenant;
 	__u32 instance;
 };
@@ -94,8 +105,15 @@ struct corral_flow_state {
 	__u64 last_seen_ns; /* bpf_ktime_get_ns() of the last forward packet */
 };
 
-/* tenant_stats and instance_stats key: a tenant or instance number and a
- * direction (enum corral_direction). */
+/*
+ * instance_stats: a per-CPU array of struct corral_counter indexed by
+ * slot * 2 + direction (enum corral_direction): the traffic of the instance
+ * in that slot. Tenant totals are summed from them by the agent, which also
+ * folds the counters of a slot it frees into retired_stats.
+ *
+ * retired_stats key: a tenant number and a direction. Written by the agent
+ * only: the traffic of the tenant's instances that are gone.
+ */
 struct corral_counter_key {
 	__u32 id;
 	__u32 dir;
@@ -108,7 +126,7 @@ struct corral_drop_key {
 	__u32 reason;
 };
 
-/* Value of every stats map (per-CPU). bytes = skb->len, Ethernet included. */
+/* Value of every stats map. bytes = skb->len, Ethernet included. */
 struct corral_counter {
 	__u64 packets;
 	__u64 bytes;

@@ -20,8 +20,8 @@
  *   - traffic to/from addresses outside `endpoints` (the node, the world)
  *     is allowed.
  *
- * Map layouts are in corral.h. All headers are read with bpf_skb_load_bytes,
- * so non-linear skbs are handled without pulling data.
+ * Map layouts are in corral.h. Headers are read by direct packet access;
+ * a header that is not in the skb's linear part is pulled in first.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -46,10 +46,17 @@ struct arp_hdr {
 };
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+_Static_assert((CORRAL_MAX_IFACES & (CORRAL_MAX_IFACES - 1)) == 0,
+	       "CORRAL_MAX_IFACES must be a power of 2");
+_Static_assert(CORRAL_IFINDEX_BASE % CORRAL_MAX_IFACES == 0,
+	       "CORRAL_IFINDEX_BASE must be a multiple of CORRAL_MAX_IFACES");
+
+/* Arrays, not hashes, on the path of every packet: an array lookup is
+ * inlined by the verifier into a bounds check and an add. */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, CORRAL_MAX_IFACES);
-	__type(key, __u32); /* ifindex of the host-side veth */
+	__type(key, __u32); /* slot: ifindex % CORRAL_MAX_IFACES */
 	__type(value, struct corral_iface);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ifaces SEC(".maps");
@@ -79,20 +86,22 @@ struct {
 } conntrack SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, CORRAL_MAX_TENANT_STATS);
-	__type(key, struct corral_counter_key);
-	__type(value, struct corral_counter);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} tenant_stats SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, CORRAL_MAX_INSTANCE_STATS);
-	__type(key, struct corral_counter_key);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 2 * CORRAL_MAX_IFACES);
+	__type(key, __u32); /* slot * 2 + enum corral_direction */
 	__type(value, struct corral_counter);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } instance_stats SEC(".maps");
+
+/* Written by the agent only (see corral.h); part of the object so that it
+ * is created and pinned with the others. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_MAX_RETIRED_STATS);
+	__type(key, struct corral_counter_key);
+	__type(value, struct corral_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} retired_stats SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
@@ -141,65 +150,96 @@ static __always_inline int drop(struct __sk_buff *skb, __u32 tenant, __u32 reaso
 	return TC_ACT_SHOT;
 }
 
-static __always_inline int pass(struct __sk_buff *skb, const struct corral_iface *ifc,
-				__u32 dir)
+/* Counts a packet that passed for the instance in `slot`. */
+static __always_inline int pass(struct __sk_buff *skb, __u32 slot, __u32 dir)
 {
-	struct corral_counter_key key = { .id = ifc->tenant, .dir = dir };
+	__u32 idx = slot * 2 + dir;
+	struct corral_counter *c = bpf_map_lookup_elem(&instance_stats, &idx);
 
-	count(&tenant_stats, &key, skb->len);
-	key.id = ifc->instance;
-	count(&instance_stats, &key, skb->len);
+	/* Per-CPU value, and TC runs with migration disabled: no atomics. */
+	if (c) {
+		c->packets += 1;
+		c->bytes += skb->len;
+	}
 	return TC_ACT_OK;
 }
+
+/* The instance behind the interface the packet is on, and its slot. */
+static __always_inline struct corral_iface *iface_of(struct __sk_buff *skb, __u32 *slot)
+{
+	struct corral_iface *ifc;
+
+	*slot = skb->ifindex & (CORRAL_MAX_IFACES - 1);
+	ifc = bpf_map_lookup_elem(&ifaces, slot);
+	if (!ifc || ifc->ifindex != skb->ifindex)
+		return 0;
+	return ifc;
+}
+
+/* Headers the programs read, at most: Ethernet, IPv4 with options, ports. */
+#define MAX_HEADERS (ETH_HLEN + 60 + 4)
 
 /* Returns PKT_IPV4 or PKT_ARP, or a negated enum corral_drop_reason. */
 static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 {
-	struct ethhdr eth;
-	struct iphdr ip;
+	void *data, *end;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__u32 want = skb->len < MAX_HEADERS ? skb->len : MAX_HEADERS;
 
-	if (bpf_skb_load_bytes(skb, 0, &eth, sizeof(eth)) < 0)
+	/*
+	 * Headers are read by direct packet access. They are almost always in
+	 * the skb's linear part already; when they are not, pull them in once
+	 * (bpf_skb_pull_data invalidates packet pointers, so none is taken
+	 * before it).
+	 */
+	if (skb->data + want > skb->data_end)
+		bpf_skb_pull_data(skb, want);
+	data = (void *)(long)skb->data;
+	end = (void *)(long)skb->data_end;
+
+	eth = data;
+	if ((void *)(eth + 1) > end)
 		return -CORRAL_DROP_MALFORMED;
 
-	if (eth.h_proto == bpf_htons(ETH_P_ARP)) {
-		struct arp_hdr arp;
-		__u32 spa;
+	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		struct arp_hdr *arp = (void *)(eth + 1);
+		/* the sender hardware address (6 bytes), then the protocol one */
+		__u8 *spa = (void *)(arp + 1) + ETH_ALEN;
 
-		if (bpf_skb_load_bytes(skb, ETH_HLEN, &arp, sizeof(arp)) < 0)
+		if ((void *)(spa + 4) > end)
 			return -CORRAL_DROP_MALFORMED;
-		if (arp.ar_pro != bpf_htons(ETH_P_IP) || arp.ar_hln != ETH_ALEN ||
-		    arp.ar_pln != 4)
+		if (arp->ar_pro != bpf_htons(ETH_P_IP) || arp->ar_hln != ETH_ALEN ||
+		    arp->ar_pln != 4)
 			return -CORRAL_DROP_UNSUPPORTED;
-		/* sender hardware address (6), then sender protocol address */
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(arp) + ETH_ALEN, &spa,
-				       sizeof(spa)) < 0)
-			return -CORRAL_DROP_MALFORMED;
-		p->saddr = spa;
+		/* unaligned in the frame: copy it bytewise */
+		__builtin_memcpy(&p->saddr, spa, sizeof(p->saddr));
 		return PKT_ARP;
 	}
-	if (eth.h_proto == bpf_htons(ETH_P_IPV6))
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
 		return -CORRAL_DROP_IPV6;
-	if (eth.h_proto != bpf_htons(ETH_P_IP))
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return -CORRAL_DROP_UNSUPPORTED;
 
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
 		return -CORRAL_DROP_MALFORMED;
-	if (ip.version != 4 || ip.ihl < 5)
+	if (ip->version != 4 || ip->ihl < 5)
 		return -CORRAL_DROP_MALFORMED;
-	p->saddr = ip.saddr;
-	p->daddr = ip.daddr;
-	p->proto = ip.protocol;
+	p->saddr = ip->saddr;
+	p->daddr = ip->daddr;
+	p->proto = ip->protocol;
 	p->sport = 0;
 	p->dport = 0;
 
 	/* Later fragments carry no L4 header: they match port-0 policies only. */
-	if (ip.frag_off & bpf_htons(IP_FRAG_OFFSET_MASK))
+	if (ip->frag_off & bpf_htons(IP_FRAG_OFFSET_MASK))
 		return PKT_IPV4;
-	if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP ||
-	    ip.protocol == IPPROTO_SCTP) {
-		__be16 ports[2];
+	if (ip->protocol == IPPROTO_TCP || ip->protocol == IPPROTO_UDP ||
+	    ip->protocol == IPPROTO_SCTP) {
+		__be16 *ports = (void *)ip + ip->ihl * 4;
 
-		if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, ports, sizeof(ports)) < 0)
+		if ((void *)(ports + 2) > end)
 			return -CORRAL_DROP_MALFORMED;
 		p->sport = bpf_ntohs(ports[0]);
 		p->dport = bpf_ntohs(ports[1]);
@@ -233,6 +273,12 @@ static __always_inline __u64 ct_timeout_ns(__u8 proto)
 	return CORRAL_CT_OTHER_TIMEOUT_S * NSEC_PER_SEC;
 }
 
+/*
+ * Records (or refreshes) the forward tuple of a policy-allowed flow. An
+ * entry younger than CORRAL_CT_REFRESH_NS is left alone and an older one is
+ * refreshed in place, so a long flow costs a lookup per packet, not a map
+ * update (which, on an LRU map, takes a lock and may evict).
+ */
 static __always_inline void ct_record(const struct packet *p)
 {
 	struct corral_flow key = {
@@ -242,7 +288,16 @@ static __always_inline void ct_record(const struct packet *p)
 		.dport = p->dport,
 		.proto = p->proto,
 	};
-	struct corral_flow_state state = { .last_seen_ns = bpf_ktime_get_ns() };
+	struct corral_flow_state *known = bpf_map_lookup_elem(&conntrack, &key);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (known) {
+		/* Racing CPUs store nearly the same time: no atomics needed. */
+		if (now - known->last_seen_ns >= CORRAL_CT_REFRESH_NS)
+			known->last_seen_ns = now;
+		return;
+	}
+	struct corral_flow_state state = { .last_seen_ns = now };
 
 	bpf_map_update_elem(&conntrack, &key, &state, BPF_ANY);
 }
@@ -277,8 +332,8 @@ static __always_inline int tenants_may_talk(const struct packet *p, __u32 from, 
 SEC("classifier")
 int corral_from_instance(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct corral_iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	__u32 slot;
+	struct corral_iface *ifc = iface_of(skb, &slot);
 	struct corral_endpoint *dst;
 	struct packet p = {};
 	int kind;
@@ -292,7 +347,7 @@ int corral_from_instance(struct __sk_buff *skb)
 	if (kind == PKT_ARP) {
 		if (p.saddr != 0 && p.saddr != ifc->addr)
 			return drop(skb, ifc->tenant, CORRAL_DROP_SPOOF);
-		return pass(skb, ifc, CORRAL_DIR_FROM_INSTANCE);
+		return pass(skb, slot, CORRAL_DIR_FROM_INSTANCE);
 	}
 	if (p.saddr != ifc->addr)
 		return drop(skb, ifc->tenant, CORRAL_DROP_SPOOF);
@@ -300,14 +355,14 @@ int corral_from_instance(struct __sk_buff *skb)
 	dst = bpf_map_lookup_elem(&endpoints, &p.daddr);
 	if (dst && !tenants_may_talk(&p, ifc->tenant, dst->tenant))
 		return drop(skb, ifc->tenant, CORRAL_DROP_POLICY);
-	return pass(skb, ifc, CORRAL_DIR_FROM_INSTANCE);
+	return pass(skb, slot, CORRAL_DIR_FROM_INSTANCE);
 }
 
 SEC("classifier")
 int corral_to_instance(struct __sk_buff *skb)
 {
-	__u32 ifindex = skb->ifindex;
-	struct corral_iface *ifc = bpf_map_lookup_elem(&ifaces, &ifindex);
+	__u32 slot;
+	struct corral_iface *ifc = iface_of(skb, &slot);
 	struct corral_endpoint *src;
 	struct packet p = {};
 	int kind;
@@ -319,10 +374,10 @@ int corral_to_instance(struct __sk_buff *skb)
 	if (kind < 0)
 		return drop(skb, ifc->tenant, -kind);
 	if (kind == PKT_ARP)
-		return pass(skb, ifc, CORRAL_DIR_TO_INSTANCE);
+		return pass(skb, slot, CORRAL_DIR_TO_INSTANCE);
 
 	src = bpf_map_lookup_elem(&endpoints, &p.saddr);
 	if (src && !tenants_may_talk(&p, src->tenant, ifc->tenant))
 		return drop(skb, ifc->tenant, CORRAL_DROP_POLICY);
-	return pass(skb, ifc, CORRAL_DIR_TO_INSTANCE);
+	return pass(skb, slot, CORRAL_DIR_TO_INSTANCE);
 }
