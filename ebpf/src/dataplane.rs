@@ -229,15 +229,7 @@ impl Dataplane {
         }
 
         let ifaces: Array<MapData, abi::Iface> = take(&mut ebpf, IFACES)?;
-        let mut slots = BTreeMap::new();
-        for slot in 0..SLOTS {
-            let raw = ifaces
-                .get(&slot, 0)
-                .map_err(|e| map_error(IFACES, 0, format!("read slot {slot}"), e))?;
-            if let Some(iface) = InstanceIface::from_raw(&raw) {
-                slots.insert(slot, (raw.ifindex, iface));
-            }
-        }
+        let slots = read_slots(&ifaces)?;
         Ok(Self {
             ifaces,
             endpoints: take(&mut ebpf, ENDPOINTS)?,
@@ -371,6 +363,15 @@ impl Dataplane {
             }
         }
         tracing::debug!(iface, "data plane detached");
+        Ok(())
+    }
+
+    /// Reads `ifaces` back from the kernel. The interface methods work from
+    /// a copy of it read at [`load`](Self::load) and kept by this
+    /// `Dataplane`'s own writes; a process that only watches maps another
+    /// process (the agent) writes calls this to see its changes.
+    pub fn refresh(&mut self) -> Result<(), Error> {
+        self.slots = read_slots(&self.ifaces)?;
         Ok(())
     }
 
@@ -734,6 +735,22 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// The declared interfaces of `ifaces`, by slot.
+fn read_slots(
+    ifaces: &Array<MapData, abi::Iface>,
+) -> Result<BTreeMap<u32, (u32, InstanceIface)>, Error> {
+    let mut slots = BTreeMap::new();
+    for slot in 0..SLOTS {
+        let raw = ifaces
+            .get(&slot, 0)
+            .map_err(|e| map_error(IFACES, 0, format!("read slot {slot}"), e))?;
+        if let Some(iface) = InstanceIface::from_raw(&raw) {
+            slots.insert(slot, (raw.ifindex, iface));
+        }
+    }
+    Ok(slots)
 }
 
 /// The ifindex of `iface` in the caller's network namespace.

@@ -804,6 +804,10 @@ fn testbed(agent_bin: &Path, rootfs: &Path) -> Result<Testbed> {
         }
         Ok(insts)
     })?;
+    // The agents declared the instances' interfaces: read them back.
+    for cell in &mut cells {
+        cell.dp.refresh()?;
+    }
     // What the brain's endpoint map would tell each cell about the other's
     // instances, so that cross-cell packets take the same-tenant path.
     for i in &insts {

@@ -178,29 +178,25 @@ static __always_inline struct corral_iface *iface_of(struct __sk_buff *skb, __u3
 
 /* Headers the programs read, at most: Ethernet, IPv4 with options, ports. */
 #define MAX_HEADERS (ETH_HLEN + 60 + 4)
+/* parse_linear's answer when a header it needs is not in the linear part. */
+#define NEED_PULL 1000
 
-/* Returns PKT_IPV4 or PKT_ARP, or a negated enum corral_drop_reason. */
-static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+/*
+ * Reads the headers by direct packet access. Returns PKT_IPV4 or PKT_ARP,
+ * a negated enum corral_drop_reason, or -NEED_PULL when a header is in the
+ * packet but not in the skb's linear part.
+ */
+static __always_inline int parse_linear(struct __sk_buff *skb, struct packet *p)
 {
-	void *data, *end;
-	struct ethhdr *eth;
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
 	struct iphdr *ip;
-	__u32 want = skb->len < MAX_HEADERS ? skb->len : MAX_HEADERS;
+	/* What a failed bounds check means: truncated, or just not linear. */
+#define SHORT(upto) ((upto) - data <= skb->len ? -NEED_PULL : -CORRAL_DROP_MALFORMED)
 
-	/*
-	 * Headers are read by direct packet access. They are almost always in
-	 * the skb's linear part already; when they are not, pull them in once
-	 * (bpf_skb_pull_data invalidates packet pointers, so none is taken
-	 * before it).
-	 */
-	if (skb->data + want > skb->data_end)
-		bpf_skb_pull_data(skb, want);
-	data = (void *)(long)skb->data;
-	end = (void *)(long)skb->data_end;
-
-	eth = data;
 	if ((void *)(eth + 1) > end)
-		return -CORRAL_DROP_MALFORMED;
+		return SHORT((void *)(eth + 1));
 
 	if (eth->h_proto == bpf_htons(ETH_P_ARP)) {
 		struct arp_hdr *arp = (void *)(eth + 1);
@@ -208,7 +204,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 		__u8 *spa = (void *)(arp + 1) + ETH_ALEN;
 
 		if ((void *)(spa + 4) > end)
-			return -CORRAL_DROP_MALFORMED;
+			return SHORT((void *)(spa + 4));
 		if (arp->ar_pro != bpf_htons(ETH_P_IP) || arp->ar_hln != ETH_ALEN ||
 		    arp->ar_pln != 4)
 			return -CORRAL_DROP_UNSUPPORTED;
@@ -223,7 +219,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 
 	ip = (void *)(eth + 1);
 	if ((void *)(ip + 1) > end)
-		return -CORRAL_DROP_MALFORMED;
+		return SHORT((void *)(ip + 1));
 	if (ip->version != 4 || ip->ihl < 5)
 		return -CORRAL_DROP_MALFORMED;
 	p->saddr = ip->saddr;
@@ -240,11 +236,30 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 		__be16 *ports = (void *)ip + ip->ihl * 4;
 
 		if ((void *)(ports + 2) > end)
-			return -CORRAL_DROP_MALFORMED;
+			return SHORT((void *)(ports + 2));
 		p->sport = bpf_ntohs(ports[0]);
 		p->dport = bpf_ntohs(ports[1]);
 	}
 	return PKT_IPV4;
+#undef SHORT
+}
+
+/*
+ * Returns PKT_IPV4 or PKT_ARP, or a negated enum corral_drop_reason.
+ *
+ * The headers are nearly always in the skb's linear part. Only when one is
+ * not is it pulled in, and only as far as the headers reach: pulling more
+ * (payload) would copy data on every segment of a bulk stream.
+ */
+static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
+{
+	int kind = parse_linear(skb, p);
+
+	if (kind != -NEED_PULL)
+		return kind;
+	bpf_skb_pull_data(skb, skb->len < MAX_HEADERS ? skb->len : MAX_HEADERS);
+	kind = parse_linear(skb, p);
+	return kind == -NEED_PULL ? -CORRAL_DROP_MALFORMED : kind;
 }
 
 /* Exact port, then any port of the protocol, then any protocol. */
