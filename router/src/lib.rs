@@ -1,1 +1,3 @@
-//! placeholder
+//! wip
+#![deny(missing_docs)]
+pub mod maglev;
