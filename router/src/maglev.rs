@@ -381,7 +381,7 @@ mod tests {
         for n in [0, 5, 200, 1_000, 5_000] {
             let m = table_size_for(n);
             assert!(is_prime(m));
-            assert!(m >= DEFAULT_TABLE_SIZE && m <= MAX_TABLE_SIZE);
+            assert!((DEFAULT_TABLE_SIZE..=MAX_TABLE_SIZE).contains(&m));
             assert!(m >= (100 * n as u32).min(MAX_TABLE_SIZE));
         }
     }
