@@ -36,16 +36,31 @@
 //!   slots and usually one or two.
 //! - Disruption: removing one of `N` backends must move its own `≈ M/N`
 //!   slots. Maglev moves some more, because the survivors' turns shift and
-//!   they claim the freed slots in a different order. Measured (20 random
-//!   sets each, M from [`table_size_for`]): the extra is about
-//!   `0.2 · √(N/M)` of the table, so with `M ≥ 100·N` it stays under 2 % of
-//!   `M`: removing 1 of 10 moves ≈ 1.05 · M/N, 1 of 50 ≈ 1.5 · M/N, 1 of 100
-//!   ≈ 2.3 · M/N, 1 of 256 ≈ 4.6 · M/N. The tests assert
-//!   `moved ≤ M/N + 0.025 · M`; adding a backend to `N` obeys the same bound
-//!   with `N + 1`. This is the price Maglev pays for its even spread (a ring
-//!   hash moves exactly `M/N` but balances far worse); a larger `M` lowers
-//!   it. Existing flows do not care either way: the data plane keeps them on
-//!   their backend through its connection table.
+//!   they claim the freed slots in a different order. Measured over 1,000
+//!   random sets each (M from [`table_size_for`], one random backend
+//!   removed), in units of `M/N`:
+//!
+//!   | N | mean | 99th percentile | worst |
+//!   |---|---|---|---|
+//!   | 12 | 1.07 | 1.13 | 2.12 |
+//!   | 30 | 1.25 | 1.33 | 1.88 |
+//!   | 71 | 1.81 | 2.03 | 2.46 |
+//!   | 100 | 2.33 | 2.55 | 2.85 |
+//!
+//!   The typical extra is about `0.2 · √(N/M)` of the table (under 2 % of
+//!   `M` while `M ≥ 100·N`). The tail comes from two backends that draw the
+//!   same skip (probability about `N²/2M` per table): they walk the same
+//!   cycle of slots one behind the other, and any change reshuffles their
+//!   two shares. (Giving the second one another skip was tried: it halves
+//!   that tail for most removals but doubles it when its partner goes, and
+//!   makes a preference list depend on other backends; not kept.) The tests
+//!   assert **`moved ≤ 2·M/N + 0.03·M`**: one share for the removed backend,
+//!   one for a colliding pair, 3 % for the turn shifts; adding a backend to
+//!   `N` obeys the same bound with `N + 1`. This is the price of Maglev's
+//!   even spread (a ring hash moves exactly `M/N` but balances far worse).
+//!   Established flows do not notice: the data plane keeps them on their
+//!   backend through its connection table; the extra only matters for
+//!   flows whose connection entry is lost.
 //!
 //! # Table size
 //!
@@ -525,7 +540,7 @@ mod tests {
             let own = before.iter().filter(|&&k| k == gone).count() as f64;
             // Its own slots must move; everything else is the extra.
             prop_assert!(moved >= own);
-            let bound = f64::from(m) / n + 0.025 * f64::from(m);
+            let bound = 2.0 * f64::from(m) / n + 0.03 * f64::from(m);
             prop_assert!(moved <= bound, "{} of {} slots moved removing 1 of {} (bound {:.0})", moved, m, n, bound);
         }
 
@@ -542,7 +557,7 @@ mod tests {
             let after = keyed(&entries(&more), m);
             let n1 = more.len() as f64;
             let moved = moved(&before, &after) as f64;
-            let bound = f64::from(m) / n1 + 0.025 * f64::from(m);
+            let bound = 2.0 * f64::from(m) / n1 + 0.03 * f64::from(m);
             prop_assert!(moved <= bound, "{} of {} slots moved adding 1 to {} (bound {:.0})", moved, m, keys.len(), bound);
         }
     }
