@@ -58,7 +58,11 @@
 //! against the [`Limits`], which equal the kernel maps' `max_entries`:
 //! since a plan writes before it deletes, the maps briefly hold the old and
 //! the new entries together, and this accounting is what keeps that union
-//! within the maps' size. A full table is a typed [`Error`] at `upsert`,
+//! within the maps' size (`lb_rings` needs `2 × max_services`: at most two
+//! generations per service id). Rings are also limited in number
+//! ([`Limits::max_published_services`], default 1,024), as a guard on
+//! memory: a ring is 64 KiB at the default size, in the kernel and in the
+//! agent's model. A full table is a typed [`Error`] at `upsert`,
 //! never a failed write half-way through a plan, and never affects other
 //! services. A key or address that returns while its old id is pending
 //! gets that id back (its entries may still be in the maps).

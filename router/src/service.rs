@@ -159,6 +159,10 @@ pub struct Limits {
     /// Backends listed by one service, ready or not. Default and maximum
     /// [`MAX_BACKENDS_PER_SERVICE`].
     pub max_backends_per_service: u32,
+    /// Published services, i.e. Maglev rings: a guard on memory, since each
+    /// ring is `M × 4` bytes (64 KiB at the default size) in the kernel and
+    /// again in the agent. At most `max_services`. Default 1,024.
+    pub max_published_services: u32,
 }
 
 impl Default for Limits {
@@ -167,6 +171,7 @@ impl Default for Limits {
             max_services: 4_096,
             max_backends: 65_536,
             max_backends_per_service: MAX_BACKENDS_PER_SERVICE,
+            max_published_services: 1_024,
         }
     }
 }
@@ -232,6 +237,17 @@ pub enum Error {
         limit: u32,
         /// Ids of removed services the maps may still hold.
         pending: u32,
+    },
+    /// Publishing the service would exceed `max_published_services`.
+    #[error(
+        "cannot publish service {key}: {limit} services are published already \
+         (max_published_services); unpublish one or raise the limit"
+    )]
+    PublishedFull {
+        /// The service.
+        key: ServiceKey,
+        /// `max_published_services`.
+        limit: u32,
     },
     /// The backend table cannot take the new backend addresses.
     #[error(
@@ -393,7 +409,21 @@ impl ServiceTable {
         let ring = maglev_ring(&key, spec.published, &backends)?;
 
         let existing = self.services.get(&key);
+        if let Some(s) = existing.filter(|s| {
+            s.owner == spec.owner && s.published == spec.published && s.backends == backends
+        }) {
+            return Ok(s.id);
+        }
         let existing_id = existing.map(|s| s.id);
+        if spec.published && !existing.is_some_and(|s| s.published) {
+            let published = self.services.values().filter(|s| s.published).count();
+            if published >= self.limits.max_published_services as usize {
+                return Err(Error::PublishedFull {
+                    key,
+                    limit: self.limits.max_published_services,
+                });
+            }
+        }
         let needs_service_id = existing.is_none() && !self.retired_services.contains_key(&key);
         if needs_service_id && self.service_ids.available() == 0 {
             return Err(Error::ServicesFull {
@@ -702,6 +732,12 @@ fn check_limits(limits: &Limits) -> Result<(), Error> {
             "max_backends_per_service must be between 1 and {MAX_BACKENDS_PER_SERVICE} \
              (the size of a service entry's backend array), not {}",
             limits.max_backends_per_service
+        ));
+    }
+    if limits.max_published_services > limits.max_services {
+        return invalid(format!(
+            "max_published_services ({}) cannot exceed max_services ({})",
+            limits.max_published_services, limits.max_services
         ));
     }
     Ok(())

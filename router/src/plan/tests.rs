@@ -344,6 +344,7 @@ fn adopting_maps_made_for_larger_limits_is_refused() {
     sync(&mut t, &mut model);
     let small = Limits {
         max_services: 2,
+        max_published_services: 2,
         ..Limits::default()
     };
     let err = ServiceTable::adopt(small, &model).unwrap_err();
@@ -449,7 +450,12 @@ proptest! {
             1..12,
         ),
     ) {
-        let limits = Limits { max_services: 5, max_backends: 20, max_backends_per_service: 6 };
+        let limits = Limits {
+            max_services: 5,
+            max_backends: 20,
+            max_backends_per_service: 6,
+            max_published_services: 3,
+        };
         let mut t = ServiceTable::new(limits).unwrap();
         let mut model = Programmed::new();
         for (changes, cut, cut_short) in &batches {
@@ -480,8 +486,14 @@ proptest! {
                 t.release(&model);
             }
             let ops = plan(&model, &desired);
-            if let Err((i, e)) = model.apply_all(&ops) {
-                prop_assert!(false, "op {} {:?} refused: {}", i, ops[i], e);
+            for op in &ops {
+                if let Err(e) = model.apply(op) {
+                    prop_assert!(false, "op {:?} refused: {}", op, e);
+                }
+                // Maps sized to the limits never overflow, at any point.
+                prop_assert!(model.services().len() <= limits.max_services as usize);
+                prop_assert!(model.backends().len() <= limits.max_backends as usize);
+                prop_assert!(model.rings().len() <= 2 * limits.max_services as usize);
             }
             prop_assert!(model.satisfies(&desired));
             prop_assert_eq!(plan(&model, &desired), vec![]);

@@ -13,6 +13,7 @@ fn small(services: u32, backends: u32, per_service: u32) -> ServiceTable {
         max_services: services,
         max_backends: backends,
         max_backends_per_service: per_service,
+        max_published_services: services.min(1),
     })
     .unwrap()
 }
@@ -26,6 +27,11 @@ fn limits_are_checked() {
         },
         Limits {
             max_backends_per_service: MAX_BACKENDS_PER_SERVICE + 1,
+            ..Limits::default()
+        },
+        Limits {
+            max_services: 10,
+            max_published_services: 11,
             ..Limits::default()
         },
     ] {
@@ -163,6 +169,26 @@ fn a_full_backend_table_is_a_clear_error_that_disturbs_nobody() {
     // A shared address costs nothing.
     t.upsert(key(2), spec(false, vec![ready(0, 1), ready(0, 3)]))
         .unwrap();
+}
+
+#[test]
+fn published_services_are_limited() {
+    let mut t = small(3, 10, 4);
+    t.upsert(key(1), spec(true, vec![ready(0, 1)])).unwrap();
+    t.upsert(key(2), spec(false, vec![ready(0, 1)])).unwrap();
+    let before = t.desired();
+    assert_eq!(
+        t.upsert(key(2), spec(true, vec![ready(0, 1)])),
+        Err(Error::PublishedFull {
+            key: key(2),
+            limit: 1
+        })
+    );
+    assert_eq!(t.desired(), before);
+    // Unpublishing makes room; changing the published one needs none.
+    t.upsert(key(1), spec(true, vec![ready(0, 2)])).unwrap();
+    t.upsert(key(1), spec(false, vec![ready(0, 2)])).unwrap();
+    t.upsert(key(2), spec(true, vec![ready(0, 1)])).unwrap();
 }
 
 #[test]
