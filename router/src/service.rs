@@ -351,12 +351,11 @@ impl ServiceTable {
     /// id, so re-declaring what was programmed plans no change at all.
     pub fn adopt(limits: Limits, programmed: &Programmed) -> Result<ServiceTable, Error> {
         check_limits(&limits)?;
-        let too_big = |what: &str, id: u32, limit: u32| {
-            Error::Adopt {
+        let too_big = |what: &str, id: u32, limit: u32| Error::Adopt {
             reason: format!(
-                "the maps hold {what} id {id}, above the limit of {limit}: they were made for larger limits"
+                "the maps hold {what} id {id}, above the limit of {limit}: \
+                 they were made for larger limits"
             ),
-        }
         };
         let mut service_ids = BTreeSet::new();
         let mut retired_services = BTreeMap::new();
@@ -406,14 +405,13 @@ impl ServiceTable {
         let mut backends = spec.backends;
         backends.sort_by_key(|b| b.addr);
         self.check_backends(&key, &backends)?;
-        let ring = maglev_ring(&key, spec.published, &backends)?;
-
         let existing = self.services.get(&key);
         if let Some(s) = existing.filter(|s| {
             s.owner == spec.owner && s.published == spec.published && s.backends == backends
         }) {
             return Ok(s.id);
         }
+        let ring = maglev_ring(&key, spec.published, &backends)?;
         let existing_id = existing.map(|s| s.id);
         if spec.published && !existing.is_some_and(|s| s.published) {
             let published = self.services.values().filter(|s| s.published).count();
