@@ -389,3 +389,52 @@ proptest::proptest! {
         }
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+
+    /// Two cells that reach the same services by different histories (other
+    /// ids, other orders) build rings that send every slot to the same
+    /// backend address: what lets ECMP send a flow to any node.
+    #[test]
+    fn rings_agree_across_cells_whatever_their_history(
+        services in proptest::collection::btree_map(
+            1u8..=5,
+            proptest::collection::btree_map(0u8..30, (1u16..=4, proptest::bool::weighted(0.8)), 1..10),
+            1..5,
+        ),
+        noise in proptest::collection::vec(0u8..30, 0..10),
+    ) {
+        let as_backends = |m: &BTreeMap<u8, (u16, bool)>| -> Vec<Backend> {
+            m.iter()
+                .map(|(&b, &(w, r))| Backend { weight: Weight::new(w).unwrap(), ready: r, ..ready(0, b) })
+                .collect()
+        };
+        let mut a = table();
+        for (&s, m) in &services {
+            a.upsert(key(s), spec(true, as_backends(m))).unwrap();
+        }
+        // The other cell saw other services and backends come and go first,
+        // and the services in reverse order with reversed backend lists.
+        let mut b = table();
+        let noise: BTreeSet<u8> = noise.into_iter().collect();
+        b.upsert(key(9), spec(true, noise.iter().map(|&n| ready(1, n)).collect())).unwrap();
+        for (&s, m) in services.iter().rev() {
+            let mut list = as_backends(m);
+            list.reverse();
+            b.upsert(key(s), spec(true, list)).unwrap();
+        }
+        b.remove(&key(9)).ok();
+        let addrs = |t: &ServiceTable| -> BTreeMap<ServiceKey, Option<Vec<BackendAddr>>> {
+            let d = t.desired();
+            d.services()
+                .iter()
+                .map(|(k, s)| {
+                    let ring = s.ring.as_ref().map(|r| r.iter().map(|id| d.backends()[id]).collect());
+                    (*k, ring)
+                })
+                .collect()
+        };
+        proptest::prop_assert_eq!(addrs(&a), addrs(&b));
+    }
+}
