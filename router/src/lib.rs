@@ -136,6 +136,10 @@
 //!   `ring = lb_rings[{s->id, s->ring_gen}]`, `b = ring[hash % s->ring_size]`;
 //!   `ring_size == 0` or any miss → drop.
 //!
+//! A `corral_lb_service` is 1,044 bytes: programs must work through the
+//! pointer `bpf_map_lookup_elem` returns, never copy it to the 512-byte
+//! stack.
+//!
 //! Why this shape: one `lb_services` lookup answers both "is this a VIP" and
 //! "which backends", and a hash-map update replaces the element whole (with
 //! `BPF_F_NO_PREALLOC` the old element is freed after an RCU grace period,
@@ -149,7 +153,7 @@
 //! | [`Op`] | kernel |
 //! |---|---|
 //! | `PutBackend{id, addr}` | `lb_backends` update (`BPF_ANY`) |
-//! | `CreateRing{ring, slots}` | create an inner array of `slots.len()` entries, write every slot, then `lb_rings` update with its fd |
+//! | `CreateRing{ring, slots}` | create an inner array of `slots.len()` entries, write every slot, then `lb_rings` update with its fd (aya 0.14: `Array::<MapData, u32>::create(size, 0)`, `set` each slot, `HashOfMaps::insert`) |
 //! | `PutRingSlots{ring, slots}` | look up the inner map of `lb_rings[ring]`, update each `(slot, id)` |
 //! | `PutService{key, entry}` | `lb_services` update with the whole value (`count = entry.backends.len()`, rest of the array zero) |
 //! | `DeleteService{key}` / `DeleteRing{ring}` / `DeleteBackend{id}` | delete from `lb_services` / `lb_rings` / `lb_backends` |

@@ -525,7 +525,7 @@ mod tests {
         }
 
         #[test]
-        fn removing_a_backend_moves_little_more_than_its_share(
+        fn removing_a_backend_moves_at_most_two_shares_and_3_percent(
             keys in distinct_keys(100),
             victim in any::<prop::sample::Index>(),
         ) {
@@ -545,7 +545,7 @@ mod tests {
         }
 
         #[test]
-        fn adding_a_backend_moves_about_its_share(
+        fn adding_a_backend_moves_at_most_two_shares_and_3_percent(
             keys in distinct_keys(100),
             extra in any::<u64>(),
         ) {
