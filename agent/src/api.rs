@@ -454,6 +454,9 @@ async fn evacuate(
 struct PolicyBody {
     from: corral_proto::TenantId,
     to: corral_proto::TenantId,
+    /// Only this app of `to`; absent: all of its apps.
+    #[serde(default)]
+    app: Option<corral_proto::AppId>,
     /// any (default), icmp, tcp, udp or sctp.
     #[serde(default)]
     protocol: Option<String>,
@@ -501,6 +504,7 @@ async fn policies(
                         serde_json::json!({
                             "from": plane.tenant_name(p.from),
                             "to": plane.tenant_name(p.to),
+                            "app": p.app.map(|a| plane.app_name(a)),
                             "protocol": p.protocol.to_string(),
                             "port": p.port,
                         })
@@ -545,6 +549,7 @@ async fn policies(
     let policy = corral_ebpf::Policy {
         from: plane.remember_tenant(&b.from),
         to: plane.remember_tenant(&b.to),
+        app: b.app.as_ref().map(|a| plane.remember_app(&b.to, a)),
         protocol: proto,
         port: b.port,
     };

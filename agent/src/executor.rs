@@ -15,7 +15,7 @@ use crate::paths::{InstancePaths, Layout};
 use crate::shim::{self, Launch, Record, StartReport};
 use crate::sys;
 use corral_proto::{
-    Capacity, CapacityError, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState,
+    AppId, Capacity, CapacityError, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState,
     SpecError, Status, TenantId, Timestamp,
 };
 use std::collections::BTreeMap;
@@ -498,7 +498,10 @@ impl Executor {
             let _ = std::fs::remove_dir_all(&paths.run);
             return Err(e);
         }
-        let netns = match self.attach_network(&id, &spec.tenant, &paths).await {
+        let netns = match self
+            .attach_network(&id, &spec.tenant, &spec.app, &paths)
+            .await
+        {
             Ok(n) => n,
             Err(reason) => {
                 tracing::warn!(%reason, "instance network set-up failed");
@@ -951,6 +954,7 @@ impl Executor {
         &self,
         id: &InstanceId,
         tenant: &TenantId,
+        app: &AppId,
         p: &InstancePaths,
     ) -> Result<Option<PathBuf>, String> {
         let Some(net) = &self.net else {
@@ -1010,7 +1014,7 @@ impl Executor {
             return Err(format!("cannot record the instance's network: {e}"));
         }
         if let Some(plane) = &net.plane {
-            if let Err(e) = plane.add(&att, tenant) {
+            if let Err(e) = plane.add(&att, tenant, app) {
                 plane.remove(&att);
                 unreserve();
                 net.network.detach(&att).await;
@@ -1064,15 +1068,15 @@ impl Executor {
         };
         match lock(&net.ipam).reserve(att.address) {
             Ok(()) => {
-                let tenant = self.table().get_mut(id).map(|e| {
+                let owner = self.table().get_mut(id).map(|e| {
                     e.address = Some(att.address);
-                    e.spec.tenant.clone()
+                    (e.spec.tenant.clone(), e.spec.app.clone())
                 });
                 self.changed();
                 // Re-attaching replaces the filters' programs in place; the
                 // entries are rewritten as they were.
-                if let (Some(plane), Some(tenant)) = (&net.plane, tenant) {
-                    if let Err(e) = plane.add(&att, &tenant) {
+                if let (Some(plane), Some((tenant, app))) = (&net.plane, owner) {
+                    if let Err(e) = plane.add(&att, &tenant, &app) {
                         tracing::error!(instance = %id, "re-adopting the data plane: {e}");
                     }
                 }

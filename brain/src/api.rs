@@ -704,12 +704,20 @@ async fn policy_body(
     }
     let mut known = state.tokens.tenants();
     let apps = blocking(state, |s| s.apps(None)).await?;
-    known.extend(apps.into_iter().map(|a| a.tenant));
-    let unknown: Vec<String> = [&rule.from, &rule.to]
+    known.extend(apps.iter().map(|a| a.tenant.clone()));
+    let mut unknown: Vec<String> = [&rule.from, &rule.to]
         .into_iter()
         .filter(|t| !known.contains(*t))
         .map(|t| format!("unknown tenant {t}: it has no token and no apps"))
         .collect();
+    if let Some(app) = &rule.app {
+        if !apps.iter().any(|a| a.tenant == rule.to && &a.name == app) {
+            unknown.push(format!(
+                "tenant {} has no app {app}: create it first (a policy for one app opens only that app's instances)",
+                rule.to
+            ));
+        }
+    }
     if !unknown.is_empty() {
         return Err(Failure::bad("invalid policy").details(unknown));
     }

@@ -744,6 +744,7 @@ impl Cluster {
                         RemoteEndpoint {
                             addr,
                             tenant: o.info.tenant.clone(),
+                            app: o.info.app.clone(),
                             instance: o.info.id.clone(),
                             cell: c.id.clone(),
                         },

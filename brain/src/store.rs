@@ -380,7 +380,9 @@ impl Record for StoredPolicy {
 }
 
 fn policy_key(r: &PolicyRule) -> String {
-    format!("{}/{}/{}/{}", r.from, r.to, r.protocol, r.port)
+    // "*" cannot be an app id, so "every app" never collides with one.
+    let app = r.app.as_ref().map_or("*", |a| a.as_str());
+    format!("{}/{}/{}/{}/{}", r.from, r.to, app, r.protocol, r.port)
 }
 
 // Ids cannot contain '/', so "tenant/name" is unambiguous and a tenant's

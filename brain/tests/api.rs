@@ -1139,6 +1139,10 @@ async fn policies_are_granted_by_the_tenant_they_open_and_checked() {
         ),
         (
             json!({"from": "beta", "to": "acme", "app": "web"}),
+            "tenant acme has no app web",
+        ),
+        (
+            json!({"from": "beta", "to": "acme", "cell": "c1"}),
             "unknown field",
         ),
     ] {

@@ -81,7 +81,7 @@ pub(crate) enum PolicyCmd {
     /// Lets instances of FROM open connections to instances of TO (a
     /// tenant token may only open its own instances: TO is its tenant).
     Add(PolicyArgs),
-    /// Removes a policy (the same FROM, TO, protocol and port).
+    /// Removes a policy (the same FROM, TO, app, protocol and port).
     Delete(PolicyArgs),
 }
 
@@ -91,6 +91,9 @@ pub(crate) struct PolicyArgs {
     from: String,
     /// The tenant whose instances they may reach.
     to: String,
+    /// Only this app of TO (default: all of its apps).
+    #[arg(long)]
+    app: Option<String>,
     /// any, icmp, tcp, udp or sctp.
     #[arg(long, default_value = "any")]
     protocol: String,
@@ -104,6 +107,9 @@ impl PolicyArgs {
         for t in [&self.from, &self.to] {
             TenantId::new(t.as_str()).map_err(|e| Fail::Usage(e.to_string()))?;
         }
+        if let Some(app) = &self.app {
+            corral_proto::AppId::new(app.as_str()).map_err(|e| Fail::Usage(e.to_string()))?;
+        }
         if !["any", "icmp", "tcp", "udp", "sctp"].contains(&self.protocol.as_str()) {
             return Err(Fail::Usage(format!(
                 "unknown protocol {:?}: use any, icmp, tcp, udp or sctp",
@@ -111,7 +117,8 @@ impl PolicyArgs {
             )));
         }
         Ok(json!({
-            "from": self.from, "to": self.to, "protocol": self.protocol, "port": self.port,
+            "from": self.from, "to": self.to, "app": self.app,
+            "protocol": self.protocol, "port": self.port,
         }))
     }
 }
@@ -121,8 +128,12 @@ fn policy_line(p: &Value) -> String {
         Some(0) | None => String::new(),
         Some(n) => format!("/{n}"),
     };
+    let app = match p["app"].as_str() {
+        Some(a) => format!("/{a}"),
+        None => String::new(),
+    };
     format!(
-        "{} -> {} {}{port}",
+        "{} -> {}{app} {}{port}",
         brain::text(&p["from"]),
         brain::text(&p["to"]),
         brain::text(&p["protocol"])

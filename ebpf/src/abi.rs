@@ -50,6 +50,7 @@ pub struct Iface {
     pub addr: u32,
     pub tenant: u32,
     pub instance: u32,
+    pub app: u32,
 }
 
 /// `struct corral_endpoint`: value of `endpoints` (key: IPv4 address as [`ipv4_to_raw`]).
@@ -58,6 +59,7 @@ pub struct Iface {
 pub struct Endpoint {
     pub tenant: u32,
     pub instance: u32,
+    pub app: u32,
 }
 
 /// `struct corral_policy_key`: key of `policy`; presence allows.
@@ -66,6 +68,8 @@ pub struct Endpoint {
 pub struct PolicyKey {
     pub from_tenant: u32,
     pub to_tenant: u32,
+    /// App number; 0 = every app of `to_tenant`.
+    pub to_app: u32,
     /// Destination port, host byte order; 0 = any.
     pub port: u16,
     /// `IPPROTO_*`; 0 = any (then `port` is 0).
@@ -79,6 +83,22 @@ pub struct PolicyKey {
 pub struct PolicyValue {
     /// Reserved, 0.
     pub flags: u32,
+}
+
+/// `struct corral_pair_key`: key of `policy_pairs`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PairKey {
+    pub from_tenant: u32,
+    pub to_tenant: u32,
+}
+
+/// `struct corral_pair`: value of `policy_pairs`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Pair {
+    /// `CORRAL_RULE_*` bits: the kinds of `policy` keys the pair has.
+    pub kinds: u32,
 }
 
 /// `struct corral_flow`: key of `conntrack`, the forward tuple of a
@@ -146,6 +166,10 @@ unsafe impl Pod for PolicyKey {}
 // SAFETY: see above.
 unsafe impl Pod for PolicyValue {}
 // SAFETY: see above.
+unsafe impl Pod for PairKey {}
+// SAFETY: see above.
+unsafe impl Pod for Pair {}
+// SAFETY: see above.
 unsafe impl Pod for Flow {}
 // SAFETY: see above.
 unsafe impl Pod for FlowState {}
@@ -206,9 +230,11 @@ mod tests {
     #[test]
     fn rust_mirrors_match_the_c_layout() {
         let mut checked = Vec::new();
-        check!(checked, Iface, "corral_iface" { ifindex, addr, tenant, instance });
-        check!(checked, Endpoint, "corral_endpoint" { tenant, instance });
-        check!(checked, PolicyKey, "corral_policy_key" { from_tenant, to_tenant, port, proto, pad });
+        check!(checked, Iface, "corral_iface" { ifindex, addr, tenant, instance, app });
+        check!(checked, Endpoint, "corral_endpoint" { tenant, instance, app });
+        check!(checked, PolicyKey, "corral_policy_key" { from_tenant, to_tenant, to_app, port, proto, pad });
+        check!(checked, PairKey, "corral_pair_key" { from_tenant, to_tenant });
+        check!(checked, Pair, "corral_pair" { kinds });
         check!(checked, PolicyValue, "corral_policy_value" { flags });
         check!(checked, Flow, "corral_flow" { saddr, daddr, sport, dport, proto, pad1, pad2 });
         check!(checked, FlowState, "corral_flow_state" { last_seen_ns });

@@ -79,12 +79,13 @@ struct MapSpec {
 const IFACES: &str = "ifaces";
 const ENDPOINTS: &str = "endpoints";
 const POLICY: &str = "policy";
+const POLICY_PAIRS: &str = "policy_pairs";
 const CONNTRACK: &str = "conntrack";
 const INSTANCE_STATS: &str = "instance_stats";
 const RETIRED_STATS: &str = "retired_stats";
 const DROP_STATS: &str = "drop_stats";
 
-fn map_specs() -> [MapSpec; 7] {
+fn map_specs() -> [MapSpec; 8] {
     let spec = |name, kind, key_size, value_size, max_entries| MapSpec {
         name,
         kind,
@@ -113,6 +114,13 @@ fn map_specs() -> [MapSpec; 7] {
             size_of::<abi::PolicyKey>(),
             size_of::<abi::PolicyValue>(),
             c::CORRAL_MAX_POLICIES,
+        ),
+        spec(
+            POLICY_PAIRS,
+            MapType::Hash,
+            size_of::<abi::PairKey>(),
+            size_of::<abi::Pair>(),
+            c::CORRAL_MAX_POLICY_PAIRS,
         ),
         spec(
             CONNTRACK,
@@ -158,6 +166,7 @@ pub struct Dataplane {
     ifaces: Array<MapData, abi::Iface>,
     endpoints: HashMap<MapData, u32, abi::Endpoint>,
     policy: HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
+    policy_pairs: HashMap<MapData, abi::PairKey, abi::Pair>,
     conntrack: HashMap<MapData, abi::Flow, abi::FlowState>,
     instance_stats: PerCpuArray<MapData, Counter>,
     retired_stats: HashMap<MapData, abi::CounterKey, Counter>,
@@ -166,6 +175,9 @@ pub struct Dataplane {
     slots: BTreeMap<u32, (u32, InstanceIface)>,
     /// Slots handed out by [`Dataplane::reserve_ifindex`], not declared yet.
     reserved: BTreeSet<u32>,
+    /// What `policy` holds (only the agent writes it): `policy_pairs` is
+    /// derived from it.
+    policies: BTreeSet<Policy>,
 }
 
 /// Number of interface slots (`CORRAL_MAX_IFACES`).
@@ -230,10 +242,13 @@ impl Dataplane {
 
         let ifaces: Array<MapData, abi::Iface> = take(&mut ebpf, IFACES)?;
         let slots = read_slots(&ifaces)?;
-        Ok(Self {
+        let policy: HashMap<MapData, abi::PolicyKey, abi::PolicyValue> = take(&mut ebpf, POLICY)?;
+        let policies = read_policies(&policy)?;
+        let mut dp = Self {
             ifaces,
             endpoints: take(&mut ebpf, ENDPOINTS)?,
-            policy: take(&mut ebpf, POLICY)?,
+            policy,
+            policy_pairs: take(&mut ebpf, POLICY_PAIRS)?,
             conntrack: take(&mut ebpf, CONNTRACK)?,
             instance_stats: take(&mut ebpf, INSTANCE_STATS)?,
             retired_stats: take(&mut ebpf, RETIRED_STATS)?,
@@ -243,7 +258,15 @@ impl Dataplane {
             restored,
             slots,
             reserved: BTreeSet::new(),
-        })
+            policies,
+        };
+        // An agent that died between writing a policy and its pair's
+        // summary left them out of step: derive every summary again.
+        let pairs: BTreeSet<abi::PairKey> = dp.policies.iter().map(pair_of).collect();
+        for pair in pairs {
+            dp.write_pair(pair)?;
+        }
+        Ok(dp)
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -372,6 +395,7 @@ impl Dataplane {
     /// process (the agent) writes calls this to see its changes.
     pub fn refresh(&mut self) -> Result<(), Error> {
         self.slots = read_slots(&self.ifaces)?;
+        self.policies = read_policies(&self.policy)?;
         Ok(())
     }
 
@@ -603,7 +627,9 @@ impl Dataplane {
                     format!("set policy {policy}"),
                     e,
                 )
-            })
+            })?;
+        self.policies.insert(*policy);
+        self.write_pair(pair_of(policy))
     }
 
     /// Returns whether the policy existed. New flows it allowed stop at
@@ -611,20 +637,42 @@ impl Dataplane {
     /// expires (see the crate docs).
     pub fn remove_policy(&mut self, policy: &Policy) -> Result<bool, Error> {
         let key = policy.to_key()?;
-        removed(self.policy.remove(&key), POLICY, || {
+        let existed = removed(self.policy.remove(&key), POLICY, || {
             format!("remove policy {policy}")
-        })
+        })?;
+        self.policies.remove(policy);
+        self.write_pair(pair_of(policy))?;
+        Ok(existed)
     }
 
     /// All policies, sorted.
     pub fn policies(&self) -> Result<Vec<Policy>, Error> {
-        let mut all = Vec::new();
-        for key in self.policy.keys() {
-            let key = key.map_err(|e| map_error(POLICY, 0, "list policies", e))?;
-            all.extend(Policy::from_key(&key));
+        Ok(self.policies.iter().copied().collect())
+    }
+
+    /// Writes (or removes) the summary of a tenant pair's policies. A new
+    /// kind is added to the summary only after its key is in `policy`, and
+    /// dropped from it when its last key goes (callers write keys first),
+    /// so the summary never hides a key the programs should find.
+    fn write_pair(&mut self, pair: abi::PairKey) -> Result<(), Error> {
+        let kinds = self
+            .policies
+            .iter()
+            .filter(|p| pair_of(p) == pair)
+            .fold(0, |k, p| k | p.kind());
+        let action = || {
+            format!(
+                "summarise the policies from tenant {} to tenant {}",
+                pair.from_tenant, pair.to_tenant
+            )
+        };
+        if kinds == 0 {
+            removed(self.policy_pairs.remove(&pair), POLICY_PAIRS, action)?;
+            return Ok(());
         }
-        all.sort();
-        Ok(all)
+        self.policy_pairs
+            .insert(pair, abi::Pair { kinds }, 0)
+            .map_err(|e| map_error(POLICY_PAIRS, c::CORRAL_MAX_POLICY_PAIRS, action(), e))
     }
 
     /// Number of conntrack entries (flows a policy allowed, not yet evicted;
@@ -735,6 +783,26 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// The policy's tenant pair.
+fn pair_of(p: &Policy) -> abi::PairKey {
+    abi::PairKey {
+        from_tenant: p.from.get(),
+        to_tenant: p.to.get(),
+    }
+}
+
+/// The policies `policy` holds.
+fn read_policies(
+    policy: &HashMap<MapData, abi::PolicyKey, abi::PolicyValue>,
+) -> Result<BTreeSet<Policy>, Error> {
+    let mut all = BTreeSet::new();
+    for key in policy.keys() {
+        let key = key.map_err(|e| map_error(POLICY, 0, "list policies", e))?;
+        all.extend(Policy::from_key(&key));
+    }
+    Ok(all)
 }
 
 /// The declared interfaces of `ifaces`, by slot.

@@ -48,10 +48,15 @@
 //!
 //! ## Policies and replies
 //!
-//! A [`Policy`] `(from, to, protocol, port)` allows instances of tenant
-//! `from` to send to instances of tenant `to`. The lookup tries the exact
-//! destination port, then port 0 (any port of that protocol), then protocol 0
-//! (anything). Traffic within a tenant needs no policy.
+//! A [`Policy`] `(from, to, app, protocol, port)` allows instances of
+//! tenant `from` to send to instances of tenant `to` (of its app `app`
+//! only, if given). The lookup tries, for the destination's app and then
+//! for every app of its tenant, the exact destination port, then port 0
+//! (any port of that protocol), then protocol 0 (anything). Traffic within
+//! a tenant needs no policy. `policy_pairs` summarises, per tenant pair,
+//! which of these six kinds of keys exist, so a pair without policies
+//! costs one lookup and only existing kinds are looked up; the crate keeps
+//! it in step with `policy` (and rebuilds it at load).
 //!
 //! Replies travel the other way (`to` → `from`, from the service port) and
 //! match no policy. So when a policy lets a packet pass, its 5-tuple is
@@ -70,9 +75,10 @@
 //!
 //! | name | type | key → value | written by |
 //! |---|---|---|---|
-//! | `ifaces` | array, 4096 | slot (`ifindex % 4096`) → `corral_iface {ifindex, addr, tenant, instance}` | agent |
-//! | `endpoints` | hash, 65536 | IPv4 address (network order `u32`) → `corral_endpoint {tenant, instance}` | agent, for every instance of the cluster |
-//! | `policy` | hash, 16384 | `corral_policy_key {from_tenant, to_tenant, port, proto}` → `corral_policy_value` (presence allows) | agent |
+//! | `ifaces` | array, 4096 | slot (`ifindex % 4096`) → `corral_iface {ifindex, addr, tenant, instance, app}` | agent |
+//! | `endpoints` | hash, 65536 | IPv4 address (network order `u32`) → `corral_endpoint {tenant, instance, app}` | agent, for every instance of the cluster |
+//! | `policy` | hash, 16384 | `corral_policy_key {from_tenant, to_tenant, to_app, port, proto}` → `corral_policy_value` (presence allows) | agent |
+//! | `policy_pairs` | hash, 16384 | `corral_pair_key {from_tenant, to_tenant}` → `corral_pair {kinds}` (`CORRAL_RULE_*` bits) | agent (derived from `policy`) |
 //! | `conntrack` | LRU hash, 65536 | `corral_flow` 5-tuple → `corral_flow_state {last_seen_ns}` | programs |
 //! | `instance_stats` | per-CPU array, 8192 | slot × 2 + direction → `corral_counter {packets, bytes}` | programs |
 //! | `retired_stats` | hash, 8192 | `corral_counter_key {id: tenant, dir}` → `corral_counter` | agent (the traffic of a tenant's instances that are gone) |
@@ -120,7 +126,7 @@
 //!
 //! ```text
 //! /sys/fs/bpf/corral/<cell>/        the pin directory given to Dataplane::load
-//!     ifaces  endpoints  policy  conntrack
+//!     ifaces  endpoints  policy  policy_pairs  conntrack
 //!     instance_stats  retired_stats  drop_stats
 //! ```
 //!
@@ -162,6 +168,6 @@ pub use dataplane::{
 };
 pub use error::Error;
 pub use types::{
-    Counter, Counters, Direction, DropReason, Endpoint, InstanceIface, InstanceNum, Policy,
+    AppNum, Counter, Counters, Direction, DropReason, Endpoint, InstanceIface, InstanceNum, Policy,
     Protocol, TenantNum,
 };

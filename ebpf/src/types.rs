@@ -15,6 +15,11 @@ use crate::Error;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TenantNum(NonZeroU32);
 
+/// The data-plane number of an app, assigned by the control plane.
+/// 0 is reserved ("unknown").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AppNum(NonZeroU32);
+
 /// The data-plane number of an instance, assigned by the control plane.
 /// 0 is reserved ("unknown").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -45,6 +50,7 @@ macro_rules! number {
 }
 number!(TenantNum);
 number!(InstanceNum);
+number!(AppNum);
 
 /// Which way a packet went, seen from the instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -141,6 +147,7 @@ pub struct InstanceIface {
     pub addr: Ipv4Addr,
     pub tenant: TenantNum,
     pub instance: InstanceNum,
+    pub app: AppNum,
 }
 
 impl InstanceIface {
@@ -151,6 +158,7 @@ impl InstanceIface {
             addr: abi::ipv4_to_raw(self.addr),
             tenant: self.tenant.get(),
             instance: self.instance.get(),
+            app: self.app.get(),
         }
     }
 
@@ -164,6 +172,7 @@ impl InstanceIface {
             addr: abi::ipv4_from_raw(raw.addr),
             tenant: TenantNum::new(raw.tenant)?,
             instance: InstanceNum::new(raw.instance)?,
+            app: AppNum::new(raw.app)?,
         })
     }
 }
@@ -174,6 +183,7 @@ impl InstanceIface {
 pub struct Endpoint {
     pub tenant: TenantNum,
     pub instance: InstanceNum,
+    pub app: AppNum,
 }
 
 impl Endpoint {
@@ -181,6 +191,7 @@ impl Endpoint {
         abi::Endpoint {
             tenant: self.tenant.get(),
             instance: self.instance.get(),
+            app: self.app.get(),
         }
     }
 
@@ -188,6 +199,7 @@ impl Endpoint {
         Some(Self {
             tenant: TenantNum::new(raw.tenant)?,
             instance: InstanceNum::new(raw.instance)?,
+            app: AppNum::new(raw.app)?,
         })
     }
 }
@@ -244,6 +256,8 @@ impl fmt::Display for Protocol {
 pub struct Policy {
     pub from: TenantNum,
     pub to: TenantNum,
+    /// Only this app of `to`; `None`: every app of `to`.
+    pub app: Option<AppNum>,
     pub protocol: Protocol,
     /// Destination port; 0 = any port.
     pub port: u16,
@@ -268,6 +282,7 @@ impl Policy {
         Ok(abi::PolicyKey {
             from_tenant: self.from.get(),
             to_tenant: self.to.get(),
+            to_app: self.app.map_or(0, AppNum::get),
             port: self.port,
             proto: self.protocol.number(),
             pad: 0,
@@ -279,19 +294,35 @@ impl Policy {
         Some(Self {
             from: TenantNum::new(key.from_tenant)?,
             to: TenantNum::new(key.to_tenant)?,
+            app: AppNum::new(key.to_app),
             protocol: Protocol::from_number(key.proto)?,
             port: key.port,
         })
     }
 }
 
+impl Policy {
+    /// The `CORRAL_RULE_*` bit of this policy's kind of key (see
+    /// `policy_pairs` in the crate docs).
+    pub fn kind(&self) -> u32 {
+        match (self.app.is_some(), self.protocol, self.port) {
+            (true, Protocol::Any, _) => c::CORRAL_RULE_APP_ANY,
+            (true, _, 0) => c::CORRAL_RULE_APP_PROTO,
+            (true, _, _) => c::CORRAL_RULE_APP_PORT,
+            (false, Protocol::Any, _) => c::CORRAL_RULE_ANY,
+            (false, _, 0) => c::CORRAL_RULE_PROTO,
+            (false, _, _) => c::CORRAL_RULE_PORT,
+        }
+    }
+}
+
 impl fmt::Display for Policy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "tenant {} -> tenant {} {}",
-            self.from, self.to, self.protocol
-        )?;
+        write!(f, "tenant {} -> tenant {}", self.from, self.to)?;
+        if let Some(app) = self.app {
+            write!(f, " app {app}")?;
+        }
+        write!(f, " {}", self.protocol)?;
         if self.port != 0 {
             write!(f, "/{}", self.port)?;
         }
@@ -375,15 +406,31 @@ mod tests {
         let p = Policy {
             from: tenant(1),
             to: tenant(2),
+            app: None,
             protocol: Protocol::Tcp,
             port: 8080,
         };
         let key = p.to_key().unwrap();
         assert_eq!(
-            (key.from_tenant, key.to_tenant, key.proto, key.port, key.pad),
-            (1, 2, 6, 8080, 0)
+            (
+                key.from_tenant,
+                key.to_tenant,
+                key.to_app,
+                key.proto,
+                key.port,
+                key.pad
+            ),
+            (1, 2, 0, 6, 8080, 0)
         );
         assert_eq!(Policy::from_key(&key), Some(p));
+        assert_eq!(p.kind(), c::CORRAL_RULE_PORT);
+        let one_app = Policy {
+            app: AppNum::new(9),
+            ..p
+        };
+        assert_eq!(one_app.to_key().unwrap().to_app, 9);
+        assert_eq!(Policy::from_key(&one_app.to_key().unwrap()), Some(one_app));
+        assert_eq!(one_app.kind(), c::CORRAL_RULE_APP_PORT);
         let any = Policy {
             protocol: Protocol::Any,
             port: 0,
@@ -397,6 +444,7 @@ mod tests {
         let p = Policy {
             from: tenant(1),
             to: tenant(2),
+            app: None,
             protocol: Protocol::Icmp,
             port: 80,
         };
@@ -445,6 +493,7 @@ mod tests {
             addr: abi::ipv4_to_raw(Ipv4Addr::new(10, 0, 0, 2)),
             tenant: 0,
             instance: 3,
+            app: 5,
         };
         assert_eq!(InstanceIface::from_raw(&raw), None);
         let ok = abi::Iface { tenant: 4, ..raw };

@@ -3,7 +3,7 @@
 //! plane. Traffic within a tenant is always allowed; traffic between two
 //! tenants' instances only where a policy allows it (and replies to it).
 
-use crate::ids::TenantId;
+use crate::ids::{AppId, TenantId};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -46,12 +46,17 @@ fn any() -> Protocol {
 }
 
 /// Instances of tenant `from` may open flows to instances of tenant `to`
-/// with `protocol` to destination `port` (0: any port).
+/// (of its app `app` only, if given) with `protocol` to destination `port`
+/// (0: any port).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyRule {
     pub from: TenantId,
     pub to: TenantId,
+    /// Only this app of `to`; absent: every app of `to`. (Always
+    /// serialized: the wire format has no optional fields.)
+    #[serde(default)]
+    pub app: Option<AppId>,
     #[serde(default = "any")]
     pub protocol: Protocol,
     #[serde(default)]
@@ -84,7 +89,11 @@ impl PolicyRule {
 
 impl fmt::Display for PolicyRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} -> {} {}", self.from, self.to, self.protocol)?;
+        write!(f, "{} -> {}", self.from, self.to)?;
+        if let Some(app) = &self.app {
+            write!(f, "/{app}")?;
+        }
+        write!(f, " {}", self.protocol)?;
         if self.port != 0 {
             write!(f, "/{}", self.port)?;
         }
@@ -113,7 +122,11 @@ mod tests {
         assert_eq!(p.len(), 2, "{p:?}");
 
         assert!(rule(r#"{"from":"a","to":"b","protocol":"gre"}"#).is_err());
-        assert!(rule(r#"{"from":"a","to":"b","app":"x"}"#).is_err());
+        let r = rule(r#"{"from":"a","to":"b","app":"web","protocol":"tcp","port":80}"#).unwrap();
+        assert_eq!(r.app.as_ref().map(AppId::as_str), Some("web"));
+        assert_eq!(r.to_string(), "a -> b/web tcp/80");
+        assert!(rule(r#"{"from":"a","to":"b","app":"Not An App!"}"#).is_err());
+        assert!(rule(r#"{"from":"a","to":"b","tenant":"x"}"#).is_err());
         assert!(rule(r#"{"from":"a","to":"b","port":70000}"#).is_err());
         let r = rule(r#"{"from":"a","to":"b","protocol":"tcp","port":8080}"#).unwrap();
         assert!(r.validate().is_ok());

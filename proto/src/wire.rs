@@ -661,6 +661,7 @@ pub struct Endpoints {
 pub struct RemoteEndpoint {
     pub addr: Ipv4Addr,
     pub tenant: TenantId,
+    pub app: AppId,
     pub instance: InstanceId,
     pub cell: CellId,
 }

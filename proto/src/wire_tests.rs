@@ -339,10 +339,11 @@ fn message() -> impl Strategy<Value = Message> {
         (
             any::<bool>(),
             vec(
-                (any::<[u8; 4]>(), tenant(), instance_id(), cell()).prop_map(
-                    |(ip, tenant, instance, cell)| RemoteEndpoint {
+                (any::<[u8; 4]>(), tenant(), app(), instance_id(), cell()).prop_map(
+                    |(ip, tenant, app, instance, cell)| RemoteEndpoint {
                         addr: Ipv4Addr::from(ip),
                         tenant,
+                        app,
                         instance,
                         cell,
                     }
@@ -367,13 +368,17 @@ fn message() -> impl Strategy<Value = Message> {
                     Just(crate::policy::Protocol::Udp),
                     Just(crate::policy::Protocol::Sctp),
                 ],
-                any::<u16>()
+                any::<u16>(),
+                proptest::option::of(app())
             )
-                .prop_map(|(from, to, protocol, port)| crate::policy::PolicyRule {
-                    from,
-                    to,
-                    protocol,
-                    port
+                .prop_map(|(from, to, protocol, port, app)| {
+                    crate::policy::PolicyRule {
+                        from,
+                        to,
+                        app,
+                        protocol,
+                        port,
+                    }
                 }),
             0..4
         )

@@ -345,6 +345,81 @@ fn tenants_reach_their_own_instances_across_cells_and_policies_open_the_rest() {
     });
     assert!(!connects(&cells[0], "probe-globex-3", "globex", &far, 2));
 
+    // A policy for one app opens that app only: one for acme's (empty) app
+    // "api" leaves "web" closed; one for "web" opens it.
+    let out = fabric.cli(&[
+        "push",
+        "api",
+        "--tenant",
+        "acme",
+        "--instances",
+        "0",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let app_policy = |verb: &str, app: &str| {
+        let out = fabric.cli(&[
+            "policy",
+            verb,
+            "globex",
+            "acme",
+            "--app",
+            app,
+            "--protocol",
+            "tcp",
+            "--port",
+            "8080",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let policies_on_cell_1 = |n: u64| {
+        wait(&format!("{n} policies on cell 1"), ctx, || {
+            let dp = cells[0]
+                .client
+                .get("/v1/dataplane")
+                .unwrap()
+                .json()
+                .unwrap();
+            dp["policies"] == n
+        });
+    };
+    app_policy("add", "api");
+    policies_on_cell_1(1);
+    assert!(!connects(&cells[0], "probe-globex-4", "globex", &far, 2));
+    app_policy("add", "web");
+    policies_on_cell_1(2);
+    assert!(connects(&cells[0], "probe-globex-5", "globex", &far, 20));
+    app_policy("delete", "web");
+    app_policy("delete", "api");
+    policies_on_cell_1(0);
+    assert!(!connects(&cells[0], "probe-globex-6", "globex", &far, 2));
+    let out = fabric.cli(&["policy", "add", "globex", "acme", "--app", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("tenant acme has no app nope"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = fabric.cli(&["delete-app", "api", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // A policy naming an unknown tenant is refused by the brain.
     let out = fabric.cli(&["policy", "add", "nobody", "acme"]);
     assert_eq!(out.status.code(), Some(1));

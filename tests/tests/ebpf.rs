@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use aya::{TestRun, TestRunOptions};
 use corral_ebpf::{
-    slot_of, Counter, Dataplane, Direction, DropReason, Endpoint, Error, InstanceIface,
+    slot_of, AppNum, Counter, Dataplane, Direction, DropReason, Endpoint, Error, InstanceIface,
     InstanceNum, Policy, Program, Protocol, TenantNum, IFINDEX_BASE, SLOTS,
 };
 
@@ -321,6 +321,7 @@ fn a1() -> InstanceIface {
         addr: Ipv4Addr::new(10, 1, 0, 1),
         tenant: tenant(TENANT_A),
         instance: instance(11),
+        app: app(101),
     }
 }
 
@@ -329,6 +330,7 @@ fn a2() -> InstanceIface {
         addr: Ipv4Addr::new(10, 1, 0, 2),
         tenant: tenant(TENANT_A),
         instance: instance(12),
+        app: app(102),
     }
 }
 
@@ -337,7 +339,22 @@ fn b1() -> InstanceIface {
         addr: Ipv4Addr::new(10, 2, 0, 1),
         tenant: tenant(TENANT_B),
         instance: instance(21),
+        app: app(201),
     }
+}
+
+/// Tenant B's other app.
+fn b2() -> InstanceIface {
+    InstanceIface {
+        addr: Ipv4Addr::new(10, 2, 0, 2),
+        tenant: tenant(TENANT_B),
+        instance: instance(22),
+        app: app(202),
+    }
+}
+
+fn app(n: u32) -> AppNum {
+    AppNum::new(n).unwrap()
 }
 
 struct Fixture {
@@ -354,12 +371,13 @@ impl Fixture {
             !dp.restored(),
             "a fresh pin directory has nothing to restore"
         );
-        for who in [a1(), a2(), b1()] {
+        for who in [a1(), a2(), b1(), b2()] {
             dp.set_endpoint(
                 who.addr,
                 &Endpoint {
                     tenant: who.tenant,
                     instance: who.instance,
+                    app: who.app,
                 },
             )
             .unwrap();
@@ -514,6 +532,7 @@ fn a_policy_allows_cross_tenant_traffic_and_its_replies_until_removed() {
     let web = Policy {
         from: tenant(TENANT_A),
         to: tenant(TENANT_B),
+        app: None,
         protocol: Protocol::Tcp,
         port: 80,
     };
@@ -577,6 +596,61 @@ fn a_policy_allows_cross_tenant_traffic_and_its_replies_until_removed() {
         f.from(&a1(), &tcp(a1().addr, 1, b1().addr, 9999, 0)),
         TC_ACT_OK
     );
+}
+
+#[test]
+fn a_policy_for_one_app_opens_only_that_apps_instances() {
+    let mut f = Fixture::new();
+    let b1_web = Policy {
+        from: tenant(TENANT_A),
+        to: tenant(TENANT_B),
+        app: Some(b1().app),
+        protocol: Protocol::Tcp,
+        port: 80,
+    };
+    f.dp.set_policy(&b1_web).unwrap();
+    let to_b1 = tcp(a1().addr, 40000, b1().addr, 80, 0);
+    let to_b2 = tcp(a1().addr, 40000, b2().addr, 80, 0);
+    assert_eq!(f.from(&a1(), &to_b1), TC_ACT_OK);
+    assert_eq!(f.to(&b1(), &to_b1), TC_ACT_OK);
+    assert_eq!(f.from(&a1(), &to_b2), TC_ACT_SHOT);
+    assert_eq!(f.to(&b2(), &to_b2), TC_ACT_SHOT);
+    // Replies of the allowed flow pass; b2 still cannot open flows to A.
+    let reply = tcp(b1().addr, 80, a1().addr, 40000, 10);
+    assert_eq!(f.from(&b1(), &reply), TC_ACT_OK);
+    assert_eq!(f.to(&a1(), &reply), TC_ACT_OK);
+    assert_eq!(f.drops(TENANT_A, DropReason::Policy).packets, 1);
+    assert_eq!(f.drops(TENANT_B, DropReason::Policy).packets, 1);
+
+    // Another kind of rule for the pair (every app, any port of UDP) keeps
+    // the app rule working, and each rule goes with its own removal.
+    let all_dns = Policy {
+        app: None,
+        protocol: Protocol::Udp,
+        port: 0,
+        ..b1_web
+    };
+    f.dp.set_policy(&all_dns).unwrap();
+    assert_eq!(
+        f.from(&a1(), &udp(a1().addr, 5000, b2().addr, 53, 0)),
+        TC_ACT_OK
+    );
+    assert_eq!(f.from(&a1(), &to_b1), TC_ACT_OK);
+    assert!(f.dp.remove_policy(&b1_web).unwrap());
+    assert_eq!(
+        f.from(&a1(), &tcp(a1().addr, 40001, b1().addr, 80, 0)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        f.from(&a1(), &udp(a1().addr, 5000, b2().addr, 53, 0)),
+        TC_ACT_OK
+    );
+    assert!(f.dp.remove_policy(&all_dns).unwrap());
+    assert_eq!(
+        f.from(&a1(), &udp(a1().addr, 5001, b2().addr, 53, 0)),
+        TC_ACT_SHOT
+    );
+    assert_eq!(f.dp.policies().unwrap(), vec![]);
 }
 
 #[test]
@@ -672,6 +746,7 @@ fn a_second_load_on_the_same_pins_sees_the_same_maps() {
     let policy = Policy {
         from: tenant(TENANT_A),
         to: tenant(TENANT_B),
+        app: None,
         protocol: Protocol::Tcp,
         port: 443,
     };
@@ -683,7 +758,7 @@ fn a_second_load_on_the_same_pins_sees_the_same_maps() {
     let endpoints = f.dp.endpoints().unwrap();
     let interfaces = f.dp.interfaces().unwrap();
     let counters = f.dp.counters().unwrap();
-    assert_eq!(endpoints.len(), 3);
+    assert_eq!(endpoints.len(), 4);
     assert_eq!(interfaces, vec![(LO, a1())]);
     assert_eq!(f.dp.conntrack_len().unwrap(), 1);
 
@@ -852,6 +927,7 @@ fn attached_to_a_real_veth_it_filters_and_survives_a_restart() {
         addr: inst_ip,
         tenant: tenant(7),
         instance: instance(70),
+        app: app(700),
     };
     let (ifindex, filters) = {
         let _in = node.enter();

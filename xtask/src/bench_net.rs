@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{TestRun, TestRunOptions};
 use corral_ebpf::{
-    Dataplane, Direction, Endpoint, InstanceIface, InstanceNum, Policy, Program, Protocol,
+    AppNum, Dataplane, Direction, Endpoint, InstanceIface, InstanceNum, Policy, Program, Protocol,
     TenantNum,
 };
 use serde_json::{json, Value};
@@ -259,11 +259,17 @@ fn instance(addr: Ipv4Addr) -> Result<InstanceNum> {
     InstanceNum::new(u32::from(addr)).ok_or_else(|| anyhow!("instance number 0 is reserved"))
 }
 
+/// Apps are numbered after their tenant here: one app per tenant.
+fn app(t: u32) -> Result<AppNum> {
+    AppNum::new(t).ok_or_else(|| anyhow!("app number 0 is reserved"))
+}
+
 fn iface(addr: Ipv4Addr, t: u32) -> Result<InstanceIface> {
     Ok(InstanceIface {
         addr,
         tenant: tenant(t)?,
         instance: instance(addr)?,
+        app: app(t)?,
     })
 }
 
@@ -345,6 +351,7 @@ fn measure_paths(dp: &mut Dataplane, repeat: u32, trials: usize) -> Result<Vec<C
             &Endpoint {
                 tenant: who.tenant,
                 instance: who.instance,
+                app: who.app,
             },
         )?;
     }
@@ -357,6 +364,7 @@ fn measure_paths(dp: &mut Dataplane, repeat: u32, trials: usize) -> Result<Vec<C
             &Endpoint {
                 tenant: tenant(100 + i % 50)?,
                 instance: instance(addr)?,
+                app: app(100 + i % 50)?,
             },
         )?;
     }
@@ -364,6 +372,7 @@ fn measure_paths(dp: &mut Dataplane, repeat: u32, trials: usize) -> Result<Vec<C
         dp.set_policy(&Policy {
             from: tenant(100 + i % 50)?,
             to: tenant(100 + (i + 1) % 50)?,
+            app: None,
             protocol: Protocol::Tcp,
             port: 8000 + u16::try_from(i)?,
         })?;
@@ -371,6 +380,7 @@ fn measure_paths(dp: &mut Dataplane, repeat: u32, trials: usize) -> Result<Vec<C
     dp.set_policy(&Policy {
         from: a1.tenant,
         to: b1.tenant,
+        app: None,
         protocol: Protocol::Tcp,
         port: 80,
     })?;

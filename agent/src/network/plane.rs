@@ -16,11 +16,11 @@
 
 use super::Attachment;
 use corral_ebpf::{
-    Counters, Dataplane, Endpoint, InstanceIface, InstanceNum, Policy, Protocol, TenantNum,
+    AppNum, Counters, Dataplane, Endpoint, InstanceIface, InstanceNum, Policy, Protocol, TenantNum,
 };
 use corral_proto::policy::{PolicyRule, Protocol as WireProtocol};
 use corral_proto::wire::Endpoints;
-use corral_proto::{CellId, TenantId};
+use corral_proto::{AppId, CellId, TenantId};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -44,14 +44,30 @@ pub fn tenant_num(t: &TenantId) -> TenantNum {
     TenantNum::new(h).unwrap_or(TENANT_ONE)
 }
 
+const APP_ONE: AppNum = match AppNum::new(1) {
+    Some(n) => n,
+    None => panic!("1 is a valid app number"),
+};
+
+/// An app's number: FNV-1a of "tenant/app" (app names are per tenant).
+pub fn app_num(t: &TenantId, a: &AppId) -> AppNum {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in t.as_str().bytes().chain([b'/']).chain(a.as_str().bytes()) {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    AppNum::new(h).unwrap_or(APP_ONE)
+}
+
 pub fn instance_num(addr: Ipv4Addr) -> InstanceNum {
     InstanceNum::new(u32::from(addr)).unwrap_or(INSTANCE_ONE)
 }
 
-/// The loaded data plane plus the tenant names behind its numbers.
+/// The loaded data plane plus the tenant and app names behind its numbers.
 pub struct Plane {
     dp: Mutex<Dataplane>,
     tenants: Mutex<BTreeMap<TenantNum, TenantId>>,
+    apps: Mutex<BTreeMap<AppNum, AppId>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -68,6 +84,7 @@ impl Plane {
         Ok(Self {
             dp: Mutex::new(dp),
             tenants: Mutex::new(BTreeMap::new()),
+            apps: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -84,9 +101,14 @@ impl Plane {
 
     /// Enforces and meters an instance's traffic: its interface entry (set
     /// before attaching: the programs fail closed), its endpoint, the filters.
-    pub fn add(&self, att: &Attachment, tenant: &TenantId) -> Result<(), corral_ebpf::Error> {
-        let t = tenant_num(tenant);
-        lock(&self.tenants).insert(t, tenant.clone());
+    pub fn add(
+        &self,
+        att: &Attachment,
+        tenant: &TenantId,
+        app: &AppId,
+    ) -> Result<(), corral_ebpf::Error> {
+        let t = self.remember_tenant(tenant);
+        let a = self.remember_app(tenant, app);
         let i = instance_num(att.address);
         let mut dp = lock(&self.dp);
         dp.set_interface(
@@ -95,6 +117,7 @@ impl Plane {
                 addr: att.address,
                 tenant: t,
                 instance: i,
+                app: a,
             },
         )?;
         dp.set_endpoint(
@@ -102,6 +125,7 @@ impl Plane {
             &Endpoint {
                 tenant: t,
                 instance: i,
+                app: a,
             },
         )?;
         dp.attach(&att.host_if)?;
@@ -211,13 +235,14 @@ impl Plane {
             if &e.cell == own_cell || local.contains(&e.addr) {
                 continue;
             }
-            let tenant = tenant_num(&e.tenant);
-            lock(&self.tenants).insert(tenant, e.tenant.clone());
+            let tenant = self.remember_tenant(&e.tenant);
+            let app = self.remember_app(&e.tenant, &e.app);
             dp.set_endpoint(
                 e.addr,
                 &Endpoint {
                     tenant,
                     instance: instance_num(e.addr),
+                    app,
                 },
             )?;
             written += 1;
@@ -233,22 +258,18 @@ impl Plane {
     ) -> Result<(usize, usize), corral_ebpf::Error> {
         let want: Vec<Policy> = rules
             .iter()
-            .map(|r| {
-                for t in [&r.from, &r.to] {
-                    lock(&self.tenants).insert(tenant_num(t), t.clone());
-                }
-                Policy {
-                    from: tenant_num(&r.from),
-                    to: tenant_num(&r.to),
-                    protocol: match r.protocol {
-                        WireProtocol::Any => Protocol::Any,
-                        WireProtocol::Icmp => Protocol::Icmp,
-                        WireProtocol::Tcp => Protocol::Tcp,
-                        WireProtocol::Udp => Protocol::Udp,
-                        WireProtocol::Sctp => Protocol::Sctp,
-                    },
-                    port: r.port,
-                }
+            .map(|r| Policy {
+                from: self.remember_tenant(&r.from),
+                to: self.remember_tenant(&r.to),
+                app: r.app.as_ref().map(|a| self.remember_app(&r.to, a)),
+                protocol: match r.protocol {
+                    WireProtocol::Any => Protocol::Any,
+                    WireProtocol::Icmp => Protocol::Icmp,
+                    WireProtocol::Tcp => Protocol::Tcp,
+                    WireProtocol::Udp => Protocol::Udp,
+                    WireProtocol::Sctp => Protocol::Sctp,
+                },
+                port: r.port,
             })
             .collect();
         let mut dp = lock(&self.dp);
@@ -271,6 +292,19 @@ impl Plane {
         let n = tenant_num(t);
         lock(&self.tenants).insert(n, t.clone());
         n
+    }
+
+    pub fn remember_app(&self, t: &TenantId, a: &AppId) -> AppNum {
+        let n = app_num(t, a);
+        lock(&self.apps).insert(n, a.clone());
+        n
+    }
+
+    /// The app's name if an instance or policy of it was seen, else its number.
+    pub fn app_name(&self, n: AppNum) -> String {
+        lock(&self.apps)
+            .get(&n)
+            .map_or_else(|| format!("#{n}"), ToString::to_string)
     }
 }
 

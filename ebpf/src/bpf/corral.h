@@ -13,7 +13,7 @@
  *     byte by byte, so padding would make lookups miss);
  *   - IPv4 addresses are in network byte order (as they appear in packets);
  *     ports and every other number are in host byte order;
- *   - tenant and instance numbers are assigned by the control plane;
+ *   - tenant, app and instance numbers are assigned by the control plane;
  *     0 means "none/unknown" and is never assigned.
  */
 #ifndef CORRAL_H
@@ -25,6 +25,7 @@
 #define CORRAL_MAX_IFACES 4096	   /* instance veths on one cell; a power of 2 */
 #define CORRAL_MAX_ENDPOINTS 65536 /* instance addresses in the cluster */
 #define CORRAL_MAX_POLICIES 16384  /* cross-tenant allow rules */
+#define CORRAL_MAX_POLICY_PAIRS 16384 /* (from, to) tenant pairs with rules */
 #define CORRAL_MAX_FLOWS 65536	   /* conntrack: policy-allowed flows */
 #define CORRAL_MAX_RETIRED_STATS 8192
 #define CORRAL_MAX_DROP_STATS 8192
@@ -67,6 +68,7 @@ struct corral_iface {
 	__u32 addr;    /* the instance's IPv4 address, network byte order */
 	__u32 tenant;
 	__u32 instance;
+	__u32 app; /* the instance's app number (0: unknown) */
 };
 
 /* endpoints: IPv4 address (__u32, network byte order) -> owner. Holds every
@@ -74,13 +76,18 @@ struct corral_iface {
 struct corral_endpoint {
 	__u32 tenant;
 	__u32 instance;
+	__u32 app; /* the instance's app number (0: unknown) */
 };
 
-/* policy: presence of a key allows traffic from_tenant -> to_tenant.
- * proto 0 = any protocol (then port must be 0); port 0 = any port. */
+/*
+ * policy: presence of a key allows traffic from_tenant -> to_tenant.
+ * to_app 0 = every app of to_tenant; proto 0 = any protocol (then port
+ * must be 0); port 0 = any port.
+ */
 struct corral_policy_key {
 	__u32 from_tenant;
 	__u32 to_tenant;
+	__u32 to_app;
 	__u16 port; /* destination port, host byte order */
 	__u8 proto; /* IPPROTO_* */
 	__u8 pad;
@@ -89,6 +96,28 @@ struct corral_policy_key {
 struct corral_policy_value {
 	__u32 flags; /* reserved, 0 */
 };
+
+/*
+ * policy_pairs: (from_tenant, to_tenant) -> which kinds of policy keys
+ * exist for the pair (CORRAL_RULE_* bits), kept by the agent from the
+ * policy map. Most cross-tenant packets then cost one lookup: a pair with
+ * no rules is one miss, and only the kinds present are looked up.
+ */
+struct corral_pair_key {
+	__u32 from_tenant;
+	__u32 to_tenant;
+};
+
+struct corral_pair {
+	__u32 kinds; /* CORRAL_RULE_* */
+};
+
+#define CORRAL_RULE_APP_PORT 0x01  /* to_app, proto, port */
+#define CORRAL_RULE_APP_PROTO 0x02 /* to_app, proto, any port */
+#define CORRAL_RULE_APP_ANY 0x04   /* to_app, anything */
+#define CORRAL_RULE_PORT 0x08	   /* any app, proto, port */
+#define CORRAL_RULE_PROTO 0x10	   /* any app, proto, any port */
+#define CORRAL_RULE_ANY 0x20	   /* any app, anything */
 
 /* conntrack: forward tuple of a cross-tenant flow a policy allowed. */
 struct corral_flow {

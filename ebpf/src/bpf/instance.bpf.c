@@ -78,6 +78,14 @@ struct {
 } policy SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_MAX_POLICY_PAIRS);
+	__type(key, struct corral_pair_key);
+	__type(value, struct corral_pair);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_pairs SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, CORRAL_MAX_FLOWS);
 	__type(key, struct corral_flow);
@@ -262,23 +270,49 @@ static __always_inline int parse(struct __sk_buff *skb, struct packet *p)
 	return kind == -NEED_PULL ? -CORRAL_DROP_MALFORMED : kind;
 }
 
-/* Exact port, then any port of the protocol, then any protocol. */
-static __always_inline int policy_allows(const struct packet *p, __u32 from, __u32 to)
+/*
+ * Does a policy let p go from tenant `from` to app `to_app` of tenant `to`?
+ * The pair's summary says which kinds of rules exist; only those are
+ * looked up: for the app, then for every app of the tenant, each by exact
+ * port, then any port of the protocol, then any protocol.
+ */
+static __always_inline int policy_allows(const struct packet *p, __u32 from, __u32 to,
+					 __u32 to_app)
 {
+	struct corral_pair_key pair_key = { .from_tenant = from, .to_tenant = to };
+	struct corral_pair *pair = bpf_map_lookup_elem(&policy_pairs, &pair_key);
 	struct corral_policy_key key = {
 		.from_tenant = from,
 		.to_tenant = to,
+		.to_app = to_app,
 		.port = p->dport,
 		.proto = p->proto,
 	};
+	__u32 kinds;
 
-	if (bpf_map_lookup_elem(&policy, &key))
+	if (!pair)
+		return 0;
+	kinds = pair->kinds;
+	if (to_app && (kinds & (CORRAL_RULE_APP_PORT | CORRAL_RULE_APP_PROTO | CORRAL_RULE_APP_ANY))) {
+		if ((kinds & CORRAL_RULE_APP_PORT) && bpf_map_lookup_elem(&policy, &key))
+			return 1;
+		key.port = 0;
+		if ((kinds & CORRAL_RULE_APP_PROTO) && bpf_map_lookup_elem(&policy, &key))
+			return 1;
+		key.proto = 0;
+		if ((kinds & CORRAL_RULE_APP_ANY) && bpf_map_lookup_elem(&policy, &key))
+			return 1;
+	}
+	key.to_app = 0;
+	key.port = p->dport;
+	key.proto = p->proto;
+	if ((kinds & CORRAL_RULE_PORT) && bpf_map_lookup_elem(&policy, &key))
 		return 1;
 	key.port = 0;
-	if (bpf_map_lookup_elem(&policy, &key))
+	if ((kinds & CORRAL_RULE_PROTO) && bpf_map_lookup_elem(&policy, &key))
 		return 1;
 	key.proto = 0;
-	return bpf_map_lookup_elem(&policy, &key) != 0;
+	return (kinds & CORRAL_RULE_ANY) && bpf_map_lookup_elem(&policy, &key);
 }
 
 static __always_inline __u64 ct_timeout_ns(__u8 proto)
@@ -332,12 +366,14 @@ static __always_inline int ct_is_reply(const struct packet *p)
 	return state && bpf_ktime_get_ns() - state->last_seen_ns < ct_timeout_ns(p->proto);
 }
 
-/* May p go from an instance of tenant `from` to one of tenant `to`? */
-static __always_inline int tenants_may_talk(const struct packet *p, __u32 from, __u32 to)
+/* May p go from an instance of tenant `from` to one of app `to_app` of
+ * tenant `to`? */
+static __always_inline int tenants_may_talk(const struct packet *p, __u32 from, __u32 to,
+					    __u32 to_app)
 {
 	if (from == to)
 		return 1;
-	if (policy_allows(p, from, to)) {
+	if (policy_allows(p, from, to, to_app)) {
 		ct_record(p);
 		return 1;
 	}
@@ -368,7 +404,7 @@ int corral_from_instance(struct __sk_buff *skb)
 		return drop(skb, ifc->tenant, CORRAL_DROP_SPOOF);
 
 	dst = bpf_map_lookup_elem(&endpoints, &p.daddr);
-	if (dst && !tenants_may_talk(&p, ifc->tenant, dst->tenant))
+	if (dst && !tenants_may_talk(&p, ifc->tenant, dst->tenant, dst->app))
 		return drop(skb, ifc->tenant, CORRAL_DROP_POLICY);
 	return pass(skb, slot, CORRAL_DIR_FROM_INSTANCE);
 }
@@ -392,7 +428,7 @@ int corral_to_instance(struct __sk_buff *skb)
 		return pass(skb, slot, CORRAL_DIR_TO_INSTANCE);
 
 	src = bpf_map_lookup_elem(&endpoints, &p.saddr);
-	if (src && !tenants_may_talk(&p, src->tenant, ifc->tenant))
+	if (src && !tenants_may_talk(&p, src->tenant, ifc->tenant, ifc->app))
 		return drop(skb, ifc->tenant, CORRAL_DROP_POLICY);
 	return pass(skb, slot, CORRAL_DIR_TO_INSTANCE);
 }
