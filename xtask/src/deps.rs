@@ -12,6 +12,8 @@ use crate::util::{self, is_root};
 /// namespaces, runc as the benchmark peer, bpftool for inspecting maps,
 /// e2fsprogs (mkfs.ext4) and util-linux (mount, nsenter, unshare) for
 /// instance disks and test nodes; both are essential on Debian but named here.
+/// `cargo xtask dist` and its tests: systemd (systemd-analyze verify),
+/// binutils (strip); prometheus for promtool (`promtool check metrics`).
 const PACKAGES: &[&str] = &[
     "clang-19",
     "libbpf-dev",
@@ -23,6 +25,9 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "e2fsprogs",
     "util-linux",
+    "systemd",
+    "binutils",
+    "prometheus",
 ];
 
 pub fn run() -> Result<()> {

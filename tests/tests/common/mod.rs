@@ -220,6 +220,12 @@ impl Cell {
     /// Starts the agent inside the node's network namespace and a private
     /// mount namespace, and waits for /readyz.
     pub fn spawn_agent(&mut self) {
+        self.spawn_agent_env(&[]);
+        self.wait_ready();
+    }
+
+    /// Starts the agent with extra environment variables; returns at once.
+    pub fn spawn_agent_env(&mut self, env: &[(&str, &std::ffi::OsStr)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -232,11 +238,16 @@ impl Cell {
             .arg("--config")
             .arg(&self.config)
             .stdin(Stdio::null())
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
         self.agent = Some(child);
+    }
+
+    /// Waits until the agent answers /readyz.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(c) = self.agent.as_mut() {
