@@ -42,7 +42,10 @@ fn an_impossible_systemd_environment_is_refused_before_anything_changes() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{env:?}: {err}");
         assert!(err.contains(needle), "{env:?}: {err}");
-        assert!(!dir.path().join("data").exists(), "{env:?} changed the host");
+        assert!(
+            !dir.path().join("data").exists(),
+            "{env:?} changed the host"
+        );
         assert!(!dir.path().join("run").exists(), "{env:?} changed the host");
     }
 }
@@ -59,7 +62,10 @@ fn the_shipped_agent_config_is_valid() {
         disk_free_mb: 100_000,
     };
     let cfg = corral_agent::config::Config::parse(&text, &host).unwrap();
-    assert_eq!(cfg.api_listen, None, "the packaged agent keeps its API off TCP");
+    assert_eq!(
+        cfg.api_listen, None,
+        "the packaged agent keeps its API off TCP"
+    );
     assert_eq!(cfg.data_dir, std::path::Path::new("/var/lib/corral"));
     assert_eq!(cfg.run_dir, std::path::Path::new("/run/corral"));
 }

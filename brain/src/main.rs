@@ -232,7 +232,10 @@ fn health(
                 .await
                 .map_err(|e| format!("the API on {addr}: {e}"))?;
             if r.status != 200 {
-                return Err(format!("the API on {addr} answered /metrics with {}", r.status));
+                return Err(format!(
+                    "the API on {addr} answered /metrics with {}",
+                    r.status
+                ));
             }
             let runs = probe::sample(&r.body, CONVERGENCE_RUNS)
                 .ok_or_else(|| format!("/metrics has no {CONVERGENCE_RUNS}"))?;

@@ -76,7 +76,9 @@ pub enum Address {
 /// daemon) set something the daemon cannot honour.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnvError {
-    #[error("NOTIFY_SOCKET={value:?} is neither an absolute path nor an abstract socket name (@name)")]
+    #[error(
+        "NOTIFY_SOCKET={value:?} is neither an absolute path nor an abstract socket name (@name)"
+    )]
     BadSocket { value: OsString },
     #[error("WATCHDOG_USEC={value:?} is not a positive number of microseconds")]
     BadWatchdogUsec { value: OsString },
@@ -210,14 +212,19 @@ impl Notifier {
     /// Sends these states in one datagram.
     pub fn notify(&self, states: &[State]) -> io::Result<()> {
         let m = message(states);
-        self.socket.send_to_addr(m.as_bytes(), &self.addr).map(|_| ())
+        self.socket
+            .send_to_addr(m.as_bytes(), &self.addr)
+            .map(|_| ())
     }
 
     /// Sends and logs a failure: systemd missing a notification shows up
     /// as a start-up timeout or a watchdog restart, so say why here.
     pub fn send(&self, states: &[State]) {
         if let Err(e) = self.notify(states) {
-            tracing::warn!("cannot notify systemd ({}): {e}", message(states).trim_end());
+            tracing::warn!(
+                "cannot notify systemd ({}): {e}",
+                message(states).trim_end()
+            );
         }
     }
 }
@@ -304,7 +311,10 @@ mod tests {
         let e = check_watchdog("corral-agent", Some(Duration::from_millis(500)), min)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("WatchdogSec=500ms is too short for corral-agent"), "{e}");
+        assert!(
+            e.contains("WatchdogSec=500ms is too short for corral-agent"),
+            "{e}"
+        );
         assert!(e.contains("WatchdogSec=4 or more"), "{e}");
     }
 

@@ -151,9 +151,6 @@ mod tests {
         let r = get(client, "/readyz").await.unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.body, "ready\n");
-        assert!(srv
-            .await
-            .unwrap()
-            .starts_with("GET /readyz HTTP/1.1\r\n"));
+        assert!(srv.await.unwrap().starts_with("GET /readyz HTTP/1.1\r\n"));
     }
 }

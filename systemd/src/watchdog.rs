@@ -128,12 +128,17 @@ where
     let mut tick = tokio::time::interval(ping_period(timeout));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watchdog = Watchdog::new();
-    tracing::info!(?timeout, "systemd watchdog: keep-alives follow the health check");
+    tracing::info!(
+        ?timeout,
+        "systemd watchdog: keep-alives follow the health check"
+    );
     loop {
         tick.tick().await;
         let outcome = match tokio::time::timeout(deadline, check()).await {
             Ok(c) => c,
-            Err(_) => Err(format!("the health check did not answer within {deadline:?}")),
+            Err(_) => Err(format!(
+                "the health check did not answer within {deadline:?}"
+            )),
         };
         let d = watchdog.observe(outcome);
         match d.changed {
@@ -160,7 +165,10 @@ mod tests {
 
     #[test]
     fn periods() {
-        assert_eq!(ping_period(Duration::from_secs(30)), Duration::from_secs(15));
+        assert_eq!(
+            ping_period(Duration::from_secs(30)),
+            Duration::from_secs(15)
+        );
         assert_eq!(
             check_deadline(Duration::from_secs(30)),
             Duration::from_millis(7500)

@@ -54,7 +54,11 @@ fn the_package_holds_what_the_readme_documents() {
     common::require_root();
     let deb = deb();
     let listing = ok(
-        Command::new("dpkg-deb").arg("--contents").arg(&deb).output().unwrap(),
+        Command::new("dpkg-deb")
+            .arg("--contents")
+            .arg(&deb)
+            .output()
+            .unwrap(),
         "dpkg-deb --contents",
     );
     // "drwxr-xr-x root/root 0 2026-11-25 12:00 ./etc/corral/"
@@ -94,7 +98,12 @@ fn the_package_holds_what_the_readme_documents() {
     let control = tempfile::tempdir().unwrap();
     let ctl = control.path().join("DEBIAN");
     ok(
-        Command::new("dpkg-deb").arg("--control").arg(&deb).arg(&ctl).output().unwrap(),
+        Command::new("dpkg-deb")
+            .arg("--control")
+            .arg(&deb)
+            .arg(&ctl)
+            .output()
+            .unwrap(),
         "dpkg-deb --control",
     );
     assert_eq!(
@@ -117,7 +126,11 @@ fn the_package_holds_what_the_readme_documents() {
     assert_eq!(field("Package"), "corral");
     assert!(field("Depends").contains("libseccomp2"));
     let info = ok(
-        Command::new("dpkg-deb").arg("--info").arg(&deb).output().unwrap(),
+        Command::new("dpkg-deb")
+            .arg("--info")
+            .arg(&deb)
+            .output()
+            .unwrap(),
         "dpkg-deb --info",
     );
     for script in ["postinst", "postrm", "conffiles", "control"] {
@@ -140,7 +153,14 @@ impl Sandbox {
             .tempdir()
             .unwrap();
         let holder = Command::new("unshare")
-            .args(["--mount", "--net", "--propagation", "private", "sleep", "infinity"])
+            .args([
+                "--mount",
+                "--net",
+                "--propagation",
+                "private",
+                "sleep",
+                "infinity",
+            ])
             .stdin(Stdio::null())
             .spawn()
             .unwrap();
@@ -169,8 +189,19 @@ impl Sandbox {
         sb
     }
 
+    /// The overlay's root, as a path inside the namespace.
     fn root(&self) -> PathBuf {
         self.dir.path().join("w/root")
+    }
+
+    /// The overlay's root, as a path from this process (which does not see
+    /// the namespace's mounts).
+    fn view(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/root{}",
+            self.holder.id(),
+            self.root().display()
+        ))
     }
 
     fn nsenter(&self) -> Command {
@@ -204,7 +235,11 @@ impl Drop for Sandbox {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         // The agent made its cgroups in the host's hierarchies (sysfs is shared).
-        for entry in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        for entry in std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let _ = std::fs::remove_dir(entry.path().join(&self.cgroup_root));
         }
     }
@@ -228,28 +263,60 @@ fn dpkg_install_then_the_agent_starts_as_its_unit_says() {
     ok(sb.chroot(&["dpkg", "-i", "/sandbox/corral.deb"]), "dpkg -i");
 
     // What postinst made.
-    ok(sb.chroot(&["getent", "passwd", "corral-brain"]), "the brain's user");
-    let root = sb.root();
+    ok(
+        sb.chroot(&["getent", "passwd", "corral-brain"]),
+        "the brain's user",
+    );
+    let root = sb.view();
     let brain_toml = std::fs::read_to_string(root.join("etc/corral/brain.toml")).unwrap();
     assert!(!brain_toml.contains("@ADMIN_TOKEN@"), "token not written");
     let stat = ok(
-        sb.chroot(&["stat", "-c", "%a %U %G", "/etc/corral/brain.toml", "/var/lib/corral-brain"]),
+        sb.chroot(&[
+            "stat",
+            "-c",
+            "%a %U %G",
+            "/etc/corral/brain.toml",
+            "/var/lib/corral-brain",
+        ]),
         "stat",
     );
-    assert_eq!(stat, "640 root corral-brain\n700 corral-brain corral-brain\n");
+    assert_eq!(
+        stat,
+        "640 root corral-brain\n700 corral-brain corral-brain\n"
+    );
 
     // The README's brain steps, then --check as the brain's user.
     let host = ok(sb.chroot(&["cat", "/proc/sys/kernel/hostname"]), "hostname");
     let host = host.trim();
     let key = format!("/etc/corral/certs/brain-{host}-key.pem");
     for args in [
-        vec!["corral-brain", "certs", "init", "--dir", "/etc/corral/certs"],
-        vec!["corral-brain", "certs", "issue", "--dir", "/etc/corral/certs", "--brain", host],
+        vec![
+            "corral-brain",
+            "certs",
+            "init",
+            "--dir",
+            "/etc/corral/certs",
+        ],
+        vec![
+            "corral-brain",
+            "certs",
+            "issue",
+            "--dir",
+            "/etc/corral/certs",
+            "--brain",
+            host,
+        ],
         vec!["chgrp", "corral-brain", &key],
         vec!["chmod", "0640", &key],
         vec![
-            "runuser", "-u", "corral-brain", "--", "corral-brain", "--config",
-            "/etc/corral/brain.toml", "--check",
+            "runuser",
+            "-u",
+            "corral-brain",
+            "--",
+            "corral-brain",
+            "--config",
+            "/etc/corral/brain.toml",
+            "--check",
         ],
     ] {
         ok(sb.chroot(&args), &args.join(" "));
@@ -273,7 +340,12 @@ fn dpkg_install_then_the_agent_starts_as_its_unit_says() {
     )
     .unwrap();
     ok(
-        sb.chroot(&["corral-agent", "--config", "/etc/corral/agent.toml", "--check"]),
+        sb.chroot(&[
+            "corral-agent",
+            "--config",
+            "/etc/corral/agent.toml",
+            "--check",
+        ]),
         "corral-agent --check",
     );
     let sock_path = sb.dir.path().join("notify.sock");
@@ -282,7 +354,7 @@ fn dpkg_install_then_the_agent_starts_as_its_unit_says() {
     let mut agent = sb
         .nsenter()
         .arg("chroot")
-        .arg(&root)
+        .arg(sb.root())
         .args(&exec)
         .env("NOTIFY_SOCKET", "/sandbox/notify.sock")
         .env("WATCHDOG_USEC", "30000000")

@@ -68,7 +68,9 @@ fn ready_only_after_readoption_then_keepalives_then_stopping() {
         "{ready}"
     );
     assert!(
-        before.iter().any(|m| has(m, "STATUS=re-adopting instances")),
+        before
+            .iter()
+            .any(|m| has(m, "STATUS=re-adopting instances")),
         "{before:?}"
     );
 
@@ -107,7 +109,11 @@ fn ready_only_after_readoption_then_keepalives_then_stopping() {
     while let Some(m) = next(&sock, Duration::from_secs(2)) {
         stopping |= has(&m, "STOPPING=1");
     }
-    assert!(stopping, "no STOPPING=1 after SIGTERM:\n{}", cell.agent_log());
+    assert!(
+        stopping,
+        "no STOPPING=1 after SIGTERM:\n{}",
+        cell.agent_log()
+    );
     for pid in &shims {
         assert!(
             std::path::Path::new(&format!("/proc/{pid}")).exists(),

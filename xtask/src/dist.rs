@@ -38,7 +38,11 @@ const FILES: &[(&str, &str, u32)] = &[
         "usr/lib/systemd/system/corral-brain.service",
         0o644,
     ),
-    ("dist/tmpfiles.conf", "usr/lib/tmpfiles.d/corral.conf", 0o644),
+    (
+        "dist/tmpfiles.conf",
+        "usr/lib/tmpfiles.d/corral.conf",
+        0o644,
+    ),
     ("dist/etc/agent.toml", "etc/corral/agent.toml", 0o644),
     // The brain's config holds a secret: postinst writes it from this.
     ("dist/etc/brain.toml", "usr/share/corral/brain.toml", 0o644),
@@ -50,10 +54,7 @@ const FILES: &[(&str, &str, u32)] = &[
 ];
 
 /// Directories the package owns: (path, mode).
-const DIRS: &[(&str, u32)] = &[
-    ("etc/corral/certs", 0o755),
-    ("var/lib/corral", 0o711),
-];
+const DIRS: &[(&str, u32)] = &[("etc/corral/certs", 0o755), ("var/lib/corral", 0o711)];
 
 /// Runtime dependencies: glibc, libgcc (unwinding), libseccomp (libcontainer),
 /// e2fsprogs (mkfs.ext4 for instance disks), util-linux (losetup, mount),
@@ -70,15 +71,22 @@ pub fn run(args: &[String]) -> Result<()> {
     let profile = if debug { "debug" } else { "release" };
     let mut build = cargo();
     build.args(["build", "--bins"]);
-    for (_, package) in BINARIES {
-        build.args(["--package", package]);
-    }
-    if !debug {
+    if debug {
+        // The same build as `cargo xtask test` (same feature set), so the
+        // binaries are not rebuilt between the two.
+        build.arg("--workspace");
+    } else {
+        for (_, package) in BINARIES {
+            build.args(["--package", package]);
+        }
         build.arg("--release");
     }
     util::run(&mut build)?;
     let deb = package(profile)?;
-    println!("{}", util::output(Command::new("dpkg-deb").arg("--contents").arg(&deb))?);
+    println!(
+        "{}",
+        util::output(Command::new("dpkg-deb").arg("--contents").arg(&deb))?
+    );
     println!("built {}", deb.display());
     Ok(())
 }
@@ -112,7 +120,11 @@ pub fn package(profile: &str) -> Result<PathBuf> {
         fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
         set_mode(&d, *mode)?;
     }
-    write(&stage.join("DEBIAN/conffiles"), "/etc/corral/agent.toml\n", 0o644)?;
+    write(
+        &stage.join("DEBIAN/conffiles"),
+        "/etc/corral/agent.toml\n",
+        0o644,
+    )?;
     let size_kib = du_kib(&stage)?;
     write(
         &stage.join("DEBIAN/control"),
@@ -123,7 +135,11 @@ pub fn package(profile: &str) -> Result<PathBuf> {
     let suffix = if profile == "release" { "" } else { "-debug" };
     let deb = target.join(format!("corral_{version}_{arch}{suffix}.deb"));
     // xz for what ships; gzip keeps the test build quick.
-    let compress = if profile == "release" { "-Zxz" } else { "-Zgzip" };
+    let compress = if profile == "release" {
+        "-Zxz"
+    } else {
+        "-Zgzip"
+    };
     util::run(
         Command::new("dpkg-deb")
             .args(["--root-owner-group", compress, "--build"])
@@ -228,7 +244,11 @@ fn set_mode(path: &Path, mode: u32) -> Result<()> {
 }
 
 fn du_kib(dir: &Path) -> Result<u64> {
-    let out = util::output(Command::new("du").args(["-sk", "--exclude=DEBIAN"]).arg(dir))?;
+    let out = util::output(
+        Command::new("du")
+            .args(["-sk", "--exclude=DEBIAN"])
+            .arg(dir),
+    )?;
     out.split_whitespace()
         .next()
         .and_then(|n| n.parse().ok())
@@ -254,7 +274,11 @@ mod tests {
         )
         .unwrap();
         for unit in UNITS {
-            fs::copy(workspace_root().join("dist/systemd").join(unit), units.join(unit)).unwrap();
+            fs::copy(
+                workspace_root().join("dist/systemd").join(unit),
+                units.join(unit),
+            )
+            .unwrap();
         }
         if let Some(text) = agent_unit {
             fs::write(units.join("corral-agent.service"), text).unwrap();
@@ -287,12 +311,15 @@ mod tests {
     fn an_impossible_unit_setting_is_refused_with_its_line() {
         assert!(have_systemd_analyze());
         let shipped =
-            fs::read_to_string(workspace_root().join("dist/systemd/corral-agent.service"))
-                .unwrap();
+            fs::read_to_string(workspace_root().join("dist/systemd/corral-agent.service")).unwrap();
         for (from, to, needle) in [
             ("KillMode=process", "KillMode=sometimes", "kill mode"),
             ("WatchdogSec=30s", "WatchdogSec=soon", "sec value"),
-            ("Delegate=yes", "Delegate=yes\nDelegateTo=everyone", "DelegateTo"),
+            (
+                "Delegate=yes",
+                "Delegate=yes\nDelegateTo=everyone",
+                "DelegateTo",
+            ),
         ] {
             assert!(shipped.contains(from), "{from} not in the unit");
             let root = scratch_root(Some(&shipped.replace(from, to)));
@@ -360,7 +387,11 @@ mod tests {
         assert!(c.contains("Installed-Size: 1234\n"));
         assert!(c.contains("Depends: libc6"));
         // Continuation lines of the description start with a space.
-        for l in c.lines().skip_while(|l| !l.starts_with("Description:")).skip(1) {
+        for l in c
+            .lines()
+            .skip_while(|l| !l.starts_with("Description:"))
+            .skip(1)
+        {
             assert!(l.starts_with(' '), "{l:?}");
         }
     }

@@ -132,10 +132,7 @@ impl Plane {
         dp.endpoint(Ipv4Addr::UNSPECIFIED)
             .map_err(|e| format!("reading the endpoint map: {e}"))?;
         if !dp.pin_dir().is_dir() {
-            return Err(format!(
-                "its pins in {} are gone",
-                dp.pin_dir().display()
-            ));
+            return Err(format!("its pins in {} are gone", dp.pin_dir().display()));
         }
         Ok(())
     }
