@@ -70,14 +70,8 @@ pub fn to_text_004(openmetrics: &str) -> String {
             out.push_str(&format!("# TYPE {name} {kind}\n"));
             continue;
         }
-        let sample = line
-            .split(|c: char| c == '{' || c == ' ')
-            .next()
-            .unwrap_or_default();
-        if sample
-            .strip_suffix("_created")
-            .is_some_and(|family| is_counter(family))
-        {
+        let sample = line.split(['{', ' ']).next().unwrap_or_default();
+        if sample.strip_suffix("_created").is_some_and(is_counter) {
             continue;
         }
         out.push_str(line);
