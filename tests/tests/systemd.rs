@@ -2,7 +2,8 @@
 //! datagram socket the test binds and names in NOTIFY_SOCKET): READY=1 only
 //! once the running instances are re-adopted, keep-alives while healthy
 //! when WATCHDOG_USEC is set, STOPPING=1 on SIGTERM, and nothing of it
-//! leaks to the instances' shims.
+//! leaks to the instances' shims. And the unit's capability bounding set
+//! leaves the agent all it needs.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -121,4 +122,63 @@ fn ready_only_after_readoption_then_keepalives_then_stopping() {
         );
     }
     // Drop brings an agent back (without systemd) and removes everything.
+}
+
+/// The capabilities the agent's unit leaves it (`CapabilityBoundingSet=~…`)
+/// are enough: with that bounding set (applied by setpriv, as systemd
+/// would), the agent runs an instance with its own network and the eBPF
+/// data plane, the node reaches it, and it is removed cleanly.
+#[test]
+fn the_units_capability_bounding_set_is_enough_for_instances_and_the_data_plane() {
+    common::require_root();
+    let unit =
+        std::fs::read_to_string(common::workspace().join("dist/systemd/corral-agent.service"))
+            .unwrap();
+    let dropped: Vec<String> = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet=~"))
+        .expect("the agent's unit drops capabilities")
+        .split_whitespace()
+        .map(|c| format!("-{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let wrapper = vec![
+        "setpriv".to_owned(),
+        "--bounding-set".to_owned(),
+        dropped.join(","),
+        "--".to_owned(),
+    ];
+    let cell = Cell::start_wrapped("[network]\nsubnet = \"10.244.9.0/24\"\n", wrapper);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", cell.agent_pid())).unwrap();
+    let bnd = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapBnd:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    const CAP_SYS_MODULE: u32 = 16;
+    assert_eq!(
+        bnd & (1 << CAP_SYS_MODULE),
+        0,
+        "the bounding set was not applied"
+    );
+    cell.put_ok("caps-0", &lrp("exec httpd -f -p 8080"));
+    let v = cell.wait_state("caps-0", "running");
+    let addr = v["address"].as_str().expect("an address").to_owned();
+    let ping = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", cell.netns))
+        .arg(common::rootfs().join("bin/busybox"))
+        .args(["ping", "-c", "1", "-W", "2", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+    let m = cell.metrics();
+    assert!(
+        m.contains("corral_instance_network_packets_total{instance=\"caps-0\""),
+        "{m}"
+    );
+    cell.delete("caps-0");
+    cell.assert_clean();
 }
