@@ -182,3 +182,69 @@ fn the_units_capability_bounding_set_is_enough_for_instances_and_the_data_plane(
     cell.delete("caps-0");
     cell.assert_clean();
 }
+
+/// Keep-alives follow the agent's health, not a timer: when the data
+/// plane's pins disappear from bpffs the agent says why and stops the
+/// keep-alives (systemd would restart it); when they are back, so are the
+/// keep-alives.
+#[test]
+fn keepalives_stop_while_the_data_plane_is_unreachable() {
+    let mut cell = Cell::start_with("[network]\nsubnet = \"10.244.11.0/24\"\n");
+    cell.stop_agent();
+    let path = cell.dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    cell.spawn_agent_env(&[
+        ("NOTIFY_SOCKET", path.as_os_str()),
+        ("WATCHDOG_USEC", "4000000".as_ref()),
+    ]);
+    cell.wait_ready();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m =
+            next(&sock, deadline.saturating_duration_since(Instant::now())).expect("a keep-alive");
+        if has(&m, "WATCHDOG=1") {
+            break;
+        }
+    }
+    // The agent's bpffs is in the cell's mount namespace.
+    let bpf = format!("/proc/{}/root/sys/fs/bpf/corral", cell.agent_pid());
+    let pins = format!("{bpf}/{}", cell.name);
+    let aside = format!("{bpf}/{}-aside", cell.name);
+    std::fs::rename(&pins, &aside).unwrap();
+    struct Restore(String, String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::rename(&self.1, &self.0);
+        }
+    }
+    let restore = Restore(pins, aside);
+    let status = loop {
+        let m = next(&sock, Duration::from_secs(10)).expect("an unhealthy status");
+        if !has(&m, "WATCHDOG=1") {
+            break m;
+        }
+    };
+    assert!(
+        status.starts_with("STATUS=unhealthy: the data plane: its pins in /sys/fs/bpf/corral/"),
+        "{status}"
+    );
+    // A whole watchdog period (4 s) without a keep-alive.
+    let quiet = Instant::now();
+    while let Some(m) = next(
+        &sock,
+        Duration::from_secs(5).saturating_sub(quiet.elapsed()),
+    ) {
+        assert!(!has(&m, "WATCHDOG=1"), "keep-alive while unhealthy: {m}");
+        if quiet.elapsed() >= Duration::from_secs(5) {
+            break;
+        }
+    }
+    drop(restore);
+    let back = next(&sock, Duration::from_secs(10)).expect("keep-alives again");
+    assert_eq!(back, "WATCHDOG=1\nSTATUS=healthy again\n");
+    assert!(
+        cell.agent_log().contains("unhealthy"),
+        "{}",
+        cell.agent_log()
+    );
+}
