@@ -58,9 +58,9 @@ const DIRS: &[(&str, u32)] = &[("etc/corral/certs", 0o755), ("var/lib/corral", 0
 
 /// Runtime dependencies: glibc, libgcc (unwinding), libseccomp (libcontainer),
 /// e2fsprogs (mkfs.ext4 for instance disks), util-linux (losetup, mount),
-/// passwd (the brain's user, made by postinst).
-const DEPENDS: &str =
-    "libc6 (>= 2.36), libgcc-s1, libseccomp2, e2fsprogs, util-linux, passwd, systemd";
+/// passwd (the brain's user, made by postinst). Not systemd: the units are
+/// for hosts that run it, the daemons run without it.
+const DEPENDS: &str = "libc6 (>= 2.36), libgcc-s1, libseccomp2, e2fsprogs, util-linux, passwd";
 
 pub fn run(args: &[String]) -> Result<()> {
     let debug = match args {
