@@ -126,11 +126,17 @@ pub async fn handle(
                 )
             }
         }
-        (&Method::GET, ["metrics"]) => full(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            crate::metrics::render(&state.registry),
-        ),
+        (&Method::GET, ["metrics"]) => {
+            let accept = req
+                .headers()
+                .get(hyper::header::ACCEPT)
+                .and_then(|v| v.to_str().ok());
+            let (body, ctype) = corral_proto::exposition::negotiate(
+                crate::metrics::render(&state.registry),
+                accept,
+            );
+            full(StatusCode::OK, ctype, body)
+        }
         _ if !state.ready.load(Ordering::Acquire) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "agent is starting: re-adopting instances".into(),

@@ -13,5 +13,6 @@ pub mod network;
 pub mod oci;
 pub mod paths;
 pub mod preflight;
+pub mod selfcheck;
 pub mod shim;
 pub mod sys;

@@ -10,7 +10,9 @@ use corral_agent::metrics::Metrics;
 use corral_agent::network::ipam::check_no_overlap;
 use corral_agent::network::plane::Plane;
 use corral_agent::network::Network;
+use corral_agent::selfcheck::SelfCheck;
 use corral_agent::{api, cgroups, preflight, shim};
+use corral_systemd::notify::{self, Notifier, State};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -69,6 +71,16 @@ fn main() {
         None => {}
     }
     init_tracing();
+    // Read (and removed from the environment, so shims do not inherit it)
+    // while this process is still single-threaded; a unit that asks for
+    // something impossible stops the start here, before anything changes.
+    let notifier = match Notifier::take_from_env("corral-agent", MIN_WATCHDOG) {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("corral-agent: {e}");
+            std::process::exit(2);
+        }
+    };
     let host = HostFacts::probe(std::path::Path::new("/var/lib/corral"));
     let cfg = match Config::load(&cli.config, &host) {
         Ok(c) => c,
@@ -136,12 +148,16 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = rt.block_on(run(cfg, creds)) {
+    if let Err(e) = rt.block_on(run(cfg, creds, notifier)) {
         tracing::error!("{e:#}");
         eprintln!("corral-agent: {e:#}");
         std::process::exit(1);
     }
 }
+
+/// The shortest `WatchdogSec=` accepted: keep-alives go every half period,
+/// each after a health check that may take a quarter period (1 s here).
+const MIN_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(4);
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
@@ -157,7 +173,12 @@ fn init_tracing() {
     }
 }
 
-async fn run(cfg: Config, creds: Option<corral_link::tls::Credentials>) -> anyhow::Result<()> {
+async fn run(
+    cfg: Config,
+    creds: Option<corral_link::tls::Credentials>,
+    notifier: Option<Notifier>,
+) -> anyhow::Result<()> {
+    let sd = notifier.as_ref();
     let exe = std::env::current_exe().context("cannot find the agent's own executable")?;
     for d in [&cfg.data_dir, &cfg.run_dir] {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -176,6 +197,7 @@ async fn run(cfg: Config, creds: Option<corral_link::tls::Credentials>) -> anyho
             check_no_overlap(subnet, &node).context("checking [network] subnet")?;
             tracing::info!(%subnet, "cell network");
             let plane = if cfg.dataplane {
+                notify::send(sd, &[State::Status("loading the data plane".into())]);
                 let pins = std::path::Path::new("/sys/fs/bpf/corral").join(cfg.cell_id.as_str());
                 Some(Plane::load(&pins).context("loading the eBPF data plane")?)
             } else {
@@ -235,8 +257,31 @@ async fn run(cfg: Config, creds: Option<corral_link::tls::Credentials>) -> anyho
             "disk limits are not enforced ([disk] enforce = false): disk_mb is only accounted"
         );
     }
+    notify::send(sd, &[State::Status("re-adopting instances".into())]);
     let adopted = exec.adopt().await.context("re-adopting instances")?;
     state.ready.store(true, Ordering::Release);
+    // Ready for systemd only now: the data plane is loaded (above) and every
+    // instance that was running is in the table, so units ordered after this
+    // one, and the brain, see the whole cell.
+    notify::send(
+        sd,
+        &[
+            State::Ready,
+            State::Status(format!(
+                "ready: cell {}, {adopted} instance(s) re-adopted",
+                cfg.cell_id
+            )),
+        ],
+    );
+    if let Some(n) = notifier.clone() {
+        let check = SelfCheck {
+            socket: cfg.api_socket.clone(),
+            exec: exec.clone(),
+        };
+        tokio::spawn(corral_systemd::watchdog::run(n, move || {
+            check.clone().run()
+        }));
+    }
     tracing::info!(
         cell = %cfg.cell_id,
         adopted,
@@ -272,6 +317,13 @@ async fn run(cfg: Config, creds: Option<corral_link::tls::Credentials>) -> anyho
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+    notify::send(
+        sd,
+        &[
+            State::Stopping,
+            State::Status("stopping; instances keep running".into()),
+        ],
+    );
     if let Some(link) = link {
         link.shutdown().await;
     }

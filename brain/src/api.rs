@@ -591,11 +591,15 @@ async fn route(state: &ApiState, closing: watch::Receiver<bool>, req: Request<In
     if segs.as_slice() == ["metrics"] {
         if let Some(render) = &state.metrics {
             return match method {
-                Method::GET | Method::HEAD => Ok(full(
-                    StatusCode::OK,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    render(),
-                )),
+                Method::GET | Method::HEAD => {
+                    // OpenMetrics when asked for, else the classic format.
+                    let accept = req
+                        .headers()
+                        .get(hyper::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok());
+                    let (body, ctype) = corral_proto::exposition::negotiate(render(), accept);
+                    Ok(full(StatusCode::OK, ctype, body))
+                }
                 _ => Err(method_not_allowed(&method, &path, "GET")),
             };
         }

@@ -12,9 +12,25 @@ use corral_brain::config::Config;
 use corral_brain::PeerIdentity;
 use corral_proto::wire::BrainId;
 use corral_proto::CellId;
+use corral_systemd::notify::{self, Notifier, State};
+use corral_systemd::{probe, Check, Progress};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// The shortest `WatchdogSec=` accepted: keep-alives go every half period,
+/// each after a health check that may take a quarter period (1 s here).
+const MIN_WATCHDOG: Duration = Duration::from_secs(4);
+
+/// The brain's loop converges at least every sweep (5 s) even when idle,
+/// and at most every 10 × the last pass's duration when loaded: a pass
+/// counter that has not moved for this long means the loop is stuck.
+const LOOP_STALL: Duration = Duration::from_secs(60);
+
+/// The counter the watchdog follows.
+const CONVERGENCE_RUNS: &str = "corral_brain_convergence_runs_total";
 
 #[derive(Parser)]
 #[command(
@@ -134,6 +150,9 @@ fn init_tracing() {
 }
 
 fn run_brain(path: &Path, check: bool) -> Result<()> {
+    // Read (and removed from the environment) while single-threaded; a
+    // unit that asks for something impossible stops the start here.
+    let notifier = Notifier::take_from_env("corral-brain", MIN_WATCHDOG)?;
     let config = Config::load(path, &hostname())?;
     if check {
         let creds = corral_brain::tls::Credentials::from_files(
@@ -160,9 +179,79 @@ fn run_brain(path: &Path, check: bool) -> Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        corral_brain::run::run(config, |_| {}, shutdown_signal()).await?;
+        let sd = notifier.clone();
+        let ready = move |bound: corral_brain::run::Bound| {
+            let api = bound
+                .api
+                .map_or_else(|| "off".to_owned(), |a| a.to_string());
+            notify::send(
+                sd.as_ref(),
+                &[
+                    State::Ready,
+                    State::Status(format!("ready: cells on {}, API on {api}", bound.quic)),
+                ],
+            );
+            if let Some(n) = sd {
+                tokio::spawn(corral_systemd::watchdog::run(n, health(bound.api)));
+            }
+        };
+        let shutdown = async {
+            shutdown_signal().await;
+            notify::send(
+                notifier.as_ref(),
+                &[State::Stopping, State::Status("stopping".into())],
+            );
+        };
+        corral_brain::run::run(config, ready, shutdown).await?;
         Ok(())
     })
+}
+
+/// The brain's health for systemd's watchdog: its API answers `/metrics`,
+/// and the loop's convergence counter keeps moving (the loop sweeps every
+/// 5 s even when idle). Without an API only the runtime's liveness is
+/// proved: this task runs.
+fn health(
+    api: Option<SocketAddr>,
+) -> impl FnMut() -> std::pin::Pin<Box<dyn std::future::Future<Output = Check> + Send>> {
+    let progress = Arc::new(Mutex::new(Progress::new(
+        "the brain's convergence loop",
+        LOOP_STALL,
+    )));
+    move || {
+        let progress = progress.clone();
+        Box::pin(async move {
+            let Some(addr) = api else {
+                return Ok(());
+            };
+            let addr = loopback_for(addr);
+            let stream = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|e| format!("the API on {addr}: {e}"))?;
+            let r = probe::get(stream, "/metrics")
+                .await
+                .map_err(|e| format!("the API on {addr}: {e}"))?;
+            if r.status != 200 {
+                return Err(format!(
+                    "the API on {addr} answered /metrics with {}",
+                    r.status
+                ));
+            }
+            let runs = probe::sample(&r.body, CONVERGENCE_RUNS)
+                .ok_or_else(|| format!("/metrics has no {CONVERGENCE_RUNS}"))?;
+            let mut p = progress.lock().unwrap_or_else(|e| e.into_inner());
+            p.observe(runs as u64, Instant::now())
+        })
+    }
+}
+
+/// Where to reach a listener bound to `addr` from this host.
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
 }
 
 async fn shutdown_signal() {

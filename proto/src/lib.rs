@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod capacity;
+pub mod exposition;
 pub mod ids;
 pub mod instance;
 pub mod policy;

@@ -1,6 +1,7 @@
 //! `cargo xtask deps`: the Debian packages the build, tests, demo and
 //! benchmarks need.
 
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Result};
@@ -12,6 +13,8 @@ use crate::util::{self, is_root};
 /// namespaces, runc as the benchmark peer, bpftool for inspecting maps,
 /// e2fsprogs (mkfs.ext4) and util-linux (mount, nsenter, unshare) for
 /// instance disks and test nodes; both are essential on Debian but named here.
+/// `cargo xtask dist` and its tests: systemd (systemd-analyze verify),
+/// binutils (strip); prometheus for promtool (`promtool check metrics`).
 const PACKAGES: &[&str] = &[
     "clang-19",
     "libbpf-dev",
@@ -23,6 +26,9 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     "e2fsprogs",
     "util-linux",
+    "systemd",
+    "binutils",
+    "prometheus",
 ];
 
 pub fn run() -> Result<()> {
@@ -45,6 +51,17 @@ pub fn run() -> Result<()> {
             .args(["install", "-y", "--no-install-recommends"])
             .args(&missing),
     )?;
+    // Only promtool is wanted from the prometheus package; its server is
+    // enabled (and, under systemd, started) by the package. Put it back
+    // off when this run installed it.
+    if missing.contains(&"prometheus") && Path::new("/run/systemd/system").exists() {
+        let off = Command::new("systemctl")
+            .args(["disable", "--now", "prometheus.service"])
+            .status();
+        if !matches!(off, Ok(s) if s.success()) {
+            println!("note: could not disable prometheus.service (only promtool is needed)");
+        }
+    }
     let still: Vec<&str> = missing.into_iter().filter(|p| !installed(p)).collect();
     if !still.is_empty() {
         bail!(

@@ -11,6 +11,7 @@ mod bench_net;
 mod demo;
 mod demo_cluster;
 mod deps;
+mod dist;
 mod fuzz;
 mod http;
 mod rootfs;
@@ -48,6 +49,9 @@ commands:
                        bulk between instances on one cell and on two, with vs
                        without the programs; appends to docs/benchmarks.md
                        (root; `bench net --help` lists the options)
+  dist [--debug]       build the .deb (release build): binaries, systemd units
+                       (checked with systemd-analyze verify), default configs,
+                       state directories; target/corral_<version>_<arch>.deb
   fuzz [SECONDS]       run every cargo-fuzz target SECONDS each (default 60);
                        installs cargo-fuzz if missing, works on stable
   help                 print this message
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         // Hidden: the load `bench net` runs inside instances' namespaces.
         ("bench", [sub, rest @ ..]) if sub == "net-peer" => bench_net::peer(rest),
         ("fuzz", rest) => fuzz::run(rest),
+        ("dist", rest) => dist::run(rest),
         ("help" | "-h" | "--help", _) => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::util::{self, cargo, fmt_duration, is_root, step, workspace_root};
-use crate::{deps, rootfs};
+use crate::{deps, dist, rootfs};
 
 pub fn run(args: &[String]) -> Result<()> {
     let (unit_only, extra) = parse_args(args);
@@ -39,6 +39,9 @@ pub fn run(args: &[String]) -> Result<()> {
         util::run(cargo().args(["test", "--workspace", "--exclude", "corral-tests"]))
     })?;
     let rootfs = step("rootfs", rootfs::ensure)?;
+    // The package of the debug build: its units are verified here, its
+    // contents and installation by the privileged `dist` tests.
+    let deb = step("dist (debug .deb)", || dist::package("debug"))?;
     if unit_only {
         println!("\n--unit: skipped the privileged end-to-end tests");
     } else {
@@ -50,7 +53,8 @@ pub fn run(args: &[String]) -> Result<()> {
                     .args(extra)
                     .env("CORRAL_AGENT_BIN", target.join("corral-agent"))
                     .env("CORRAL_CLI_BIN", target.join("corral"))
-                    .env("CORRAL_TEST_ROOTFS", &rootfs),
+                    .env("CORRAL_TEST_ROOTFS", &rootfs)
+                    .env("CORRAL_DEB", &deb),
             )
         })?;
     }

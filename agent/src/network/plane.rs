@@ -156,6 +156,19 @@ impl Plane {
         }
     }
 
+    /// Proves the data plane is reachable (the watchdog's check): one map
+    /// lookup, and its pins still in bpffs (without them a restarted agent
+    /// would lose the maps that keep traffic flowing).
+    pub fn probe(&self) -> Result<(), String> {
+        let dp = lock(&self.dp);
+        dp.endpoint(Ipv4Addr::UNSPECIFIED)
+            .map_err(|e| format!("reading the endpoint map: {e}"))?;
+        if !dp.pin_dir().is_dir() {
+            return Err(format!("its pins in {} are gone", dp.pin_dir().display()));
+        }
+        Ok(())
+    }
+
     pub fn counters(&self) -> Option<Counters> {
         lock(&self.dp)
             .counters()

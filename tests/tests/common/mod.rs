@@ -108,6 +108,8 @@ pub struct Cell {
     pub cgroup_root: String,
     pub client: Client,
     agent: Option<Child>,
+    /// A command the agent runs under (e.g. `setpriv ... --`), if any.
+    wrapper: Vec<String>,
     /// Holds the cell's private mount namespace across agent restarts, as
     /// the host's mount namespace does for a real node.
     mount_holder: Child,
@@ -134,6 +136,16 @@ impl Cell {
 
     /// Starts a cell with this name (from [`Cell::new_name`]).
     pub fn start_named(name: &str, extra: &str) -> Cell {
+        Self::start_full(name, extra, Vec::new())
+    }
+
+    /// Starts a cell whose agent runs under `wrapper` (a command that execs
+    /// its arguments, such as `setpriv --bounding-set ... --`).
+    pub fn start_wrapped(extra: &str, wrapper: Vec<String>) -> Cell {
+        Self::start_full(&Self::new_name(), extra, wrapper)
+    }
+
+    fn start_full(name: &str, extra: &str, wrapper: Vec<String>) -> Cell {
         require_root();
         let name = name.to_owned();
         let netns = format!("corral-{name}");
@@ -203,6 +215,7 @@ impl Cell {
             cgroup_root,
             client,
             agent: None,
+            wrapper,
             mount_holder,
         };
         cell.spawn_agent();
@@ -220,6 +233,12 @@ impl Cell {
     /// Starts the agent inside the node's network namespace and a private
     /// mount namespace, and waits for /readyz.
     pub fn spawn_agent(&mut self) {
+        self.spawn_agent_env(&[]);
+        self.wait_ready();
+    }
+
+    /// Starts the agent with extra environment variables; returns at once.
+    pub fn spawn_agent_env(&mut self, env: &[(&str, &std::ffi::OsStr)]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -228,15 +247,21 @@ impl Cell {
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", self.netns))
             .arg(format!("--mount=/proc/{}/ns/mnt", self.mount_holder.id()))
+            .args(&self.wrapper)
             .arg(agent_bin())
             .arg("--config")
             .arg(&self.config)
             .stdin(Stdio::null())
+            .envs(env.iter().copied())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
         self.agent = Some(child);
+    }
+
+    /// Waits until the agent answers /readyz.
+    pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(c) = self.agent.as_mut() {
