@@ -203,6 +203,13 @@ pub struct AuctionConfig {
     /// instances only). Default 1000 (Diego's `LocalityOffset`): large
     /// enough that spreading an app over cells beats any load difference.
     pub app_penalty: f64,
+    /// Each cell's share of the round, `⌊batch / open cells⌋` starts, is
+    /// not charged the starting weight: only starts beyond it are. Within
+    /// its share a cell is chosen by its load alone, so a large round is
+    /// dealt out by what each item takes, not by counting starts; beyond
+    /// it the weight still keeps a fresh empty cell from taking the round.
+    /// Default on; Diego's auction charges every start.
+    pub round_share: bool,
 }
 
 impl AuctionConfig {
@@ -212,6 +219,7 @@ impl AuctionConfig {
             scoring: Scoring::Mean,
             starting_weight: 0.25,
             app_penalty: 1000.0,
+            round_share: false,
         }
     }
 }
@@ -220,6 +228,7 @@ impl Default for AuctionConfig {
     fn default() -> Self {
         Self {
             scoring: Scoring::Balanced,
+            round_share: true,
             ..Self::diego()
         }
     }
@@ -417,6 +426,16 @@ fn score(
         + config.app_penalty * f64::from(same_app)
 }
 
+/// How many starts of a round each cell takes without being charged the
+/// starting weight (see [`AuctionConfig::round_share`]).
+fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> u32 {
+    if !config.round_share {
+        return 0;
+    }
+    let open = cells.iter().filter(|c| !c.draining).count();
+    u32::try_from(batch.checked_div(open).unwrap_or(0)).unwrap_or(u32::MAX)
+}
+
 /// Lower wins: fewer of the app in the zone, then the score; the caller
 /// walks cells by id and keeps the first of equals.
 fn better(zone_count: u32, score: f64, than: Option<(u32, f64)>) -> bool {
@@ -551,10 +570,13 @@ struct Working<'a> {
     total: Vec<Inverse>,
     available: Vec<Capacity>,
     starting: Vec<u32>,
+    /// Starts per cell not charged the starting weight.
+    share: u32,
 }
 
 impl<'a> Working<'a> {
-    fn new(config: &'a AuctionConfig, cells: &'a mut [CellView]) -> Self {
+    fn new(config: &'a AuctionConfig, cells: &'a mut [CellView], batch: usize) -> Self {
+        let share = round_share(config, cells, batch);
         let mut by_id: Vec<usize> = (0..cells.len()).collect();
         by_id.sort_by(|&a, &b| cells[a].id.cmp(&cells[b].id));
         let mut zone_ids: BTreeMap<&Zone, u32> = BTreeMap::new();
@@ -579,6 +601,7 @@ impl<'a> Working<'a> {
             total,
             available,
             starting,
+            share,
         }
     }
 
@@ -671,7 +694,7 @@ impl<'a> Working<'a> {
                 self.total[pos],
                 available,
                 req,
-                self.starting[pos],
+                self.starting[pos].saturating_sub(self.share),
                 same_app,
             );
             if better(zone_count, s, best) {
@@ -711,7 +734,7 @@ pub fn run_auction(
     cells: &mut [CellView],
     batch: &[WorkItem],
 ) -> AuctionOutcome {
-    let mut work = Working::new(config, cells);
+    let mut work = Working::new(config, cells, batch.len());
     let mut classes: BTreeMap<(&BTreeSet<Tag>, &str), Vec<usize>> = BTreeMap::new();
     // Every app of the batch, counted once, numbered in key order.
     let mut app_index: BTreeMap<(&TenantId, &AppId), usize> = batch
@@ -775,6 +798,7 @@ pub mod reference {
     ) -> AuctionOutcome {
         let mut by_id: Vec<usize> = (0..cells.len()).collect();
         by_id.sort_by(|&a, &b| cells[a].id.cmp(&cells[b].id));
+        let share = round_share(config, cells, batch.len());
         let mut outcome = AuctionOutcome::default();
         for i in batch_order(batch) {
             let item = &batch[i];
@@ -801,7 +825,8 @@ pub mod reference {
                     None => (0, 0),
                 };
                 let total = Inverse::of(c.total);
-                let s = score(config, total, c.available, req, c.starting, same_app);
+                let starting = c.starting.saturating_sub(share);
+                let s = score(config, total, c.available, req, starting, same_app);
                 if better(zone_count, s, best) {
                     best = Some((zone_count, s));
                     winner = Some(at);
@@ -1387,7 +1412,7 @@ mod tests {
     }
 
     fn arb_config() -> impl Strategy<Value = AuctionConfig> {
-        (any::<bool>(), 0u8..3, 0u8..3).prop_map(|(diego, sw, ap)| AuctionConfig {
+        (any::<bool>(), 0u8..3, 0u8..3, any::<bool>()).prop_map(|(diego, sw, ap, share)| AuctionConfig {
             scoring: if diego {
                 Scoring::Mean
             } else {
@@ -1395,6 +1420,7 @@ mod tests {
             },
             starting_weight: [0.0, 0.25, 2.0][sw as usize],
             app_penalty: [0.0, 1000.0, 0.1][ap as usize],
+            round_share: share,
         })
     }
 
