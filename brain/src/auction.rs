@@ -203,12 +203,13 @@ pub struct AuctionConfig {
     /// instances only). Default 1000 (Diego's `LocalityOffset`): large
     /// enough that spreading an app over cells beats any load difference.
     pub app_penalty: f64,
-    /// Each cell's share of the round, `⌊batch / open cells⌋` starts, is
-    /// not charged the starting weight: only starts beyond it are. Within
-    /// its share a cell is chosen by its load alone, so a large round is
-    /// dealt out by what each item takes, not by counting starts; beyond
-    /// it the weight still keeps a fresh empty cell from taking the round.
-    /// Default on; Diego's auction charges every start.
+    /// Each cell's even share of the starts in flight, `⌊(starting on the
+    /// open cells + batch) / open cells⌋`, is not charged the starting
+    /// weight: only starts beyond it are. Within its share a cell is chosen
+    /// by its load alone, so a large round (or several rounds in flight)
+    /// is dealt out by what each item takes, not by counting starts;
+    /// beyond it the weight still keeps a fresh empty cell from taking the
+    /// round. Default on; Diego's auction charges every start.
     pub round_share: bool,
 }
 
@@ -426,14 +427,18 @@ fn score(
         + config.app_penalty * f64::from(same_app)
 }
 
-/// How many starts of a round each cell takes without being charged the
-/// starting weight (see [`AuctionConfig::round_share`]).
+/// How many starts in flight each cell may have without being charged the
+/// starting weight (see [`AuctionConfig::round_share`]): its even share of
+/// the starts already in flight on the open cells plus the batch.
 fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> u32 {
     if !config.round_share {
         return 0;
     }
-    let open = cells.iter().filter(|c| !c.draining).count();
-    u32::try_from(batch.checked_div(open).unwrap_or(0)).unwrap_or(u32::MAX)
+    let open = cells.iter().filter(|c| !c.draining);
+    let starting: u64 = open.clone().map(|c| u64::from(c.starting)).sum();
+    let starts = starting.saturating_add(u64::try_from(batch).unwrap_or(u64::MAX));
+    let share = starts.checked_div(open.count() as u64).unwrap_or(0);
+    u32::try_from(share).unwrap_or(u32::MAX)
 }
 
 /// Lower wins: fewer of the app in the zone, then the score; the caller

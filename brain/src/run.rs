@@ -71,7 +71,7 @@ use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 
 /// The convergence safety sweep.
 pub const SWEEP: Duration = Duration::from_secs(5);
@@ -478,6 +478,35 @@ enum Request {
     Stop,
 }
 
+/// What the change events since the last look touched.
+#[derive(Default)]
+struct Changed {
+    apps: BTreeSet<AppKey>,
+    tasks: BTreeSet<TaskId>,
+    policies: bool,
+    /// Events were lost: read everything.
+    everything: bool,
+}
+
+impl Changed {
+    fn note(&mut self, event: ChangeEvent) {
+        match event {
+            ChangeEvent::AppCreated { app, .. } | ChangeEvent::AppUpdated { app, .. } => {
+                self.apps.insert(app.key());
+            }
+            ChangeEvent::AppDeleted { tenant, name, .. } => {
+                self.apps.insert(AppKey { tenant, name });
+            }
+            ChangeEvent::TaskCreated { task, .. } | ChangeEvent::TaskUpdated { task, .. } => {
+                self.tasks.insert(task.id);
+            }
+            ChangeEvent::PolicyCreated { .. } | ChangeEvent::PolicyDeleted { .. } => {
+                self.policies = true;
+            }
+        }
+    }
+}
+
 /// An item waiting for an auction, and the cells that refused it.
 struct Queued {
     item: WorkItem,
@@ -556,7 +585,8 @@ struct Loop {
 
 impl Loop {
     async fn run(mut self, mut input: mpsc::Receiver<Input>, shutdown: impl Future<Output = ()>) {
-        let mut changes = self.api.watch_changes();
+        // Subscribed before the first read, so that no change is missed.
+        let mut changes = self.api.subscribe_events();
         tokio::pin!(shutdown);
         self.reload_desired();
         self.step(false);
@@ -574,9 +604,24 @@ impl Loop {
                         self.handle(more);
                     }
                 }
-                changed = changes.changed() => {
-                    if changed.is_err() { break; }
-                    self.reload_desired();
+                event = changes.recv() => {
+                    let mut changed = Changed::default();
+                    let mut next = event;
+                    loop {
+                        match next {
+                            Ok(e) => changed.note(e),
+                            Err(broadcast::error::RecvError::Lagged(_)) => changed.everything = true,
+                            Err(broadcast::error::RecvError::Closed) => break,
+                        }
+                        next = match changes.try_recv() {
+                            Ok(e) => Ok(e),
+                            Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                Err(broadcast::error::RecvError::Lagged(n))
+                            }
+                            Err(_) => break,
+                        };
+                    }
+                    self.reload_changed(changed);
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
                 () = &mut shutdown => break,
@@ -602,6 +647,51 @@ impl Loop {
             wake = wake.min(r);
         }
         wake
+    }
+
+    /// Reads what changed from the store (its current state, whatever the
+    /// order the events arrived in), or everything if events were lost.
+    fn reload_changed(&mut self, changed: Changed) {
+        if changed.everything {
+            self.reload_desired();
+            return;
+        }
+        if changed.policies {
+            match self.store.policies() {
+                Ok(p) => self.policies = p.into_iter().map(|p| p.rule).collect(),
+                Err(e) => tracing::error!("reading policies: {e}"),
+            }
+        }
+        for key in changed.apps {
+            match self.store.app(&key) {
+                Ok(Some(app)) => {
+                    self.cluster.apps.insert(key, app);
+                }
+                Ok(None) => {
+                    self.cluster.apps.remove(&key);
+                }
+                Err(e) => {
+                    tracing::error!("reading app {}/{}: {e}", key.tenant, key.name);
+                    self.reload_desired();
+                    return;
+                }
+            }
+        }
+        for id in changed.tasks {
+            match self.store.task(&id) {
+                Ok(Some(task)) => {
+                    self.cluster.tasks.insert(id, task);
+                }
+                Ok(None) => {
+                    self.cluster.tasks.remove(&id);
+                }
+                Err(e) => {
+                    tracing::error!("reading task {id}: {e}");
+                    self.reload_desired();
+                    return;
+                }
+            }
+        }
     }
 
     fn reload_desired(&mut self) {
