@@ -203,9 +203,10 @@ pub struct AuctionConfig {
     /// instances only). Default 1000 (Diego's `LocalityOffset`): large
     /// enough that spreading an app over cells beats any load difference.
     pub app_penalty: f64,
-    /// Each cell's even share of the starts in flight, `⌊(starting on the
-    /// open cells + batch) / open cells⌋`, is not charged the starting
-    /// weight: only starts beyond it are. Within its share a cell is chosen
+    /// Each cell's even share of the starts in flight, `⌈(starting on the
+    /// open cells + batch) / open cells⌉`, is not charged the starting
+    /// weight: only starts beyond it are (a start is charged for the
+    /// cell's total including itself). Within its share a cell is chosen
     /// by its load alone, so a large round (or several rounds in flight)
     /// is dealt out by what each item takes, not by counting starts;
     /// beyond it the weight still keeps a fresh empty cell from taking the
@@ -429,16 +430,26 @@ fn score(
 
 /// How many starts in flight each cell may have without being charged the
 /// starting weight (see [`AuctionConfig::round_share`]): its even share of
-/// the starts already in flight on the open cells plus the batch.
-fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> u32 {
+/// the starts already in flight on the open cells plus the batch, rounded
+/// up. `None` when every start is charged.
+fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> Option<u32> {
     if !config.round_share {
-        return 0;
+        return None;
     }
     let open = cells.iter().filter(|c| !c.draining);
     let starting: u64 = open.clone().map(|c| u64::from(c.starting)).sum();
     let starts = starting.saturating_add(u64::try_from(batch).unwrap_or(u64::MAX));
-    let share = starts.checked_div(open.count() as u64).unwrap_or(0);
-    u32::try_from(share).unwrap_or(u32::MAX)
+    let share = starts.div_ceil((open.count() as u64).max(1));
+    Some(u32::try_from(share).unwrap_or(u32::MAX))
+}
+
+/// The starts a cell with `starting` in flight is charged for one more:
+/// all of them (Diego), or those of the new total beyond its share.
+fn charged(starting: u32, share: Option<u32>) -> u32 {
+    match share {
+        None => starting,
+        Some(share) => starting.saturating_add(1).saturating_sub(share),
+    }
 }
 
 /// Lower wins: fewer of the app in the zone, then the score; the caller
@@ -576,7 +587,7 @@ struct Working<'a> {
     available: Vec<Capacity>,
     starting: Vec<u32>,
     /// Starts per cell not charged the starting weight.
-    share: u32,
+    share: Option<u32>,
 }
 
 impl<'a> Working<'a> {
@@ -699,7 +710,7 @@ impl<'a> Working<'a> {
                 self.total[pos],
                 available,
                 req,
-                self.starting[pos].saturating_sub(self.share),
+                charged(self.starting[pos], self.share),
                 same_app,
             );
             if better(zone_count, s, best) {
@@ -830,7 +841,7 @@ pub mod reference {
                     None => (0, 0),
                 };
                 let total = Inverse::of(c.total);
-                let starting = c.starting.saturating_sub(share);
+                let starting = charged(c.starting, share);
                 let s = score(config, total, c.available, req, starting, same_app);
                 if better(zone_count, s, best) {
                     best = Some((zone_count, s));
