@@ -439,7 +439,7 @@ fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> Opti
     let open = cells.iter().filter(|c| !c.draining);
     let starting: u64 = open.clone().map(|c| u64::from(c.starting)).sum();
     let starts = starting.saturating_add(u64::try_from(batch).unwrap_or(u64::MAX));
-    let share = starts.div_ceil((open.count() as u64).max(1));
+    let share = starts.div_ceil((open.count() as u64).max(1)) + 1;
     Some(u32::try_from(share).unwrap_or(u32::MAX))
 }
 

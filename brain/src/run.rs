@@ -300,6 +300,7 @@ pub async fn run(
         dirty: false,
         converge_cost: Duration::ZERO,
         behind: false,
+        step_started: Instant::now(),
         wake_at: None,
         policies: Vec::new(),
         told_routes: Vec::new(),
@@ -574,6 +575,10 @@ struct Loop {
     converge_cost: Duration,
     /// Inputs were waiting when this pass started.
     behind: bool,
+    /// When this pass started, every input that had arrived read: a bid
+    /// deadline counts only if it passed before then (a long pass must not
+    /// turn bids that arrived during it into silence).
+    step_started: Instant,
     wake_at: Option<Time>,
     /// Desired policies, from the store.
     policies: Vec<PolicyRule>,
@@ -952,6 +957,7 @@ impl Loop {
     /// loop has not read everything that arrived.
     fn step(&mut self, behind: bool) {
         self.behind = behind;
+        self.step_started = Instant::now();
         let now = self.clock.now();
         let wall = self.clock.wall();
         self.start_accepted();
@@ -1020,10 +1026,12 @@ impl Loop {
             }
         }
         self.queue_tasks(now);
-        self.auction_step(now, wall);
         self.spread_network();
         self.publish_view();
+        // The auction is not convergence's cost: it is what the share
+        // leaves time for.
         self.converge_cost = started.elapsed();
+        self.auction_step(now, wall);
     }
 
     /// A start waiting in the brain's own queue, offered in a round or
@@ -1292,7 +1300,7 @@ impl Loop {
     /// (unless inputs are still waiting to be read): whoever has not
     /// answered refuses by silence.
     fn close_rounds(&mut self) {
-        let at = Instant::now();
+        let at = self.step_started;
         let ended: Vec<u64> = self
             .rounds
             .iter()
