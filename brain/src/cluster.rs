@@ -745,8 +745,8 @@ impl Cluster {
     }
 
     /// Connected cells as the auction sees them: what they report, less
-    /// what is reserved on them, with the starts in flight and the live
-    /// instances of `apps` (the apps of the batch; others do not matter to
+    /// what is reserved on them, with the starts they report and the live
+    /// (or reserved) instances of `apps` (the apps of the batch; others do not matter to
     /// the auction).
     pub fn auction_cells(&self, apps: &BTreeSet<AppKey>) -> Vec<AuctionCell> {
         let mut at: BTreeMap<&CellId, usize> = BTreeMap::new();
@@ -763,8 +763,10 @@ impl Cluster {
             if !c.missing_rootfs.is_empty() {
                 view.rootfs = RootfsSupport::Except(c.missing_rootfs.clone());
             }
-            let reserved = u32::try_from(c.reserved.len()).unwrap_or(u32::MAX);
-            view.starting = c.starting.saturating_add(reserved);
+            // Starts the cell reports count against the starting weight;
+            // work reserved on it is charged by what it takes (a cell
+            // slow to report must not look busier than it is).
+            view.starting = c.starting;
             at.insert(&c.id, views.len());
             views.push(view);
         }
@@ -796,7 +798,14 @@ impl Cluster {
             self.tally.add(app, cell);
         }
         c.reserved_total = add(c.reserved_total, need);
-        c.reserved.insert(id.clone(), Reserved { need, app, since: now });
+        c.reserved.insert(
+            id.clone(),
+            Reserved {
+                need,
+                app,
+                since: now,
+            },
+        );
     }
 
     /// Gives back what `id` held on `cell` (its bid was refused, its start

@@ -49,9 +49,7 @@ use crate::backoff::BackoffConfig;
 use crate::cluster::{Cluster, Effect, Pending};
 use crate::config::Config;
 use crate::converge::{converge, Action, ConvergeConfig, StopReason};
-use crate::desired::{
-    AppKey, ChangeEvent, Placement, TaskId, TaskResult, TaskState, Workload,
-};
+use crate::desired::{AppKey, ChangeEvent, Placement, TaskId, TaskResult, TaskState, Workload};
 use crate::hello::accept_hello;
 use crate::metrics::BrainMetrics;
 use crate::model::{LrpKey, Time};
@@ -1026,12 +1024,14 @@ impl Loop {
             }
         }
         self.queue_tasks(now);
+        let auction = Instant::now();
+        self.auction_step(now, wall);
+        let auction = auction.elapsed();
         self.spread_network();
         self.publish_view();
         // The auction is not convergence's cost: it is what the share
         // leaves time for.
-        self.converge_cost = started.elapsed();
-        self.auction_step(now, wall);
+        self.converge_cost = started.elapsed().saturating_sub(auction);
     }
 
     /// A start waiting in the brain's own queue, offered in a round or

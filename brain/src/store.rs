@@ -682,7 +682,11 @@ impl RedbStore {
     fn write_group(&self, group: Vec<(u64, Vec<Op>)>) -> Vec<(u64, Result<u64, StoreError>)> {
         if group.len() > 1 {
             if let Ok(revs) = self.commit_many(group.iter().map(|(_, ops)| ops.clone()).collect()) {
-                return group.iter().map(|(t, _)| *t).zip(revs.into_iter().map(Ok)).collect();
+                return group
+                    .iter()
+                    .map(|(t, _)| *t)
+                    .zip(revs.into_iter().map(Ok))
+                    .collect();
             }
         }
         group
@@ -754,11 +758,7 @@ impl Store for RedbStore {
                 return result;
             }
             if st.writing {
-                st = self
-                    .group
-                    .done
-                    .wait(st)
-                    .unwrap_or_else(|e| e.into_inner());
+                st = self.group.done.wait(st).unwrap_or_else(|e| e.into_inner());
                 continue;
             }
             st.writing = true;
