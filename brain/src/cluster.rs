@@ -1238,4 +1238,96 @@ mod tests {
         assert_eq!(c.routes().len(), 1);
         assert_eq!(c.endpoints().len(), 1);
     }
+
+    #[test]
+    fn reserved_work_counts_until_its_cell_reports_it() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot::default(),
+            Time::ZERO,
+            Timestamp(1),
+        );
+        c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
+        let full = Capacity {
+            memory_mb: 1024,
+            disk_mb: 1024,
+            containers: 10,
+        };
+        let snap = StateSnapshot {
+            available: full,
+            ..snapshot(0, vec![])
+        };
+        c.apply_snapshot(&cell_id("c1"), snap, Time::ZERO, Timestamp(1))
+            .unwrap();
+        let web = AppKey {
+            tenant: TenantId::new("acme").unwrap(),
+            name: AppId::new("web").unwrap(),
+        };
+        let apps: BTreeSet<AppKey> = [web.clone()].into();
+        let need = Capacity {
+            memory_mb: 100,
+            disk_mb: 10,
+            containers: 1,
+        };
+        let a = InstanceId::new("a").unwrap();
+        let b = InstanceId::new("b").unwrap();
+        c.reserve(&cell_id("c1"), &a, need, Some(web.clone()), Time::ZERO);
+        c.reserve(&cell_id("c1"), &b, need, Some(web.clone()), Time::ZERO);
+        let view = &c.auction_cells(&apps)[0];
+        assert_eq!(view.available.memory_mb, 1024 - 200);
+        assert_eq!(view.available.containers, 10 - 2);
+        assert_eq!(view.app_instances.get(&web), Some(&2));
+        // Only the batch's apps are counted.
+        assert!(c.auction_cells(&BTreeSet::new())[0]
+            .app_instances
+            .is_empty());
+
+        // A refused bid gives its hold back.
+        c.release(&cell_id("c1"), &b);
+        assert_eq!(c.auction_cells(&apps)[0].app_instances.get(&web), Some(&1));
+
+        // Reported (with the capacity it took): the hold ends, the
+        // instance counts as itself.
+        let mut started = info("a", "web", 0, InstanceState::Starting, None);
+        started.id = a.clone();
+        let delta = StateDelta {
+            seq: 1,
+            available: Capacity {
+                memory_mb: 1024 - 100,
+                disk_mb: 1024 - 10,
+                containers: 9,
+            },
+            changes: vec![StateChange::Upsert { instance: started }],
+        };
+        c.apply_delta(&cell_id("c1"), delta, Time::ZERO, Timestamp(1))
+            .unwrap();
+        let view = &c.auction_cells(&apps)[0];
+        assert_eq!(view.available.memory_mb, 1024 - 100);
+        assert_eq!(view.app_instances.get(&web), Some(&1));
+        assert_eq!(view.starting, 1);
+
+        // Gone from the cell: nothing left of it.
+        let delta = StateDelta {
+            seq: 2,
+            available: Capacity {
+                memory_mb: 1024,
+                disk_mb: 1024,
+                containers: 10,
+            },
+            changes: vec![StateChange::Removed { id: a }],
+        };
+        c.apply_delta(&cell_id("c1"), delta, Time::ZERO, Timestamp(1))
+            .unwrap();
+        let view = &c.auction_cells(&apps)[0];
+        assert!(view.app_instances.is_empty());
+        assert_eq!(view.starting, 0);
+        assert_eq!(view.available.memory_mb, 1024);
+
+        // A hold the cell never reports expires.
+        c.reserve(&cell_id("c1"), &b, need, Some(web.clone()), Time::ZERO);
+        c.expire_reservations(Time::from_secs(120), Duration::from_secs(60));
+        let view = &c.auction_cells(&apps)[0];
+        assert_eq!(view.available.memory_mb, 1024);
+        assert!(view.app_instances.is_empty());
+    }
 }
