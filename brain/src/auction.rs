@@ -207,7 +207,7 @@ pub struct AuctionConfig {
     /// enough that spreading an app over cells beats any load difference.
     pub app_penalty: f64,
     /// Each cell's even share of the starts in flight, `⌈(starting on the
-    /// open cells + batch) / open cells⌉ + 1`, is not charged the starting
+    /// open cells + batch) / open cells⌉ × 2`, is not charged the starting
     /// weight: only starts beyond it are (a start is charged for the
     /// cell's total including itself). Within its share a cell is chosen
     /// by its load alone, so a large round (or several rounds in flight)
@@ -434,8 +434,9 @@ fn score(
 /// How many starts in flight each cell may have without being charged the
 /// starting weight (see [`AuctionConfig::round_share`]): its even share of
 /// the starts already in flight on the open cells plus the batch, rounded
-/// up, plus one of slack so that the emptier cells of a small round can
-/// take a second. `None` when every start is charged.
+/// up, doubled: the emptier cells may take up to twice the even share
+/// uncharged, so that a cell left behind (its bids late, say) catches up
+/// within a round or two. `None` when every start is charged.
 fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> Option<u32> {
     if !config.round_share {
         return None;
@@ -445,7 +446,7 @@ fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> Opti
     let starts = starting.saturating_add(u64::try_from(batch).unwrap_or(u64::MAX));
     let share = starts
         .div_ceil((open.count() as u64).max(1))
-        .saturating_add(1);
+        .saturating_mul(2);
     Some(u32::try_from(share).unwrap_or(u32::MAX))
 }
 
@@ -1158,14 +1159,14 @@ mod tests {
                 .filter(|p| p.cell.as_str() == "fresh")
                 .count()
         };
-        // Charged for every start, it takes at most two; spared its share
-        // of the round (⌈20 / 11⌉ = 2, plus one), at most three.
+        // Charged for every start, it takes at most two; spared twice its
+        // even share of the round (⌈20 / 11⌉ × 2 = 4), at most four.
         let every_start = AuctionConfig {
             round_share: false,
             ..AuctionConfig::default()
         };
         assert!(on_fresh(&every_start) <= 2);
-        assert!(on_fresh(&AuctionConfig::default()) <= 3);
+        assert!(on_fresh(&AuctionConfig::default()) <= 4);
         let storm = AuctionConfig {
             starting_weight: 0.0,
             ..AuctionConfig::default()
