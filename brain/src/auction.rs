@@ -206,10 +206,11 @@ pub struct AuctionConfig {
     /// instances only). Default 1000 (Diego's `LocalityOffset`): large
     /// enough that spreading an app over cells beats any load difference.
     pub app_penalty: f64,
-    /// Each cell's even share of the starts in flight, `⌈(starting on the
-    /// open cells + batch) / open cells⌉ × 2`, is not charged the starting
-    /// weight: only starts beyond it are (a start is charged for the
-    /// cell's total including itself). Within its share a cell is chosen
+    /// Each cell's even share of the starts in flight plus the round's
+    /// again, `⌈(starting on the open cells + batch) / open cells⌉ +
+    /// ⌈batch / open cells⌉`, is not charged the starting weight: only
+    /// starts beyond it are (a start is charged for the cell's total
+    /// including itself). Within its share a cell is chosen
     /// by its load alone, so a large round (or several rounds in flight)
     /// is dealt out by what each item takes, not by counting starts;
     /// beyond it the weight still keeps a fresh empty cell from taking the
@@ -434,19 +435,23 @@ fn score(
 /// How many starts in flight each cell may have without being charged the
 /// starting weight (see [`AuctionConfig::round_share`]): its even share of
 /// the starts already in flight on the open cells plus the batch, rounded
-/// up, doubled: the emptier cells may take up to twice the even share
-/// uncharged, so that a cell left behind (its bids late, say) catches up
-/// within a round or two. `None` when every start is charged.
+/// up, plus its share of the batch again as slack: the emptier cells may
+/// take up to twice the round's even share uncharged, so that a cell left
+/// behind (its bids late, say) catches up within a round or two, while a
+/// cell already holding more starts than its peers is still charged.
+/// `None` when every start is charged.
 fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> Option<u32> {
     if !config.round_share {
         return None;
     }
     let open = cells.iter().filter(|c| !c.draining);
     let starting: u64 = open.clone().map(|c| u64::from(c.starting)).sum();
-    let starts = starting.saturating_add(u64::try_from(batch).unwrap_or(u64::MAX));
-    let share = starts
-        .div_ceil((open.count() as u64).max(1))
-        .saturating_mul(2);
+    let batch = u64::try_from(batch).unwrap_or(u64::MAX);
+    let n = (open.count() as u64).max(1);
+    let share = starting
+        .saturating_add(batch)
+        .div_ceil(n)
+        .saturating_add(batch.div_ceil(n));
     Some(u32::try_from(share).unwrap_or(u32::MAX))
 }
 
@@ -1159,8 +1164,9 @@ mod tests {
                 .filter(|p| p.cell.as_str() == "fresh")
                 .count()
         };
-        // Charged for every start, it takes at most two; spared twice its
-        // even share of the round (⌈20 / 11⌉ × 2 = 4), at most four.
+        // Charged for every start, it takes at most two; spared its even
+        // share and the round's again (⌈20 / 11⌉ + ⌈20 / 11⌉ = 4), at most
+        // four.
         let every_start = AuctionConfig {
             round_share: false,
             ..AuctionConfig::default()
