@@ -19,8 +19,11 @@
 //!
 //! # Auctions
 //!
-//! Starts are batched (up to [`MAX_BATCH_ITEMS`] per round, one round in
-//! flight, like Diego's auctioneer batching its pending work). A round:
+//! Starts are batched (up to [`ROUND_ITEMS`] per round, like Diego's
+//! auctioneer batching its pending work), with up to [`ROUNDS_IN_FLIGHT`]
+//! rounds waiting for bids at once: what a round offers is held (reserved)
+//! on its cell until the cell reports the instance, so later rounds see the
+//! capacity taken. A round:
 //!
 //! 1. the brain scores every connected cell centrally from the state the
 //!    cells report ([`run_auction`]; Diego's auctioneer likewise fetches its
