@@ -65,6 +65,123 @@ pub struct Cell {
     /// The cell has never reported since the brain started: what it runs
     /// is known only from the store's placements.
     pub restored: bool,
+    /// Instances in `instances` that are starting.
+    starting: u32,
+    /// Work placed on the cell (offered or sent) that the cell has not
+    /// reported yet: its capacity is not in `available` yet.
+    reserved: BTreeMap<InstanceId, Reserved>,
+    /// The sum of `reserved`.
+    reserved_total: Capacity,
+}
+
+/// Capacity held on a cell for work it has not reported yet.
+#[derive(Debug, Clone, PartialEq)]
+struct Reserved {
+    need: Capacity,
+    app: Option<AppKey>,
+    since: Time,
+}
+
+/// Live long-running instances (starting or running, reported or
+/// reserved) per app and cell, kept as they come and go, so that an
+/// auction looks up the apps of its batch instead of counting every
+/// instance of the cluster.
+#[derive(Debug, Clone, Default)]
+struct AppTally(BTreeMap<AppKey, BTreeMap<CellId, u32>>);
+
+impl AppTally {
+    fn add(&mut self, app: &AppKey, cell: &CellId) {
+        let cells = match self.0.get_mut(app) {
+            Some(c) => c,
+            None => self.0.entry(app.clone()).or_default(),
+        };
+        match cells.get_mut(cell) {
+            Some(n) => *n += 1,
+            None => {
+                cells.insert(cell.clone(), 1);
+            }
+        }
+    }
+
+    fn remove(&mut self, app: &AppKey, cell: &CellId) {
+        let Some(cells) = self.0.get_mut(app) else {
+            return;
+        };
+        if let Some(n) = cells.get_mut(cell) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                cells.remove(cell);
+            }
+        }
+        if cells.is_empty() {
+            self.0.remove(app);
+        }
+    }
+
+    fn of(&self, app: &AppKey) -> Option<&BTreeMap<CellId, u32>> {
+        self.0.get(app)
+    }
+}
+
+fn is_live_lrp(info: &InstanceInfo) -> bool {
+    info.kind == InstanceKind::Lrp
+        && matches!(info.state, InstanceState::Starting | InstanceState::Running)
+}
+
+/// Counts an instance record coming onto (`true`) or leaving a cell.
+fn tally(apps: &mut AppTally, cell: &mut Cell, info: &InstanceInfo, coming: bool) {
+    let starting = info.state == InstanceState::Starting;
+    if is_live_lrp(info) {
+        let key = lrp_key(info).app;
+        if coming {
+            apps.add(&key, &cell.id);
+        } else {
+            apps.remove(&key, &cell.id);
+        }
+    }
+    if starting {
+        cell.starting = if coming {
+            cell.starting.saturating_add(1)
+        } else {
+            cell.starting.saturating_sub(1)
+        };
+    }
+}
+
+fn sub(a: Capacity, b: Capacity) -> Capacity {
+    Capacity {
+        memory_mb: a.memory_mb.saturating_sub(b.memory_mb),
+        disk_mb: a.disk_mb.saturating_sub(b.disk_mb),
+        containers: a.containers.saturating_sub(b.containers),
+    }
+}
+
+fn add(a: Capacity, b: Capacity) -> Capacity {
+    Capacity {
+        memory_mb: a.memory_mb.saturating_add(b.memory_mb),
+        disk_mb: a.disk_mb.saturating_add(b.disk_mb),
+        containers: a.containers.saturating_add(b.containers),
+    }
+}
+
+/// Gives back what `id` held on `cell`, if anything.
+fn release(apps: &mut AppTally, cell: &mut Cell, id: &InstanceId) {
+    if let Some(r) = cell.reserved.remove(id) {
+        cell.reserved_total = sub(cell.reserved_total, r.need);
+        if let Some(app) = &r.app {
+            apps.remove(app, &cell.id);
+        }
+    }
+}
+
+/// Gives back everything held on `cell`.
+fn release_all(apps: &mut AppTally, cell: &mut Cell) {
+    for (_, r) in std::mem::take(&mut cell.reserved) {
+        if let Some(app) = &r.app {
+            apps.remove(app, &cell.id);
+        }
+    }
+    cell.reserved_total = Capacity::default();
 }
 
 /// One instance as its cell last reported it.
@@ -131,6 +248,8 @@ pub struct Cluster {
     pub stopping: BTreeMap<InstanceId, Time>,
     /// Slots the last auction could place nowhere: why, and since when.
     pub unplaced: BTreeMap<LrpKey, (String, Timestamp)>,
+    /// Live LRP instances per app and cell (see [`AppTally`]).
+    tally: AppTally,
 }
 
 fn lrp_key(info: &InstanceInfo) -> LrpKey {
@@ -169,6 +288,7 @@ impl Cluster {
             crashes: BTreeMap::new(),
             stopping: BTreeMap::new(),
             unplaced: BTreeMap::new(),
+            tally: AppTally::default(),
         };
         for record in snap.crashes {
             let slot = LrpKey::new(
@@ -205,8 +325,12 @@ impl Cluster {
                 instances: BTreeMap::new(),
                 missing_rootfs: BTreeSet::new(),
                 restored: true,
+                starting: 0,
+                reserved: BTreeMap::new(),
+                reserved_total: Capacity::default(),
             });
             if let Some(info) = cluster_placeholder(&p, &cluster.apps, &cluster.tasks) {
+                tally(&mut cluster.tally, cell, &info, true);
                 cell.instances.insert(
                     p.instance.clone(),
                     Observed {
@@ -245,6 +369,9 @@ impl Cluster {
                 instances: BTreeMap::new(),
                 missing_rootfs: BTreeSet::new(),
                 restored: false,
+                starting: 0,
+                reserved: BTreeMap::new(),
+                reserved_total: Capacity::default(),
             });
         cell.zone = hello.zone.clone();
         cell.tags = hello.tags.clone();
@@ -256,6 +383,9 @@ impl Cluster {
         cell.since = wall;
         cell.seq = None;
         cell.missing_rootfs.clear();
+        // What was offered to an older connection is answered, or not, by
+        // the round's deadline; the snapshot that follows says what runs.
+        release_all(&mut self.tally, cell);
     }
 
     /// The cell's connection ended at `now`.
@@ -265,6 +395,7 @@ impl Cluster {
                 cell.liveness = Liveness::Disconnected { last_seen: now };
                 cell.since = wall;
             }
+            release_all(&mut self.tally, cell);
         }
     }
 
@@ -278,7 +409,10 @@ impl Cluster {
         cell.liveness = Liveness::Lost;
         cell.since = wall;
         let gone: Vec<InstanceId> = cell.instances.keys().cloned().collect();
-        cell.instances.clear();
+        for o in std::mem::take(&mut cell.instances).into_values() {
+            tally(&mut self.tally, cell, &o.info, false);
+        }
+        release_all(&mut self.tally, cell);
         let mut effects = Vec::new();
         for instance in gone {
             // An LRP's placement stays: if the cell comes back with the
@@ -397,7 +531,10 @@ impl Cluster {
 
     fn removed(&mut self, cell: &CellId, id: &InstanceId, effects: &mut Vec<Effect>) {
         if let Some(c) = self.cells.get_mut(cell) {
-            c.instances.remove(id);
+            if let Some(o) = c.instances.remove(id) {
+                tally(&mut self.tally, c, &o.info, false);
+            }
+            release(&mut self.tally, c, id);
         }
         self.stopping.remove(id);
         if let Some(p) = self.placements.get(id) {
@@ -431,7 +568,10 @@ impl Cluster {
         let slot = lrp_key(&info);
         let exit_code = info.exit_code;
         let reason = info.reason.clone();
-        cell.instances.insert(
+        // Reported: its capacity is in the cell's `available` now.
+        release(&mut self.tally, cell, &id);
+        tally(&mut self.tally, cell, &info, true);
+        let old = cell.instances.insert(
             id.clone(),
             Observed {
                 info,
@@ -439,6 +579,9 @@ impl Cluster {
                 since_wall,
             },
         );
+        if let Some(old) = old {
+            tally(&mut self.tally, cell, &old.info, false);
+        }
         if !changed {
             return;
         }
@@ -601,35 +744,92 @@ impl Cluster {
         }
     }
 
-    /// Connected cells as the auction sees them, each with what is on it
-    /// and what is starting.
-    pub fn auction_cells(&self) -> Vec<AuctionCell> {
-        self.cells
+    /// Connected cells as the auction sees them: what they report, less
+    /// what is reserved on them, with the starts they report and the live
+    /// (or reserved) instances of `apps` (the apps of the batch; others do not matter to
+    /// the auction).
+    pub fn auction_cells(&self, apps: &BTreeSet<AppKey>) -> Vec<AuctionCell> {
+        let mut at: BTreeMap<&CellId, usize> = BTreeMap::new();
+        let mut views: Vec<AuctionCell> = Vec::new();
+        for c in self
+            .cells
             .values()
             .filter(|c| c.liveness == Liveness::Connected)
-            .map(|c| {
-                let mut view = AuctionCell::new(c.id.clone(), c.zone.clone(), c.total);
-                view.tags = c.tags.clone();
-                view.available = c.available;
-                view.draining = c.draining;
-                if !c.missing_rootfs.is_empty() {
-                    view.rootfs = RootfsSupport::Except(c.missing_rootfs.clone());
+        {
+            let mut view = AuctionCell::new(c.id.clone(), c.zone.clone(), c.total);
+            view.tags = c.tags.clone();
+            view.available = sub(c.available, c.reserved_total);
+            view.draining = c.draining;
+            if !c.missing_rootfs.is_empty() {
+                view.rootfs = RootfsSupport::Except(c.missing_rootfs.clone());
+            }
+            // Starts the cell reports count against the starting weight;
+            // work reserved on it is charged by what it takes (a cell
+            // slow to report must not look busier than it is).
+            view.starting = c.starting;
+            at.insert(&c.id, views.len());
+            views.push(view);
+        }
+        for app in apps {
+            for (cell, &n) in self.tally.of(app).into_iter().flatten() {
+                if let Some(&i) = at.get(cell) {
+                    views[i].app_instances.insert(app.clone(), n);
                 }
-                for o in c.instances.values() {
-                    let live = matches!(
-                        o.info.state,
-                        InstanceState::Starting | InstanceState::Running
-                    );
-                    if o.info.state == InstanceState::Starting {
-                        view.starting += 1;
-                    }
-                    if live && o.info.kind == InstanceKind::Lrp {
-                        *view.app_instances.entry(lrp_key(&o.info).app).or_insert(0) += 1;
-                    }
-                }
-                view
-            })
-            .collect()
+            }
+        }
+        views
+    }
+
+    /// Holds `need` on `cell` for `id` until the cell reports it (or the
+    /// hold is released): later auctions see the capacity as taken.
+    pub fn reserve(
+        &mut self,
+        cell: &CellId,
+        id: &InstanceId,
+        need: Capacity,
+        app: Option<AppKey>,
+        now: Time,
+    ) {
+        let Some(c) = self.cells.get_mut(cell) else {
+            return;
+        };
+        release(&mut self.tally, c, id);
+        if let Some(app) = &app {
+            self.tally.add(app, cell);
+        }
+        c.reserved_total = add(c.reserved_total, need);
+        c.reserved.insert(
+            id.clone(),
+            Reserved {
+                need,
+                app,
+                since: now,
+            },
+        );
+    }
+
+    /// Gives back what `id` held on `cell` (its bid was refused, its start
+    /// refused or never sent).
+    pub fn release(&mut self, cell: &CellId, id: &InstanceId) {
+        if let Some(c) = self.cells.get_mut(cell) {
+            release(&mut self.tally, c, id);
+        }
+    }
+
+    /// Gives back holds older than `timeout`: work a cell accepted but
+    /// never reported (it came and went between two reports, or was lost).
+    pub fn expire_reservations(&mut self, now: Time, timeout: Duration) {
+        for c in self.cells.values_mut() {
+            let old: Vec<InstanceId> = c
+                .reserved
+                .iter()
+                .filter(|(_, r)| now.since(r.since) >= timeout)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in old {
+                release(&mut self.tally, c, &id);
+            }
+        }
     }
 
     /// Tasks waiting to be placed: pending in the store, not in flight.
@@ -1038,5 +1238,97 @@ mod tests {
         c.mark_lost(&cell_id("c2"), Timestamp(3));
         assert_eq!(c.routes().len(), 1);
         assert_eq!(c.endpoints().len(), 1);
+    }
+
+    #[test]
+    fn reserved_work_counts_until_its_cell_reports_it() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot::default(),
+            Time::ZERO,
+            Timestamp(1),
+        );
+        c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
+        let full = Capacity {
+            memory_mb: 1024,
+            disk_mb: 1024,
+            containers: 10,
+        };
+        let snap = StateSnapshot {
+            available: full,
+            ..snapshot(0, vec![])
+        };
+        c.apply_snapshot(&cell_id("c1"), snap, Time::ZERO, Timestamp(1))
+            .unwrap();
+        let web = AppKey {
+            tenant: TenantId::new("acme").unwrap(),
+            name: AppId::new("web").unwrap(),
+        };
+        let apps: BTreeSet<AppKey> = [web.clone()].into();
+        let need = Capacity {
+            memory_mb: 100,
+            disk_mb: 10,
+            containers: 1,
+        };
+        let a = InstanceId::new("a").unwrap();
+        let b = InstanceId::new("b").unwrap();
+        c.reserve(&cell_id("c1"), &a, need, Some(web.clone()), Time::ZERO);
+        c.reserve(&cell_id("c1"), &b, need, Some(web.clone()), Time::ZERO);
+        let view = &c.auction_cells(&apps)[0];
+        assert_eq!(view.available.memory_mb, 1024 - 200);
+        assert_eq!(view.available.containers, 10 - 2);
+        assert_eq!(view.app_instances.get(&web), Some(&2));
+        // Only the batch's apps are counted.
+        assert!(c.auction_cells(&BTreeSet::new())[0]
+            .app_instances
+            .is_empty());
+
+        // A refused bid gives its hold back.
+        c.release(&cell_id("c1"), &b);
+        assert_eq!(c.auction_cells(&apps)[0].app_instances.get(&web), Some(&1));
+
+        // Reported (with the capacity it took): the hold ends, the
+        // instance counts as itself.
+        let mut started = info("a", "web", 0, InstanceState::Starting, None);
+        started.id = a.clone();
+        let delta = StateDelta {
+            seq: 1,
+            available: Capacity {
+                memory_mb: 1024 - 100,
+                disk_mb: 1024 - 10,
+                containers: 9,
+            },
+            changes: vec![StateChange::Upsert { instance: started }],
+        };
+        c.apply_delta(&cell_id("c1"), delta, Time::ZERO, Timestamp(1))
+            .unwrap();
+        let view = &c.auction_cells(&apps)[0];
+        assert_eq!(view.available.memory_mb, 1024 - 100);
+        assert_eq!(view.app_instances.get(&web), Some(&1));
+        assert_eq!(view.starting, 1);
+
+        // Gone from the cell: nothing left of it.
+        let delta = StateDelta {
+            seq: 2,
+            available: Capacity {
+                memory_mb: 1024,
+                disk_mb: 1024,
+                containers: 10,
+            },
+            changes: vec![StateChange::Removed { id: a }],
+        };
+        c.apply_delta(&cell_id("c1"), delta, Time::ZERO, Timestamp(1))
+            .unwrap();
+        let view = &c.auction_cells(&apps)[0];
+        assert!(view.app_instances.is_empty());
+        assert_eq!(view.starting, 0);
+        assert_eq!(view.available.memory_mb, 1024);
+
+        // A hold the cell never reports expires.
+        c.reserve(&cell_id("c1"), &b, need, Some(web.clone()), Time::ZERO);
+        c.expire_reservations(Time::from_secs(120), Duration::from_secs(60));
+        let view = &c.auction_cells(&apps)[0];
+        assert_eq!(view.available.memory_mb, 1024);
+        assert!(view.app_instances.is_empty());
     }
 }

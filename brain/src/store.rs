@@ -526,6 +526,38 @@ impl Tables<'_> {
 pub struct RedbStore {
     db: redb::Database,
     path: PathBuf,
+    group: Group,
+}
+
+/// Group commit: commits that arrive while another is being written wait,
+/// and the next writer writes all of them in one transaction (one disk
+/// sync), each with its own revision, in arrival order. Concurrent API
+/// requests then share syncs instead of queueing for one each.
+#[derive(Default)]
+struct Group {
+    state: std::sync::Mutex<GroupState>,
+    done: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GroupState {
+    next: u64,
+    queue: Vec<(u64, Vec<Op>)>,
+    results: std::collections::BTreeMap<u64, Result<u64, StoreError>>,
+    /// A thread is writing a group.
+    writing: bool,
+}
+
+/// Clears `writing` however the writer leaves (a panic included), so that
+/// waiters do not wait forever.
+struct Writing<'a>(&'a Group);
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.writing = false;
+        self.0.done.notify_all();
+    }
 }
 
 impl std::fmt::Debug for RedbStore {
@@ -560,6 +592,7 @@ impl RedbStore {
         let store = Self {
             db,
             path: path.to_owned(),
+            group: Group::default(),
         };
         store.init()?;
         Ok(store)
@@ -644,19 +677,35 @@ fn scan<R: Record>(
     Ok(out)
 }
 
-impl Store for RedbStore {
-    fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
-        if ops.is_empty() {
-            return self.revision();
+impl RedbStore {
+    /// Writes a group of commits in one transaction, each with its own
+    /// revision. If any of them fails, the transaction is dropped and each
+    /// is committed on its own, so that one commit's error is its alone.
+    fn write_group(&self, group: Vec<(u64, Vec<Op>)>) -> Vec<(u64, Result<u64, StoreError>)> {
+        if group.len() > 1 {
+            if let Ok(revs) = self.commit_many(group.iter().map(|(_, ops)| ops.clone()).collect()) {
+                return group
+                    .iter()
+                    .map(|(t, _)| *t)
+                    .zip(revs.into_iter().map(Ok))
+                    .collect();
+            }
         }
+        group
+            .into_iter()
+            .map(|(t, ops)| (t, self.commit_one(ops)))
+            .collect()
+    }
+
+    /// Several commits in one transaction; all or none.
+    fn commit_many(&self, commits: Vec<Vec<Op>>) -> Result<Vec<u64>, StoreError> {
         let txn = self.db.begin_write().map_err(backend("starting a write"))?;
         let written = (|| {
             let mut meta = txn.open_table(META).map_err(backend("writing"))?;
-            let rev = meta
+            let mut rev = meta
                 .get(REVISION)
                 .map_err(backend("writing"))?
-                .map_or(0, |v| v.value())
-                + 1;
+                .map_or(0, |v| v.value());
             let mut tables = Tables {
                 apps: txn.open_table(APPS).map_err(backend("writing"))?,
                 tasks: txn.open_table(TASKS).map_err(backend("writing"))?,
@@ -664,16 +713,21 @@ impl Store for RedbStore {
                 crashes: txn.open_table(CRASHES).map_err(backend("writing"))?,
                 policies: txn.open_table(POLICIES).map_err(backend("writing"))?,
             };
-            for op in ops {
-                tables.apply(op, rev)?;
+            let mut revs = Vec::with_capacity(commits.len());
+            for ops in commits {
+                rev += 1;
+                for op in ops {
+                    tables.apply(op, rev)?;
+                }
+                revs.push(rev);
             }
             meta.insert(REVISION, rev).map_err(backend("writing"))?;
-            Ok(rev)
+            Ok(revs)
         })();
         match written {
-            Ok(rev) => {
+            Ok(revs) => {
                 txn.commit().map_err(backend("committing"))?;
-                Ok(rev)
+                Ok(revs)
             }
             Err(e) => {
                 // Dropping would abort too; aborting explicitly says so.
@@ -682,6 +736,45 @@ impl Store for RedbStore {
                 }
                 Err(e)
             }
+        }
+    }
+
+    fn commit_one(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
+        let revs = self.commit_many(vec![ops])?;
+        Ok(revs.first().copied().unwrap_or(0))
+    }
+}
+
+impl Store for RedbStore {
+    fn commit(&self, ops: Vec<Op>) -> Result<u64, StoreError> {
+        if ops.is_empty() {
+            return self.revision();
+        }
+        let lock = || self.group.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock();
+        let ticket = st.next;
+        st.next += 1;
+        st.queue.push((ticket, ops));
+        loop {
+            if let Some(result) = st.results.remove(&ticket) {
+                return result;
+            }
+            if st.writing {
+                st = self.group.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st.writing = true;
+            let group = std::mem::take(&mut st.queue);
+            drop(st);
+            let writing = Writing(&self.group);
+            let results = self.write_group(group);
+            st = lock();
+            st.results.extend(results);
+            // Clears `writing` and wakes the waiters (after `st` is
+            // released: the guard locks the state itself).
+            drop(st);
+            drop(writing);
+            st = lock();
         }
     }
 

@@ -416,3 +416,52 @@ fn a_path_that_cannot_be_a_store_is_reported() {
         "{e}"
     );
 }
+
+#[test]
+fn concurrent_commits_each_get_their_own_revision_and_a_failure_is_its_own() {
+    // Commits that arrive together are written together (group commit):
+    // each still lands whole with a revision of its own, and one that
+    // cannot be done fails alone.
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+    s.create_app(app("acme", "taken")).unwrap();
+    let start = s.revision().unwrap();
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for i in 0..25 {
+                    let name = if t == 0 && i == 10 {
+                        "taken".to_owned()
+                    } else {
+                        format!("app-{t}-{i}")
+                    };
+                    out.push((name.clone(), s.create_app(app("acme", &name))));
+                }
+                out
+            })
+        })
+        .collect();
+    let mut revisions = Vec::new();
+    for th in threads {
+        for (name, result) in th.join().unwrap() {
+            match result {
+                Ok(created) => {
+                    assert_eq!(s.app(&key("acme", &name)).unwrap().unwrap(), created);
+                    revisions.push(created.revision);
+                }
+                Err(e) => {
+                    assert_eq!(name, "taken");
+                    assert!(matches!(e, StoreError::Exists { .. }), "{e}");
+                }
+            }
+        }
+    }
+    assert_eq!(revisions.len(), 8 * 25 - 1);
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 8 * 25 - 1, "revisions are distinct");
+    assert_eq!(s.revision().unwrap(), start + 8 * 25 - 1);
+    assert_eq!(*revisions.last().unwrap(), start + 8 * 25 - 1);
+}

@@ -49,6 +49,7 @@ struct Options {
     /// Overrides of the default auction's weights, to explore them.
     starting_weight: Option<f64>,
     app_penalty: Option<f64>,
+    round_share: bool,
 }
 
 impl Default for Options {
@@ -61,6 +62,7 @@ impl Default for Options {
             reference: true,
             starting_weight: None,
             app_penalty: None,
+            round_share: true,
         }
     }
 }
@@ -85,10 +87,12 @@ fn parse(args: &[String]) -> Result<Options> {
             "--seed" => o.seed = value(name, it.next())?,
             "--starting-weight" => o.starting_weight = Some(value(name, it.next())?),
             "--app-penalty" => o.app_penalty = Some(value(name, it.next())?),
+            "--no-round-share" => o.round_share = false,
             "--no-reference" => o.reference = false,
             other => bail!(
                 "unknown argument {other:?}; expected --cells N, --instances N, --batch N, --seed N, \
-                 --starting-weight X, --app-penalty X, --no-reference"
+                 --starting-weight X, --app-penalty X, --no-round-share, \
+                 --no-reference"
             ),
         }
     }
@@ -368,6 +372,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let balanced = AuctionConfig {
         starting_weight: o.starting_weight.unwrap_or(defaults.starting_weight),
         app_penalty: o.app_penalty.unwrap_or(defaults.app_penalty),
+        round_share: o.round_share,
         ..defaults
     };
     let diego = AuctionConfig::diego();

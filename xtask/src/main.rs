@@ -36,7 +36,8 @@ commands:
                        measure memory; appends to docs/benchmarks.md (root)
   bench auction [OPTS] the brain's auction core in process: 100,000 instances
                        on 1,000 simulated cells (--cells --instances --batch
-                       --seed --starting-weight --app-penalty --no-reference)
+                       --seed --starting-weight --app-penalty --no-round-share
+                       --no-reference)
   bench auction --quic [OPTS]
                        the auction end to end: the release corral-brain, a
                        load generator holding 1,000 simulated cells over real
