@@ -153,6 +153,61 @@ pub struct Counter {
     pub bytes: u64,
 }
 
+/// `struct corral_lb_service_key`: key of `lb_services`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbServiceKey {
+    /// The VIP, network byte order (see [`ipv4_to_raw`]).
+    pub vip: u32,
+    /// Host byte order.
+    pub port: u16,
+    /// `IPPROTO_TCP` or `IPPROTO_UDP`.
+    pub proto: u8,
+    pub pad: u8,
+}
+
+/// `struct corral_lb_service`: value of `lb_services`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LbService {
+    /// 1 ..= `CORRAL_LB_MAX_SERVICES`; its backends are `lb_slots[id * 256 + i]`.
+    pub id: u32,
+    /// Ready backends; 0: connections are refused.
+    pub count: u32,
+    pub flags: u32,
+    pub pad: u32,
+}
+
+/// `struct corral_lb_backend`: value of `lb_backends` (key: backend id).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LbBackend {
+    /// Network byte order.
+    pub addr: u32,
+    /// Host byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct corral_lb_sock_key`: key of `lb_socks`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LbSockKey {
+    pub cookie: u64,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct corral_lb_sock`: value of `lb_socks`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct LbSock {
+    pub vip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
 // SAFETY (all impls below): each type is `#[repr(C)]`, `Copy`, made only of
 // unsigned integers, and has no padding (the layout test checks that the
 // field sizes add up to the struct size, on the C side and on this one), so
@@ -179,6 +234,16 @@ unsafe impl Pod for CounterKey {}
 unsafe impl Pod for DropKey {}
 // SAFETY: see above.
 unsafe impl Pod for Counter {}
+// SAFETY: see above.
+unsafe impl Pod for LbServiceKey {}
+// SAFETY: see above.
+unsafe impl Pod for LbService {}
+// SAFETY: see above.
+unsafe impl Pod for LbBackend {}
+// SAFETY: see above.
+unsafe impl Pod for LbSockKey {}
+// SAFETY: see above.
+unsafe impl Pod for LbSock {}
 
 /// An IPv4 address as the maps store it: the four bytes in packet (network)
 /// order, read as a native `u32`.
@@ -241,6 +306,11 @@ mod tests {
         check!(checked, CounterKey, "corral_counter_key" { id, dir });
         check!(checked, DropKey, "corral_drop_key" { tenant, reason });
         check!(checked, Counter, "corral_counter" { packets, bytes });
+        check!(checked, LbServiceKey, "corral_lb_service_key" { vip, port, proto, pad });
+        check!(checked, LbService, "corral_lb_service" { id, count, flags, pad });
+        check!(checked, LbBackend, "corral_lb_backend" { addr, port, pad });
+        check!(checked, LbSockKey, "corral_lb_sock_key" { cookie, addr, port, pad });
+        check!(checked, LbSock, "corral_lb_sock" { vip, port, pad });
         for s in C_STRUCTS {
             assert!(
                 checked.contains(&s.name),

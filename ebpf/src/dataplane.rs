@@ -949,7 +949,12 @@ fn is_not_found(error: &MapError) -> bool {
         || errno_in(error) == Some(Errno::ENOENT)
 }
 
-fn map_error(map: &'static str, max_entries: u32, action: impl Display, source: MapError) -> Error {
+pub(crate) fn map_error(
+    map: &'static str,
+    max_entries: u32,
+    action: impl Display,
+    source: MapError,
+) -> Error {
     if max_entries > 0 && errno_in(&source) == Some(Errno::E2BIG) {
         return Error::MapFull {
             map,
@@ -964,7 +969,7 @@ fn map_error(map: &'static str, max_entries: u32, action: impl Display, source: 
     }
 }
 
-fn removed(
+pub(crate) fn removed(
     result: Result<(), MapError>,
     map: &'static str,
     action: impl Fn() -> String,

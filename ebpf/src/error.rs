@@ -116,4 +116,10 @@ pub enum Error {
 
     #[error("invalid policy: {reason}")]
     InvalidPolicy { reason: String },
+
+    #[error("invalid service: {reason}")]
+    InvalidService { reason: String },
+
+    #[error("cannot {action}: {reason}")]
+    Link { action: String, reason: String },
 }

@@ -161,6 +161,7 @@
 pub mod abi;
 mod dataplane;
 mod error;
+pub mod lb;
 mod types;
 
 pub use dataplane::{

@@ -1007,3 +1007,163 @@ fn attached_to_a_real_veth_it_filters_and_survives_a_restart() {
     drop(pins);
     // node and inst go with their descriptors, and the veth with them.
 }
+
+// ---------------------------------------------------------------------------
+// east-west load balancing (cgroup/connect4 and friends): no BPF_PROG_TEST_RUN
+// for these program types, so real sockets in a real cgroup2 directory
+
+const CGROUP2: &str = "/sys/fs/cgroup/unified";
+
+/// A cgroup2 directory this whole test process sits in until the guard
+/// drops (then it goes back to where it was and the directory is removed).
+struct InCgroup {
+    path: PathBuf,
+    original: PathBuf,
+}
+
+impl InCgroup {
+    fn new() -> InCgroup {
+        let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("this process has a cgroup2 path");
+        let original = Path::new(CGROUP2).join(rel.trim_start_matches('/'));
+        let path = Path::new(CGROUP2).join(unique("corral-test-lb-"));
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+        InCgroup { path, original }
+    }
+}
+
+impl Drop for InCgroup {
+    fn drop(&mut self) {
+        let pid = std::process::id().to_string();
+        if let Err(e) = std::fs::write(self.original.join("cgroup.procs"), &pid) {
+            eprintln!("warning: moving back to {}: {e}", self.original.display());
+        }
+        if let Err(e) = std::fs::remove_dir(&self.path) {
+            eprintln!("warning: remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// Which of `listeners` accepted the connection just made (non-blocking).
+fn accepted_by(listeners: &[std::net::TcpListener]) -> Option<usize> {
+    for _ in 0..100 {
+        for (i, l) in listeners.iter().enumerate() {
+            if l.accept().is_ok() {
+                return Some(i);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    None
+}
+
+#[test]
+fn connections_to_a_service_address_reach_its_ready_backends_only() {
+    use corral_ebpf::lb::{Balancer, LbProtocol, ServiceAddr};
+    use std::io::ErrorKind;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+
+    require_root();
+    let pins = PinDir::new();
+    let ns = Netns::new();
+    let _in = ns.enter();
+    sh("ip", &["link", "set", "lo", "up"]);
+    let lo = Ipv4Addr::LOCALHOST;
+    let listeners: Vec<TcpListener> = (0..3)
+        .map(|_| {
+            let l = TcpListener::bind((lo, 0)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            l
+        })
+        .collect();
+    let udp_backend = UdpSocket::bind((lo, 0)).unwrap();
+    udp_backend
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+
+    let cgroup = InCgroup::new();
+    let mut lb = Balancer::load(&pins.path).unwrap();
+    assert_eq!(lb.attach(&cgroup.path).unwrap(), 4);
+    for (i, l) in listeners.iter().enumerate() {
+        let port = l.local_addr().unwrap().port();
+        lb.set_backend(i as u32 + 1, lo, port).unwrap();
+    }
+    lb.set_backend(9, lo, udp_backend.local_addr().unwrap().port())
+        .unwrap();
+    let web = ServiceAddr {
+        vip: Ipv4Addr::new(10, 96, 0, 10),
+        port: 80,
+        protocol: LbProtocol::Tcp,
+    };
+    let vip: SocketAddr = (web.vip, web.port).into();
+    lb.set_service(&web, 1, &[1, 2, 3]).unwrap();
+
+    // Every backend gets connections (60 draws of 1 in 3: all three are hit
+    // but for a chance of ~1e-10), and the peer reads as the VIP.
+    let mut hits = [0u32; 3];
+    for _ in 0..60 {
+        let s = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap();
+        assert_eq!(s.peer_addr().unwrap(), vip);
+        hits[accepted_by(&listeners).expect("no backend accepted")] += 1;
+    }
+    assert!(hits.iter().all(|&n| n > 0), "{hits:?}");
+
+    // UDP: datagrams to the VIP reach the backend; its replies come from the VIP.
+    let dns = ServiceAddr {
+        port: 53,
+        protocol: LbProtocol::Udp,
+        ..web
+    };
+    lb.set_service(&dns, 2, &[9]).unwrap();
+    let client = UdpSocket::bind((lo, 0)).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(2)))
+        .unwrap();
+    client.send_to(b"query", (dns.vip, dns.port)).unwrap();
+    let mut buf = [0u8; 16];
+    let (n, from) = udp_backend.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"query");
+    udp_backend.send_to(b"answer", from).unwrap();
+    let (n, from) = client.recv_from(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"answer");
+    assert_eq!(from, SocketAddr::from((dns.vip, dns.port)));
+    assert!(lb.socks_len() >= 2);
+
+    // Fewer backends: only those; none: refused at once, not a hang.
+    lb.set_service(&web, 1, &[2]).unwrap();
+    for _ in 0..10 {
+        let _s = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap();
+        assert_eq!(accepted_by(&listeners), Some(1));
+    }
+    lb.set_service(&web, 1, &[]).unwrap();
+    let err = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+
+    // The agent restarts: the pinned links keep balancing; a new attach
+    // adds nothing.
+    lb.set_service(&web, 1, &[3]).unwrap();
+    drop(lb);
+    let _s = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap();
+    assert_eq!(accepted_by(&listeners), Some(2));
+    let mut lb = Balancer::load(&pins.path).unwrap();
+    assert_eq!(lb.attach(&cgroup.path).unwrap(), 0);
+
+    // No longer a service: the address is left alone (nothing routes it here).
+    assert!(lb.remove_service(&web).unwrap());
+    assert!(!lb.remove_service(&web).unwrap());
+    let err = TcpStream::connect_timeout(&vip, Duration::from_secs(2)).unwrap_err();
+    assert_ne!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+
+    // Detached: the VIP is plain again even for a service.
+    lb.set_service(&web, 1, &[1]).unwrap();
+    lb.detach().unwrap();
+    assert!(TcpStream::connect_timeout(&vip, Duration::from_millis(500)).is_err());
+    assert_eq!(accepted_by(&listeners), None);
+    drop(lb);
+    drop(cgroup);
+    drop(pins);
+}

@@ -161,4 +161,60 @@ struct corral_counter {
 	__u64 bytes;
 };
 
+/*
+ * East-west service load balancing (lb.bpf.c): cgroup/connect4, sendmsg4,
+ * recvmsg4 and getpeername4 programs send a socket aimed at a service
+ * address (VIP:port) to one of its backends, chosen at connect (or send)
+ * time, and make the backend look like the VIP to the application.
+ */
+#define CORRAL_LB_MAX_SERVICES 4096
+#define CORRAL_LB_MAX_BACKENDS 65536
+#define CORRAL_LB_MAX_BACKENDS_PER_SERVICE 256
+#define CORRAL_LB_MAX_SOCKS 65536 /* lb_socks: reverse translations */
+#define CORRAL_LB_F_PUBLISHED 1
+
+/* lb_services key: a service address (VIP) and port. */
+struct corral_lb_service_key {
+	__u32 vip;  /* network byte order */
+	__u16 port; /* host byte order */
+	__u8 proto; /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;
+};
+
+/*
+ * lb_services value. The service's backends are
+ * lb_slots[id * CORRAL_LB_MAX_BACKENDS_PER_SERVICE + i] for i < count.
+ * Writers keep every slot below count valid: when a service grows, its
+ * new slots are written before its count; when it shrinks, the count first.
+ */
+struct corral_lb_service {
+	__u32 id;    /* service id, 1 ..= CORRAL_LB_MAX_SERVICES */
+	__u32 count; /* ready backends; 0: connections are refused */
+	__u32 flags; /* CORRAL_LB_F_* */
+	__u32 pad;
+};
+
+/* lb_backends: backend id (__u32) -> where it listens. */
+struct corral_lb_backend {
+	__u32 addr; /* network byte order */
+	__u16 port; /* host byte order */
+	__u16 pad;
+};
+
+/* lb_socks key: a socket (its cookie) and the backend it was sent to; the
+ * value is the service address the application asked for, so that replies
+ * and getpeername() show the VIP. */
+struct corral_lb_sock_key {
+	__u64 cookie;
+	__u32 addr; /* backend, network byte order */
+	__u16 port; /* backend, host byte order */
+	__u16 pad;
+};
+
+struct corral_lb_sock {
+	__u32 vip;  /* network byte order */
+	__u16 port; /* host byte order */
+	__u16 pad;
+};
+
 #endif /* CORRAL_H */

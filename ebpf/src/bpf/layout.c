@@ -55,6 +55,11 @@ int main(void)
 	CONST(CORRAL_DROP_IPV6);
 	CONST(CORRAL_DROP_UNSUPPORTED);
 	CONST(CORRAL_DROP_MALFORMED);
+	CONST(CORRAL_LB_MAX_SERVICES);
+	CONST(CORRAL_LB_MAX_BACKENDS);
+	CONST(CORRAL_LB_MAX_BACKENDS_PER_SERVICE);
+	CONST(CORRAL_LB_MAX_SOCKS);
+	CONST(CORRAL_LB_F_PUBLISHED);
 
 	STRUCT(corral_iface);
 	STRUCT(corral_endpoint);
@@ -67,5 +72,10 @@ int main(void)
 	STRUCT(corral_counter_key);
 	STRUCT(corral_drop_key);
 	STRUCT(corral_counter);
+	STRUCT(corral_lb_service_key);
+	STRUCT(corral_lb_service);
+	STRUCT(corral_lb_backend);
+	STRUCT(corral_lb_sock_key);
+	STRUCT(corral_lb_sock);
 	return 0;
 }

@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * East-west service load balancing at the socket layer, attached to the
+ * cgroup2 directory that holds the instances:
+ *
+ *   corral_lb_connect4      connect() to a VIP:port goes to one backend,
+ *                           chosen at random among the service's ready ones;
+ *                           a service without one refuses (ECONNREFUSED)
+ *   corral_lb_sendmsg4      the same for each unconnected UDP sendto()
+ *   corral_lb_recvmsg4      a datagram from a backend reads as from the VIP
+ *   corral_lb_getpeername4  so does the peer of a connected socket
+ *
+ * Translation happens once per connection (per datagram for unconnected
+ * UDP), not per packet: packets carry the backend's address on the wire,
+ * so the tenant isolation programs at the veths see the real endpoints.
+ * Map layouts are in corral.h.
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "corral.h"
+
+#define ECONNREFUSED 111
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_LB_MAX_SERVICES);
+	__type(key, struct corral_lb_service_key);
+	__type(value, struct corral_lb_service);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, (CORRAL_LB_MAX_SERVICES + 1) * CORRAL_LB_MAX_BACKENDS_PER_SERVICE);
+	__type(key, __u32);   /* service id * per-service maximum + index */
+	__type(value, __u32); /* backend id */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_LB_MAX_BACKENDS);
+	__type(key, __u32); /* backend id */
+	__type(value, struct corral_lb_backend);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, CORRAL_LB_MAX_SOCKS);
+	__type(key, struct corral_lb_sock_key);
+	__type(value, struct corral_lb_sock);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} lb_socks SEC(".maps");
+
+/* 1: not a service, or sent to a backend; 0: refused (retval set). */
+static __always_inline int balance(struct bpf_sock_addr *ctx)
+{
+	struct corral_lb_service_key key = {
+		.vip = ctx->user_ip4,
+		.port = bpf_ntohs((__u16)ctx->user_port),
+		.proto = (__u8)ctx->protocol,
+	};
+	struct corral_lb_service *svc;
+	struct corral_lb_backend *be;
+	struct corral_lb_sock_key rev;
+	struct corral_lb_sock vip;
+	__u32 slot, *id;
+
+	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
+		return 1;
+	svc = bpf_map_lookup_elem(&lb_services, &key);
+	if (!svc)
+		return 1;
+	if (svc->count == 0 || svc->count > CORRAL_LB_MAX_BACKENDS_PER_SERVICE ||
+	    svc->id > CORRAL_LB_MAX_SERVICES)
+		goto refuse;
+	slot = svc->id * CORRAL_LB_MAX_BACKENDS_PER_SERVICE + bpf_get_prandom_u32() % svc->count;
+	id = bpf_map_lookup_elem(&lb_slots, &slot);
+	if (!id)
+		goto refuse;
+	be = bpf_map_lookup_elem(&lb_backends, id);
+	if (!be)
+		goto refuse;
+
+	rev = (struct corral_lb_sock_key){
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = be->addr,
+		.port = be->port,
+	};
+	vip = (struct corral_lb_sock){ .vip = key.vip, .port = key.port };
+	bpf_map_update_elem(&lb_socks, &rev, &vip, BPF_ANY);
+	ctx->user_ip4 = be->addr;
+	ctx->user_port = bpf_htons(be->port);
+	return 1;
+
+refuse:
+	bpf_set_retval(-ECONNREFUSED);
+	return 0;
+}
+
+/* Shows the VIP instead of the backend the socket was sent to. */
+static __always_inline int unbalance(struct bpf_sock_addr *ctx)
+{
+	struct corral_lb_sock_key rev = {
+		.cookie = bpf_get_socket_cookie(ctx),
+		.addr = ctx->user_ip4,
+		.port = bpf_ntohs((__u16)ctx->user_port),
+	};
+	struct corral_lb_sock *vip = bpf_map_lookup_elem(&lb_socks, &rev);
+
+	if (vip) {
+		ctx->user_ip4 = vip->vip;
+		ctx->user_port = bpf_htons(vip->port);
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int corral_lb_connect4(struct bpf_sock_addr *ctx)
+{
+	return balance(ctx);
+}
+
+SEC("cgroup/sendmsg4")
+int corral_lb_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return balance(ctx);
+}
+
+SEC("cgroup/recvmsg4")
+int corral_lb_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return unbalance(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int corral_lb_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return unbalance(ctx);
+}

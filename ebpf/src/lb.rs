@@ -1,0 +1,350 @@
+//! East-west service load balancing at the socket layer (`lb.bpf.c`).
+//!
+//! Four `cgroup/*4` programs, attached to the cgroup2 directory that holds
+//! the instances, send a socket aimed at a service address (VIP:port) to
+//! one of the service's ready backends and make that backend look like the
+//! VIP to the application:
+//!
+//! | program | hook | does |
+//! |---|---|---|
+//! | `corral_lb_connect4` | `connect()` | picks a backend at random, rewrites the destination; no ready backend: `ECONNREFUSED` at once |
+//! | `corral_lb_sendmsg4` | unconnected UDP `sendto()` | the same, per datagram |
+//! | `corral_lb_recvmsg4` | UDP `recvfrom()` | the backend's address reads as the VIP |
+//! | `corral_lb_getpeername4` | `getpeername()` | the same |
+//!
+//! The choice happens once per connection, so packets on the wire carry the
+//! backend's address: the tenant isolation programs at the veths see real
+//! endpoints and need no knowledge of services.
+//!
+//! # Maps (pinned beside the instance maps)
+//!
+//! | name | type | key → value |
+//! |---|---|---|
+//! | `lb_services` | hash, 4096 | `corral_lb_service_key {vip, port, proto}` → `corral_lb_service {id, count, flags}` |
+//! | `lb_slots` | array, 4097 × 256 | `id * 256 + i` → backend id (for `i < count`) |
+//! | `lb_backends` | hash, 65536 | backend id → `corral_lb_backend {addr, port}` |
+//! | `lb_socks` | LRU hash, 65536 | `corral_lb_sock_key {cookie, backend addr, port}` → `corral_lb_sock {vip, port}` |
+//!
+//! [`Balancer::set_service`] keeps every slot below `count` valid while a
+//! service changes: a growing service gets its new slots before its count,
+//! a shrinking one its count first. Backends must exist before a service
+//! names them and outlive it (the order `router::plan` produces).
+//!
+//! # Attachment and restarts
+//!
+//! [`Balancer::attach`] creates BPF links on the cgroup and pins them in
+//! the pin directory (`lb_link_<program>`), so they outlive the agent; a
+//! later attach finds the pins and leaves the running links (and their
+//! programs, which read the same pinned maps) in place.
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData};
+use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
+use aya::programs::CgroupSockAddr;
+use aya::{Ebpf, EbpfLoader};
+
+use crate::abi::{self, c};
+use crate::Error;
+
+/// The programs, by C function name.
+pub const LB_PROGRAMS: [&str; 4] = [
+    "corral_lb_connect4",
+    "corral_lb_sendmsg4",
+    "corral_lb_recvmsg4",
+    "corral_lb_getpeername4",
+];
+
+const SERVICES: &str = "lb_services";
+const SLOTS: &str = "lb_slots";
+const BACKENDS: &str = "lb_backends";
+const SOCKS: &str = "lb_socks";
+
+/// Backends one service can have (`CORRAL_LB_MAX_BACKENDS_PER_SERVICE`).
+pub const MAX_BACKENDS_PER_SERVICE: usize = c::CORRAL_LB_MAX_BACKENDS_PER_SERVICE as usize;
+
+/// The highest service id (`CORRAL_LB_MAX_SERVICES`); ids start at 1.
+pub const MAX_SERVICE_ID: u32 = c::CORRAL_LB_MAX_SERVICES;
+
+fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"))
+}
+
+/// The transport of a service port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LbProtocol {
+    Tcp,
+    Udp,
+}
+
+impl LbProtocol {
+    fn number(self) -> u8 {
+        match self {
+            LbProtocol::Tcp => 6,
+            LbProtocol::Udp => 17,
+        }
+    }
+}
+
+/// A service address: what applications connect to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceAddr {
+    pub vip: Ipv4Addr,
+    pub port: u16,
+    pub protocol: LbProtocol,
+}
+
+impl ServiceAddr {
+    fn key(&self) -> abi::LbServiceKey {
+        abi::LbServiceKey {
+            vip: abi::ipv4_to_raw(self.vip),
+            port: self.port,
+            proto: self.protocol.number(),
+            pad: 0,
+        }
+    }
+}
+
+/// The socket-layer load balancer of one cell: programs loaded, maps pinned.
+pub struct Balancer {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    services: HashMap<MapData, abi::LbServiceKey, abi::LbService>,
+    slots: Array<MapData, u32>,
+    backends: HashMap<MapData, u32, abi::LbBackend>,
+    socks: HashMap<MapData, abi::LbSockKey, abi::LbSock>,
+}
+
+impl std::fmt::Debug for Balancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Balancer")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Balancer {
+    /// Loads the programs, reusing the maps pinned in `pin_dir` (the same
+    /// directory as [`crate::Dataplane::load`]'s) and pinning new ones.
+    pub fn load(pin_dir: &Path) -> Result<Self, Error> {
+        std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(object())
+            .map_err(|source| Error::Object { source })?;
+        for name in LB_PROGRAMS {
+            program(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::ProgramLoad {
+                    program: name,
+                    source,
+                })?;
+        }
+        Ok(Self {
+            services: take(&mut ebpf, SERVICES)?,
+            slots: take(&mut ebpf, SLOTS)?,
+            backends: take(&mut ebpf, BACKENDS)?,
+            socks: take(&mut ebpf, SOCKS)?,
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    /// Attaches every program to the cgroup2 directory `cgroup` (once:
+    /// links pinned by an earlier run are kept). Returns how many links
+    /// were created.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<usize, Error> {
+        let dir = File::open(cgroup).map_err(|source| Error::PinDir {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let mut created = 0;
+        for name in LB_PROGRAMS {
+            let pin = self.link_pin(name);
+            if PinnedLink::from_pin(&pin).is_ok() {
+                continue;
+            }
+            let prog = program(&mut self.ebpf, name)?;
+            let attach_error = |source| Error::Attach {
+                program: name,
+                iface: cgroup.display().to_string(),
+                source,
+            };
+            let id = prog
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(attach_error)?;
+            let link: FdLink = prog
+                .take_link(id)
+                .map_err(attach_error)?
+                .try_into()
+                .map_err(|e| Error::Link {
+                    action: format!("take the link of {name}"),
+                    reason: format!("{e}"),
+                })?;
+            link.pin(&pin).map_err(|e| Error::Link {
+                action: format!("pin the link of {name} at {}", pin.display()),
+                reason: e.to_string(),
+            })?;
+            created += 1;
+        }
+        Ok(created)
+    }
+
+    /// Detaches: removes the pinned links (the programs stop at once).
+    pub fn detach(&self) -> Result<(), Error> {
+        for name in LB_PROGRAMS {
+            let pin = self.link_pin(name);
+            if let Ok(link) = PinnedLink::from_pin(&pin) {
+                // Unpinning drops the last reference: the link goes.
+                link.unpin()
+                    .map_err(|source| Error::PinDir { path: pin, source })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn link_pin(&self, program: &str) -> PathBuf {
+        self.pin_dir.join(format!(
+            "lb_link_{}",
+            program.trim_start_matches("corral_lb_")
+        ))
+    }
+
+    /// Declares where backend `id` listens.
+    pub fn set_backend(&mut self, id: u32, addr: Ipv4Addr, port: u16) -> Result<(), Error> {
+        let value = abi::LbBackend {
+            addr: abi::ipv4_to_raw(addr),
+            port,
+            pad: 0,
+        };
+        self.backends.insert(id, value, 0).map_err(|e| {
+            map_error(
+                BACKENDS,
+                c::CORRAL_LB_MAX_BACKENDS,
+                format!("set backend {id}"),
+                e,
+            )
+        })
+    }
+
+    /// Returns whether it existed.
+    pub fn remove_backend(&mut self, id: u32) -> Result<bool, Error> {
+        gone(
+            self.backends.remove(&id),
+            BACKENDS,
+            format!("remove backend {id}"),
+        )
+    }
+
+    /// Makes `addr` a service with id `id` balanced over `backends`
+    /// (backend ids, set first). An empty list keeps the address a service
+    /// whose connections are refused.
+    pub fn set_service(
+        &mut self,
+        addr: &ServiceAddr,
+        id: u32,
+        backends: &[u32],
+    ) -> Result<(), Error> {
+        let invalid = |reason: String| Error::InvalidService { reason };
+        if id == 0 || id > MAX_SERVICE_ID {
+            return Err(invalid(format!(
+                "service id {id} is not in 1..={MAX_SERVICE_ID}"
+            )));
+        }
+        if backends.len() > MAX_BACKENDS_PER_SERVICE {
+            return Err(invalid(format!(
+                "{} backends for one service: at most {MAX_BACKENDS_PER_SERVICE}",
+                backends.len()
+            )));
+        }
+        let key = addr.key();
+        let old = self.services.get(&key, 0).ok().filter(|s| s.id == id);
+        let count = backends.len() as u32;
+        let value = abi::LbService {
+            id,
+            count,
+            flags: 0,
+            pad: 0,
+        };
+        let action = || format!("set service {}:{} ({id})", addr.vip, addr.port);
+        let write_service = |services: &mut HashMap<MapData, _, _>| {
+            services
+                .insert(key, value, 0)
+                .map_err(|e| map_error(SERVICES, c::CORRAL_LB_MAX_SERVICES, action(), e))
+        };
+        let shrinking = old.is_some_and(|o| o.count > count);
+        if shrinking {
+            write_service(&mut self.services)?;
+        }
+        for (i, backend) in backends.iter().enumerate() {
+            let slot = id * MAX_BACKENDS_PER_SERVICE as u32 + i as u32;
+            self.slots
+                .set(slot, backend, 0)
+                .map_err(|e| map_error(SLOTS, 0, action(), e))?;
+        }
+        if !shrinking {
+            write_service(&mut self.services)?;
+        }
+        Ok(())
+    }
+
+    /// Returns whether it existed; connections to the address are then
+    /// left alone.
+    pub fn remove_service(&mut self, addr: &ServiceAddr) -> Result<bool, Error> {
+        gone(
+            self.services.remove(&addr.key()),
+            SERVICES,
+            format!("remove service {}:{}", addr.vip, addr.port),
+        )
+    }
+
+    /// Reverse translations held (sockets sent to a backend, not yet
+    /// evicted).
+    pub fn socks_len(&self) -> usize {
+        self.socks.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, Error> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut CgroupSockAddr>::try_from(p).ok())
+        .ok_or_else(|| Error::NotInObject {
+            what: format!("program {name}"),
+        })
+}
+
+fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<M, Error> {
+    let map = ebpf.take_map(name).ok_or_else(|| Error::NotInObject {
+        what: format!("map {name}"),
+    })?;
+    M::try_from(map).map_err(|source| Error::Map {
+        map: name,
+        action: "open the map".to_owned(),
+        source,
+    })
+}
+
+fn map_error(
+    map: &'static str,
+    max_entries: u32,
+    action: String,
+    source: aya::maps::MapError,
+) -> Error {
+    crate::dataplane::map_error(map, max_entries, action, source)
+}
+
+fn gone(
+    r: Result<(), aya::maps::MapError>,
+    map: &'static str,
+    action: String,
+) -> Result<bool, Error> {
+    crate::dataplane::removed(r, map, || action.clone())
+}
