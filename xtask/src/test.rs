@@ -46,10 +46,16 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("\n--unit: skipped the privileged end-to-end tests");
     } else {
         let target = workspace_root().join("target/debug");
+        let tests_dir = workspace_root().join("tests/tests");
+        let (file, extra) = test_file(extra, |name| tests_dir.join(format!("{name}.rs")).is_file());
         step("privileged end-to-end tests", || {
+            let mut cmd = cargo();
+            cmd.args(["test", "-p", "corral-tests"]);
+            if let Some(file) = file {
+                cmd.args(["--test", file]);
+            }
             util::run(
-                cargo()
-                    .args(["test", "-p", "corral-tests", "--", "--test-threads=1"])
+                cmd.args(["--", "--test-threads=1"])
                     .args(extra)
                     .env("CORRAL_AGENT_BIN", target.join("corral-agent"))
                     .env("CORRAL_CLI_BIN", target.join("corral"))
@@ -75,6 +81,15 @@ fn parse_args(args: &[String]) -> (bool, &[String]) {
     }
 }
 
+/// A first argument that names a file of `tests/tests` (`network` for
+/// `network.rs`) selects that file; anything else filters test names.
+fn test_file(extra: &[String], is_file: impl Fn(&str) -> bool) -> (Option<&str>, &[String]) {
+    match extra.split_first() {
+        Some((first, rest)) if !first.starts_with('-') && is_file(first) => (Some(first), rest),
+        _ => (None, extra),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -93,5 +108,17 @@ mod tests {
         assert_eq!(parse_args(&a), (false, &a[1..]));
         let a = strings(&["--unit", "--", "x"]);
         assert_eq!(parse_args(&a), (true, &a[2..]));
+    }
+
+    #[test]
+    fn a_file_name_selects_the_file_and_anything_else_filters() {
+        let files = |n: &str| ["network", "ebpf"].contains(&n);
+        let a = strings(&["network", "--nocapture"]);
+        assert_eq!(test_file(&a, files), (Some("network"), &a[1..]));
+        let a = strings(&["spoof"]);
+        assert_eq!(test_file(&a, files), (None, &a[..]));
+        let a = strings(&["--nocapture", "ebpf"]);
+        assert_eq!(test_file(&a, files), (None, &a[..]));
+        assert_eq!(test_file(&[], files), (None, &[][..]));
     }
 }
