@@ -895,7 +895,7 @@ fn classifier_mut(ebpf: &mut Ebpf, program: Program) -> Result<&mut SchedClassif
         })
 }
 
-fn take<M: TryFrom<aya::maps::Map, Error = MapError>>(
+pub(crate) fn take<M: TryFrom<aya::maps::Map, Error = MapError>>(
     ebpf: &mut Ebpf,
     name: &'static str,
 ) -> Result<M, Error> {

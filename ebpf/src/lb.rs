@@ -47,6 +47,7 @@ use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, c};
+use crate::dataplane::take;
 use crate::Error;
 
 /// The programs, by C function name.
@@ -316,20 +317,6 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupS
         .ok_or_else(|| Error::NotInObject {
             what: format!("program {name}"),
         })
-}
-
-fn take<M: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
-    ebpf: &mut Ebpf,
-    name: &'static str,
-) -> Result<M, Error> {
-    let map = ebpf.take_map(name).ok_or_else(|| Error::NotInObject {
-        what: format!("map {name}"),
-    })?;
-    M::try_from(map).map_err(|source| Error::Map {
-        map: name,
-        action: "open the map".to_owned(),
-        source,
-    })
 }
 
 fn map_error(
