@@ -47,7 +47,7 @@ use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, c};
-use crate::dataplane::take;
+use crate::dataplane::{map_error, removed, take};
 use crate::Error;
 
 /// The programs, by C function name.
@@ -235,11 +235,9 @@ impl Balancer {
 
     /// Returns whether it existed.
     pub fn remove_backend(&mut self, id: u32) -> Result<bool, Error> {
-        gone(
-            self.backends.remove(&id),
-            BACKENDS,
-            format!("remove backend {id}"),
-        )
+        removed(self.backends.remove(&id), BACKENDS, || {
+            format!("remove backend {id}")
+        })
     }
 
     /// Makes `addr` a service with id `id` balanced over `backends`
@@ -297,11 +295,9 @@ impl Balancer {
     /// Returns whether it existed; connections to the address are then
     /// left alone.
     pub fn remove_service(&mut self, addr: &ServiceAddr) -> Result<bool, Error> {
-        gone(
-            self.services.remove(&addr.key()),
-            SERVICES,
-            format!("remove service {}:{}", addr.vip, addr.port),
-        )
+        removed(self.services.remove(&addr.key()), SERVICES, || {
+            format!("remove service {}:{}", addr.vip, addr.port)
+        })
     }
 
     /// Reverse translations held (sockets sent to a backend, not yet
@@ -317,21 +313,4 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupS
         .ok_or_else(|| Error::NotInObject {
             what: format!("program {name}"),
         })
-}
-
-fn map_error(
-    map: &'static str,
-    max_entries: u32,
-    action: String,
-    source: aya::maps::MapError,
-) -> Error {
-    crate::dataplane::map_error(map, max_entries, action, source)
-}
-
-fn gone(
-    r: Result<(), aya::maps::MapError>,
-    map: &'static str,
-    action: String,
-) -> Result<bool, Error> {
-    crate::dataplane::removed(r, map, || action.clone())
 }

@@ -35,13 +35,15 @@ const INSTANCE_ONE: InstanceNum = match InstanceNum::new(1) {
     None => panic!("1 is a valid instance number"),
 };
 
+/// 32-bit FNV-1a: numbers every cell derives alike, with no coordination.
+fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u32 {
+    bytes.into_iter().fold(0x811c_9dc5, |h: u32, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
 pub fn tenant_num(t: &TenantId) -> TenantNum {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in t.as_str().bytes() {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    TenantNum::new(h).unwrap_or(TENANT_ONE)
+    TenantNum::new(fnv1a(t.as_str().bytes())).unwrap_or(TENANT_ONE)
 }
 
 const APP_ONE: AppNum = match AppNum::new(1) {
@@ -51,12 +53,8 @@ const APP_ONE: AppNum = match AppNum::new(1) {
 
 /// An app's number: FNV-1a of "tenant/app" (app names are per tenant).
 pub fn app_num(t: &TenantId, a: &AppId) -> AppNum {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in t.as_str().bytes().chain([b'/']).chain(a.as_str().bytes()) {
-        h ^= u32::from(b);
-        h = h.wrapping_mul(0x0100_0193);
-    }
-    AppNum::new(h).unwrap_or(APP_ONE)
+    let bytes = t.as_str().bytes().chain([b'/']).chain(a.as_str().bytes());
+    AppNum::new(fnv1a(bytes)).unwrap_or(APP_ONE)
 }
 
 pub fn instance_num(addr: Ipv4Addr) -> InstanceNum {
