@@ -186,7 +186,13 @@ pub fn run(args: &[String]) -> Result<()> {
     // process becomes the release xtask.
     if cfg!(debug_assertions) {
         step("building the workspace (release)", || {
-            util::run(util::cargo().args(["build", "--release", "--bins"]))
+            util::run(util::cargo().args([
+                "build",
+                "--release",
+                "--bins",
+                "--features",
+                "xtask/ebpf",
+            ]))
         })?;
         let release = workspace_root().join("target/release/xtask");
         let err = Command::new(&release)

@@ -7,6 +7,7 @@
 mod bench;
 mod bench_auction;
 mod bench_cluster;
+#[cfg(feature = "ebpf")]
 mod bench_net;
 mod demo;
 mod demo_cluster;
@@ -61,6 +62,29 @@ environment:
   CORRAL_AGENT_BIN     agent binary for demo and bench, used as it is (default:
                        build the workspace, use target/{debug,release}/corral-agent)";
 
+/// The benchmarks built on `corral-ebpf`, in an xtask built with them.
+#[cfg(feature = "ebpf")]
+fn ebpf_bench(sub: &str, rest: &[String]) -> anyhow::Result<()> {
+    match sub {
+        "net" => bench_net::run(rest),
+        // Hidden: the load `bench net` runs inside instances' namespaces.
+        _ => bench_net::peer(rest),
+    }
+}
+
+/// Without them: install what corral-ebpf's build needs (clang), then run
+/// the same command in an xtask built with the `ebpf` feature.
+#[cfg(not(feature = "ebpf"))]
+fn ebpf_bench(sub: &str, rest: &[String]) -> anyhow::Result<()> {
+    deps::run()?;
+    util::run(
+        util::cargo()
+            .args(["run", "--quiet", "--package", "xtask", "--features", "ebpf", "--"])
+            .args(["bench", sub])
+            .args(rest),
+    )
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((cmd, rest)) = args.split_first() else {
@@ -98,9 +122,9 @@ fn main() -> ExitCode {
                 bench_auction::run(rest)
             }
         }
-        ("bench", [sub, rest @ ..]) if sub == "net" => bench_net::run(rest),
-        // Hidden: the load `bench net` runs inside instances' namespaces.
-        ("bench", [sub, rest @ ..]) if sub == "net-peer" => bench_net::peer(rest),
+        ("bench", [sub, rest @ ..]) if sub == "net" || sub == "net-peer" => {
+            ebpf_bench(sub, rest)
+        }
         ("fuzz", rest) => fuzz::run(rest),
         ("dist", rest) => dist::run(rest),
         ("help" | "-h" | "--help", _) => {

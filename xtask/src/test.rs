@@ -26,6 +26,7 @@ pub fn run(args: &[String]) -> Result<()> {
             "clippy",
             "--workspace",
             "--all-targets",
+            "--all-features",
             "--",
             "-D",
             "warnings",
@@ -36,7 +37,13 @@ pub fn run(args: &[String]) -> Result<()> {
     })?;
     // The privileged `tests` crate runs last, as root, one test at a time.
     step("unit tests", || {
-        util::run(cargo().args(["test", "--workspace", "--exclude", "corral-tests"]))
+        util::run(cargo().args([
+            "test",
+            "--workspace",
+            "--all-features",
+            "--exclude",
+            "corral-tests",
+        ]))
     })?;
     let rootfs = step("rootfs", rootfs::ensure)?;
     // The package of the debug build: its units are verified here, its
