@@ -46,6 +46,8 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 
+use corral_router::{Op, Protocol, ServiceKey};
+
 use crate::abi::{self, c};
 use crate::dataplane::{map_error, removed, take};
 use crate::Error;
@@ -98,6 +100,18 @@ pub struct ServiceAddr {
 }
 
 impl ServiceAddr {
+    /// The address of a router service key.
+    pub fn of(key: &ServiceKey) -> ServiceAddr {
+        ServiceAddr {
+            vip: key.vip,
+            port: key.port,
+            protocol: match key.protocol {
+                Protocol::Tcp => LbProtocol::Tcp,
+                Protocol::Udp => LbProtocol::Udp,
+            },
+        }
+    }
+
     fn key(&self) -> abi::LbServiceKey {
         abi::LbServiceKey {
             vip: abi::ipv4_to_raw(self.vip),
@@ -298,6 +312,34 @@ impl Balancer {
         removed(self.services.remove(&addr.key()), SERVICES, || {
             format!("remove service {}:{}", addr.vip, addr.port)
         })
+    }
+
+    /// Carries out one operation of a [`corral_router::plan`] (in plan
+    /// order). East-west only so far: a ring operation, or a service entry
+    /// with a ring, is refused with [`Error::InvalidService`] and changes
+    /// nothing.
+    pub fn apply(&mut self, op: &Op) -> Result<(), Error> {
+        let unsupported = |what: String| Error::InvalidService {
+            reason: format!("{what}: north-south rings are not in this data plane yet"),
+        };
+        match op {
+            Op::PutBackend { id, addr } => self.set_backend(id.get(), addr.addr, addr.port),
+            Op::DeleteBackend { id } => self.remove_backend(id.get()).map(drop),
+            Op::PutService { key, entry } => {
+                if entry.ring.is_some() {
+                    return Err(unsupported(format!("service {key} with a ring")));
+                }
+                let ids: Vec<u32> = entry.backends.iter().map(|b| b.get()).collect();
+                self.set_service(&ServiceAddr::of(key), entry.id.get(), &ids)
+            }
+            Op::DeleteService { key } => self.remove_service(&ServiceAddr::of(key)).map(drop),
+            Op::CreateRing { ring, .. }
+            | Op::PutRingSlots { ring, .. }
+            | Op::DeleteRing { ring } => Err(unsupported(format!(
+                "ring {}/{}",
+                ring.service, ring.generation
+            ))),
+        }
     }
 
     /// Reverse translations held (sockets sent to a backend, not yet
