@@ -365,6 +365,10 @@ pub struct InstanceInfo {
     /// The instance's IPv4 address on the cell network, once wired up.
     #[serde(default)]
     pub address: Option<std::net::Ipv4Addr>,
+    /// Running and passing its readiness check (its TCP ports accept
+    /// connections): only ready instances receive load-balanced traffic.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 impl InstanceInfo {
@@ -386,6 +390,7 @@ impl InstanceInfo {
             resources: spec.resources.clone(),
             ports: spec.ports.clone(),
             address: None,
+            ready: false,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod exposition;
 pub mod ids;
 pub mod instance;
 pub mod policy;
+pub mod service;
 pub mod time;
 pub mod wire;
 
