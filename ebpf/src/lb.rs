@@ -46,7 +46,7 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 
-use corral_router::{Op, Protocol, ServiceKey};
+use corral_router::{BackendAddr, BackendId, Op, Protocol, ServiceEntry, ServiceId, ServiceKey};
 
 use crate::abi::{self, c};
 use crate::dataplane::{map_error, removed, take};
@@ -340,6 +340,56 @@ impl Balancer {
                 ring.service, ring.generation
             ))),
         }
+    }
+
+    /// What the maps hold, as router operations that rebuild it in a
+    /// fresh model (backends first), so that a restarted agent can adopt
+    /// the ids a previous run programmed: `corral_router::Programmed` from
+    /// these, then `ServiceTable::adopt`.
+    pub fn dump(&self) -> Result<Vec<Op>, Error> {
+        let read = |map: &'static str| move |e| map_error(map, 0, format!("read {map}"), e);
+        let mut ops = Vec::new();
+        for item in self.backends.iter() {
+            let (id, b) = item.map_err(read(BACKENDS))?;
+            let Some(id) = BackendId::new(id) else {
+                continue;
+            };
+            ops.push(Op::PutBackend {
+                id,
+                addr: BackendAddr {
+                    addr: abi::ipv4_from_raw(b.addr),
+                    port: b.port,
+                },
+            });
+        }
+        for item in self.services.iter() {
+            let (key, svc) = item.map_err(read(SERVICES))?;
+            let (Some(id), Some(protocol)) =
+                (ServiceId::new(svc.id), Protocol::from_number(key.proto))
+            else {
+                continue;
+            };
+            let mut backends = Vec::new();
+            for i in 0..svc.count.min(MAX_BACKENDS_PER_SERVICE as u32) {
+                let slot = id.get() * MAX_BACKENDS_PER_SERVICE as u32 + i;
+                let b = self.slots.get(&slot, 0).map_err(read(SLOTS))?;
+                backends.extend(BackendId::new(b));
+            }
+            ops.push(Op::PutService {
+                key: ServiceKey {
+                    vip: abi::ipv4_from_raw(key.vip),
+                    port: key.port,
+                    protocol,
+                },
+                entry: ServiceEntry {
+                    id,
+                    published: svc.flags & c::CORRAL_LB_F_PUBLISHED != 0,
+                    ring: None,
+                    backends,
+                },
+            });
+        }
+        Ok(ops)
     }
 
     /// Reverse translations held (sockets sent to a backend, not yet

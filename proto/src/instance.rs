@@ -71,6 +71,9 @@ pub struct InstanceSpec {
     pub resources: Resources,
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// What makes the instance ready for traffic; absent: running is ready.
+    #[serde(default)]
+    pub health_check: Option<crate::health::HealthCheck>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,6 +154,9 @@ impl InstanceSpec {
             } else if !seen.insert(port) {
                 p.push(format!("port {port} is listed twice"));
             }
+        }
+        if let Some(c) = &self.health_check {
+            c.check(&mut p);
         }
         if p.is_empty() {
             Ok(())

@@ -7,6 +7,7 @@
 
 pub mod capacity;
 pub mod exposition;
+pub mod health;
 pub mod ids;
 pub mod instance;
 pub mod policy;

@@ -142,18 +142,32 @@ fn spec() -> impl Strategy<Value = InstanceSpec> {
         btree_map(text(), text(), 0..4),
         resources(),
         vec(any::<u16>(), 0..4),
+        proptest::option::of((any::<u16>(), text(), any::<u32>()).prop_map(
+            |(port, path, interval_ms)| crate::health::HealthCheck {
+                kind: crate::health::CheckKind::Http,
+                port,
+                path,
+                status: 200,
+                interval_ms,
+                timeout_ms: interval_ms / 2,
+                failure_threshold: 3,
+            },
+        )),
     )
         .prop_map(
-            |((tenant, app, index, kind, rootfs), command, env, resources, ports)| InstanceSpec {
-                tenant,
-                app,
-                index,
-                kind,
-                rootfs,
-                command,
-                env: env.into_iter().collect::<BTreeMap<_, _>>(),
-                resources,
-                ports,
+            |((tenant, app, index, kind, rootfs), command, env, resources, ports, health_check)| {
+                InstanceSpec {
+                    tenant,
+                    app,
+                    index,
+                    kind,
+                    rootfs,
+                    command,
+                    env: env.into_iter().collect::<BTreeMap<_, _>>(),
+                    resources,
+                    ports,
+                    health_check,
+                }
             },
         )
 }
