@@ -9,6 +9,7 @@
 //!   demo-cell-1 (z1) 10.99.0.11    demo-cell-2 (z2) 10.99.0.12
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::thread;
@@ -109,6 +110,7 @@ impl Fabric {
                 "brain_id = \"demo-brain\"\ndata_dir = \"{d}/data\"\ncell_lost_grace_secs = 5\n\
                  [api]\nlisten = \"{BRAIN_IP}:7900\"\n[quic]\nlisten = \"{BRAIN_IP}:7901\"\n\
                  [tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/brain-demo-brain.pem\"\nkey = \"{c}/brain-demo-brain-key.pem\"\n\
+                 [network]\nvip_range = \"10.96.0.0/24\"\n\
                  [tokens]\nadmin = \"{ADMIN}\"\n",
                 d = dir.display()
             ),
@@ -285,6 +287,74 @@ fn wait_running(fabric: &Fabric, app: &str, tenant: &str, n: usize) -> Result<Va
 }
 
 /// The cluster tour (see the module docs).
+/// A client of acme on the first cell connects to web's VIP again and
+/// again: the socket-level balancer sends each connection to one of web's
+/// ready instances, on either cell.
+fn through_the_vip(fabric: &Fabric, cells: &[Sandbox], rootfs: &str) -> Result<()> {
+    let app = fabric.corral_json(&["app", "web", "--tenant", "acme"])?;
+    let vip = app["vip"]
+        .as_str()
+        .with_context(|| format!("web has no VIP: {app}"))?
+        .to_owned();
+    let cell_of: BTreeMap<String, String> = app["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| Some((i["id"].as_str()?.to_owned(), i["cell"].as_str()?.to_owned())))
+        .collect();
+    // The cells learn the ready instances from the brain.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let api = &cells[0].client;
+    loop {
+        let m = api.get("/metrics")?.body;
+        if m.lines().any(|l| l == "corral_lb_backends 4") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the cell did not program web's 4 backends:\n{m}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    println!("\n==> 12 connections to web's VIP {vip}:8080 from a task of acme on demo-cell-1");
+    let spec = serde_json::json!({
+        "tenant": "acme",
+        "app": "client",
+        "kind": "task",
+        "rootfs": rootfs,
+        "command": ["/bin/sh", "-c", format!(
+            "for i in $(seq 12); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {vip} 8080 | grep hello || echo failed; done"
+        )],
+        "resources": {"memory_mb": 16, "disk_mb": 16},
+    });
+    api.put("/v1/instances/vip-client", &spec)?.ok()?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let v = api.get("/v1/instances/vip-client")?.ok()?.json()?;
+        if v["state"] == "exited" || v["state"] == "crashed" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the client task did not end: {v}");
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    let logs = api.get("/v1/instances/vip-client/logs")?.ok()?.body;
+    api.delete("/v1/instances/vip-client")?.ok()?;
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    for line in logs.lines() {
+        let who = line
+            .split("hello from ")
+            .nth(1)
+            .map_or_else(|| "failed".to_owned(), |id| id.trim().to_owned());
+        *tally.entry(who).or_default() += 1;
+    }
+    for (who, n) in &tally {
+        let cell = cell_of.get(who).map_or("", String::as_str);
+        println!("  {n:>2} answered by {who} {cell}");
+    }
+    Ok(())
+}
+
 pub fn run(agent_bin: &Path, rootfs: &Path) -> Result<()> {
     let fabric = Fabric::start()?;
     let mut cells = Vec::new();
@@ -339,7 +409,7 @@ pub fn run(agent_bin: &Path, rootfs: &Path) -> Result<()> {
     fabric.corral(&["cells"])?;
 
     let root = rootfs.to_string_lossy().into_owned();
-    let web = "mkdir -p /www && echo \"hello from $(hostname)\" > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let web = "mkdir -p /www && echo \"hello from $CORRAL_INSTANCE_ID\" > /www/index.html && exec httpd -f -p 8080 -h /www";
     fabric.corral(&[
         "push",
         "web",
@@ -388,6 +458,7 @@ pub fn run(agent_bin: &Path, rootfs: &Path) -> Result<()> {
     );
     fabric.corral(&["app", "web", "--tenant", "acme"])?;
     fabric.corral(&["app", "api", "--tenant", "globex"])?;
+    through_the_vip(&fabric, &cells, &root)?;
 
     fabric.corral(&["scale", "web", "2", "--tenant", "acme"])?;
     wait_running(&fabric, "web", "acme", 2)?;

@@ -21,6 +21,8 @@ pub const ADMIN: &str = "admin-token-0123456789abcdef";
 pub const ACME: &str = "acme-token-0123456789abcdef";
 pub const GLOBEX: &str = "globex-token-0123456789abcdef";
 pub const BRAIN_IP: &str = "10.99.0.1";
+/// The brain's `[network] vip_range`: apps' service addresses.
+pub const VIP_RANGE: &str = "10.96.0.0/24";
 pub const QUIC_PORT: u16 = 7901;
 pub const API_PORT: u16 = 7900;
 
@@ -114,6 +116,7 @@ impl Fabric {
                 "brain_id = \"b1\"\ndata_dir = \"{d}/data\"\ncell_lost_grace_secs = 4\n\
                  [api]\nlisten = \"{BRAIN_IP}:{API_PORT}\"\n[quic]\nlisten = \"{BRAIN_IP}:{QUIC_PORT}\"\n\
                  [tls]\nca = \"{c}/ca.pem\"\ncert = \"{c}/brain-b1.pem\"\nkey = \"{c}/brain-b1-key.pem\"\n\
+                 [network]\nvip_range = \"{VIP_RANGE}\"\n\
                  [tokens]\nadmin = \"{ADMIN}\"\n\
                  [[tokens.tenant]]\ntenant = \"acme\"\ntoken = \"{ACME}\"\n\
                  [[tokens.tenant]]\ntenant = \"globex\"\ntoken = \"{GLOBEX}\"\n"

@@ -1,0 +1,295 @@
+//! Service load balancing end to end: a brain and two cells in node
+//! namespaces. An app of acme gets a VIP from the brain; clients inside
+//! instances (tasks, which run in the cell's cgroup2 directory where the
+//! socket-level balancer is attached) connect to VIP:port and reach every
+//! ready instance on both cells; a killed instance stops receiving new
+//! connections; a scaled-up one starts; another tenant's client cannot
+//! reach the VIP; a connection opened through the VIP survives a restart
+//! of its cell's agent, and new ones work right after.
+//!
+//! Run as root through `cargo xtask test lb`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::cluster::Fabric;
+use common::{task, Cell};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// The app's server: answers every request with its instance id.
+const SERVER: &str = "mkdir -p /www && echo \"id=$CORRAL_INSTANCE_ID\" > /www/index.html && exec httpd -f -p 8080 -h /www";
+
+/// A task of `tenant` on `cell` that connects `n` times to `vip`:8080 and
+/// prints each answer; returns how often each instance id answered, and
+/// the number of failed connects.
+fn spread(cell: &Cell, id: &str, tenant: &str, vip: &str, n: u32) -> (BTreeMap<String, u32>, u32) {
+    let mut t = task(&format!(
+        "for i in $(seq {n}); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 1 {vip} 8080 | grep '^id=' || echo fail; done"
+    ));
+    t["tenant"] = serde_json::json!(tenant);
+    cell.put_ok(id, &t);
+    cell.wait_for(id, "ended", |v| {
+        v["state"] == "exited" || v["state"] == "crashed"
+    });
+    let logs = cell.logs(id);
+    cell.delete(id);
+    let mut seen = BTreeMap::new();
+    let mut failed = 0;
+    for line in logs.lines() {
+        if let Some(i) = line.find("id=") {
+            *seen.entry(line[i + 3..].trim().to_owned()).or_insert(0) += 1;
+        } else if line.ends_with("fail") {
+            failed += 1;
+        }
+    }
+    (seen, failed)
+}
+
+fn gauge(cell: &Cell, name: &str) -> Option<u64> {
+    cell.metrics().lines().find_map(|l| {
+        l.strip_prefix(name)
+            .filter(|rest| rest.starts_with(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+    })
+}
+
+fn context(fabric: &Fabric, cells: &[Cell]) -> String {
+    format!(
+        "metrics 1:\n{}\nmetrics 2:\n{}\nbrain log:\n{}\ncell 1 log:\n{}",
+        cells[0].metrics(),
+        cells[1].metrics(),
+        fabric.brain_log(),
+        cells[0].agent_log()
+    )
+}
+
+fn wait(what: &str, ctx: impl Fn() -> String, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\n{}",
+            ctx()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The ids of the app's running instances, as the brain lists them.
+fn running(fabric: &Fabric) -> Vec<String> {
+    let v = fabric.cli_json(&["app", "web", "--tenant", "acme"]);
+    v["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "running")
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
+    common::require_root();
+    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    // Declared before the fabric, so dropped after it.
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut fabric = Fabric::new(&ids);
+    fabric.start_brain();
+    for (i, name) in names.iter().enumerate() {
+        let extra = format!(
+            "{}[network]\nsubnet = \"10.244.{}.0/24\"\n",
+            fabric.agent_config(name, &format!("z{}", i + 1)),
+            i + 1
+        );
+        let cell = Cell::start_named(name, &extra);
+        fabric.attach(&cell);
+        cells.push(cell);
+    }
+    fabric.wait_json(&["cells"], "two connected cells", |v| {
+        v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "connected")
+            .count()
+            == 2
+    });
+
+    let root = common::rootfs();
+    let out = fabric.cli(&[
+        "push",
+        "web",
+        "--tenant",
+        "acme",
+        "--instances",
+        "3",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--disk",
+        "64",
+        "--port",
+        "8080",
+        "--",
+        "/bin/sh",
+        "-c",
+        SERVER,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let app = fabric.wait_json(&["app", "web", "--tenant", "acme"], "3 running", |v| {
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["state"] == "running")
+            .count()
+            == 3
+    });
+    let vip = app["vip"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no vip: {app}"))
+        .to_owned();
+    assert!(vip.starts_with("10.96.0."), "{vip}");
+    // Every cell programs the service with the three ready backends.
+    wait(
+        "3 backends on both cells",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_backends") == Some(3))
+        },
+    );
+
+    // From either cell, connections to the VIP reach all three instances.
+    let all = running(&fabric);
+    for (n, cell) in cells.iter().enumerate() {
+        let (seen, failed) = spread(cell, &format!("client-{n}"), "acme", &vip, 30);
+        assert_eq!(failed, 0, "failed connects from cell {n}: {seen:?}");
+        for id in &all {
+            assert!(
+                seen.get(id).is_some_and(|&c| c >= 2),
+                "instance {id} got {:?} of 30 connects from cell {n}: {seen:?}",
+                seen.get(id)
+            );
+        }
+    }
+
+    // Another tenant's client cannot reach acme's VIP.
+    let (seen, failed) = spread(&cells[0], "client-globex", "globex", &vip, 3);
+    assert!(seen.is_empty(), "globex reached acme's VIP: {seen:?}");
+    assert_eq!(failed, 3);
+
+    // A connection opened through the VIP, held across an agent restart:
+    // the request goes out after the restart and is answered.
+    let mut held = task(&format!(
+        "(sleep 6; printf 'GET / HTTP/1.0\\r\\n\\r\\n') | nc -w 10 {vip} 8080 | grep '^id=' || echo fail"
+    ));
+    held["tenant"] = serde_json::json!("acme");
+    cells[0].put_ok("held", &held);
+    std::thread::sleep(Duration::from_millis(1500));
+    cells[0].stop_agent();
+    cells[0].spawn_agent();
+    cells[0].wait_ready();
+    // New connections work at once after the restart (the maps and links
+    // are pinned; nothing waits for the brain).
+    let (seen, failed) = spread(&cells[0], "client-after-restart", "acme", &vip, 6);
+    assert_eq!(failed, 0, "after restart: {seen:?}");
+    let v = cells[0].wait_for("held", "ended", |v| {
+        v["state"] == "exited" || v["state"] == "crashed"
+    });
+    let logs = cells[0].logs("held");
+    assert!(
+        logs.contains("id="),
+        "the held connection was not answered: {v} {logs}"
+    );
+    cells[0].delete("held");
+
+    // Kill one instance's server: once it is no longer ready it gets no
+    // new connections (the brain replaces it under a new id).
+    let victim = all[0].clone();
+    let owner = cells
+        .iter()
+        .find(|c| {
+            c.client
+                .get(&format!("/v1/instances/{victim}"))
+                .is_ok_and(|r| r.status == 200)
+        })
+        .expect("a cell runs the victim");
+    let pid = owner.get(&victim)["pid"].as_u64().unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on the pid of a container init of this test's cell.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGKILL);
+    }
+    wait(
+        "the killed instance out of the backends",
+        || context(&fabric, &cells),
+        || {
+            !running(&fabric).contains(&victim) && gauge(&cells[0], "corral_lb_backends") == Some(2)
+                || running(&fabric).len() == 3 && !running(&fabric).contains(&victim)
+        },
+    );
+    let (seen, _) = spread(&cells[0], "client-after-kill", "acme", &vip, 20);
+    assert!(
+        !seen.contains_key(&victim),
+        "the killed instance {victim} still got connections: {seen:?}"
+    );
+
+    // Scale up: the new instance receives connections too.
+    let before = running(&fabric);
+    let out = fabric.cli(&["scale", "web", "4", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "4 backends on both cells",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_backends") == Some(4))
+        },
+    );
+    let now = running(&fabric);
+    let fresh: Vec<&String> = now.iter().filter(|i| !before.contains(i)).collect();
+    assert!(!fresh.is_empty(), "no new instance: {before:?} → {now:?}");
+    let (seen, failed) = spread(&cells[1], "client-after-scale", "acme", &vip, 40);
+    assert_eq!(failed, 0, "{seen:?}");
+    for id in fresh {
+        assert!(
+            seen.contains_key(id),
+            "new instance {id} got nothing: {seen:?}"
+        );
+    }
+
+    // Deleting the app removes the service from every cell.
+    let out = fabric.cli(&["delete-app", "web", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "no service left",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_services") == Some(0))
+        },
+    );
+    for c in &cells {
+        c.delete_all();
+    }
+}
