@@ -373,7 +373,13 @@ impl Balancer {
                 });
             }
         }
-        self.write_service(&ServiceAddr::of(key), entry.id.get(), &ids, entry.flags(), ring)
+        self.write_service(
+            &ServiceAddr::of(key),
+            entry.id.get(),
+            &ids,
+            entry.flags(),
+            ring,
+        )
     }
 
     /// Builds a ring aside (an array of `slots.len()` backend ids, filled

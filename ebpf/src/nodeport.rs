@@ -124,8 +124,7 @@ use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, c};
 use crate::dataplane::{
-    attach_classifier, detach_classifier, ensure_bpffs, ensure_clsact, ifindex, map_error,
-    take,
+    attach_classifier, detach_classifier, ensure_bpffs, ensure_clsact, ifindex, map_error, take,
 };
 use crate::types::Counter;
 use crate::Error;
@@ -448,7 +447,10 @@ fn count_keys<V: aya::Pod>(
     Ok(n)
 }
 
-fn classifier<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, Error> {
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, Error> {
     ebpf.program_mut(name)
         .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
         .ok_or_else(|| Error::NotInObject {
@@ -480,7 +482,16 @@ mod tests {
             buckets[(flow_hash(&flow(sport)) % 7) as usize] += 1;
         }
         // 1000 flows into 7 buckets: each near 143.
-        assert!(buckets.iter().all(|&n| (100..190).contains(&n)), "{buckets:?}");
-        assert_ne!(flow_hash(&flow(1)), flow_hash(&FlowTuple { proto: 17, ..flow(1) }));
+        assert!(
+            buckets.iter().all(|&n| (100..190).contains(&n)),
+            "{buckets:?}"
+        );
+        assert_ne!(
+            flow_hash(&flow(1)),
+            flow_hash(&FlowTuple {
+                proto: 17,
+                ..flow(1)
+            })
+        );
     }
 }
