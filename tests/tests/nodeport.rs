@@ -577,3 +577,163 @@ fn flows_survive_an_agent_restart_and_a_reattach() {
     }
     drop(s);
 }
+
+// ---------------------------------------------------------------------------
+// the rewrite itself, on crafted frames (BPF_PROG_TEST_RUN): checksums are
+// complete here (no offload), so the incremental updates are checked exactly
+
+const TC_ACT_OK: u32 = 0;
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !u16::try_from(sum).unwrap()
+}
+
+fn sum16(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+/// The L4 checksum over the pseudo-header and `l4` (whose checksum field
+/// is part of the sum: 0 when the stored checksum is right).
+fn l4_check(src: [u8; 4], dst: [u8; 4], proto: u8, l4: &[u8]) -> u16 {
+    let len = u16::try_from(l4.len()).unwrap();
+    let pseudo = [&src[..], &dst[..], &[0, proto], &len.to_be_bytes()[..]].concat();
+    fold(sum16(&pseudo) + sum16(l4))
+}
+
+/// An Ethernet + IPv4 + TCP/UDP frame with correct checksums.
+fn frame(proto: u8, src: (Ipv4Addr, u16), dst: (Ipv4Addr, u16), udp_csum: bool) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.1.to_be_bytes());
+    l4.extend_from_slice(&dst.1.to_be_bytes());
+    let csum_at = if proto == 6 {
+        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+        16
+    } else {
+        l4.extend_from_slice(&[0, 13, 0, 0]);
+        6
+    };
+    l4.extend_from_slice(b"hello");
+    if proto == 17 {
+        let len = u16::try_from(l4.len()).unwrap();
+        l4[4..6].copy_from_slice(&len.to_be_bytes());
+    }
+    if proto == 6 || udp_csum {
+        let c = l4_check(src.0.octets(), dst.0.octets(), proto, &l4);
+        l4[csum_at..csum_at + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    let total = u16::try_from(20 + l4.len()).unwrap();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+    ip.extend_from_slice(&src.0.octets());
+    ip.extend_from_slice(&dst.0.octets());
+    let c = fold(sum16(&ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = vec![2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00];
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&l4);
+    f
+}
+
+/// Runs a program on a frame; returns the verdict and the frame after it.
+fn run(np: &NodePort, program: &str, input: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; input.len() + 64];
+    let opts = aya::TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ..aya::TestRunOptions::default()
+    };
+    use aya::TestRun as _;
+    let result = np.program(program).unwrap().test_run(opts).unwrap();
+    out.truncate(result.data_size_out as usize);
+    (result.return_value, out)
+}
+
+/// Addresses, ports and checksums of a frame: `(src, dst, ip ok, l4 csum)`
+/// where `l4 csum` is 0 when the stored checksum is right.
+fn inspect(f: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16), bool, u16, u16) {
+    let ip = &f[14..34];
+    let l4 = &f[34..];
+    let src = Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]);
+    let dst = Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]);
+    let sport = u16::from_be_bytes([l4[0], l4[1]]);
+    let dport = u16::from_be_bytes([l4[2], l4[3]]);
+    let stored = if ip[9] == 6 {
+        u16::from_be_bytes([l4[16], l4[17]])
+    } else {
+        u16::from_be_bytes([l4[6], l4[7]])
+    };
+    let ip_ok = fold(sum16(ip)) == 0;
+    let l4_sum = l4_check(
+        ip[12..16].try_into().unwrap(),
+        ip[16..20].try_into().unwrap(),
+        ip[9],
+        l4,
+    );
+    ((src, sport), (dst, dport), ip_ok, l4_sum, stored)
+}
+
+#[test]
+fn the_rewrite_keeps_every_checksum_right() {
+    require_root();
+    let pins = PinDir::new();
+    let (mut lb, np) = load(&pins);
+    let mut ctl = Control::new();
+    let backend = Ipv4Addr::new(10, 88, 7, 2);
+    let web = published(WEB, Protocol::Tcp);
+    ctl.publish(&mut lb, web, backends(&[backend], TCP_PORT, true));
+    let dns = published(DNS, Protocol::Udp);
+    ctl.publish(&mut lb, dns, backends(&[backend], UDP_PORT, true));
+    let client = (Ipv4Addr::new(203, 0, 113, 9), 40_000);
+
+    for (proto, port, to, udp_csum) in [
+        (6, WEB, TCP_PORT, true),
+        (17, DNS, UDP_PORT, true),
+        (17, DNS, UDP_PORT, false),
+    ] {
+        // In: the destination becomes the backend, checksums stay right.
+        let (verdict, out) = run(
+            &np,
+            "corral_np_ingress",
+            &frame(proto, client, (NODE, port), udp_csum),
+        );
+        assert_eq!(verdict, TC_ACT_OK);
+        let (src, dst, ip_ok, l4_sum, stored) = inspect(&out);
+        assert_eq!((src, dst), (client, (backend, to)));
+        assert!(ip_ok, "IPv4 checksum ({proto})");
+        if udp_csum {
+            assert_eq!(l4_sum, 0, "L4 checksum ({proto})");
+        } else {
+            assert_eq!(stored, 0, "a UDP datagram without checksum keeps none");
+        }
+
+        // Out: the reply's source becomes the node address and published port.
+        let reply = frame(proto, (backend, to), client, udp_csum);
+        let (verdict, out) = run(&np, "corral_np_egress", &reply);
+        assert_eq!(verdict, TC_ACT_OK);
+        let (src, dst, ip_ok, l4_sum, stored) = inspect(&out);
+        assert_eq!((src, dst), ((NODE, port), client));
+        assert!(ip_ok);
+        if udp_csum {
+            assert_eq!(l4_sum, 0, "L4 checksum of the reply ({proto})");
+        } else {
+            assert_eq!(stored, 0);
+        }
+    }
+
+    // Other traffic passes untouched: not the node, not published.
+    for f in [
+        frame(6, client, (Ipv4Addr::new(192, 0, 2, 77), WEB), true),
+        frame(6, client, (NODE, 22), true),
+    ] {
+        assert_eq!(run(&np, "corral_np_ingress", &f), (TC_ACT_OK, f.clone()));
+    }
+    assert_eq!(count(&np, Verdict::Local), 3);
+    assert_eq!(count(&np, Verdict::Reply), 3);
+}
