@@ -20,10 +20,31 @@
 //!
 //! | name | type | key → value |
 //! |---|---|---|
-//! | `lb_services` | hash, 4096 | `corral_lb_service_key {vip, port, proto}` → `corral_lb_service {id, count, flags}` |
+//! | `lb_services` | hash, 4096 | `corral_lb_service_key {vip, port, proto}` → `corral_lb_service {id, count, flags, ring_gen, ring_size}` |
 //! | `lb_slots` | array, 4097 × 256 | `id * 256 + i` → backend id (for `i < count`) |
 //! | `lb_backends` | hash, 65536 | backend id → `corral_lb_backend {addr, port}` |
 //! | `lb_socks` | LRU hash, 65536 | `corral_lb_sock_key {cookie, backend addr, port}` → `corral_lb_sock {vip, port}` |
+//! | `lb_rings` | hash of maps, 8192 | `corral_lb_ring_key {service, gen}` → array of `ring_size` backend ids (Maglev) |
+//!
+//! `lb_services`, `lb_backends` and `lb_rings` are shared with the
+//! north-south programs ([`crate::nodeport`]; both objects declare them in
+//! `lb_maps.h` and pin them by name). A published port is the entry
+//! `{vip: 0.0.0.0, port, proto}` flagged `CORRAL_LB_F_PUBLISHED`; the
+//! socket programs ignore a destination of 0.0.0.0 and every published
+//! entry, so they never rewrite a `connect()` to one.
+//!
+//! # Rings
+//!
+//! [`Balancer::apply`] carries out every [`Op`] of a router plan. A
+//! `CreateRing` builds an array of the ring's size (flag
+//! `BPF_F_INNER_MAP`, as the template in `lb_maps.h`, so rings of any size
+//! fit the one outer map), fills every slot, and only then inserts it into
+//! `lb_rings`: readers never see a half-filled ring. aya 0.14 creates the
+//! outer map from the BTF `__array(values, ...)` definition and can create
+//! standalone arrays and insert their fds, so no workaround was needed.
+//! `PutRingSlots` opens the ring by the id `lb_rings` returns and updates
+//! the slots in place; `DeleteRing` removes the outer entry (the kernel
+//! frees the array once no program holds it).
 //!
 //! [`Balancer::set_service`] keeps every slot below `count` valid while a
 //! service changes: a growing service gets its new slots before its count,
@@ -339,7 +360,7 @@ impl Balancer {
         })
     }
 
-    /// Carries out one operation of a [`corral_router::plan`] (in plan
+    /// Carries out one operation of a [`corral_router::plan()`] (in plan
     /// order), east-west and north-south alike: backends, service entries
     /// (with their flags and ring reference) and Maglev rings.
     pub fn apply(&mut self, op: &Op) -> Result<(), Error> {
