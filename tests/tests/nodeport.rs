@@ -737,3 +737,49 @@ fn the_rewrite_keeps_every_checksum_right() {
     assert_eq!(count(&np, Verdict::Local), 3);
     assert_eq!(count(&np, Verdict::Reply), 3);
 }
+
+#[test]
+fn a_flow_entry_is_ignored_once_its_backend_id_means_another_address() {
+    require_root();
+    let pins = PinDir::new();
+    let (mut lb, np) = load(&pins);
+    let mut ctl = Control::new();
+    let first = Ipv4Addr::new(10, 88, 7, 2);
+    let web = published(WEB, Protocol::Tcp);
+    ctl.publish(&mut lb, web, backends(&[first], TCP_PORT, true));
+    let client = (Ipv4Addr::new(203, 0, 113, 9), 40_001);
+    let syn = frame(6, client, (NODE, WEB), true);
+    let flow = FlowTuple {
+        saddr: client.0,
+        ..tcp_flow(client.1, WEB)
+    };
+
+    let (_, out) = run(&np, "corral_np_ingress", &syn);
+    assert_eq!(inspect(&out).1, (first, TCP_PORT));
+    let id = np
+        .flow_backend(&flow)
+        .unwrap()
+        .expect("the flow is in np_flows");
+    let (_, out) = run(&np, "corral_np_ingress", &syn);
+    assert_eq!(inspect(&out).1, (first, TCP_PORT));
+    assert_eq!(
+        count(&np, Verdict::NewFlow),
+        1,
+        "the second packet is a table hit"
+    );
+
+    // The id now names another address (as after the router reused it):
+    // the entry no longer holds, the flow is picked from the ring again.
+    let other = Ipv4Addr::new(10, 88, 9, 2);
+    lb.set_backend(id, other, TCP_PORT).unwrap();
+    let (_, out) = run(&np, "corral_np_ingress", &syn);
+    assert_eq!(inspect(&out).1, (other, TCP_PORT));
+    assert_eq!(count(&np, Verdict::NewFlow), 2);
+
+    // A backend outside the cell's subnet is not forwarded half-way.
+    lb.set_backend(id, Ipv4Addr::new(10, 99, 0, 2), TCP_PORT)
+        .unwrap();
+    let (verdict, _) = run(&np, "corral_np_ingress", &syn);
+    assert_eq!(verdict, 2, "TC_ACT_SHOT");
+    assert_eq!(count(&np, Verdict::DropRemote), 1);
+}
