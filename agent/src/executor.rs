@@ -10,10 +10,12 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::network::ipam::Ipam;
 use crate::network::plane::Plane;
+use crate::network::services::Lb;
 use crate::network::{Attachment, Network};
 use crate::paths::{InstancePaths, Layout};
 use crate::shim::{self, Launch, Record, StartReport};
 use crate::sys;
+use corral_proto::health::{CheckKind, HealthCheck, Readiness};
 use corral_proto::{
     AppId, Capacity, CapacityError, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState,
     SpecError, Status, TenantId, Timestamp,
@@ -77,12 +79,31 @@ struct Entry {
     deleting: bool,
     /// The instance's address while its network is attached.
     address: Option<Ipv4Addr>,
+    /// Results of its readiness check so far (see [`crate::health`]).
+    readiness: Readiness,
 }
 
 impl Entry {
+    fn new(spec: InstanceSpec, status: watch::Sender<Status>) -> Self {
+        Self {
+            spec,
+            status,
+            shim: None,
+            init: None,
+            cpu_ns: None,
+            oom_kills: 0,
+            deleting: false,
+            address: None,
+            readiness: Readiness::default(),
+        }
+    }
+
     fn info(&self, id: &InstanceId) -> InstanceInfo {
         let mut i = InstanceInfo::new(id, &self.spec, &self.status.borrow());
         i.address = self.address;
+        // Without a check, running is ready; with one, it must also pass.
+        i.ready = i.state == InstanceState::Running
+            && (self.spec.health_check.is_none() || self.readiness.ready);
         i
     }
 }
@@ -93,6 +114,8 @@ struct NetState {
     ipam: Mutex<Ipam>,
     /// The eBPF data plane, when enabled.
     plane: Option<Plane>,
+    /// The service load balancer, with the data plane.
+    lb: Option<Lb>,
 }
 
 /// A read-only view of one instance for the API and metrics.
@@ -139,6 +162,7 @@ impl Executor {
         exe: PathBuf,
         metrics: Arc<Metrics>,
         network: Option<(Network, Option<Plane>)>,
+        lb: Option<Lb>,
     ) -> Arc<Self> {
         let net = network
             .zip(cfg.subnet)
@@ -146,6 +170,7 @@ impl Executor {
                 network,
                 ipam: Mutex::new(Ipam::new(subnet)),
                 plane,
+                lb,
             });
         let layout = Layout {
             data_dir: cfg.data_dir.clone(),
@@ -190,6 +215,11 @@ impl Executor {
     /// The eBPF data plane, when the cell network has one.
     pub fn plane(&self) -> Option<&Plane> {
         self.net.as_ref().and_then(|n| n.plane.as_ref())
+    }
+
+    /// The service load balancer, when the data plane has one.
+    pub fn lb(&self) -> Option<&Lb> {
+        self.net.as_ref().and_then(|n| n.lb.as_ref())
     }
 
     /// Applies the brain's routes, endpoint map or policies (see
@@ -258,6 +288,24 @@ impl Executor {
                     )
                 }))
             }
+            corral_proto::wire::Message::Services(update) => {
+                let Some(lb) = net.lb.as_ref() else {
+                    return Ok(None);
+                };
+                let applied = lb.apply(&update)?;
+                for r in &applied.refused {
+                    tracing::error!("service not programmed: {r}");
+                }
+                self.metrics.services_refused(applied.refused.len() as u64);
+                Ok((applied.ops > 0 || !applied.refused.is_empty()).then(|| {
+                    let (services, backends) = lb.counts();
+                    format!(
+                        "{} load-balancer map writes; {services} service ports, {backends} backends; {} refused",
+                        applied.ops,
+                        applied.refused.len()
+                    )
+                }))
+            }
             _ => Ok(None),
         }
     }
@@ -286,6 +334,38 @@ impl Executor {
                 final_oom_kills: e.oom_kills,
             })
             .collect()
+    }
+
+    /// What the readiness checker should check now: every running
+    /// instance with an address and a tcp or http check.
+    pub fn checks(&self) -> Vec<(InstanceId, Ipv4Addr, HealthCheck)> {
+        self.table()
+            .iter()
+            .filter(|(_, e)| e.status.borrow().state == InstanceState::Running && !e.deleting)
+            .filter_map(|(id, e)| {
+                let c = e.spec.health_check.as_ref()?;
+                (c.kind != CheckKind::Process).then_some((id.clone(), e.address?, c.clone()))
+            })
+            .collect()
+    }
+
+    /// Records one readiness check result of `id`.
+    pub fn record_check(&self, id: &InstanceId, passed: bool) {
+        let changed = {
+            let mut t = self.table();
+            let Some(e) = t.get_mut(id) else { return };
+            let threshold = e
+                .spec
+                .health_check
+                .as_ref()
+                .map_or(1, |c| c.failure_threshold);
+            e.readiness.record(passed, threshold)
+        };
+        if changed {
+            let ready = self.get(id).is_some_and(|i| i.ready);
+            tracing::info!(instance = %id, ready, "readiness changed");
+            self.changed();
+        }
     }
 
     pub fn get(&self, id: &InstanceId) -> Option<InstanceInfo> {
@@ -463,19 +543,7 @@ impl Executor {
         let avail = Capacity::available(self.cfg.capacity, states);
         Capacity::check_fit(self.cfg.capacity, avail, Capacity::of(spec))?;
         let (tx, _) = watch::channel(Status::new());
-        t.insert(
-            id.clone(),
-            Entry {
-                spec: spec.clone(),
-                status: tx.clone(),
-                shim: None,
-                init: None,
-                cpu_ns: None,
-                oom_kills: 0,
-                deleting: false,
-                address: None,
-            },
-        );
+        t.insert(id.clone(), Entry::new(spec.clone(), tx.clone()));
         drop(t);
         self.changed();
         Ok(Admission::New(tx, self.layout.instance(id)))
@@ -904,14 +972,11 @@ impl Executor {
             self.table().insert(
                 id.clone(),
                 Entry {
-                    spec,
-                    status: tx,
                     shim: rec.as_ref().map(|r| (r.shim_pid, r.shim_start)),
                     init: rec.as_ref().and_then(|r| r.init_pid.zip(r.init_start)),
                     cpu_ns: rec.as_ref().and_then(|r| r.cpu_ns),
                     oom_kills: rec.as_ref().map_or(0, |r| r.oom_kills),
-                    deleting: false,
-                    address: None,
+                    ..Entry::new(spec, tx)
                 },
             );
             self.changed();

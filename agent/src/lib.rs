@@ -6,6 +6,7 @@ pub mod cell_link;
 pub mod cgroups;
 pub mod config;
 pub mod executor;
+pub mod health;
 pub mod layer;
 pub mod logs;
 pub mod metrics;

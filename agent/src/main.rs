@@ -9,9 +9,10 @@ use corral_agent::executor::{CleanupArgs, Executor};
 use corral_agent::metrics::Metrics;
 use corral_agent::network::ipam::check_no_overlap;
 use corral_agent::network::plane::Plane;
+use corral_agent::network::services::Lb;
 use corral_agent::network::Network;
 use corral_agent::selfcheck::SelfCheck;
-use corral_agent::{api, cgroups, preflight, shim};
+use corral_agent::{api, cgroups, health, preflight, shim};
 use corral_systemd::notify::{self, Notifier, State};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -209,9 +210,30 @@ async fn run(
             Some((n, plane))
         }
     };
-    let exec = Executor::new(cfg.clone(), exe, metrics.clone(), network);
+    // Service load balancing needs the data plane and a cgroup2 directory
+    // for the instances (its programs attach there).
+    let cgroup2 = std::path::Path::new(corral_agent::paths::CGROUP2_HYBRID).join("cgroup.procs");
+    let lb = match &network {
+        Some((_, Some(_))) if cgroup2.exists() => {
+            let pins = std::path::Path::new("/sys/fs/bpf/corral").join(cfg.cell_id.as_str());
+            Some(Lb::load(&pins).map_err(|e| anyhow::anyhow!(e))?)
+        }
+        Some((_, Some(_))) => {
+            tracing::warn!(
+                "no cgroup2 hierarchy at {}: no service load balancing",
+                corral_agent::paths::CGROUP2_HYBRID
+            );
+            None
+        }
+        _ => None,
+    };
+    let exec = Executor::new(cfg.clone(), exe, metrics.clone(), network, lb);
     cgroups::ensure_roots(&cfg.cgroup_root, exec.cgroup2_root())
         .with_context(|| format!("creating the agent's cgroups {:?}", cfg.cgroup_root))?;
+    if let (Some(lb), Some(root)) = (exec.lb(), exec.cgroup2_root()) {
+        let created = lb.attach(root).map_err(|e| anyhow::anyhow!(e))?;
+        tracing::info!(cgroup = %root.display(), created, "service load balancer attached");
+    }
     let registry = metrics.registry(Arc::downgrade(&exec));
     let state = Arc::new(api::ApiState {
         exec: exec.clone(),
@@ -290,6 +312,12 @@ async fn run(
         metrics = ?cfg.metrics_listen,
         "agent ready"
     );
+
+    // One round of readiness checks before the brain hears from this cell,
+    // so that re-adopted instances do not leave their services for a moment
+    // after a restart; then checks on their intervals.
+    health::check_all_once(&exec).await;
+    tokio::spawn(health::run(exec.clone()));
 
     // After re-adoption, like the API: the first snapshot the brain gets
     // holds every instance this cell has.

@@ -39,6 +39,8 @@ pub struct Metrics {
     /// Brain sessions established.
     pub brain_connects: Counter,
     pub brain_messages: Family<BrainMessageLabels, Counter>,
+    /// Services from the brain that the load balancer refused.
+    pub lb_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -57,6 +59,7 @@ impl Metrics {
             brain_connected: Gauge::default(),
             brain_connects: Counter::default(),
             brain_messages: Family::default(),
+            lb_refused: Counter::default(),
         }
     }
 
@@ -68,6 +71,10 @@ impl Metrics {
                 r#type: msg.name(),
             })
             .inc();
+    }
+
+    pub fn services_refused(&self, n: u64) {
+        self.lb_refused.inc_by(n);
     }
 
     pub fn count_end(&self, info: &InstanceInfo) {
@@ -119,6 +126,11 @@ impl Metrics {
             "brain_messages",
             "Messages exchanged with the brain, by direction (sent, received) and type",
             self.brain_messages.clone(),
+        );
+        r.register(
+            "lb_services_refused",
+            "Services from the brain the load balancer could not program (a limit reached, an invalid service)",
+            self.lb_refused.clone(),
         );
         r.register_collector(Box::new(CellCollector { exec }));
         r
@@ -273,6 +285,23 @@ impl Collector for CellCollector {
                 .filter_map(|(l, u, _)| u.oom_kills.map(|n| (l.clone(), ConstCounter::new(n)))),
         )?;
         network(&mut enc, &exec, &snaps)?;
+        if let Some(lb) = exec.lb() {
+            let (services, backends) = lb.counts();
+            family(
+                &mut enc,
+                "lb_services",
+                "Service ports (VIP, port, protocol) programmed in the load balancer",
+                MetricType::Gauge,
+                [(Labels::new(), ConstGauge::new(services as i64))],
+            )?;
+            family(
+                &mut enc,
+                "lb_backends",
+                "Backend addresses (instance, port) programmed in the load balancer",
+                MetricType::Gauge,
+                [(Labels::new(), ConstGauge::new(backends as i64))],
+            )?;
+        }
         family(
             &mut enc,
             "instance_disk_used_bytes",

@@ -224,6 +224,7 @@ fn unadopted_executor(dir: &Path) -> Arc<Executor> {
         PathBuf::from("/bin/false"),
         Arc::new(Metrics::new()),
         None,
+        None,
     )
 }
 

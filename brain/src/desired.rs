@@ -9,6 +9,7 @@
 //!   command, env, resources, ports, tags). Scaling does not bump it, so
 //!   convergence can tell "start more of the same" from "replace instances".
 
+use corral_proto::health::HealthCheck;
 use corral_proto::instance::MAX_INDEX;
 use corral_proto::wire::{Tag, MAX_TAGS};
 use corral_proto::{
@@ -111,6 +112,9 @@ impl App {
             env: self.env.clone(),
             resources: self.resources.clone(),
             ports: self.ports.clone(),
+            // Ready once its first port accepts connections (Cloud
+            // Foundry's default "port" check).
+            health_check: self.ports.first().map(|p| HealthCheck::tcp(*p)),
         }
     }
 
@@ -387,6 +391,7 @@ impl Task {
             env: self.spec.env.clone(),
             resources: self.spec.resources.clone(),
             ports: Vec::new(),
+            health_check: None,
         }
     }
 

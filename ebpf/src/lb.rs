@@ -67,7 +67,9 @@ use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 
-use corral_router::{Op, Protocol, RingKey, ServiceEntry, ServiceKey};
+use corral_router::{
+    BackendAddr, BackendId, Op, Protocol, RingKey, RingRef, ServiceEntry, ServiceId, ServiceKey,
+};
 
 use crate::abi::{self, c};
 use crate::dataplane::{map_error, removed, take};
@@ -470,6 +472,78 @@ impl Balancer {
             .collect::<Result<Vec<u32>, _>>()
             .map(Some)
             .map_err(|e| map_error(RINGS, 0, action(), e))
+    }
+
+    /// What the maps hold, as router operations that rebuild it in a
+    /// fresh model (backends first), so that a restarted agent can adopt
+    /// the ids a previous run programmed: `corral_router::Programmed` from
+    /// these, then `ServiceTable::adopt`. A published service's ring comes
+    /// back as a `CreateRing` before its entry.
+    pub fn dump(&self) -> Result<Vec<Op>, Error> {
+        let read = |map: &'static str| move |e| map_error(map, 0, format!("read {map}"), e);
+        let mut ops = Vec::new();
+        for item in self.backends.iter() {
+            let (id, b) = item.map_err(read(BACKENDS))?;
+            let Some(id) = BackendId::new(id) else {
+                continue;
+            };
+            ops.push(Op::PutBackend {
+                id,
+                addr: BackendAddr {
+                    addr: abi::ipv4_from_raw(b.addr),
+                    port: b.port,
+                },
+            });
+        }
+        for item in self.services.iter() {
+            let (key, svc) = item.map_err(read(SERVICES))?;
+            let (Some(id), Some(protocol)) =
+                (ServiceId::new(svc.id), Protocol::from_number(key.proto))
+            else {
+                continue;
+            };
+            let mut backends = Vec::new();
+            for i in 0..svc.count.min(MAX_BACKENDS_PER_SERVICE as u32) {
+                let slot = id.get() * MAX_BACKENDS_PER_SERVICE as u32 + i;
+                let b = self.slots.get(&slot, 0).map_err(read(SLOTS))?;
+                backends.extend(BackendId::new(b));
+            }
+            let mut ring = None;
+            if svc.ring_size != 0 {
+                let ring_key = RingKey {
+                    service: id,
+                    generation: svc.ring_gen,
+                };
+                if let Some(slots) = self.ring(&ring_key)? {
+                    let slots: Option<Vec<BackendId>> =
+                        slots.into_iter().map(BackendId::new).collect();
+                    if let Some(slots) = slots.filter(|s| s.len() == svc.ring_size as usize) {
+                        ops.push(Op::CreateRing {
+                            ring: ring_key,
+                            slots: slots.into(),
+                        });
+                        ring = Some(RingRef {
+                            generation: svc.ring_gen,
+                            size: svc.ring_size,
+                        });
+                    }
+                }
+            }
+            ops.push(Op::PutService {
+                key: ServiceKey {
+                    vip: abi::ipv4_from_raw(key.vip),
+                    port: key.port,
+                    protocol,
+                },
+                entry: ServiceEntry {
+                    id,
+                    published: svc.flags & c::CORRAL_LB_F_PUBLISHED != 0,
+                    ring,
+                    backends,
+                },
+            });
+        }
+        Ok(ops)
     }
 
     /// Reverse translations held (sockets sent to a backend, not yet

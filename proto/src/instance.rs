@@ -71,6 +71,9 @@ pub struct InstanceSpec {
     pub resources: Resources,
     #[serde(default)]
     pub ports: Vec<u16>,
+    /// What makes the instance ready for traffic; absent: running is ready.
+    #[serde(default)]
+    pub health_check: Option<crate::health::HealthCheck>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -151,6 +154,9 @@ impl InstanceSpec {
             } else if !seen.insert(port) {
                 p.push(format!("port {port} is listed twice"));
             }
+        }
+        if let Some(c) = &self.health_check {
+            c.check(&mut p);
         }
         if p.is_empty() {
             Ok(())
@@ -365,6 +371,10 @@ pub struct InstanceInfo {
     /// The instance's IPv4 address on the cell network, once wired up.
     #[serde(default)]
     pub address: Option<std::net::Ipv4Addr>,
+    /// Running and passing its readiness check (its TCP ports accept
+    /// connections): only ready instances receive load-balanced traffic.
+    #[serde(default)]
+    pub ready: bool,
 }
 
 impl InstanceInfo {
@@ -386,6 +396,7 @@ impl InstanceInfo {
             resources: spec.resources.clone(),
             ports: spec.ports.clone(),
             address: None,
+            ready: false,
         }
     }
 }

@@ -7,9 +7,11 @@
 
 pub mod capacity;
 pub mod exposition;
+pub mod health;
 pub mod ids;
 pub mod instance;
 pub mod policy;
+pub mod service;
 pub mod time;
 pub mod wire;
 

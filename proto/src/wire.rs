@@ -18,6 +18,7 @@
 //! brain → cell   Routes                 every other cell's instance subnet and node address
 //! brain → cell   Endpoints              the cluster's instances (address → tenant), incrementally
 //! brain → cell   Policies               every cross-tenant policy (the whole set)
+//! brain → cell   Services               every app's VIP, ports and ready instances, incrementally
 //! ```
 //!
 //! Frames are a `u32` big-endian payload length followed by a postcard
@@ -51,6 +52,7 @@
 use crate::capacity::{Capacity, CapacityError};
 use crate::ids::{AppId, CellId, InstanceId, TenantId};
 use crate::instance::{InstanceInfo, InstanceKind, InstanceSpec, Resources};
+use crate::service::{Service, MAX_SERVICE_BACKENDS, MAX_SERVICE_PORTS};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -90,6 +92,8 @@ pub const MAX_ROUTES: usize = 4096;
 pub const MAX_ENDPOINTS: usize = 4096;
 /// Most policies in one [`Policies`].
 pub const MAX_POLICIES: usize = 16_384;
+/// Most upserts plus removals in one [`Services`].
+pub const MAX_SERVICES: usize = 1024;
 
 /// An inclusive range of protocol versions, never empty, never containing 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -283,6 +287,7 @@ pub enum Message {
     Routes(Routes),
     Endpoints(Endpoints),
     Policies(Policies),
+    Services(Services),
 }
 
 /// Who may send a message.
@@ -313,6 +318,7 @@ impl Message {
             Self::Routes(_) => "routes",
             Self::Endpoints(_) => "endpoints",
             Self::Policies(_) => "policies",
+            Self::Services(_) => "services",
         }
     }
 
@@ -332,7 +338,8 @@ impl Message {
             | Self::StopWork(_)
             | Self::Routes(_)
             | Self::Endpoints(_)
-            | Self::Policies(_) => Sender::Brain,
+            | Self::Policies(_)
+            | Self::Services(_) => Sender::Brain,
             Self::Ping { .. } | Self::Pong { .. } => Sender::Either,
         }
     }
@@ -384,6 +391,21 @@ impl Message {
                 MAX_ENDPOINTS,
             ),
             Self::Policies(p) => at_most("policies.policies", p.policies.len(), MAX_POLICIES),
+            Self::Services(s) => {
+                at_most(
+                    "services.upsert+remove",
+                    s.upsert.len() + s.remove.len(),
+                    MAX_SERVICES,
+                )?;
+                s.upsert.iter().try_for_each(|v| {
+                    at_most("services.upsert[].ports", v.ports.len(), MAX_SERVICE_PORTS)?;
+                    at_most(
+                        "services.upsert[].backends",
+                        v.backends.len(),
+                        MAX_SERVICE_BACKENDS,
+                    )
+                })
+            }
             Self::HelloAck(_)
             | Self::RequestState
             | Self::StartWork(_)
@@ -673,6 +695,20 @@ pub struct RemoteEndpoint {
 pub struct Policies {
     #[serde(deserialize_with = "serde_util::bounded_vec::<_, _, MAX_POLICIES>")]
     pub policies: Vec<crate::policy::PolicyRule>,
+}
+
+/// Changes to the cluster's services (one per app with ports: its VIP, its
+/// ports and its ready instances), which every cell's load balancer
+/// programs. `reset` first forgets every service learnt from the brain (the
+/// first message of a connection has it). An upsert replaces the service
+/// with that VIP whole; `remove` lists VIPs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Services {
+    pub reset: bool,
+    #[serde(deserialize_with = "serde_util::bounded_vec::<_, _, MAX_SERVICES>")]
+    pub upsert: Vec<Service>,
+    #[serde(deserialize_with = "serde_util::bounded_vec::<_, _, MAX_SERVICES>")]
+    pub remove: Vec<Ipv4Addr>,
 }
 
 /// QUIC application close codes for a cell ⇄ brain connection, so that the

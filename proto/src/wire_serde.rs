@@ -94,6 +94,7 @@ struct RecordRef<'a> {
     resources: &'a Resources,
     ports: &'a [u16],
     address: Option<Ipv4Addr>,
+    ready: bool,
 }
 
 #[derive(Deserialize)]
@@ -116,6 +117,7 @@ struct Record {
     // amplification worth a bound beyond the frame's.
     ports: Vec<u16>,
     address: Option<Ipv4Addr>,
+    ready: bool,
 }
 
 impl<'a> From<&'a InstanceInfo> for RecordRef<'a> {
@@ -137,6 +139,7 @@ impl<'a> From<&'a InstanceInfo> for RecordRef<'a> {
             resources: &i.resources,
             ports: &i.ports,
             address: i.address,
+            ready: i.ready,
         }
     }
 }
@@ -160,6 +163,7 @@ impl From<Record> for InstanceInfo {
             resources: r.resources,
             ports: r.ports,
             address: r.address,
+            ready: r.ready,
         }
     }
 }

@@ -105,13 +105,14 @@ fn info() -> impl Strategy<Value = InstanceInfo> {
             resources(),
             vec(any::<u16>(), 0..4),
             proptest::option::of(any::<u32>().prop_map(Ipv4Addr::from)),
+            any::<bool>(),
         ),
     )
         .prop_map(
             |(
                 (id, tenant, app, index, kind, state),
                 (pid, exit_code, signal, oom_killed),
-                (started_at, finished_at, reason, resources, ports, address),
+                (started_at, finished_at, reason, resources, ports, address, ready),
             )| InstanceInfo {
                 id,
                 tenant,
@@ -129,6 +130,7 @@ fn info() -> impl Strategy<Value = InstanceInfo> {
                 resources,
                 ports,
                 address,
+                ready,
             },
         )
 }
@@ -140,18 +142,32 @@ fn spec() -> impl Strategy<Value = InstanceSpec> {
         btree_map(text(), text(), 0..4),
         resources(),
         vec(any::<u16>(), 0..4),
+        proptest::option::of((any::<u16>(), text(), any::<u32>()).prop_map(
+            |(port, path, interval_ms)| crate::health::HealthCheck {
+                kind: crate::health::CheckKind::Http,
+                port,
+                path,
+                status: 200,
+                interval_ms,
+                timeout_ms: interval_ms / 2,
+                failure_threshold: 3,
+            },
+        )),
     )
         .prop_map(
-            |((tenant, app, index, kind, rootfs), command, env, resources, ports)| InstanceSpec {
-                tenant,
-                app,
-                index,
-                kind,
-                rootfs,
-                command,
-                env: env.into_iter().collect::<BTreeMap<_, _>>(),
-                resources,
-                ports,
+            |((tenant, app, index, kind, rootfs), command, env, resources, ports, health_check)| {
+                InstanceSpec {
+                    tenant,
+                    app,
+                    index,
+                    kind,
+                    rootfs,
+                    command,
+                    env: env.into_iter().collect::<BTreeMap<_, _>>(),
+                    resources,
+                    ports,
+                    health_check,
+                }
             },
         )
 }
@@ -383,6 +399,52 @@ fn message() -> impl Strategy<Value = Message> {
             0..4
         )
         .prop_map(|policies| Message::Policies(Policies { policies })),
+        (
+            any::<bool>(),
+            vec(
+                (
+                    any::<[u8; 4]>(),
+                    tenant(),
+                    app(),
+                    vec(
+                        (
+                            any::<u16>(),
+                            any::<bool>(),
+                            proptest::option::of(any::<u16>())
+                        )
+                            .prop_map(|(port, udp, published)| {
+                                crate::service::PortSpec {
+                                    port,
+                                    protocol: if udp {
+                                        crate::service::Transport::Udp
+                                    } else {
+                                        crate::service::Transport::Tcp
+                                    },
+                                    published,
+                                }
+                            }),
+                        0..4
+                    ),
+                    vec(any::<[u8; 4]>().prop_map(Ipv4Addr::from), 0..4)
+                )
+                    .prop_map(|(vip, tenant, app, ports, backends)| {
+                        crate::service::Service {
+                            vip: Ipv4Addr::from(vip),
+                            tenant,
+                            app,
+                            ports,
+                            backends,
+                        }
+                    }),
+                0..3
+            ),
+            vec(any::<[u8; 4]>().prop_map(Ipv4Addr::from), 0..4)
+        )
+            .prop_map(|(reset, upsert, remove)| Message::Services(Services {
+                reset,
+                upsert,
+                remove
+            })),
     ]
 }
 

@@ -519,6 +519,14 @@ fn flows_survive_an_agent_restart_and_a_reattach() {
     // translations and counters; attaching replaces the programs in place.
     let (mut lb, mut np) = load(&pins);
     assert_eq!(np.node_addresses().unwrap(), vec![NODE]);
+    // The maps read back (rings included) are exactly what was programmed.
+    let mut adopted = Programmed::new();
+    for op in lb.dump().unwrap() {
+        adopted.apply(&op).unwrap();
+    }
+    assert_eq!(adopted.services(), ctl.programmed.services());
+    assert_eq!(adopted.rings(), ctl.programmed.rings());
+    assert_eq!(adopted.backends(), ctl.programmed.backends());
     assert!(np.flows_len().unwrap() >= 1);
     assert!(np.nats_len().unwrap() >= 1);
     assert!(count(&np, Verdict::NewFlow) >= 1);

@@ -79,7 +79,15 @@ fn ebpf_bench(sub: &str, rest: &[String]) -> anyhow::Result<()> {
     deps::run()?;
     util::run(
         util::cargo()
-            .args(["run", "--quiet", "--package", "xtask", "--features", "ebpf", "--"])
+            .args([
+                "run",
+                "--quiet",
+                "--package",
+                "xtask",
+                "--features",
+                "ebpf",
+                "--",
+            ])
             .args(["bench", sub])
             .args(rest),
     )
@@ -122,9 +130,7 @@ fn main() -> ExitCode {
                 bench_auction::run(rest)
             }
         }
-        ("bench", [sub, rest @ ..]) if sub == "net" || sub == "net-peer" => {
-            ebpf_bench(sub, rest)
-        }
+        ("bench", [sub, rest @ ..]) if sub == "net" || sub == "net-peer" => ebpf_bench(sub, rest),
         ("fuzz", rest) => fuzz::run(rest),
         ("dist", rest) => dist::run(rest),
         ("help" | "-h" | "--help", _) => {

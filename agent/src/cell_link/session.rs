@@ -451,11 +451,14 @@ impl<'a, R: CellRuntime> Session<'a, R> {
                 let bids = logic::bids(&req, &offer, |p| runtime.rootfs_available(p));
                 self.send(Message::Bids(bids)).await
             }
-            Message::StartWork(w) => self.queue(work, Work::Start(w)).await,
+            Message::StartWork(w) => self.queue(work, Work::Start(Box::new(w))).await,
             Message::StopWork(w) => self.queue(work, Work::Stop(w)).await,
             Message::Ping { seq } => self.send(Message::Pong { seq }).await,
             Message::Pong { .. } => Ok(()),
-            update @ (Message::Routes(_) | Message::Endpoints(_) | Message::Policies(_)) => {
+            update @ (Message::Routes(_)
+            | Message::Endpoints(_)
+            | Message::Policies(_)
+            | Message::Services(_)) => {
                 self.ctx.runtime.clone().network(update).await;
                 Ok(())
             }
@@ -557,7 +560,7 @@ impl<'a, R: CellRuntime> Session<'a, R> {
 /// A start or stop, carried out in order by one worker per session, so a
 /// stop that follows a start of the same instance is never overtaken by it.
 enum Work {
-    Start(StartWork),
+    Start(Box<StartWork>),
     Stop(StopWork),
 }
 
@@ -569,6 +572,7 @@ async fn worker<R: CellRuntime>(
     while let Some(w) = work.recv().await {
         let (request, id, what, outcome) = match w {
             Work::Start(s) => {
+                let s = *s;
                 let outcome = Arc::clone(&runtime).start(s.id.clone(), s.spec).await;
                 (s.request, s.id, "start", outcome)
             }

@@ -13,6 +13,7 @@
 
 pub mod ipam;
 pub mod plane;
+pub mod services;
 
 use corral_proto::InstanceId;
 use futures_util::stream::TryStreamExt;
