@@ -174,8 +174,12 @@ pub struct LbService {
     pub id: u32,
     /// Ready backends; 0: connections are refused.
     pub count: u32,
+    /// `CORRAL_LB_F_*`.
     pub flags: u32,
-    pub pad: u32,
+    /// Published services: the ring is `lb_rings[{id, ring_gen}]`.
+    pub ring_gen: u32,
+    /// The ring's slots (a prime); 0: no ring, new north-south flows drop.
+    pub ring_size: u32,
 }
 
 /// `struct corral_lb_backend`: value of `lb_backends` (key: backend id).
@@ -204,6 +208,50 @@ pub struct LbSockKey {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct LbSock {
     pub vip: u32,
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct corral_lb_ring_key`: key of `lb_rings`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LbRingKey {
+    /// Service id.
+    pub service: u32,
+    /// Generation, 0 or 1.
+    pub gen: u32,
+}
+
+/// `struct corral_np_config`: `np_config[0]`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct NpConfig {
+    /// The cell's instance subnet, network byte order.
+    pub cell_net: u32,
+    /// Its mask, network byte order; 0: no backend is local.
+    pub cell_mask: u32,
+}
+
+/// `struct corral_np_conn`: value of `np_flows` (key: [`Flow`] as it arrived).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct NpConn {
+    /// Backend id.
+    pub backend: u32,
+    /// The backend's address when the flow was sent to it, network byte order.
+    pub addr: u32,
+    /// Its port, host byte order.
+    pub port: u16,
+    pub pad: u16,
+}
+
+/// `struct corral_np_nat`: value of `np_nats` (key: a reply's [`Flow`]).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct NpNat {
+    /// The node address the client asked for, network byte order.
+    pub addr: u32,
+    /// The published port, host byte order.
     pub port: u16,
     pub pad: u16,
 }
@@ -244,6 +292,14 @@ unsafe impl Pod for LbBackend {}
 unsafe impl Pod for LbSockKey {}
 // SAFETY: see above.
 unsafe impl Pod for LbSock {}
+// SAFETY: see above.
+unsafe impl Pod for LbRingKey {}
+// SAFETY: see above.
+unsafe impl Pod for NpConfig {}
+// SAFETY: see above.
+unsafe impl Pod for NpConn {}
+// SAFETY: see above.
+unsafe impl Pod for NpNat {}
 
 /// An IPv4 address as the maps store it: the four bytes in packet (network)
 /// order, read as a native `u32`.
@@ -307,10 +363,14 @@ mod tests {
         check!(checked, DropKey, "corral_drop_key" { tenant, reason });
         check!(checked, Counter, "corral_counter" { packets, bytes });
         check!(checked, LbServiceKey, "corral_lb_service_key" { vip, port, proto, pad });
-        check!(checked, LbService, "corral_lb_service" { id, count, flags, pad });
+        check!(checked, LbService, "corral_lb_service" { id, count, flags, ring_gen, ring_size });
         check!(checked, LbBackend, "corral_lb_backend" { addr, port, pad });
         check!(checked, LbSockKey, "corral_lb_sock_key" { cookie, addr, port, pad });
         check!(checked, LbSock, "corral_lb_sock" { vip, port, pad });
+        check!(checked, LbRingKey, "corral_lb_ring_key" { service, gen });
+        check!(checked, NpConfig, "corral_np_config" { cell_net, cell_mask });
+        check!(checked, NpConn, "corral_np_conn" { backend, addr, port, pad });
+        check!(checked, NpNat, "corral_np_nat" { addr, port, pad });
         for s in C_STRUCTS {
             assert!(
                 checked.contains(&s.name),

@@ -304,86 +304,21 @@ impl Dataplane {
     /// moment without a filter and no duplicate.
     pub fn attach(&mut self, iface: &str) -> Result<u32, Error> {
         let ifindex = ifindex(iface)?;
-        match tc::qdisc_add_clsact(iface) {
-            Ok(()) => {}
-            Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(Errno::EEXIST as i32) => {}
-            Err(source) => {
-                return Err(Error::Clsact {
-                    iface: iface.to_owned(),
-                    source,
-                })
-            }
-        }
+        ensure_clsact(iface)?;
         for program in Program::ALL {
-            self.attach_one(program, iface)?;
+            let prog = classifier_mut(&mut self.ebpf, program)?;
+            attach_classifier(prog, program.name(), iface, program.attach_type())?;
         }
         tracing::debug!(iface, ifindex, "data plane attached");
         Ok(ifindex)
-    }
-
-    fn attach_one(&mut self, program: Program, iface: &str) -> Result<(), Error> {
-        let attach_error = |source| Error::Attach {
-            program: program.name(),
-            iface: iface.to_owned(),
-            source,
-        };
-        let handle = TcHandle::from(TC_HANDLE);
-        let prog = classifier_mut(&mut self.ebpf, program)?;
-        let options = TcAttachOptions::Netlink(NlOptions {
-            priority: TC_PRIORITY,
-            handle,
-            classid: None,
-        });
-        let link_id = match prog.attach_with_options(iface, program.attach_type(), options) {
-            Ok(id) => id,
-            Err(ProgramError::TcError(TcError::NetlinkError(e)))
-                if e.raw_os_error() == Some(Errno::EEXIST as i32) =>
-            {
-                // Our filter from an earlier run: replace its program.
-                let existing = SchedClassifierLink::attached(
-                    iface,
-                    program.attach_type(),
-                    TC_PRIORITY,
-                    handle,
-                    None,
-                )
-                .map_err(|source| Error::NoInterface {
-                    iface: iface.to_owned(),
-                    source,
-                })?;
-                prog.attach_to_link(existing).map_err(attach_error)?
-            }
-            Err(e) => return Err(attach_error(e)),
-        };
-        // aya detaches the links it owns when the program is dropped; the
-        // filter must outlive this process, so take it and let it go.
-        let link = prog.take_link(link_id).map_err(attach_error)?;
-        std::mem::forget(link);
-        Ok(())
     }
 
     /// Removes corral's filters (found by program name, at any priority)
     /// from `iface`. Nothing attached, or no such interface, is not an error.
     /// The clsact qdisc stays; it goes with the interface.
     pub fn detach(&self, iface: &str) -> Result<(), Error> {
-        if ifindex(iface).is_err() {
-            return Ok(());
-        }
         for program in Program::ALL {
-            match tc::qdisc_detach_program(iface, program.attach_type(), program.name()) {
-                Ok(()) => {}
-                Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-                // No clsact qdisc: nothing was ever attached.
-                Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(Errno::EINVAL as i32) => {
-                }
-                Err(source) => {
-                    return Err(Error::Detach {
-                        program: program.name(),
-                        iface: iface.to_owned(),
-                        source,
-                    })
-                }
-            }
+            detach_classifier(iface, program.attach_type(), program.name())?;
         }
         tracing::debug!(iface, "data plane detached");
         Ok(())
@@ -785,6 +720,85 @@ impl Dataplane {
     }
 }
 
+/// Adds the clsact qdisc to `iface` unless it has one.
+pub(crate) fn ensure_clsact(iface: &str) -> Result<(), Error> {
+    match tc::qdisc_add_clsact(iface) {
+        Ok(()) => Ok(()),
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(Errno::EEXIST as i32) => Ok(()),
+        Err(source) => Err(Error::Clsact {
+            iface: iface.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// Attaches a loaded classifier to `iface` as a netlink TC filter at
+/// [`TC_PRIORITY`] / [`TC_HANDLE`]. A filter already there (ours, from an
+/// earlier run) gets its program replaced in place: never a duplicate, never
+/// a moment without a filter. The filter outlives this process.
+pub(crate) fn attach_classifier(
+    prog: &mut SchedClassifier,
+    name: &'static str,
+    iface: &str,
+    attach_type: TcAttachType,
+) -> Result<(), Error> {
+    let attach_error = |source| Error::Attach {
+        program: name,
+        iface: iface.to_owned(),
+        source,
+    };
+    let handle = TcHandle::from(TC_HANDLE);
+    let options = TcAttachOptions::Netlink(NlOptions {
+        priority: TC_PRIORITY,
+        handle,
+        classid: None,
+    });
+    let link_id = match prog.attach_with_options(iface, attach_type, options) {
+        Ok(id) => id,
+        Err(ProgramError::TcError(TcError::NetlinkError(e)))
+            if e.raw_os_error() == Some(Errno::EEXIST as i32) =>
+        {
+            // Our filter from an earlier run: replace its program.
+            let existing =
+                SchedClassifierLink::attached(iface, attach_type, TC_PRIORITY, handle, None)
+                    .map_err(|source| Error::NoInterface {
+                        iface: iface.to_owned(),
+                        source,
+                    })?;
+            prog.attach_to_link(existing).map_err(attach_error)?
+        }
+        Err(e) => return Err(attach_error(e)),
+    };
+    // aya detaches the links it owns when the program is dropped; the
+    // filter must outlive this process, so take it and let it go.
+    let link = prog.take_link(link_id).map_err(attach_error)?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Removes the filters running program `name` from `iface`'s `attach_type`
+/// hook. Nothing attached, or no such interface, is not an error.
+pub(crate) fn detach_classifier(
+    iface: &str,
+    attach_type: TcAttachType,
+    name: &'static str,
+) -> Result<(), Error> {
+    if ifindex(iface).is_err() {
+        return Ok(());
+    }
+    match tc::qdisc_detach_program(iface, attach_type, name) {
+        Ok(()) => Ok(()),
+        Err(TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        // No clsact qdisc: nothing was ever attached.
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(Errno::EINVAL as i32) => Ok(()),
+        Err(source) => Err(Error::Detach {
+            program: name,
+            iface: iface.to_owned(),
+            source,
+        }),
+    }
+}
+
 /// The policy's tenant pair.
 fn pair_of(p: &Policy) -> abi::PairKey {
     abi::PairKey {
@@ -830,7 +844,7 @@ pub fn ifindex(iface: &str) -> Result<u32, Error> {
 }
 
 /// Fails unless `pin_dir`, or its closest existing ancestor, is on bpffs.
-fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
+pub(crate) fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
     let existing = pin_dir
         .ancestors()
         .find(|p| p.exists())
@@ -930,7 +944,7 @@ fn kernel_release() -> String {
 }
 
 /// The errno of the first `io::Error` in an error's chain.
-fn errno_in(error: &(dyn std::error::Error + 'static)) -> Option<Errno> {
+pub(crate) fn errno_in(error: &(dyn std::error::Error + 'static)) -> Option<Errno> {
     let mut next = Some(error);
     while let Some(e) = next {
         if let Some(code) = e
@@ -981,7 +995,7 @@ pub(crate) fn removed(
     }
 }
 
-fn found<V>(
+pub(crate) fn found<V>(
     result: Result<V, MapError>,
     map: &'static str,
     action: impl Fn() -> String,

@@ -20,10 +20,31 @@
 //!
 //! | name | type | key → value |
 //! |---|---|---|
-//! | `lb_services` | hash, 4096 | `corral_lb_service_key {vip, port, proto}` → `corral_lb_service {id, count, flags}` |
+//! | `lb_services` | hash, 4096 | `corral_lb_service_key {vip, port, proto}` → `corral_lb_service {id, count, flags, ring_gen, ring_size}` |
 //! | `lb_slots` | array, 4097 × 256 | `id * 256 + i` → backend id (for `i < count`) |
 //! | `lb_backends` | hash, 65536 | backend id → `corral_lb_backend {addr, port}` |
 //! | `lb_socks` | LRU hash, 65536 | `corral_lb_sock_key {cookie, backend addr, port}` → `corral_lb_sock {vip, port}` |
+//! | `lb_rings` | hash of maps, 8192 | `corral_lb_ring_key {service, gen}` → array of `ring_size` backend ids (Maglev) |
+//!
+//! `lb_services`, `lb_backends` and `lb_rings` are shared with the
+//! north-south programs ([`crate::nodeport`]; both objects declare them in
+//! `lb_maps.h` and pin them by name). A published port is the entry
+//! `{vip: 0.0.0.0, port, proto}` flagged `CORRAL_LB_F_PUBLISHED`; the
+//! socket programs ignore a destination of 0.0.0.0 and every published
+//! entry, so they never rewrite a `connect()` to one.
+//!
+//! # Rings
+//!
+//! [`Balancer::apply`] carries out every [`Op`] of a router plan. A
+//! `CreateRing` builds an array of the ring's size (flag
+//! `BPF_F_INNER_MAP`, as the template in `lb_maps.h`, so rings of any size
+//! fit the one outer map), fills every slot, and only then inserts it into
+//! `lb_rings`: readers never see a half-filled ring. aya 0.14 creates the
+//! outer map from the BTF `__array(values, ...)` definition and can create
+//! standalone arrays and insert their fds, so no workaround was needed.
+//! `PutRingSlots` opens the ring by the id `lb_rings` returns and updates
+//! the slots in place; `DeleteRing` removes the outer entry (the kernel
+//! frees the array once no program holds it).
 //!
 //! [`Balancer::set_service`] keeps every slot below `count` valid while a
 //! service changes: a growing service gets its new slots before its count,
@@ -41,12 +62,14 @@ use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData};
+use aya::maps::{Array, HashMap, HashOfMaps, MapData};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
 
-use corral_router::{BackendAddr, BackendId, Op, Protocol, ServiceEntry, ServiceId, ServiceKey};
+use corral_router::{
+    BackendAddr, BackendId, Op, Protocol, RingKey, RingRef, ServiceEntry, ServiceId, ServiceKey,
+};
 
 use crate::abi::{self, c};
 use crate::dataplane::{map_error, removed, take};
@@ -64,6 +87,14 @@ const SERVICES: &str = "lb_services";
 const SLOTS: &str = "lb_slots";
 const BACKENDS: &str = "lb_backends";
 const SOCKS: &str = "lb_socks";
+const RINGS: &str = "lb_rings";
+
+/// `BPF_F_INNER_MAP`: every ring is created with it, like the template in
+/// `lb_maps.h`, so rings of any size fit `lb_rings`.
+const BPF_F_INNER_MAP: u32 = 1 << 12;
+
+/// The largest ring accepted (the router's cap on Maglev table sizes).
+pub const MAX_RING_SIZE: u32 = 131_071;
 
 /// Backends one service can have (`CORRAL_LB_MAX_BACKENDS_PER_SERVICE`).
 pub const MAX_BACKENDS_PER_SERVICE: usize = c::CORRAL_LB_MAX_BACKENDS_PER_SERVICE as usize;
@@ -130,6 +161,7 @@ pub struct Balancer {
     slots: Array<MapData, u32>,
     backends: HashMap<MapData, u32, abi::LbBackend>,
     socks: HashMap<MapData, abi::LbSockKey, abi::LbSock>,
+    rings: HashOfMaps<MapData, abi::LbRingKey, Array<MapData, u32>>,
 }
 
 impl std::fmt::Debug for Balancer {
@@ -165,6 +197,7 @@ impl Balancer {
             slots: take(&mut ebpf, SLOTS)?,
             backends: take(&mut ebpf, BACKENDS)?,
             socks: take(&mut ebpf, SOCKS)?,
+            rings: take(&mut ebpf, RINGS)?,
             ebpf,
             pin_dir: pin_dir.to_owned(),
         })
@@ -263,6 +296,19 @@ impl Balancer {
         id: u32,
         backends: &[u32],
     ) -> Result<(), Error> {
+        self.write_service(addr, id, backends, 0, None)
+    }
+
+    /// Writes a service entry: `flags` (`CORRAL_LB_F_*`) and, for a
+    /// published service, its ring `(generation, size)`, which must exist.
+    fn write_service(
+        &mut self,
+        addr: &ServiceAddr,
+        id: u32,
+        backends: &[u32],
+        flags: u32,
+        ring: Option<(u32, u32)>,
+    ) -> Result<(), Error> {
         let invalid = |reason: String| Error::InvalidService { reason };
         if id == 0 || id > MAX_SERVICE_ID {
             return Err(invalid(format!(
@@ -278,11 +324,13 @@ impl Balancer {
         let key = addr.key();
         let old = self.services.get(&key, 0).ok().filter(|s| s.id == id);
         let count = backends.len() as u32;
+        let (ring_gen, ring_size) = ring.unwrap_or((0, 0));
         let value = abi::LbService {
             id,
             count,
-            flags: 0,
-            pad: 0,
+            flags,
+            ring_gen,
+            ring_size,
         };
         let action = || format!("set service {}:{} ({id})", addr.vip, addr.port);
         let write_service = |services: &mut HashMap<MapData, _, _>| {
@@ -314,38 +362,123 @@ impl Balancer {
         })
     }
 
-    /// Carries out one operation of a [`corral_router::plan`] (in plan
-    /// order). East-west only so far: a ring operation, or a service entry
-    /// with a ring, is refused with [`Error::InvalidService`] and changes
-    /// nothing.
+    /// Carries out one operation of a [`corral_router::plan()`] (in plan
+    /// order), east-west and north-south alike: backends, service entries
+    /// (with their flags and ring reference) and Maglev rings.
     pub fn apply(&mut self, op: &Op) -> Result<(), Error> {
-        let unsupported = |what: String| Error::InvalidService {
-            reason: format!("{what}: north-south rings are not in this data plane yet"),
-        };
         match op {
             Op::PutBackend { id, addr } => self.set_backend(id.get(), addr.addr, addr.port),
             Op::DeleteBackend { id } => self.remove_backend(id.get()).map(drop),
-            Op::PutService { key, entry } => {
-                if entry.ring.is_some() {
-                    return Err(unsupported(format!("service {key} with a ring")));
-                }
-                let ids: Vec<u32> = entry.backends.iter().map(|b| b.get()).collect();
-                self.set_service(&ServiceAddr::of(key), entry.id.get(), &ids)
-            }
+            Op::PutService { key, entry } => self.put_entry(key, entry),
             Op::DeleteService { key } => self.remove_service(&ServiceAddr::of(key)).map(drop),
-            Op::CreateRing { ring, .. }
-            | Op::PutRingSlots { ring, .. }
-            | Op::DeleteRing { ring } => Err(unsupported(format!(
-                "ring {}/{}",
-                ring.service, ring.generation
-            ))),
+            Op::CreateRing { ring, slots } => {
+                let ids: Vec<u32> = slots.iter().map(|b| b.get()).collect();
+                self.create_ring(ring, &ids)
+            }
+            Op::PutRingSlots { ring, slots } => {
+                let pairs: Vec<(u32, u32)> = slots.iter().map(|(s, b)| (*s, b.get())).collect();
+                self.put_ring_slots(ring, &pairs)
+            }
+            Op::DeleteRing { ring } => self.remove_ring(ring).map(drop),
         }
+    }
+
+    fn put_entry(&mut self, key: &ServiceKey, entry: &ServiceEntry) -> Result<(), Error> {
+        let ids: Vec<u32> = entry.backends.iter().map(|b| b.get()).collect();
+        let ring = entry.ring.map(|r| (r.generation, r.size));
+        if let Some((generation, size)) = ring {
+            if generation > 1 || size == 0 || size > MAX_RING_SIZE {
+                return Err(Error::InvalidService {
+                    reason: format!(
+                        "service {key}: ring generation {generation} of {size} slots \
+                         (generation 0 or 1, 1..={MAX_RING_SIZE} slots)"
+                    ),
+                });
+            }
+        }
+        self.write_service(
+            &ServiceAddr::of(key),
+            entry.id.get(),
+            &ids,
+            entry.flags(),
+            ring,
+        )
+    }
+
+    /// Builds a ring aside (an array of `slots.len()` backend ids, filled
+    /// completely) and then publishes it as `lb_rings[ring]` in one update,
+    /// replacing a leftover under that key: no reader ever sees a ring
+    /// half-filled.
+    pub fn create_ring(&mut self, ring: &RingKey, slots: &[u32]) -> Result<(), Error> {
+        let action = || {
+            format!(
+                "create ring {}/{} of {} slots",
+                ring.service,
+                ring.generation,
+                slots.len()
+            )
+        };
+        let size = u32::try_from(slots.len())
+            .ok()
+            .filter(|n| (1..=MAX_RING_SIZE).contains(n))
+            .ok_or_else(|| Error::InvalidService {
+                reason: format!("{}: a ring has 1..={MAX_RING_SIZE} slots", action()),
+            })?;
+        let mut array = Array::<MapData, u32>::create(size, BPF_F_INNER_MAP)
+            .map_err(|e| map_error(RINGS, 0, action(), e))?;
+        for (slot, id) in (0..size).zip(slots) {
+            array
+                .set(slot, id, 0)
+                .map_err(|e| map_error(RINGS, 0, action(), e))?;
+        }
+        self.rings
+            .insert(ring_key(ring), &array, 0)
+            .map_err(|e| map_error(RINGS, 2 * c::CORRAL_LB_MAX_SERVICES, action(), e))
+    }
+
+    /// Sets `ring[slot] = backend` for each pair, in the ring in place.
+    pub fn put_ring_slots(&mut self, ring: &RingKey, slots: &[(u32, u32)]) -> Result<(), Error> {
+        let action = || format!("update ring {}/{}", ring.service, ring.generation);
+        let mut array = self
+            .rings
+            .get(&ring_key(ring), 0)
+            .map_err(|e| map_error(RINGS, 0, action(), e))?;
+        for (slot, id) in slots {
+            array
+                .set(*slot, id, 0)
+                .map_err(|e| map_error(RINGS, 0, action(), e))?;
+        }
+        Ok(())
+    }
+
+    /// Returns whether it existed.
+    pub fn remove_ring(&mut self, ring: &RingKey) -> Result<bool, Error> {
+        removed(self.rings.remove(&ring_key(ring)), RINGS, || {
+            format!("remove ring {}/{}", ring.service, ring.generation)
+        })
+    }
+
+    /// The slots of `lb_rings[ring]`, read back from the kernel (`None`:
+    /// no such ring).
+    pub fn ring(&self, ring: &RingKey) -> Result<Option<Vec<u32>>, Error> {
+        let action = || format!("read ring {}/{}", ring.service, ring.generation);
+        let array = match self.rings.get(&ring_key(ring), 0) {
+            Ok(array) => array,
+            Err(aya::maps::MapError::KeyNotFound) => return Ok(None),
+            Err(e) => return Err(map_error(RINGS, 0, action(), e)),
+        };
+        array
+            .iter()
+            .collect::<Result<Vec<u32>, _>>()
+            .map(Some)
+            .map_err(|e| map_error(RINGS, 0, action(), e))
     }
 
     /// What the maps hold, as router operations that rebuild it in a
     /// fresh model (backends first), so that a restarted agent can adopt
     /// the ids a previous run programmed: `corral_router::Programmed` from
-    /// these, then `ServiceTable::adopt`.
+    /// these, then `ServiceTable::adopt`. A published service's ring comes
+    /// back as a `CreateRing` before its entry.
     pub fn dump(&self) -> Result<Vec<Op>, Error> {
         let read = |map: &'static str| move |e| map_error(map, 0, format!("read {map}"), e);
         let mut ops = Vec::new();
@@ -375,6 +508,27 @@ impl Balancer {
                 let b = self.slots.get(&slot, 0).map_err(read(SLOTS))?;
                 backends.extend(BackendId::new(b));
             }
+            let mut ring = None;
+            if svc.ring_size != 0 {
+                let ring_key = RingKey {
+                    service: id,
+                    generation: svc.ring_gen,
+                };
+                if let Some(slots) = self.ring(&ring_key)? {
+                    let slots: Option<Vec<BackendId>> =
+                        slots.into_iter().map(BackendId::new).collect();
+                    if let Some(slots) = slots.filter(|s| s.len() == svc.ring_size as usize) {
+                        ops.push(Op::CreateRing {
+                            ring: ring_key,
+                            slots: slots.into(),
+                        });
+                        ring = Some(RingRef {
+                            generation: svc.ring_gen,
+                            size: svc.ring_size,
+                        });
+                    }
+                }
+            }
             ops.push(Op::PutService {
                 key: ServiceKey {
                     vip: abi::ipv4_from_raw(key.vip),
@@ -384,7 +538,7 @@ impl Balancer {
                 entry: ServiceEntry {
                     id,
                     published: svc.flags & c::CORRAL_LB_F_PUBLISHED != 0,
-                    ring: None,
+                    ring,
                     backends,
                 },
             });
@@ -396,6 +550,13 @@ impl Balancer {
     /// evicted).
     pub fn socks_len(&self) -> usize {
         self.socks.keys().filter(Result::is_ok).count()
+    }
+}
+
+fn ring_key(ring: &RingKey) -> abi::LbRingKey {
+    abi::LbRingKey {
+        service: ring.service.get(),
+        gen: ring.generation,
     }
 }
 

@@ -162,6 +162,7 @@ pub mod abi;
 mod dataplane;
 mod error;
 pub mod lb;
+pub mod nodeport;
 mod types;
 
 pub use dataplane::{

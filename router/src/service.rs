@@ -401,7 +401,7 @@ impl ServiceTable {
     /// Adds a service or replaces everything about it. Its id stays the same
     /// across upserts. All or nothing: on error nothing changed.
     pub fn upsert(&mut self, key: ServiceKey, spec: ServiceSpec) -> Result<ServiceId, Error> {
-        check_key(&key)?;
+        check_key(&key, spec.published)?;
         let mut backends = spec.backends;
         backends.sort_by_key(|b| b.addr);
         self.check_backends(&key, &backends)?;
@@ -741,9 +741,16 @@ fn check_limits(limits: &Limits) -> Result<(), Error> {
     Ok(())
 }
 
-fn check_key(key: &ServiceKey) -> Result<(), Error> {
+/// A published port is keyed `{0.0.0.0, port, protocol}`: 0.0.0.0 stands
+/// for "an address of this node" (the north-south programs match it on
+/// the node's own addresses), so it is valid for published services only.
+fn check_key(key: &ServiceKey, published: bool) -> Result<(), Error> {
     let reason = if key.port == 0 {
         Some("port 0")
+    } else if published && key.vip.is_unspecified() {
+        None
+    } else if key.vip.is_unspecified() {
+        Some("unspecified address 0.0.0.0 (only a published port may use it)")
     } else {
         unusable_addr(key.vip)
     };

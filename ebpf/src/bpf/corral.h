@@ -188,10 +188,11 @@ struct corral_lb_service_key {
  * new slots are written before its count; when it shrinks, the count first.
  */
 struct corral_lb_service {
-	__u32 id;    /* service id, 1 ..= CORRAL_LB_MAX_SERVICES */
-	__u32 count; /* ready backends; 0: connections are refused */
-	__u32 flags; /* CORRAL_LB_F_* */
-	__u32 pad;
+	__u32 id;	 /* service id, 1 ..= CORRAL_LB_MAX_SERVICES */
+	__u32 count;	 /* ready backends; 0: connections are refused */
+	__u32 flags;	 /* CORRAL_LB_F_* */
+	__u32 ring_gen;	 /* published: the ring is lb_rings[{id, ring_gen}] */
+	__u32 ring_size; /* its slots (a prime M); 0: no ring, new flows drop */
 };
 
 /* lb_backends: backend id (__u32) -> where it listens. */
@@ -215,6 +216,64 @@ struct corral_lb_sock {
 	__u32 vip;  /* network byte order */
 	__u16 port; /* host byte order */
 	__u16 pad;
+};
+
+/*
+ * lb_rings: HASH_OF_MAPS, 2 * CORRAL_LB_MAX_SERVICES entries (two
+ * generations per service). Each value is an ARRAY of ring_size __u32
+ * backend ids (a Maglev table), created with BPF_F_INNER_MAP so that rings
+ * of different sizes fit the one outer map.
+ */
+struct corral_lb_ring_key {
+	__u32 service; /* service id */
+	__u32 gen;     /* 0 or 1 */
+};
+
+/*
+ * North-south load balancing (nodeport.bpf.c), on the node's uplink: a
+ * flow to one of the node's addresses (np_addrs) and a published port
+ * (lb_services[{0, port, proto}] flagged CORRAL_LB_F_PUBLISHED) is sent to
+ * a backend picked from the service's Maglev ring and remembered in
+ * np_flows; replies get their source restored from np_nats.
+ */
+#define CORRAL_NP_MAX_ADDRS 64	   /* np_addrs: addresses of this node */
+#define CORRAL_NP_MAX_FLOWS 262144 /* np_flows and np_nats (LRU) */
+
+/* np_config[0]: the cell's instance subnet (backends in it are local). */
+struct corral_np_config {
+	__u32 cell_net;	 /* network byte order */
+	__u32 cell_mask; /* network byte order; 0: nothing is local */
+};
+
+/* np_flows: key struct corral_flow, the 5-tuple as it arrived (client ->
+ * node address:published port); value: the backend the flow was sent to.
+ * An entry is used only while lb_backends[backend] still holds addr:port
+ * (backend ids are reused). */
+struct corral_np_conn {
+	__u32 backend; /* backend id */
+	__u32 addr;    /* network byte order */
+	__u16 port;    /* host byte order */
+	__u16 pad;
+};
+
+/* np_nats: key struct corral_flow, a reply's 5-tuple (backend -> client);
+ * value: the node address and published port the client asked for. */
+struct corral_np_nat {
+	__u32 addr; /* network byte order */
+	__u16 port; /* host byte order */
+	__u16 pad;
+};
+
+/* np_stats: per-CPU array of struct corral_counter, indexed by verdict. */
+enum corral_np_verdict {
+	CORRAL_NP_LOCAL = 0,	       /* sent to a backend on this node (DNAT) */
+	CORRAL_NP_NEW_FLOW = 1,	       /* of those: first packet, ring pick */
+	CORRAL_NP_REPLY = 2,	       /* egress: a reply's source restored */
+	CORRAL_NP_DROP_NO_BACKEND = 3, /* no ring, no ready backend, ring miss */
+	CORRAL_NP_DROP_REMOTE = 4,     /* backend on another node: not yet */
+	CORRAL_NP_DROP_FRAGMENT = 5,   /* fragmented datagram to a published port */
+	CORRAL_NP_DROP_ERROR = 6,      /* a helper failed (rewrite) */
+	CORRAL_NP_VERDICTS = 7,
 };
 
 #endif /* CORRAL_H */

@@ -60,6 +60,16 @@ int main(void)
 	CONST(CORRAL_LB_MAX_BACKENDS_PER_SERVICE);
 	CONST(CORRAL_LB_MAX_SOCKS);
 	CONST(CORRAL_LB_F_PUBLISHED);
+	CONST(CORRAL_NP_MAX_ADDRS);
+	CONST(CORRAL_NP_MAX_FLOWS);
+	CONST(CORRAL_NP_LOCAL);
+	CONST(CORRAL_NP_NEW_FLOW);
+	CONST(CORRAL_NP_REPLY);
+	CONST(CORRAL_NP_DROP_NO_BACKEND);
+	CONST(CORRAL_NP_DROP_REMOTE);
+	CONST(CORRAL_NP_DROP_FRAGMENT);
+	CONST(CORRAL_NP_DROP_ERROR);
+	CONST(CORRAL_NP_VERDICTS);
 
 	STRUCT(corral_iface);
 	STRUCT(corral_endpoint);
@@ -77,5 +87,9 @@ int main(void)
 	STRUCT(corral_lb_backend);
 	STRUCT(corral_lb_sock_key);
 	STRUCT(corral_lb_sock);
+	STRUCT(corral_lb_ring_key);
+	STRUCT(corral_np_config);
+	STRUCT(corral_np_conn);
+	STRUCT(corral_np_nat);
 	return 0;
 }

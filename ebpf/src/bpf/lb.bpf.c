@@ -21,18 +21,11 @@
 #include <bpf/bpf_helpers.h>
 
 #include "corral.h"
+#include "lb_maps.h"
 
 #define ECONNREFUSED 111
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CORRAL_LB_MAX_SERVICES);
-	__type(key, struct corral_lb_service_key);
-	__type(value, struct corral_lb_service);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_services SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -41,14 +34,6 @@ struct {
 	__type(value, __u32); /* backend id */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_slots SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, CORRAL_LB_MAX_BACKENDS);
-	__type(key, __u32); /* backend id */
-	__type(value, struct corral_lb_backend);
-	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} lb_backends SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -74,8 +59,12 @@ static __always_inline int balance(struct bpf_sock_addr *ctx)
 
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return 1;
+	/* vip 0 keys published ports (nodeport.bpf.c); a connect() to
+	 * 0.0.0.0 means this host and is never a service. */
+	if (key.vip == 0)
+		return 1;
 	svc = bpf_map_lookup_elem(&lb_services, &key);
-	if (!svc)
+	if (!svc || (svc->flags & CORRAL_LB_F_PUBLISHED))
 		return 1;
 	if (svc->count == 0 || svc->count > CORRAL_LB_MAX_BACKENDS_PER_SERVICE ||
 	    svc->id > CORRAL_LB_MAX_SERVICES)

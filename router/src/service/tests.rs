@@ -102,6 +102,11 @@ fn malformed_input_is_refused_and_changes_nothing() {
         t.upsert(zero_vip, spec(false, vec![])),
         Err(Error::InvalidService { .. })
     ));
+    // 0.0.0.0 is "an address of this node": a published port's key.
+    let published_port = t.upsert(zero_vip, spec(true, vec![ready(1, 1)])).unwrap();
+    assert_eq!(t.service_id(&zero_vip), Some(published_port));
+    assert!(t.desired().services()[&zero_vip].ring.is_some());
+    t.remove(&zero_vip).unwrap();
     assert_eq!(
         t.set_backends(&key(7), vec![]),
         Err(Error::UnknownService { key: key(7) })

@@ -1,0 +1,497 @@
+//! North-south load balancing on the node's uplink (`nodeport.bpf.c`).
+//!
+//! An app may publish a port on the node. Traffic from outside to one of
+//! the node's addresses and a published port is balanced at **TC ingress
+//! of the uplink** over the service's ready backends with Maglev
+//! consistent hashing, behind an LRU connection table.
+//!
+//! | program | hook | does |
+//! |---|---|---|
+//! | `corral_np_ingress` | TC ingress of the uplink | picks the backend of a flow to `node address:published port`, DNATs it to a backend in this cell |
+//! | `corral_np_egress` | TC egress of the uplink | gives a backend's reply the node address and published port as its source |
+//!
+//! # What a packet meets (ingress)
+//!
+//! 1. IPv4 TCP or UDP (not a later fragment) whose destination is in
+//!    `np_addrs` ([`NodePort::set_node_addresses`]), else it passes.
+//! 2. `lb_services[{vip: 0, port: dport, proto}]` with
+//!    `CORRAL_LB_F_PUBLISHED`, else it passes (the node's own services,
+//!    ssh, the agent's API, are never touched). A first fragment of such a
+//!    datagram is dropped ([`Verdict::DropFragment`]): its later fragments
+//!    carry no ports to balance by.
+//! 3. The backend: the flow's `np_flows` entry (key: the 5-tuple as it
+//!    arrived), used only while `lb_backends[entry.backend]` still holds
+//!    the address and port the flow was sent to (ids are reused); else
+//!    `lb_rings[{service, ring_gen}][flow_hash % ring_size]`, written into
+//!    `np_flows` ([`Verdict::NewFlow`]). No ring (`ring_size == 0`: no
+//!    ready backend), a missing ring, slot or backend: dropped
+//!    ([`Verdict::DropNoBackend`]).
+//! 4. A backend in this cell's instance subnet
+//!    ([`NodePort::set_cell_subnet`]): `np_nats` learns the reply's tuple,
+//!    the destination address and port are rewritten (IPv4 and TCP/UDP
+//!    checksums fixed incrementally) and the packet goes on
+//!    ([`Verdict::Local`]): the node's kernel routes it to the instance's
+//!    veth (the node must forward: `net.ipv4.ip_forward = 1`).
+//!    A backend elsewhere is dropped ([`Verdict::DropRemote`]): the remote
+//!    path is not built yet (see below).
+//!
+//! Flows stick: a flow keeps its backend while the ring changes (a backend
+//! added, removed from the ready set) for as long as its `np_flows` entry
+//! lives and the backend stays in `lb_backends`. An unready backend stays
+//! in `lb_backends` while its service lists it, so its established flows
+//! drain instead of breaking; once the router deletes it, its flows are
+//! re-picked from the ring (and a TCP flow then gets a reset from the new
+//! backend, as with any backend loss). Entries are not removed on FIN/RST;
+//! the LRU evicts the least recently used when `CORRAL_NP_MAX_FLOWS` is
+//! reached (the lookup refreshes an entry's recency on every packet).
+//!
+//! # The return path
+//!
+//! The backend sees the client's own address (no SNAT), so the node must
+//! be the client's way back, which it is for a local backend: the instance's
+//! default route is its veth to the node, and the node routes the reply
+//! out of the uplink toward the client. At TC egress of the uplink,
+//! `corral_np_egress` looks the reply's tuple `{backend addr:port →
+//! client addr:port}` up in `np_nats` (only for sources in the cell subnet,
+//! so the node's own traffic costs one compare) and rewrites the source to
+//! the node address and published port the client used, checksums fixed
+//! ([`Verdict::Reply`]). The client sees its own connection, end to end:
+//! a TCP handshake completes only if this works. The ingress program
+//! re-creates a missing `np_nats` entry on every packet of its flow, so the
+//! LRU cannot evict it from under a live flow for long.
+//!
+//! Replies leave through the uplink that carries the programs: with several
+//! uplinks, attach to each. ICMP errors a backend sends about a flow are
+//! not translated.
+//!
+//! # Not done yet: backends on other nodes
+//!
+//! The design for the remote path (DSR over IPIP): `bpf_fib_lookup` on the
+//! backend gives the other node (the gateway of `<cell subnet> via <node>`),
+//! the packet is DNATed, encapsulated (`bpf_skb_adjust_room` + an outer IPv4
+//! header, protocol 4) and redirected; the other node's ingress program
+//! decapsulates it, records the `np_nats` entry and lets it up to the
+//! instance, whose reply then leaves from that node directly. The open
+//! question is how the receiving node learns the *published port* for its
+//! `np_nats` entry (the outer header carries the original node's address
+//! but not the port, and a backend may serve several published ports):
+//! carry it in a small header (GUE/FOU-style UDP encapsulation) rather than
+//! overload the outer IPv4 id. Until then such flows are dropped and
+//! counted as [`Verdict::DropRemote`], never half-forwarded.
+//!
+//! # Maps
+//!
+//! Pinned in the same directory as [`crate::Dataplane`]'s and
+//! [`crate::lb::Balancer`]'s maps, by name:
+//!
+//! | name | type | key → value | written by |
+//! |---|---|---|---|
+//! | `lb_services` | hash, 4096 | `{vip: 0, port, proto}` → `corral_lb_service {…, flags, ring_gen, ring_size}` | agent ([`crate::lb::Balancer::apply`]) |
+//! | `lb_backends` | hash, 65536 | backend id → `{addr, port}` | agent (`Balancer`) |
+//! | `lb_rings` | hash of maps, 8192 | `{service, gen}` → array of `ring_size` backend ids | agent (`Balancer`) |
+//! | `np_addrs` | hash, 64 | node address → 0 | agent ([`NodePort::set_node_addresses`]) |
+//! | `np_config` | array, 1 | 0 → `{cell_net, cell_mask}` | agent ([`NodePort::set_cell_subnet`]) |
+//! | `np_flows` | LRU hash, 262144 | arriving 5-tuple → `{backend id, addr, port}` | ingress |
+//! | `np_nats` | LRU hash, 262144 | reply 5-tuple → `{node addr, published port}` | ingress (read by egress) |
+//! | `np_stats` | per-CPU array, 7 | [`Verdict`] → `{packets, bytes}` | both programs |
+//!
+//! # Restarts, detach, reload
+//!
+//! Like the instance programs: netlink TC filters at priority
+//! [`crate::TC_PRIORITY`] / handle [`crate::TC_HANDLE`] hold their programs,
+//! so traffic keeps flowing while the agent is down, and a new
+//! [`NodePort::attach`] replaces the programs in place. All state is in the
+//! pinned maps: a reload keeps the node addresses, the connection table,
+//! the reverse translations and the counters. [`NodePort::detach`] only
+//! removes the filters (published ports then reach the node itself, which
+//! normally refuses them); a later attach resumes every flow it knew.
+//! Removing the pin directory (with the agent stopped) clears everything.
+//!
+//! # Published ports and the node's own sockets
+//!
+//! A reply to a connection the node itself opened *from* a published port
+//! would be taken for a new flow: published ports must lie outside the
+//! node's ephemeral range (`net.ipv4.ip_local_port_range`) and must not be
+//! used by the node's own services.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::{SchedClassifier, TcAttachType};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::abi::{self, c};
+use crate::dataplane::{
+    attach_classifier, detach_classifier, ensure_bpffs, ensure_clsact, ifindex, map_error, take,
+};
+use crate::types::Counter;
+use crate::Error;
+
+fn object() -> &'static [u8] {
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/nodeport.bpf.o"))
+}
+
+const ADDRS: &str = "np_addrs";
+const CONFIG: &str = "np_config";
+const FLOWS: &str = "np_flows";
+const NATS: &str = "np_nats";
+const STATS: &str = "np_stats";
+
+/// The two programs, by C function name, and where they run.
+pub const NODEPORT_PROGRAMS: [(&str, TcAttachType); 2] = [
+    ("corral_np_ingress", TcAttachType::Ingress),
+    ("corral_np_egress", TcAttachType::Egress),
+];
+
+/// What the programs did with a packet (index of `np_stats`,
+/// `enum corral_np_verdict`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Verdict {
+    /// Sent to a backend in this cell (DNAT), new flow or known.
+    Local,
+    /// A flow's first packet here: its backend was picked from the ring
+    /// (also counted under its outcome).
+    NewFlow,
+    /// Egress: a backend's reply got the node address and published port back.
+    Reply,
+    /// A published port with no ring (no ready backend), or a ring, slot or
+    /// backend missing.
+    DropNoBackend,
+    /// The backend is on another node: not supported yet.
+    DropRemote,
+    /// A fragmented datagram to a published port.
+    DropFragment,
+    /// A packet rewrite failed.
+    DropError,
+}
+
+impl Verdict {
+    pub const ALL: [Verdict; 7] = [
+        Verdict::Local,
+        Verdict::NewFlow,
+        Verdict::Reply,
+        Verdict::DropNoBackend,
+        Verdict::DropRemote,
+        Verdict::DropFragment,
+        Verdict::DropError,
+    ];
+
+    /// The `np_stats` index.
+    pub const fn raw(self) -> u32 {
+        match self {
+            Verdict::Local => c::CORRAL_NP_LOCAL,
+            Verdict::NewFlow => c::CORRAL_NP_NEW_FLOW,
+            Verdict::Reply => c::CORRAL_NP_REPLY,
+            Verdict::DropNoBackend => c::CORRAL_NP_DROP_NO_BACKEND,
+            Verdict::DropRemote => c::CORRAL_NP_DROP_REMOTE,
+            Verdict::DropFragment => c::CORRAL_NP_DROP_FRAGMENT,
+            Verdict::DropError => c::CORRAL_NP_DROP_ERROR,
+        }
+    }
+
+    /// A name for metrics labels.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Verdict::Local => "local",
+            Verdict::NewFlow => "new_flow",
+            Verdict::Reply => "reply",
+            Verdict::DropNoBackend => "drop_no_backend",
+            Verdict::DropRemote => "drop_remote",
+            Verdict::DropFragment => "drop_fragment",
+            Verdict::DropError => "drop_error",
+        }
+    }
+}
+
+/// A flow as the ingress program hashes it: addresses as they are on the
+/// wire, ports in host order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowTuple {
+    pub saddr: Ipv4Addr,
+    pub daddr: Ipv4Addr,
+    pub sport: u16,
+    pub dport: u16,
+    /// `IPPROTO_TCP` (6) or `IPPROTO_UDP` (17).
+    pub proto: u8,
+}
+
+fn mix(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x7feb_352d);
+    h ^= h >> 15;
+    h = h.wrapping_mul(0x846c_a68b);
+    h ^= h >> 16;
+    h
+}
+
+/// The hash `corral_np_ingress` computes for a flow (`flow_hash` in
+/// nodeport.bpf.c, kept in step by the tests): a new flow goes to
+/// `ring[flow_hash(flow) % ring_size]`.
+pub fn flow_hash(flow: &FlowTuple) -> u32 {
+    let mut h = mix(0x636f_7272 ^ u32::from(flow.proto));
+    h = mix(h ^ abi::ipv4_to_raw(flow.saddr));
+    h = mix(h ^ abi::ipv4_to_raw(flow.daddr));
+    mix(h ^ ((u32::from(flow.sport) << 16) | u32::from(flow.dport)))
+}
+
+/// The north-south load balancer of one node: programs loaded, maps pinned.
+///
+/// Its service, backend and ring maps are programmed through
+/// [`crate::lb::Balancer::apply`] (load both from the same pin directory);
+/// this type owns the node's side: addresses, subnet, attachment, counters.
+/// Dropping it detaches nothing.
+pub struct NodePort {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    addrs: HashMap<MapData, u32, u32>,
+    config: Array<MapData, abi::NpConfig>,
+    flows: HashMap<MapData, abi::Flow, abi::NpConn>,
+    nats: HashMap<MapData, abi::Flow, abi::NpNat>,
+    stats: PerCpuArray<MapData, Counter>,
+}
+
+impl std::fmt::Debug for NodePort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodePort")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodePort {
+    /// Loads both programs, reusing the maps pinned in `pin_dir` (the
+    /// directory given to [`crate::Dataplane::load`] and
+    /// [`crate::lb::Balancer::load`]) and pinning the ones it creates.
+    pub fn load(pin_dir: &Path) -> Result<Self, Error> {
+        ensure_bpffs(pin_dir)?;
+        std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
+            path: pin_dir.to_owned(),
+            source,
+        })?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(object())
+            .map_err(|source| Error::Object { source })?;
+        for (name, _) in NODEPORT_PROGRAMS {
+            classifier(&mut ebpf, name)?
+                .load()
+                .map_err(|source| Error::ProgramLoad {
+                    program: name,
+                    source,
+                })?;
+        }
+        Ok(Self {
+            addrs: take(&mut ebpf, ADDRS)?,
+            config: take(&mut ebpf, CONFIG)?,
+            flows: take(&mut ebpf, FLOWS)?,
+            nats: take(&mut ebpf, NATS)?,
+            stats: take(&mut ebpf, STATS)?,
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+        })
+    }
+
+    /// A loaded program by C function name (for `aya::programs::TestRun`).
+    pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
+        self.ebpf
+            .program(name)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
+    }
+
+    /// Attaches `corral_np_ingress` (TC ingress) and `corral_np_egress` (TC
+    /// egress) to the uplink `iface` in the caller's network namespace.
+    /// Restart-safe like [`crate::Dataplane::attach`]: an earlier run's
+    /// filters get their programs replaced in place. Returns the ifindex.
+    pub fn attach(&mut self, iface: &str) -> Result<u32, Error> {
+        let index = ifindex(iface)?;
+        ensure_clsact(iface)?;
+        for (name, hook) in NODEPORT_PROGRAMS {
+            attach_classifier(classifier(&mut self.ebpf, name)?, name, iface, hook)?;
+        }
+        tracing::debug!(iface, ifindex = index, "north-south balancer attached");
+        Ok(index)
+    }
+
+    /// Removes both filters from `iface` (no filter or no interface is not
+    /// an error). The maps, and so every flow, stay.
+    pub fn detach(&self, iface: &str) -> Result<(), Error> {
+        for (name, hook) in NODEPORT_PROGRAMS {
+            detach_classifier(iface, hook, name)?;
+        }
+        tracing::debug!(iface, "north-south balancer detached");
+        Ok(())
+    }
+
+    /// Makes `addrs` the node's addresses (the destinations balanced),
+    /// replacing the previous set.
+    pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), Error> {
+        let wanted: BTreeSet<u32> = addrs.iter().map(|a| abi::ipv4_to_raw(*a)).collect();
+        if wanted.len() > c::CORRAL_NP_MAX_ADDRS as usize {
+            return Err(Error::MapFull {
+                map: ADDRS,
+                max_entries: c::CORRAL_NP_MAX_ADDRS,
+                action: format!("set {} node addresses", wanted.len()),
+            });
+        }
+        let held = self.node_raw_addresses()?;
+        for raw in wanted.difference(&held) {
+            self.addrs.insert(raw, 0, 0).map_err(|e| {
+                map_error(
+                    ADDRS,
+                    c::CORRAL_NP_MAX_ADDRS,
+                    format!("add node address {}", abi::ipv4_from_raw(*raw)),
+                    e,
+                )
+            })?;
+        }
+        for raw in held.difference(&wanted) {
+            crate::dataplane::removed(self.addrs.remove(raw), ADDRS, || {
+                format!("remove node address {}", abi::ipv4_from_raw(*raw))
+            })?;
+        }
+        Ok(())
+    }
+
+    /// The node's addresses, as the kernel holds them.
+    pub fn node_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
+        Ok(self
+            .node_raw_addresses()?
+            .into_iter()
+            .map(abi::ipv4_from_raw)
+            .collect())
+    }
+
+    fn node_raw_addresses(&self) -> Result<BTreeSet<u32>, Error> {
+        self.addrs
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| map_error(ADDRS, 0, "list node addresses", e))
+    }
+
+    /// Declares this cell's instance subnet: backends in it are local.
+    pub fn set_cell_subnet(&mut self, net: Ipv4Addr, prefix_len: u8) -> Result<(), Error> {
+        if prefix_len > 32 {
+            return Err(Error::InvalidService {
+                reason: format!("cell subnet {net}/{prefix_len}: the prefix is at most 32"),
+            });
+        }
+        let mask = u32::MAX
+            .checked_shl(32 - u32::from(prefix_len))
+            .unwrap_or(0);
+        let value = abi::NpConfig {
+            cell_net: (u32::from(net) & mask).to_be(),
+            cell_mask: mask.to_be(),
+        };
+        self.config
+            .set(0, value, 0)
+            .map_err(|e| map_error(CONFIG, 0, format!("set cell subnet {net}/{prefix_len}"), e))
+    }
+
+    /// Packets and bytes per verdict, summed over CPUs.
+    pub fn counters(&self) -> Result<Vec<(Verdict, Counter)>, Error> {
+        Verdict::ALL
+            .iter()
+            .map(|v| Ok((*v, self.counter(*v)?)))
+            .collect()
+    }
+
+    /// Packets and bytes of one verdict, summed over CPUs.
+    pub fn counter(&self, verdict: Verdict) -> Result<Counter, Error> {
+        let values = self
+            .stats
+            .get(&verdict.raw(), 0)
+            .map_err(|e| map_error(STATS, 0, format!("read counter {}", verdict.name()), e))?;
+        Ok(values.iter().sum())
+    }
+
+    /// Entries of the connection table (flows seen, not yet evicted).
+    pub fn flows_len(&self) -> Result<usize, Error> {
+        count_keys(&self.flows, FLOWS)
+    }
+
+    /// Entries of the reverse-translation table.
+    pub fn nats_len(&self) -> Result<usize, Error> {
+        count_keys(&self.nats, NATS)
+    }
+
+    /// The backend id the connection table holds for a flow (as it arrives
+    /// at the node), if any.
+    pub fn flow_backend(&self, flow: &FlowTuple) -> Result<Option<u32>, Error> {
+        let key = abi::Flow {
+            saddr: abi::ipv4_to_raw(flow.saddr),
+            daddr: abi::ipv4_to_raw(flow.daddr),
+            sport: flow.sport,
+            dport: flow.dport,
+            proto: flow.proto,
+            pad1: 0,
+            pad2: 0,
+        };
+        let found = crate::dataplane::found(self.flows.get(&key, 0), FLOWS, || {
+            "read a connection table entry".to_owned()
+        })?;
+        Ok(found.map(|conn| conn.backend))
+    }
+}
+
+fn count_keys<V: aya::Pod>(
+    map: &HashMap<MapData, abi::Flow, V>,
+    name: &'static str,
+) -> Result<usize, Error> {
+    let mut n = 0;
+    for key in map.keys() {
+        key.map_err(|e| map_error(name, 0, "list entries", e))?;
+        n += 1;
+    }
+    Ok(n)
+}
+
+fn classifier<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, Error> {
+    ebpf.program_mut(name)
+        .and_then(|p| <&mut SchedClassifier>::try_from(p).ok())
+        .ok_or_else(|| Error::NotInObject {
+            what: format!("classifier {name}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_are_the_c_enum() {
+        let raws: Vec<u32> = Verdict::ALL.iter().map(|v| v.raw()).collect();
+        assert_eq!(raws, (0..c::CORRAL_NP_VERDICTS).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn the_flow_hash_spreads_ports() {
+        let flow = |sport| FlowTuple {
+            saddr: Ipv4Addr::new(192, 0, 2, 1),
+            daddr: Ipv4Addr::new(198, 51, 100, 1),
+            sport,
+            dport: 30080,
+            proto: 6,
+        };
+        let mut buckets = [0u32; 7];
+        for sport in 32768..33768 {
+            buckets[(flow_hash(&flow(sport)) % 7) as usize] += 1;
+        }
+        // 1000 flows into 7 buckets: each near 143.
+        assert!(
+            buckets.iter().all(|&n| (100..190).contains(&n)),
+            "{buckets:?}"
+        );
+        assert_ne!(
+            flow_hash(&flow(1)),
+            flow_hash(&FlowTuple {
+                proto: 17,
+                ..flow(1)
+            })
+        );
+    }
+}
