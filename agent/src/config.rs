@@ -68,6 +68,7 @@ struct RawApi {
 struct RawNetwork {
     subnet: Option<String>,
     dataplane: Option<bool>,
+    uplinks: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +141,11 @@ pub struct Config {
     /// counters) on instance veths; needs `subnet`. Maps are pinned under
     /// `/sys/fs/bpf/corral/<cell_id>/`. Default: true.
     pub dataplane: bool,
+    /// Interfaces of the node where traffic from outside the cluster
+    /// arrives: apps' published ports are balanced there (north-south, TC
+    /// programs on each). Needs `subnet` and `dataplane`. Default: none (no
+    /// published ports on this cell).
+    pub uplinks: Vec<String>,
     /// The brain(s) this cell reports to and takes work from, when the
     /// `[brain]` table is present. Default: none (the cell is driven only
     /// through its local API).
@@ -363,6 +369,17 @@ impl Config {
                 None
             }
         };
+        let uplinks = raw.network.uplinks.unwrap_or_default();
+        for u in &uplinks {
+            if u.is_empty() || u.len() > 15 || u.contains(['/', ' ', '\0']) || u == "." || u == ".." {
+                p.push(format!(
+                    "network.uplinks: {u:?} is not an interface name (1 to 15 bytes, no '/' or spaces)"
+                ));
+            }
+        }
+        if !uplinks.is_empty() && (subnet.is_none() || raw.network.dataplane == Some(false)) {
+            p.push("network.uplinks needs network.subnet and the data plane".to_owned());
+        }
         let reserve = (host.memory_mb / 10).min(2048);
         let capacity = Capacity {
             memory_mb: raw
@@ -424,6 +441,7 @@ impl Config {
                 disk_enforce,
                 subnet,
                 dataplane: raw.network.dataplane.unwrap_or(true),
+                uplinks,
                 brain,
             }),
             _ => Err(p),
@@ -617,6 +635,23 @@ mod tests {
             problems[0].contains("unknown field `listen_on`"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn uplinks_are_interface_names_and_need_the_data_plane() {
+        let c = Config::parse(
+            "[network]\nsubnet = \"10.244.1.0/24\"\nuplinks = [\"eth0\", \"bond0\"]\n",
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(c.uplinks, ["eth0", "bond0"]);
+        let problems = Config::parse(
+            "[network]\nuplinks = [\"a/b\", \"\", \"much-too-long-name\"]\n",
+            &host(),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 4, "{problems:#?}");
+        assert!(problems.iter().any(|p| p.contains("needs network.subnet")));
     }
 
     #[test]
