@@ -34,6 +34,7 @@ use crate::store::Snapshot;
 use corral_proto::wire::{
     Hello, Ipv4Net, RemoteEndpoint, Route, StateChange, StateDelta, StateSnapshot, Tag, Zone,
 };
+use corral_proto::service::{Service, MAX_SERVICE_BACKENDS};
 use corral_proto::{
     Capacity, CellId, InstanceId, InstanceInfo, InstanceKind, InstanceState, Timestamp,
 };
@@ -953,6 +954,56 @@ impl Cluster {
             }
         }
         map
+    }
+
+    /// Every app's service: for each app with a VIP and ports, the
+    /// addresses of its instances that run, say they are ready and have an
+    /// address, on cells not declared lost (as [`endpoints`](Self::endpoints)),
+    /// sorted, at most [`MAX_SERVICE_BACKENDS`]. One walk over the
+    /// instances, like `endpoints`.
+    pub fn services(&self) -> BTreeMap<std::net::Ipv4Addr, Service> {
+        let mut backends: BTreeMap<AppKey, BTreeSet<std::net::Ipv4Addr>> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.vip.is_some() && !a.ports.is_empty())
+            .map(|(k, _)| (k.clone(), BTreeSet::new()))
+            .collect();
+        if !backends.is_empty() {
+            for c in self.cells.values().filter(|c| c.liveness != Liveness::Lost) {
+                for o in c.instances.values() {
+                    let i = &o.info;
+                    let (InstanceState::Running, true, Some(addr)) = (i.state, i.ready, i.address)
+                    else {
+                        continue;
+                    };
+                    let key = AppKey {
+                        tenant: i.tenant.clone(),
+                        name: i.app.clone(),
+                    };
+                    if let Some(set) = backends.get_mut(&key) {
+                        set.insert(addr);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (key, set) in backends {
+            let Some(app) = self.apps.get(&key) else {
+                continue;
+            };
+            let Some(vip) = app.vip else { continue };
+            out.insert(
+                vip,
+                Service {
+                    vip,
+                    tenant: app.tenant.clone(),
+                    app: app.name.clone(),
+                    ports: app.ports.clone(),
+                    backends: set.into_iter().take(MAX_SERVICE_BACKENDS).collect(),
+                },
+            );
+        }
+        out
     }
 
     /// Counts for metrics: desired and actual (running) LRP instances.

@@ -10,6 +10,7 @@
 //!   convergence can tell "start more of the same" from "replace instances".
 
 use corral_proto::instance::MAX_INDEX;
+use corral_proto::service::{check_ports, port_numbers, PortSpec};
 use corral_proto::wire::{Tag, MAX_TAGS};
 use corral_proto::{
     AppId, CellId, IdError, InstanceId, InstanceKind, InstanceSpec, Resources, TenantId, Timestamp,
@@ -17,6 +18,7 @@ use corral_proto::{
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::Ipv4Addr;
 
 /// Most instances one app may ask for.
 pub const MAX_INSTANCES: u32 = 1000;
@@ -84,11 +86,17 @@ pub struct App {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
+    /// What its instances serve (each with its protocol, and the port it
+    /// is published under on every node, if any).
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub ports: Vec<PortSpec>,
     /// Placement tags a cell must all have to run an instance.
     #[serde(default)]
     pub tags: BTreeSet<Tag>,
+    /// The app's service address, from `[network] vip_range`: given by the
+    /// store when the app first has ports, kept until it is deleted.
+    #[serde(default)]
+    pub vip: Option<Ipv4Addr>,
     /// Starts at 1; bumped when what an instance runs changes (not on scaling).
     pub version: u64,
     pub created_at: Timestamp,
@@ -110,7 +118,7 @@ impl App {
             command: self.command.clone(),
             env: self.env.clone(),
             resources: self.resources.clone(),
-            ports: self.ports.clone(),
+            ports: port_numbers(&self.ports),
         }
     }
 
@@ -124,7 +132,11 @@ impl App {
             ));
         }
         check_tags(&self.tags, &mut p);
-        if let Err(e) = self.instance_spec(0).validate() {
+        p.extend(check_ports(&self.ports));
+        // The ports are checked above, as the app gives them.
+        let mut spec = self.instance_spec(0);
+        spec.ports.clear();
+        if let Err(e) = spec.validate() {
             p.extend(e.problems);
         }
         if p.is_empty() {
@@ -201,8 +213,9 @@ pub struct NewApp {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
+    /// Each a number (TCP) or `{"port", "protocol", "published"}`.
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub ports: Vec<PortSpec>,
     #[serde(default)]
     pub tags: BTreeSet<Tag>,
 }
@@ -220,6 +233,7 @@ impl NewApp {
             resources: self.resources,
             ports: self.ports,
             tags: self.tags,
+            vip: None,
             version: 1,
             created_at: now,
             updated_at: now,
@@ -250,7 +264,7 @@ pub struct AppPatch {
     pub command: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
     pub resources: Option<ResourcesPatch>,
-    pub ports: Option<Vec<u16>>,
+    pub ports: Option<Vec<PortSpec>>,
     pub tags: Option<BTreeSet<Tag>>,
 }
 
