@@ -160,6 +160,10 @@ pub enum StoreError {
 
 /// How often the provided read-modify-write helpers retry a conflict.
 const RETRIES: usize = 5;
+/// How often a write that takes claims chooses again after losing one to
+/// a concurrent write: each loss means another write won, so this bounds
+/// the concurrent writers it can lose to, not the time.
+const CLAIM_RETRIES: usize = 64;
 
 /// Durable desired state. Writes go through [`Store::commit`]; the provided
 /// methods are conveniences over it and the reads.
@@ -406,7 +410,7 @@ fn claiming<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreE
     let mut tries = 0;
     loop {
         match f() {
-            Err(StoreError::Exists { kind, .. }) if kind == ClaimRecord::KIND && tries < RETRIES => {
+            Err(StoreError::Exists { kind, .. }) if kind == ClaimRecord::KIND && tries < CLAIM_RETRIES => {
                 tries += 1;
             }
             other => return other,
