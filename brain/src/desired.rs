@@ -744,6 +744,42 @@ mod tests {
         assert!(serde_json::from_str::<AppPatch>(r#"{"resources":{"memory_gb":1}}"#).is_err());
     }
 
+    #[test]
+    fn ports_take_a_protocol_and_a_published_port_and_are_all_checked() {
+        let a = new_app(
+            r#"{"name":"dns","rootfs":"/r","command":["x"],"resources":{"memory_mb":8},
+                "ports":[53, {"port":53,"protocol":"udp"}, {"port":80,"published":30080}]}"#,
+        )
+        .unwrap()
+        .into_app(TenantId::new("acme").unwrap(), Timestamp(1))
+        .unwrap();
+        assert_eq!(a.instance_spec(0).ports, vec![53, 80], "numbers, once each");
+        assert_eq!(a.vip, None, "the store gives VIPs");
+        let bad = new_app(
+            r#"{"name":"x","rootfs":"/r","command":["x"],"resources":{"memory_mb":0},
+                "ports":[0, 80, 80, {"port":81,"published":0}]}"#,
+        )
+        .unwrap()
+        .into_app(TenantId::new("acme").unwrap(), Timestamp(1))
+        .unwrap_err();
+        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert_eq!(bad.iter().filter(|p| *p == "port 0 is not a port").count(), 1);
+        // A patch replaces the ports and bumps the version; a bare number
+        // and its object form are the same port.
+        let p: AppPatch =
+            serde_json::from_str(r#"{"ports":[{"port":8080,"protocol":"tcp"}]}"#).unwrap();
+        assert_eq!(p.apply(&app(), Timestamp(9)).unwrap(), None);
+        let p: AppPatch =
+            serde_json::from_str(r#"{"ports":[{"port":8080,"published":30000}]}"#).unwrap();
+        assert_eq!(p.apply(&app(), Timestamp(9)).unwrap().unwrap().version, 2);
+        // Records stored before ports had protocols still read.
+        let mut v = serde_json::to_value(app()).unwrap();
+        v["ports"] = serde_json::json!([8080]);
+        v.as_object_mut().unwrap().remove("vip");
+        let old: App = serde_json::from_value(v).unwrap();
+        assert_eq!(old, app());
+    }
+
     fn task() -> Task {
         serde_json::from_str::<NewTask>(
             r#"{"rootfs":"/r","command":["/bin/true"],"resources":{"memory_mb":8}}"#,
