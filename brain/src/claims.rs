@@ -136,7 +136,10 @@ mod tests {
     fn the_lowest_free_host_address_is_chosen() {
         let r = net("10.96.0.0/29");
         assert_eq!(vip_count(r), 6);
-        assert_eq!(lowest_free_vip(r, &ips(&[])), Some("10.96.0.1".parse().unwrap()));
+        assert_eq!(
+            lowest_free_vip(r, &ips(&[])),
+            Some("10.96.0.1".parse().unwrap())
+        );
         assert_eq!(
             lowest_free_vip(r, &ips(&["10.96.0.1", "10.96.0.2", "10.96.0.4"])),
             Some("10.96.0.3".parse().unwrap()),

@@ -31,10 +31,10 @@ use crate::desired::{
 };
 use crate::model::{LrpKey, Time};
 use crate::store::Snapshot;
+use corral_proto::service::{Service, MAX_SERVICE_BACKENDS};
 use corral_proto::wire::{
     Hello, Ipv4Net, RemoteEndpoint, Route, StateChange, StateDelta, StateSnapshot, Tag, Zone,
 };
-use corral_proto::service::{Service, MAX_SERVICE_BACKENDS};
 use corral_proto::{
     Capacity, CellId, InstanceId, InstanceInfo, InstanceKind, InstanceState, Timestamp,
 };
@@ -1351,13 +1351,21 @@ mod tests {
 
         // A disconnected cell's instances still serve; a lost one's do not.
         c.disconnect(&cell_id("c2"), Time::from_secs(1), Timestamp(2));
-        assert_eq!(c.services()[&"10.96.0.1".parse().unwrap()].backends.len(), 3);
+        assert_eq!(
+            c.services()[&"10.96.0.1".parse().unwrap()].backends.len(),
+            3
+        );
         c.mark_lost(&cell_id("c2"), Timestamp(3));
-        assert_eq!(c.services()[&"10.96.0.1".parse().unwrap()].backends.len(), 2);
+        assert_eq!(
+            c.services()[&"10.96.0.1".parse().unwrap()].backends.len(),
+            2
+        );
         // An app without ready instances still has its service, empty.
         c.apps.values_mut().for_each(|a| a.instances = 0);
         c.cells.clear();
-        assert!(c.services()[&"10.96.0.1".parse().unwrap()].backends.is_empty());
+        assert!(c.services()[&"10.96.0.1".parse().unwrap()]
+            .backends
+            .is_empty());
     }
 
     #[test]

@@ -763,7 +763,10 @@ mod tests {
         .into_app(TenantId::new("acme").unwrap(), Timestamp(1))
         .unwrap_err();
         assert_eq!(bad.len(), 4, "{bad:?}");
-        assert_eq!(bad.iter().filter(|p| *p == "port 0 is not a port").count(), 1);
+        assert_eq!(
+            bad.iter().filter(|p| *p == "port 0 is not a port").count(),
+            1
+        );
         // A patch replaces the ports and bumps the version; a bare number
         // and its object form are the same port.
         let p: AppPatch =

@@ -61,11 +61,11 @@ use corral_link::framed::{LinkError, MessageReader, MessageWriter};
 use corral_link::tls::{self, Credentials};
 use corral_link::PeerIdentity;
 use corral_proto::policy::PolicyRule;
+use corral_proto::service::Service;
 use corral_proto::wire::{
     AckOutcome, BidOutcome, BidRequest, BrainId, CloseCode, Hello, Message, Refusal, RequestId,
     Sender, StartWork, StopWork, WorkItem, MAX_BATCH_ITEMS, SUPPORTED_VERSIONS,
 };
-use corral_proto::service::Service;
 use corral_proto::wire::{
     Endpoints, Ipv4Net, Policies, RemoteEndpoint, Route, Routes, Services, MAX_ENDPOINTS,
     MAX_SERVICES,
@@ -1576,7 +1576,10 @@ impl Loop {
             .map(|s| s.backends.len() as u64)
             .sum();
         let vips_free = self.vip_range.map_or(0, |range| {
-            crate::claims::free_vips(range, self.cluster.apps.values().filter_map(|a| a.vip.as_ref()))
+            crate::claims::free_vips(
+                range,
+                self.cluster.apps.values().filter_map(|a| a.vip.as_ref()),
+            )
         });
         self.metrics
             .observe_services(self.told_services.len() as u64, backends, vips_free);
@@ -1761,7 +1764,11 @@ mod tests {
         for m in &msgs {
             m.check_limits().unwrap();
             let bytes = corral_proto::wire::encode(m).unwrap();
-            assert!(bytes.len() < corral_proto::wire::MAX_FRAME_LEN, "{}", bytes.len());
+            assert!(
+                bytes.len() < corral_proto::wire::MAX_FRAME_LEN,
+                "{}",
+                bytes.len()
+            );
         }
     }
 

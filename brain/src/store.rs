@@ -14,11 +14,11 @@ use crate::claims::{claims_of, lowest_free_vip, Claim, ClaimRecord};
 use crate::desired::{App, AppKey, CrashKey, CrashRecord, Placement, StoredPolicy, Task, TaskId};
 use corral_proto::policy::PolicyRule;
 use corral_proto::wire::Ipv4Net;
-use std::collections::{BTreeMap, BTreeSet};
 use corral_proto::{InstanceId, TenantId, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The store file format this code writes; a newer file is refused.
@@ -410,7 +410,9 @@ fn claiming<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreE
     let mut tries = 0;
     loop {
         match f() {
-            Err(StoreError::Exists { kind, .. }) if kind == ClaimRecord::KIND && tries < CLAIM_RETRIES => {
+            Err(StoreError::Exists { kind, .. })
+                if kind == ClaimRecord::KIND && tries < CLAIM_RETRIES =>
+            {
                 tries += 1;
             }
             other => return other,

@@ -1187,8 +1187,11 @@ async fn apps_show_their_vip_and_ports_and_published_ports_are_cluster_wide() {
             "POST",
             "/v1/apps",
             ACME,
-            body("web", json!([8080, {"port": 53, "protocol": "udp"},
-                               {"port": 80, "published": 30080}])),
+            body(
+                "web",
+                json!([8080, {"port": 53, "protocol": "udp"},
+                               {"port": 80, "published": 30080}]),
+            ),
         )
         .await
         .expect(201);
@@ -1206,26 +1209,40 @@ async fn apps_show_their_vip_and_ports_and_published_ports_are_cluster_wide() {
     let list = srv.get("/v1/apps", ACME).await.expect(200);
     assert_eq!(list["apps"][0]["vip"], "10.96.0.1");
     // No ports, no VIP.
-    let quiet = srv.send("POST", "/v1/apps", ACME, body("quiet", json!([]))).await.expect(201);
+    let quiet = srv
+        .send("POST", "/v1/apps", ACME, body("quiet", json!([])))
+        .await
+        .expect(201);
     assert_eq!(quiet["vip"], Value::Null);
 
     // Another tenant may not publish the same port: 409, without naming
     // the other tenant's app; the admin is told which app holds it.
     let taken = body("web", json!([{"port": 80, "published": 30080}]));
-    let e = srv.send("POST", "/v1/apps", BETA, taken.clone()).await.expect(409);
+    let e = srv
+        .send("POST", "/v1/apps", BETA, taken.clone())
+        .await
+        .expect(409);
     assert_eq!(
         e["error"],
         "published port 30080/tcp is held by another tenant's app: choose another"
     );
     let mut as_admin = taken.clone();
     as_admin["tenant"] = "beta".into();
-    let e = srv.send("POST", "/v1/apps", ADMIN, as_admin).await.expect(409);
+    let e = srv
+        .send("POST", "/v1/apps", ADMIN, as_admin)
+        .await
+        .expect(409);
     assert_eq!(
         e["error"],
         "published port 30080/tcp is held by app acme/web: choose another"
     );
     let e = srv
-        .send("PATCH", "/v1/apps/quiet", ACME, json!({"ports": [{"port": 1, "published": 30080}]}))
+        .send(
+            "PATCH",
+            "/v1/apps/quiet",
+            ACME,
+            json!({"ports": [{"port": 1, "published": 30080}]}),
+        )
         .await
         .expect(409);
     assert!(e["error"].as_str().unwrap().contains("acme/web"), "{e}");
@@ -1245,10 +1262,18 @@ async fn apps_show_their_vip_and_ports_and_published_ports_are_cluster_wide() {
         .send("POST", "/v1/apps", BETA, body("more", json!([8080])))
         .await
         .expect(507);
-    assert!(e["error"].as_str().unwrap().contains("vip_range 10.96.0.0/30"), "{e}");
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("vip_range 10.96.0.0/30"),
+        "{e}"
+    );
     assert_eq!(srv.snapshot(), before, "nothing was created");
     // Deleting an app frees its VIP for the next.
-    srv.call("DELETE", "/v1/apps/web", Some(ACME), None).await.expect(200);
+    srv.call("DELETE", "/v1/apps/web", Some(ACME), None)
+        .await
+        .expect(200);
     let more = srv
         .send("POST", "/v1/apps", BETA, body("more", json!([8080])))
         .await

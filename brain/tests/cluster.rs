@@ -133,16 +133,16 @@ fn networked_cell(certs: &Path, id: &str, subnet: &str, brain: SocketAddr) -> Si
 
 fn sim_cell(id: &str, zone: &str) -> SimCell {
     SimCell {
-            id: CellId::new(id).unwrap(),
-            zone: Zone::new(zone).unwrap(),
-            tags: Default::default(),
-            total: Capacity {
-                memory_mb: 4096,
-                disk_mb: 16_384,
-                containers: 50,
-            },
-            start_delay: Duration::from_millis(50),
-        }
+        id: CellId::new(id).unwrap(),
+        zone: Zone::new(zone).unwrap(),
+        tags: Default::default(),
+        total: Capacity {
+            memory_mb: 4096,
+            disk_mb: 16_384,
+            containers: 50,
+        },
+        start_delay: Duration::from_millis(50),
+    }
 }
 
 /// One HTTP/1.1 request; returns the status and the JSON body.

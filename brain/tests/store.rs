@@ -485,7 +485,11 @@ fn apps_with_ports_get_the_lowest_free_vip_released_on_delete() {
     let b = s.create_app(app("beta", "b"), range).unwrap();
     assert_eq!(a.vip, Some("10.96.0.1".parse().unwrap()));
     assert_eq!(b.vip, Some("10.96.0.2".parse().unwrap()));
-    assert_eq!(s.app(&key("acme", "a")).unwrap().unwrap().vip, a.vip, "stored");
+    assert_eq!(
+        s.app(&key("acme", "a")).unwrap().unwrap().vip,
+        a.vip,
+        "stored"
+    );
 
     // No ports, no VIP; without a range, no VIP either.
     let quiet = s.create_app(with_ports("acme", "quiet", serde_json::json!([])), range);
@@ -505,7 +509,9 @@ fn apps_with_ports_get_the_lowest_free_vip_released_on_delete() {
     let quiet = s.app(&key("acme", "quiet")).unwrap().unwrap();
     let mut patched = quiet.clone();
     patched.ports = vec![corral_proto::service::PortSpec::tcp(80)];
-    let e = s.replace_app(patched.clone(), quiet.revision, range).unwrap_err();
+    let e = s
+        .replace_app(patched.clone(), quiet.revision, range)
+        .unwrap_err();
     assert!(matches!(e, StoreError::VipsExhausted { .. }), "{e}");
     assert_eq!(s.snapshot().unwrap(), before);
 
@@ -528,7 +534,9 @@ fn a_published_port_is_held_by_one_app_per_protocol() {
     let dir = tempfile::tempdir().unwrap();
     let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
     let web = serde_json::json!([{"port": 80, "published": 30080}]);
-    let a = s.create_app(with_ports("acme", "web", web.clone()), None).unwrap();
+    let a = s
+        .create_app(with_ports("acme", "web", web.clone()), None)
+        .unwrap();
     let e = s
         .create_app(with_ports("beta", "web", web.clone()), None)
         .unwrap_err();
@@ -542,8 +550,8 @@ fn a_published_port_is_held_by_one_app_per_protocol() {
     s.create_app(with_ports("beta", "dns", udp), None).unwrap();
     // A patch that stops publishing releases it; deleting releases the rest.
     let mut moved = a.clone();
-    moved.ports = serde_json::from_value(serde_json::json!([{"port": 80, "published": 30081}]))
-        .unwrap();
+    moved.ports =
+        serde_json::from_value(serde_json::json!([{"port": 80, "published": 30081}])).unwrap();
     let moved = s.replace_app(moved, a.revision, None).unwrap();
     let b = s.create_app(with_ports("beta", "web", web), None).unwrap();
     assert_eq!(b.ports[0].published, Some(30080));
@@ -579,5 +587,9 @@ fn concurrent_creates_never_share_a_vip() {
         }
     }
     assert_eq!(got.len(), 80);
-    assert_eq!(got.last().unwrap().to_string(), "10.96.0.80", "the lowest ones");
+    assert_eq!(
+        got.last().unwrap().to_string(),
+        "10.96.0.80",
+        "the lowest ones"
+    );
 }
