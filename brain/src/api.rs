@@ -295,7 +295,7 @@ struct Failure {
     allow: Option<&'static str>,
     /// Refused because another app holds a VIP or published port (a
     /// conflict that reading again does not resolve).
-    claimed: Option<crate::desired::AppKey>,
+    claimed: Option<Box<(crate::claims::Claim, AppKey)>>,
 }
 
 impl Failure {
@@ -352,8 +352,8 @@ impl From<StoreError> for Failure {
             }
         };
         let mut f = Self::new(status, e.to_string());
-        if let StoreError::Claimed { holder, .. } = &e {
-            f.claimed = Some(holder.clone());
+        if let StoreError::Claimed { claim, holder } = &e {
+            f.claimed = Some(Box::new((*claim, holder.clone())));
         }
         f
     }
@@ -362,11 +362,10 @@ impl From<StoreError> for Failure {
 /// A published port is cluster-wide, so another tenant's app can hold one;
 /// a tenant token learns that it is taken, not by whom.
 fn hide_holder(mut f: Failure, who: &Principal) -> Failure {
-    if let (Some(holder), Principal::Tenant(own)) = (&f.claimed, who) {
+    if let (Some(held), Principal::Tenant(own)) = (&f.claimed, who) {
+        let (claim, holder) = held.as_ref();
         if &holder.tenant != own {
-            if let Some((what, _)) = f.message.split_once(" is held by app ") {
-                f.message = format!("{what} is held by another tenant's app: choose another");
-            }
+            f.message = format!("{claim} is held by another tenant's app: choose another");
         }
     }
     f
