@@ -371,7 +371,8 @@ impl Config {
         };
         let uplinks = raw.network.uplinks.unwrap_or_default();
         for u in &uplinks {
-            if u.is_empty() || u.len() > 15 || u.contains(['/', ' ', '\0']) || u == "." || u == ".." {
+            if u.is_empty() || u.len() > 15 || u.contains(['/', ' ', '\0']) || u == "." || u == ".."
+            {
                 p.push(format!(
                     "network.uplinks: {u:?} is not an interface name (1 to 15 bytes, no '/' or spaces)"
                 ));

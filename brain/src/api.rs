@@ -21,7 +21,7 @@ use crate::desired::{App, AppKey, AppPatch, ChangeEvent, NewApp, NewTask, Task, 
 use crate::store::{Expect, Op, Store, StoreError};
 use bytes::Bytes;
 use corral_proto::policy::PolicyRule;
-use corral_proto::wire::{Tag, Zone};
+use corral_proto::wire::{Ipv4Net, Tag, Zone};
 use corral_proto::{AppId, Capacity, CellId, InstanceId, InstanceState, TenantId, Timestamp};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
@@ -189,6 +189,8 @@ pub struct ApiState {
     changes: watch::Sender<u64>,
     clock: Box<dyn Fn() -> Timestamp + Send + Sync>,
     metrics: Option<Box<dyn Fn() -> String + Send + Sync>>,
+    /// Where apps' VIPs come from (`[network] vip_range`); none: no VIPs.
+    vip_range: Option<Ipv4Net>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -223,7 +225,14 @@ impl ApiState {
             changes: watch::channel(revision).0,
             clock: Box::new(system_now),
             metrics: None,
+            vip_range: None,
         })
+    }
+
+    /// Gives apps with ports a VIP from `range` (`[network] vip_range`).
+    pub fn with_vip_range(mut self, range: Option<Ipv4Net>) -> Self {
+        self.vip_range = range;
+        self
     }
 
     /// Replaces the wall clock (tests).
@@ -284,6 +293,9 @@ struct Failure {
     message: String,
     details: Vec<String>,
     allow: Option<&'static str>,
+    /// Refused because another app holds a VIP or published port (a
+    /// conflict that reading again does not resolve).
+    claimed: Option<Box<(crate::claims::Claim, AppKey)>>,
 }
 
 impl Failure {
@@ -293,6 +305,7 @@ impl Failure {
             message: message.into(),
             details: Vec::new(),
             allow: None,
+            claimed: None,
         }
     }
 
@@ -328,15 +341,34 @@ impl Failure {
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         let status = match &e {
-            StoreError::Exists { .. } | StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Exists { .. }
+            | StoreError::Conflict { .. }
+            | StoreError::Claimed { .. } => StatusCode::CONFLICT,
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
+            StoreError::VipsExhausted { .. } => StatusCode::INSUFFICIENT_STORAGE,
             _ => {
                 tracing::error!("store: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        Self::new(status, e.to_string())
+        let mut f = Self::new(status, e.to_string());
+        if let StoreError::Claimed { claim, holder } = &e {
+            f.claimed = Some(Box::new((*claim, holder.clone())));
+        }
+        f
     }
+}
+
+/// A published port is cluster-wide, so another tenant's app can hold one;
+/// a tenant token learns that it is taken, not by whom.
+fn hide_holder(mut f: Failure, who: &Principal) -> Failure {
+    if let (Some(held), Principal::Tenant(own)) = (&f.claimed, who) {
+        let (claim, holder) = held.as_ref();
+        if &holder.tenant != own {
+            f.message = format!("{claim} is held by another tenant's app: choose another");
+        }
+    }
+    f
 }
 
 type Reply = Result<Response<RespBody>, Failure>;
@@ -798,7 +830,10 @@ async fn create_app(
     let app = body
         .into_app(tenant, state.now())
         .map_err(|p| Failure::bad("invalid app").details(p))?;
-    let app = blocking(state, move |s| s.create_app(app)).await?;
+    let vips = state.vip_range;
+    let app = blocking(state, move |s| s.create_app(app, vips))
+        .await
+        .map_err(|f| hide_holder(f, who))?;
     tracing::info!(tenant = %app.tenant, app = %app.name, revision = app.revision, "app created");
     state.publish(ChangeEvent::AppCreated {
         revision: app.revision,
@@ -826,7 +861,11 @@ async fn patch_app(
             return Ok(json(StatusCode::OK, &app));
         };
         let expected = app.revision;
-        match blocking(state, move |s| s.replace_app(new, expected)).await {
+        let vips = state.vip_range;
+        match blocking(state, move |s| s.replace_app(new, expected, vips))
+            .await
+            .map_err(|f| hide_holder(f, who))
+        {
             Ok(app) => {
                 tracing::info!(tenant = %app.tenant, app = %app.name, revision = app.revision, "app updated");
                 state.publish(ChangeEvent::AppUpdated {
@@ -835,7 +874,7 @@ async fn patch_app(
                 });
                 return Ok(json(StatusCode::OK, &app));
             }
-            Err(f) if f.status == StatusCode::CONFLICT => continue,
+            Err(f) if f.status == StatusCode::CONFLICT && f.claimed.is_none() => continue,
             Err(f) => return Err(f),
         }
     }

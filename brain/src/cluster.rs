@@ -31,6 +31,7 @@ use crate::desired::{
 };
 use crate::model::{LrpKey, Time};
 use crate::store::Snapshot;
+use corral_proto::service::{Service, MAX_SERVICE_BACKENDS};
 use corral_proto::wire::{
     Hello, Ipv4Net, RemoteEndpoint, Route, StateChange, StateDelta, StateSnapshot, Tag, Zone,
 };
@@ -955,6 +956,56 @@ impl Cluster {
         map
     }
 
+    /// Every app's service: for each app with a VIP and ports, the
+    /// addresses of its instances that run, say they are ready and have an
+    /// address, on cells not declared lost (as [`endpoints`](Self::endpoints)),
+    /// sorted, at most [`MAX_SERVICE_BACKENDS`]. One walk over the
+    /// instances, like `endpoints`.
+    pub fn services(&self) -> BTreeMap<std::net::Ipv4Addr, Service> {
+        let mut backends: BTreeMap<AppKey, BTreeSet<std::net::Ipv4Addr>> = self
+            .apps
+            .iter()
+            .filter(|(_, a)| a.vip.is_some() && !a.ports.is_empty())
+            .map(|(k, _)| (k.clone(), BTreeSet::new()))
+            .collect();
+        if !backends.is_empty() {
+            for c in self.cells.values().filter(|c| c.liveness != Liveness::Lost) {
+                for o in c.instances.values() {
+                    let i = &o.info;
+                    let (InstanceState::Running, true, Some(addr)) = (i.state, i.ready, i.address)
+                    else {
+                        continue;
+                    };
+                    let key = AppKey {
+                        tenant: i.tenant.clone(),
+                        name: i.app.clone(),
+                    };
+                    if let Some(set) = backends.get_mut(&key) {
+                        set.insert(addr);
+                    }
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        for (key, set) in backends {
+            let Some(app) = self.apps.get(&key) else {
+                continue;
+            };
+            let Some(vip) = app.vip else { continue };
+            out.insert(
+                vip,
+                Service {
+                    vip,
+                    tenant: app.tenant.clone(),
+                    app: app.name.clone(),
+                    ports: app.ports.clone(),
+                    backends: set.into_iter().take(MAX_SERVICE_BACKENDS).collect(),
+                },
+            );
+        }
+        out
+    }
+
     /// Counts for metrics: desired and actual (running) LRP instances.
     pub fn instance_counts(&self) -> (u64, u64) {
         let desired = self.apps.values().map(|a| u64::from(a.instances)).sum();
@@ -1238,6 +1289,83 @@ mod tests {
         c.mark_lost(&cell_id("c2"), Timestamp(3));
         assert_eq!(c.routes().len(), 1);
         assert_eq!(c.endpoints().len(), 1);
+    }
+
+    #[test]
+    fn services_list_ready_running_instances_with_an_address_on_cells_not_lost() {
+        let mut web = app("web", 3);
+        web.ports = vec![corral_proto::service::PortSpec::tcp(8080)];
+        web.vip = Some("10.96.0.1".parse().unwrap());
+        let mut hidden = app("hidden", 1);
+        hidden.vip = Some("10.96.0.2".parse().unwrap()); // no ports: no service
+        let snap = Snapshot {
+            apps: vec![web, hidden, app("plain", 1)],
+            ..Snapshot::default()
+        };
+        let mut c = Cluster::restore(BackoffConfig::default(), snap, Time::ZERO, Timestamp(1));
+        c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
+        c.connect(&hello("c2", "10.244.2.0/24", "10.99.0.3"), Timestamp(1));
+        let ready = |id: &str, app: &str, addr: &str| {
+            let mut i = info(id, app, 0, InstanceState::Running, Some(addr));
+            i.ready = true;
+            i
+        };
+        let mut not_ready = info("w-2", "web", 2, InstanceState::Running, Some("10.244.1.4"));
+        not_ready.ready = false;
+        let mut no_addr = ready("w-3", "web", "10.244.1.5");
+        no_addr.address = None;
+        let mut starting = ready("w-4", "web", "10.244.1.6");
+        starting.state = InstanceState::Starting;
+        c.apply_snapshot(
+            &cell_id("c1"),
+            snapshot(
+                0,
+                vec![
+                    ready("w-1", "web", "10.244.1.3"),
+                    ready("w-0", "web", "10.244.1.2"),
+                    not_ready,
+                    no_addr,
+                    starting,
+                    ready("p-0", "plain", "10.244.1.9"),
+                    ready("h-0", "hidden", "10.244.1.10"),
+                ],
+            ),
+            Time::ZERO,
+            Timestamp(1),
+        )
+        .unwrap();
+        c.apply_snapshot(
+            &cell_id("c2"),
+            snapshot(0, vec![ready("w-9", "web", "10.244.2.2")]),
+            Time::ZERO,
+            Timestamp(1),
+        )
+        .unwrap();
+        let s = c.services();
+        assert_eq!(s.len(), 1, "{s:?}");
+        let web = &s[&"10.96.0.1".parse().unwrap()];
+        let addrs: Vec<String> = web.backends.iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, vec!["10.244.1.2", "10.244.1.3", "10.244.2.2"]);
+        assert_eq!((web.tenant.as_str(), web.app.as_str()), ("acme", "web"));
+        assert!(web.check().is_empty());
+
+        // A disconnected cell's instances still serve; a lost one's do not.
+        c.disconnect(&cell_id("c2"), Time::from_secs(1), Timestamp(2));
+        assert_eq!(
+            c.services()[&"10.96.0.1".parse().unwrap()].backends.len(),
+            3
+        );
+        c.mark_lost(&cell_id("c2"), Timestamp(3));
+        assert_eq!(
+            c.services()[&"10.96.0.1".parse().unwrap()].backends.len(),
+            2
+        );
+        // An app without ready instances still has its service, empty.
+        c.apps.values_mut().for_each(|a| a.instances = 0);
+        c.cells.clear();
+        assert!(c.services()[&"10.96.0.1".parse().unwrap()]
+            .backends
+            .is_empty());
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use corral_proto::health::HealthCheck;
 use corral_proto::instance::MAX_INDEX;
+use corral_proto::service::{check_ports, port_numbers, PortSpec, Transport};
 use corral_proto::wire::{Tag, MAX_TAGS};
 use corral_proto::{
     AppId, CellId, IdError, InstanceId, InstanceKind, InstanceSpec, Resources, TenantId, Timestamp,
@@ -18,6 +19,7 @@ use corral_proto::{
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::net::Ipv4Addr;
 
 /// Most instances one app may ask for.
 pub const MAX_INSTANCES: u32 = 1000;
@@ -85,11 +87,22 @@ pub struct App {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
+    /// What its instances serve (each with its protocol, and the port it
+    /// is published under on every node, if any).
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub ports: Vec<PortSpec>,
     /// Placement tags a cell must all have to run an instance.
     #[serde(default)]
     pub tags: BTreeSet<Tag>,
+    /// What makes an instance ready for traffic (and, once it was ready,
+    /// alive); absent: a TCP check of its first TCP port, or, without one,
+    /// running is ready.
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
+    /// The app's service address, from `[network] vip_range`: given by the
+    /// store when the app first has ports, kept until it is deleted.
+    #[serde(default)]
+    pub vip: Option<Ipv4Addr>,
     /// Starts at 1; bumped when what an instance runs changes (not on scaling).
     pub version: u64,
     pub created_at: Timestamp,
@@ -111,10 +124,8 @@ impl App {
             command: self.command.clone(),
             env: self.env.clone(),
             resources: self.resources.clone(),
-            ports: self.ports.clone(),
-            // Ready once its first port accepts connections (Cloud
-            // Foundry's default "port" check).
-            health_check: self.ports.first().map(|p| HealthCheck::tcp(*p)),
+            ports: port_numbers(&self.ports),
+            health_check: self.health_check(),
         }
     }
 
@@ -128,7 +139,11 @@ impl App {
             ));
         }
         check_tags(&self.tags, &mut p);
-        if let Err(e) = self.instance_spec(0).validate() {
+        p.extend(check_ports(&self.ports));
+        // The ports are checked above, as the app gives them.
+        let mut spec = self.instance_spec(0);
+        spec.ports.clear();
+        if let Err(e) = spec.validate() {
             p.extend(e.problems);
         }
         if p.is_empty() {
@@ -136,6 +151,17 @@ impl App {
         } else {
             Err(p)
         }
+    }
+
+    /// The check its instances run: the app's own, or Cloud Foundry's
+    /// default "port" check (a TCP connect to the first TCP port).
+    pub fn health_check(&self) -> Option<HealthCheck> {
+        self.health_check.clone().or_else(|| {
+            self.ports
+                .iter()
+                .find(|p| p.protocol == Transport::Tcp)
+                .map(|p| HealthCheck::tcp(p.port))
+        })
     }
 
     fn runs_same_as(&self, o: &App) -> bool {
@@ -146,6 +172,7 @@ impl App {
             &self.resources,
             &self.ports,
             &self.tags,
+            &self.health_check,
         ) == (
             &o.rootfs,
             &o.command,
@@ -153,6 +180,7 @@ impl App {
             &o.resources,
             &o.ports,
             &o.tags,
+            &o.health_check,
         )
     }
 
@@ -205,10 +233,13 @@ pub struct NewApp {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
+    /// Each a number (TCP) or `{"port", "protocol", "published"}`.
     #[serde(default)]
-    pub ports: Vec<u16>,
+    pub ports: Vec<PortSpec>,
     #[serde(default)]
     pub tags: BTreeSet<Tag>,
+    #[serde(default)]
+    pub health_check: Option<HealthCheck>,
 }
 
 impl NewApp {
@@ -224,6 +255,8 @@ impl NewApp {
             resources: self.resources,
             ports: self.ports,
             tags: self.tags,
+            health_check: self.health_check,
+            vip: None,
             version: 1,
             created_at: now,
             updated_at: now,
@@ -254,8 +287,9 @@ pub struct AppPatch {
     pub command: Option<Vec<String>>,
     pub env: Option<BTreeMap<String, String>>,
     pub resources: Option<ResourcesPatch>,
-    pub ports: Option<Vec<u16>>,
+    pub ports: Option<Vec<PortSpec>>,
     pub tags: Option<BTreeSet<Tag>>,
+    pub health_check: Option<HealthCheck>,
 }
 
 impl AppPatch {
@@ -286,6 +320,9 @@ impl AppPatch {
         }
         if let Some(t) = &self.tags {
             new.tags.clone_from(t);
+        }
+        if let Some(c) = &self.health_check {
+            new.health_check = Some(c.clone());
         }
         new.validate()?;
         if new == *app {
@@ -733,6 +770,45 @@ mod tests {
         assert_eq!(bad.apply(&a, Timestamp(9)).unwrap_err().len(), 2);
         assert!(serde_json::from_str::<AppPatch>(r#"{"name":"other"}"#).is_err());
         assert!(serde_json::from_str::<AppPatch>(r#"{"resources":{"memory_gb":1}}"#).is_err());
+    }
+
+    #[test]
+    fn ports_take_a_protocol_and_a_published_port_and_are_all_checked() {
+        let a = new_app(
+            r#"{"name":"dns","rootfs":"/r","command":["x"],"resources":{"memory_mb":8},
+                "ports":[53, {"port":53,"protocol":"udp"}, {"port":80,"published":30080}]}"#,
+        )
+        .unwrap()
+        .into_app(TenantId::new("acme").unwrap(), Timestamp(1))
+        .unwrap();
+        assert_eq!(a.instance_spec(0).ports, vec![53, 80], "numbers, once each");
+        assert_eq!(a.vip, None, "the store gives VIPs");
+        let bad = new_app(
+            r#"{"name":"x","rootfs":"/r","command":["x"],"resources":{"memory_mb":0},
+                "ports":[0, 80, 80, {"port":81,"published":0}]}"#,
+        )
+        .unwrap()
+        .into_app(TenantId::new("acme").unwrap(), Timestamp(1))
+        .unwrap_err();
+        assert_eq!(bad.len(), 4, "{bad:?}");
+        assert_eq!(
+            bad.iter().filter(|p| *p == "port 0 is not a port").count(),
+            1
+        );
+        // A patch replaces the ports and bumps the version; a bare number
+        // and its object form are the same port.
+        let p: AppPatch =
+            serde_json::from_str(r#"{"ports":[{"port":8080,"protocol":"tcp"}]}"#).unwrap();
+        assert_eq!(p.apply(&app(), Timestamp(9)).unwrap(), None);
+        let p: AppPatch =
+            serde_json::from_str(r#"{"ports":[{"port":8080,"published":30000}]}"#).unwrap();
+        assert_eq!(p.apply(&app(), Timestamp(9)).unwrap().unwrap().version, 2);
+        // Records stored before ports had protocols still read.
+        let mut v = serde_json::to_value(app()).unwrap();
+        v["ports"] = serde_json::json!([8080]);
+        v.as_object_mut().unwrap().remove("vip");
+        let old: App = serde_json::from_value(v).unwrap();
+        assert_eq!(old, app());
     }
 
     fn task() -> Task {

@@ -22,6 +22,7 @@ pub mod api;
 pub mod auction;
 pub mod backoff;
 pub mod certs;
+pub mod claims;
 pub mod cluster;
 pub mod config;
 pub mod converge;

@@ -46,6 +46,9 @@ pub struct BrainMetrics {
     convergence_runs: Counter,
     convergence_actions: Family<ActionLabel, Counter>,
     crashes: Counter,
+    services: Gauge,
+    service_backends: Gauge,
+    vips_free: Gauge,
 }
 
 impl std::fmt::Debug for BrainMetrics {
@@ -126,6 +129,24 @@ impl BrainMetrics {
             "Crashes of long-running instances counted against their slot",
             crashes.clone(),
         );
+        let services = Gauge::default();
+        registry.register(
+            "services",
+            "Services (apps with a VIP and ports) told to the cells",
+            services.clone(),
+        );
+        let service_backends = Gauge::default();
+        registry.register(
+            "service_backends",
+            "Ready instances listed as backends, summed over every service",
+            service_backends.clone(),
+        );
+        let vips_free = Gauge::default();
+        registry.register(
+            "vips_free",
+            "Addresses of [network] vip_range no app holds (0 without a range)",
+            vips_free.clone(),
+        );
         Self {
             registry,
             cells,
@@ -139,6 +160,9 @@ impl BrainMetrics {
             convergence_runs,
             convergence_actions,
             crashes,
+            services,
+            service_backends,
+            vips_free,
         }
     }
 
@@ -190,6 +214,13 @@ impl BrainMetrics {
         }
         self.desired.set(i64::try_from(desired).unwrap_or(i64::MAX));
         self.running.set(i64::try_from(running).unwrap_or(i64::MAX));
+    }
+
+    pub fn observe_services(&self, services: u64, backends: u64, vips_free: u64) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.services.set(g(services));
+        self.service_backends.set(g(backends));
+        self.vips_free.set(g(vips_free));
     }
 
     /// The text exposition format.

@@ -61,11 +61,15 @@ use corral_link::framed::{LinkError, MessageReader, MessageWriter};
 use corral_link::tls::{self, Credentials};
 use corral_link::PeerIdentity;
 use corral_proto::policy::PolicyRule;
+use corral_proto::service::Service;
 use corral_proto::wire::{
     AckOutcome, BidOutcome, BidRequest, BrainId, CloseCode, Hello, Message, Refusal, RequestId,
     Sender, StartWork, StopWork, WorkItem, MAX_BATCH_ITEMS, SUPPORTED_VERSIONS,
 };
-use corral_proto::wire::{Endpoints, Policies, RemoteEndpoint, Route, Routes, MAX_ENDPOINTS};
+use corral_proto::wire::{
+    Endpoints, Ipv4Net, Policies, RemoteEndpoint, Route, Routes, Services, MAX_ENDPOINTS,
+    MAX_SERVICES,
+};
 use corral_proto::{CellId, InstanceId, InstanceKind, Timestamp};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -235,6 +239,7 @@ pub async fn run(
             view.clone() as Arc<dyn ActualView>,
             config.tokens.clone(),
         )?
+        .with_vip_range(config.vip_range)
         .with_metrics({
             let metrics = metrics.clone();
             move || metrics.render()
@@ -307,6 +312,8 @@ pub async fn run(
         told_routes: Vec::new(),
         told_endpoints: BTreeMap::new(),
         told_policies: Vec::new(),
+        told_services: BTreeMap::new(),
+        vip_range: config.vip_range,
     };
     brain.run(input_rx, shutdown).await;
     let _ = stop_tx.send(true);
@@ -587,6 +594,9 @@ struct Loop {
     told_routes: Vec<Route>,
     told_endpoints: BTreeMap<Ipv4Addr, RemoteEndpoint>,
     told_policies: Vec<PolicyRule>,
+    told_services: BTreeMap<Ipv4Addr, Service>,
+    /// `[network] vip_range`, for the free-VIP gauge.
+    vip_range: Option<Ipv4Net>,
 }
 
 impl Loop {
@@ -1104,6 +1114,10 @@ impl Loop {
                 policies: self.told_policies.clone(),
             }),
         );
+        let all: Vec<Service> = self.told_services.values().cloned().collect();
+        for msg in services_messages(true, all, Vec::new()) {
+            self.send(cell, msg);
+        }
     }
 
     /// Tells every connected cell what changed in the routes, the endpoint
@@ -1167,6 +1181,26 @@ impl Loop {
                 );
             }
             self.told_policies = self.policies.clone();
+        }
+        let services = self.cluster.services();
+        if services != self.told_services {
+            let upsert: Vec<Service> = services
+                .iter()
+                .filter(|(vip, s)| self.told_services.get(*vip) != Some(*s))
+                .map(|(_, s)| s.clone())
+                .collect();
+            let remove: Vec<Ipv4Addr> = self
+                .told_services
+                .keys()
+                .filter(|vip| !services.contains_key(*vip))
+                .copied()
+                .collect();
+            for msg in services_messages(false, upsert, remove) {
+                for cell in &cells {
+                    self.send(cell, msg.clone());
+                }
+            }
+            self.told_services = services;
         }
     }
 
@@ -1536,6 +1570,19 @@ impl Loop {
         let view = self.cluster.view();
         let (desired, running) = self.cluster.instance_counts();
         self.metrics.observe_cluster(&view, desired, running);
+        let backends = self
+            .told_services
+            .values()
+            .map(|s| s.backends.len() as u64)
+            .sum();
+        let vips_free = self.vip_range.map_or(0, |range| {
+            crate::claims::free_vips(
+                range,
+                self.cluster.apps.values().filter_map(|a| a.vip.as_ref()),
+            )
+        });
+        self.metrics
+            .observe_services(self.told_services.len() as u64, backends, vips_free);
         self.view.set(view);
     }
 }
@@ -1613,4 +1660,131 @@ fn unreachable_instance_id() -> InstanceId {
 #[allow(clippy::expect_used)]
 fn unreachable_task_id() -> TaskId {
     TaskId::new("t").expect("\"t\" is a valid task id")
+}
+
+/// What a message of services may hold, well below the frame limit (1 MiB):
+/// a thousand services with 256 backends each would not fit in one.
+const SERVICES_BYTES: usize = 512 << 10;
+
+/// An upper bound of a service's encoded size (postcard: varints, length
+/// prefixes).
+fn service_size_bound(s: &Service) -> usize {
+    32 + s.tenant.as_str().len() + s.app.as_str().len() + 8 * s.ports.len() + 4 * s.backends.len()
+}
+
+/// Changes to the services as messages of at most [`MAX_SERVICES`] entries
+/// and [`SERVICES_BYTES`]: upserts first, then removals. With `reset`, the
+/// first message resets (and one is sent even when there is nothing, so
+/// the cell forgets what it had); without, nothing to say is no message.
+fn services_messages(reset: bool, upsert: Vec<Service>, remove: Vec<Ipv4Addr>) -> Vec<Message> {
+    let mut out = Vec::new();
+    let mut chunk: Vec<Service> = Vec::new();
+    let mut bytes = 0;
+    for s in upsert {
+        let size = service_size_bound(&s);
+        if !chunk.is_empty() && (chunk.len() == MAX_SERVICES || bytes + size > SERVICES_BYTES) {
+            out.push(Services {
+                reset: false,
+                upsert: std::mem::take(&mut chunk),
+                remove: Vec::new(),
+            });
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(s);
+    }
+    if !chunk.is_empty() {
+        out.push(Services {
+            reset: false,
+            upsert: chunk,
+            remove: Vec::new(),
+        });
+    }
+    out.extend(remove.chunks(MAX_SERVICES).map(|c| Services {
+        reset: false,
+        upsert: Vec::new(),
+        remove: c.to_vec(),
+    }));
+    if reset {
+        match out.first_mut() {
+            Some(first) => first.reset = true,
+            None => out.push(Services {
+                reset: true,
+                upsert: Vec::new(),
+                remove: Vec::new(),
+            }),
+        }
+    }
+    out.into_iter().map(Message::Services).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use corral_proto::service::{PortSpec, MAX_SERVICE_BACKENDS, MAX_SERVICE_PORTS};
+    use corral_proto::{AppId, TenantId};
+
+    fn service(n: u32, backends: usize) -> Service {
+        Service {
+            vip: Ipv4Addr::from(0x0a60_0000 + n),
+            tenant: TenantId::new("t".repeat(60)).unwrap(),
+            app: AppId::new(format!("app-{n}")).unwrap(),
+            ports: (1..=MAX_SERVICE_PORTS as u16)
+                .map(|p| PortSpec {
+                    published: Some(30000 + p),
+                    ..PortSpec::tcp(60000 + p)
+                })
+                .collect(),
+            backends: (0..backends)
+                .map(|b| Ipv4Addr::from(0x0af4_0000 + b as u32))
+                .collect(),
+        }
+    }
+
+    fn services(msgs: &[Message]) -> Vec<&Services> {
+        msgs.iter()
+            .map(|m| match m {
+                Message::Services(s) => s,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_full_set_resets_once_and_every_message_fits_a_frame() {
+        let big: Vec<Service> = (0..2000)
+            .map(|n| service(n, MAX_SERVICE_BACKENDS))
+            .collect();
+        let removed: Vec<Ipv4Addr> = (0..1500).map(|n| Ipv4Addr::from(0x0b00_0000 + n)).collect();
+        let msgs = services_messages(true, big, removed);
+        let s = services(&msgs);
+        assert!(s[0].reset && s[1..].iter().all(|m| !m.reset));
+        assert_eq!(s.iter().map(|m| m.upsert.len()).sum::<usize>(), 2000);
+        assert_eq!(s.iter().map(|m| m.remove.len()).sum::<usize>(), 1500);
+        for m in &msgs {
+            m.check_limits().unwrap();
+            let bytes = corral_proto::wire::encode(m).unwrap();
+            assert!(
+                bytes.len() < corral_proto::wire::MAX_FRAME_LEN,
+                "{}",
+                bytes.len()
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_to_say_is_one_reset_or_no_message() {
+        let s = services_messages(true, Vec::new(), Vec::new());
+        assert_eq!(
+            services(&s),
+            vec![&Services {
+                reset: true,
+                upsert: vec![],
+                remove: vec![]
+            }]
+        );
+        assert!(services_messages(false, Vec::new(), Vec::new()).is_empty());
+        let one = services_messages(false, vec![service(1, 3)], Vec::new());
+        assert_eq!(one.len(), 1);
+    }
 }

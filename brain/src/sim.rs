@@ -6,19 +6,23 @@
 //! `cargo xtask bench auction`, which holds 1,000 of these on loopback.
 //!
 //! Tests drive what a real cell would experience through a [`SimHandle`]:
-//! crash an instance, report state, disconnect, come back.
+//! crash an instance, report state, disconnect, come back. A cell started
+//! with [`spawn_networked`] also has a subnet: it gives each instance an
+//! address, reports running instances with ports as ready, and keeps the
+//! services the brain tells it ([`SimHandle::services`]).
 
 use corral_link::framed::{MessageReader, MessageWriter};
 use corral_link::tls::{self, Credentials};
+use corral_proto::service::Service;
 use corral_proto::wire::{
-    Ack, AckOutcome, Bid, BidOutcome, Bids, CloseCode, Hello, Message, Refusal, Sender,
-    StateChange, StateDelta, StateSnapshot, Tag, Zone, SUPPORTED_VERSIONS,
+    Ack, AckOutcome, Bid, BidOutcome, Bids, CloseCode, Hello, Ipv4Net, Message, Refusal, Sender,
+    Services, StateChange, StateDelta, StateSnapshot, Tag, Zone, SUPPORTED_VERSIONS,
 };
 use corral_proto::{
     Capacity, CellId, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState, Status,
 };
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
@@ -48,6 +52,56 @@ struct Shared {
     resend: bool,
     starts: u64,
     stops: u64,
+    /// Where instance addresses come from (none: instances have none).
+    subnet: Option<Ipv4Net>,
+    addresses: BTreeMap<InstanceId, Ipv4Addr>,
+    /// The services as the brain's messages left them.
+    services: BTreeMap<Ipv4Addr, Service>,
+    /// The last [`SERVICES_KEPT`] services messages received.
+    services_log: Vec<Services>,
+}
+
+/// Services messages a simulated cell keeps for its test to read.
+const SERVICES_KEPT: usize = 1024;
+
+impl Shared {
+    /// The lowest free address of the subnet from .2 (.1 is a gateway's).
+    fn assign_address(&mut self, id: &InstanceId) {
+        let Some(subnet) = self.subnet else { return };
+        let used: BTreeSet<Ipv4Addr> = self.addresses.values().copied().collect();
+        let base = u32::from(subnet.addr());
+        let size = 1u64 << (32 - u32::from(subnet.prefix()));
+        let free = (2..size.saturating_sub(1))
+            .filter_map(|n| u32::try_from(n).ok())
+            .map(|n| Ipv4Addr::from(base.wrapping_add(n)))
+            .find(|a| !used.contains(a));
+        if let Some(a) = free {
+            self.addresses.insert(id.clone(), a);
+        }
+    }
+
+    fn info(&self, id: &InstanceId, spec: &InstanceSpec, st: &Status) -> InstanceInfo {
+        let mut i = InstanceInfo::new(id, spec, st);
+        i.address = self.addresses.get(id).copied();
+        i.ready = st.state == InstanceState::Running && !spec.ports.is_empty();
+        i
+    }
+
+    fn apply_services(&mut self, s: Services) {
+        if s.reset {
+            self.services.clear();
+        }
+        for v in &s.upsert {
+            self.services.insert(v.vip, v.clone());
+        }
+        for vip in &s.remove {
+            self.services.remove(vip);
+        }
+        if self.services_log.len() == SERVICES_KEPT {
+            self.services_log.remove(0);
+        }
+        self.services_log.push(s);
+    }
 }
 
 /// Commands from the test.
@@ -89,6 +143,21 @@ impl SimHandle {
 
     pub fn connected(&self) -> bool {
         self.lock().connected
+    }
+
+    /// The services the brain has told this cell, by VIP.
+    pub fn services(&self) -> BTreeMap<Ipv4Addr, Service> {
+        self.lock().services.clone()
+    }
+
+    /// The services messages received, oldest first (the last 1,024).
+    pub fn services_messages(&self) -> Vec<Services> {
+        self.lock().services_log.clone()
+    }
+
+    /// Instance addresses (cells started with [`spawn_networked`]).
+    pub fn addresses(&self) -> BTreeMap<InstanceId, Ipv4Addr> {
+        self.lock().addresses.clone()
     }
 
     /// StartWork messages accepted, StopWork messages done.
@@ -152,7 +221,32 @@ pub fn spawn(
     brain: SocketAddr,
     reconnect_after: Duration,
 ) -> SimHandle {
-    let shared = Arc::new(Mutex::new(Shared::default()));
+    start(sim, None, creds, brain, reconnect_after)
+}
+
+/// Like [`spawn`], for a cell with an instance subnet: it announces it in
+/// its hello and gives each instance it starts an address from it.
+pub fn spawn_networked(
+    sim: SimCell,
+    subnet: Ipv4Net,
+    creds: Credentials,
+    brain: SocketAddr,
+    reconnect_after: Duration,
+) -> SimHandle {
+    start(sim, Some(subnet), creds, brain, reconnect_after)
+}
+
+fn start(
+    sim: SimCell,
+    subnet: Option<Ipv4Net>,
+    creds: Credentials,
+    brain: SocketAddr,
+    reconnect_after: Duration,
+) -> SimHandle {
+    let shared = Arc::new(Mutex::new(Shared {
+        subnet,
+        ..Shared::default()
+    }));
     let wake = Arc::new(Notify::new());
     let (tx, rx) = mpsc::unbounded_channel();
     let task = tokio::spawn(run(
@@ -177,10 +271,6 @@ fn available(sim: &SimCell, s: &Shared) -> Capacity {
         sim.total,
         s.instances.values().map(|(spec, st)| (spec, st.state)),
     )
-}
-
-fn info(id: &InstanceId, spec: &InstanceSpec, st: &Status) -> InstanceInfo {
-    InstanceInfo::new(id, spec, st)
 }
 
 async fn run(
@@ -219,7 +309,10 @@ async fn session(
     let mut w = MessageWriter::new(send);
     let mut r = MessageReader::new(recv, Sender::Brain);
     let lock = || shared.lock().unwrap_or_else(|e| e.into_inner());
-    let avail = available(sim, &lock());
+    let (avail, subnet) = {
+        let s = lock();
+        (available(sim, &s), s.subnet)
+    };
     w.send(&Message::Hello(Hello {
         versions: SUPPORTED_VERSIONS,
         cell: sim.id.clone(),
@@ -227,8 +320,12 @@ async fn session(
         tags: sim.tags.clone(),
         total: sim.total,
         available: avail,
-        subnet: None,
-        addresses: vec![],
+        subnet,
+        addresses: if subnet.is_some() {
+            vec![std::net::IpAddr::V4(Ipv4Addr::LOCALHOST)]
+        } else {
+            vec![]
+        },
     }))
     .await?;
     match r.next().await? {
@@ -249,7 +346,7 @@ async fn session(
             instances: s
                 .instances
                 .iter()
-                .map(|(id, (spec, st))| info(id, spec, st))
+                .map(|(id, (spec, st))| s.info(id, spec, st))
                 .collect(),
         })
     };
@@ -304,6 +401,7 @@ async fn session(
                             Some(_) => AckOutcome::Refused(Refusal::Duplicate { id: work.id.clone() }),
                             None => {
                                 s.instances.insert(work.id.clone(), (work.spec.clone(), Status::new()));
+                                s.assign_address(&work.id);
                                 s.changed.insert(work.id.clone());
                                 s.starts += 1;
                                 let _ = starting_tx.send(work.id.clone());
@@ -318,6 +416,7 @@ async fn session(
                         {
                             let mut s = lock();
                             if s.instances.remove(&stop.id).is_some() {
+                                s.addresses.remove(&stop.id);
                                 s.changed.remove(&stop.id);
                                 s.removed.insert(stop.id.clone());
                                 s.stops += 1;
@@ -327,6 +426,7 @@ async fn session(
                         wake.notify_one();
                     }
                     Message::Ping { seq } => w.send(&Message::Pong { seq }).await?,
+                    Message::Services(services) => lock().apply_services(services),
                     _ => {}
                 }
             }
@@ -357,7 +457,7 @@ async fn session(
                 let mut changes: Vec<StateChange> = s.removed.iter().map(|id| StateChange::Removed { id: id.clone() }).collect();
                 for id in std::mem::take(&mut s.changed) {
                     if let Some((spec, st)) = s.instances.get(&id) {
-                        changes.push(StateChange::Upsert { instance: info(&id, spec, st) });
+                        changes.push(StateChange::Upsert { instance: s.info(&id, spec, st) });
                     }
                 }
                 s.removed.clear();

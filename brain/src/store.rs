@@ -10,12 +10,15 @@
 //! `Expect::Revision`. That is also the shape an etcd implementation needs
 //! (one `Txn` with compares), which is why the trait is built around it.
 
+use crate::claims::{claims_of, lowest_free_vip, Claim, ClaimRecord};
 use crate::desired::{App, AppKey, CrashKey, CrashRecord, Placement, StoredPolicy, Task, TaskId};
 use corral_proto::policy::PolicyRule;
+use corral_proto::wire::Ipv4Net;
 use corral_proto::{InstanceId, TenantId, Timestamp};
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// The store file format this code writes; a newer file is refused.
@@ -72,6 +75,15 @@ pub enum Op {
     },
     DeletePolicy {
         rule: PolicyRule,
+        expect: Expect,
+    },
+    /// A VIP or published port held by one app (see [`crate::claims`]).
+    PutClaim {
+        record: ClaimRecord,
+        expect: Expect,
+    },
+    DeleteClaim {
+        claim: Claim,
         expect: Expect,
     },
 }
@@ -133,6 +145,10 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("{claim} is held by app {holder}: choose another")]
+    Claimed { claim: Claim, holder: AppKey },
+    #[error("no free address left in vip_range {range}: widen [network] vip_range or delete an app that has one")]
+    VipsExhausted { range: Ipv4Net },
     #[error("cannot encode {kind} {key}: {source}")]
     Encode {
         kind: &'static str,
@@ -144,6 +160,10 @@ pub enum StoreError {
 
 /// How often the provided read-modify-write helpers retry a conflict.
 const RETRIES: usize = 5;
+/// How often a write that takes claims chooses again after losing one to
+/// a concurrent write: each loss means another write won, so this bounds
+/// the concurrent writers it can lose to, not the time.
+const CLAIM_RETRIES: usize = 64;
 
 /// Durable desired state. Writes go through [`Store::commit`]; the provided
 /// methods are conveniences over it and the reads.
@@ -166,41 +186,90 @@ pub trait Store: Send + Sync {
     fn crashes(&self) -> Result<Vec<CrashRecord>, StoreError>;
     /// Every cross-tenant policy, ordered by key.
     fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError>;
+    /// Every VIP and published port held, with the app that holds it.
+    fn claims(&self) -> Result<Vec<ClaimRecord>, StoreError>;
     /// Everything, consistently as of one revision.
     fn snapshot(&self) -> Result<Snapshot, StoreError>;
 
-    /// Creates an app that must not exist yet; returns it as stored.
-    fn create_app(&self, mut app: App) -> Result<App, StoreError> {
-        let rev = self.commit(vec![Op::PutApp {
-            app: app.clone(),
-            expect: Expect::Absent,
-        }])?;
-        app.revision = rev;
-        Ok(app)
+    /// Creates an app that must not exist yet; returns it as stored. In
+    /// the same commit it takes what it holds cluster-wide: its published
+    /// ports and, if it has ports and `vips` is given, the lowest free VIP
+    /// of that range. A published port another app holds is refused
+    /// ([`StoreError::Claimed`]), a full range too
+    /// ([`StoreError::VipsExhausted`]); either way nothing is written.
+    fn create_app(&self, app: App, vips: Option<Ipv4Net>) -> Result<App, StoreError> {
+        claiming(|| {
+            let mut app = app.clone();
+            let mut ops = claim_ops(self, None, &mut app, vips)?;
+            ops.insert(
+                0,
+                Op::PutApp {
+                    app: app.clone(),
+                    expect: Expect::Absent,
+                },
+            );
+            app.revision = self.commit(ops)?;
+            Ok(app)
+        })
     }
 
     /// Replaces an app last written at `expected`; returns it as stored.
-    fn replace_app(&self, mut app: App, expected: u64) -> Result<App, StoreError> {
-        let rev = self.commit(vec![Op::PutApp {
-            app: app.clone(),
-            expect: Expect::Revision(expected),
-        }])?;
-        app.revision = rev;
-        Ok(app)
+    /// Claims follow the new ports as in [`create_app`](Self::create_app):
+    /// an app that gains ports gets a VIP, one that stops publishing a
+    /// port releases it. The VIP is kept while the app lives.
+    fn replace_app(
+        &self,
+        app: App,
+        expected: u64,
+        vips: Option<Ipv4Net>,
+    ) -> Result<App, StoreError> {
+        claiming(|| {
+            let key = app.key();
+            let old = self.app(&key)?.ok_or_else(|| StoreError::NotFound {
+                kind: "app",
+                key: key.to_string(),
+            })?;
+            if old.revision != expected {
+                return Err(StoreError::Conflict {
+                    kind: "app",
+                    key: key.to_string(),
+                    expected,
+                    found: old.revision,
+                });
+            }
+            let mut app = app.clone();
+            // The VIP belongs to the app, not to the patch.
+            app.vip = old.vip;
+            let mut ops = claim_ops(self, Some(&old), &mut app, vips)?;
+            ops.insert(
+                0,
+                Op::PutApp {
+                    app: app.clone(),
+                    expect: Expect::Revision(expected),
+                },
+            );
+            app.revision = self.commit(ops)?;
+            Ok(app)
+        })
     }
 
-    /// Deletes an app (and its crash records); returns what was deleted and
-    /// the revision of the deletion.
+    /// Deletes an app (and its crash records and claims); returns what
+    /// was deleted and the revision of the deletion.
     fn delete_app(&self, key: &AppKey) -> Result<(App, u64), StoreError> {
         retry(|| {
             let app = self.app(key)?.ok_or_else(|| StoreError::NotFound {
                 kind: "app",
                 key: key.to_string(),
             })?;
-            let rev = self.commit(vec![Op::DeleteApp {
+            let mut ops = vec![Op::DeleteApp {
                 key: key.clone(),
                 expect: Expect::Revision(app.revision),
-            }])?;
+            }];
+            ops.extend(claims_of(&app).into_iter().map(|claim| Op::DeleteClaim {
+                claim,
+                expect: Expect::Any,
+            }));
+            let rev = self.commit(ops)?;
             Ok((app, rev))
         })
     }
@@ -273,6 +342,84 @@ pub trait Store: Send + Sync {
     }
 }
 
+/// The claim writes that take `app` from holding what `old` held to what
+/// it needs now, giving it a VIP first if it has ports and none yet.
+/// Checked against the claims as read: a claim another app holds is
+/// refused here; one taken between this read and the commit fails the
+/// commit (`Exists`), and [`claiming`] reads again.
+fn claim_ops<S: Store + ?Sized>(
+    store: &S,
+    old: Option<&App>,
+    app: &mut App,
+    vips: Option<Ipv4Net>,
+) -> Result<Vec<Op>, StoreError> {
+    let held: BTreeMap<Claim, AppKey> = store
+        .claims()?
+        .into_iter()
+        .map(|r| (r.claim, r.app))
+        .collect();
+    let key = app.key();
+    if let (None, false, Some(range)) = (app.vip, app.ports.is_empty(), vips) {
+        let used: BTreeSet<_> = held
+            .keys()
+            .filter_map(|c| match c {
+                Claim::Vip { vip } => Some(*vip),
+                Claim::Published { .. } => None,
+            })
+            .collect();
+        app.vip = Some(lowest_free_vip(range, &used).ok_or(StoreError::VipsExhausted { range })?);
+    }
+    let want = claims_of(app);
+    let had = old.map(claims_of).unwrap_or_default();
+    let mut ops = Vec::new();
+    for claim in &want {
+        match held.get(claim) {
+            Some(holder) if *holder == key => {}
+            Some(holder) => {
+                return Err(StoreError::Claimed {
+                    claim: *claim,
+                    holder: holder.clone(),
+                })
+            }
+            None => ops.push(Op::PutClaim {
+                record: ClaimRecord {
+                    claim: *claim,
+                    app: key.clone(),
+                    revision: 0,
+                },
+                expect: Expect::Absent,
+            }),
+        }
+    }
+    for claim in had.difference(&want) {
+        if held.get(claim) == Some(&key) {
+            ops.push(Op::DeleteClaim {
+                claim: *claim,
+                expect: Expect::Any,
+            });
+        }
+    }
+    Ok(ops)
+}
+
+/// Runs a write that takes claims until it does not lose a race for one:
+/// a claim created since it was read (`Exists` on a claim) means "read
+/// again and choose again". Any other error, an app that exists included,
+/// is final.
+fn claiming<T>(mut f: impl FnMut() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(StoreError::Exists { kind, .. })
+                if kind == ClaimRecord::KIND && tries < CLAIM_RETRIES =>
+            {
+                tries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// Runs a read-modify-write until it does not lose a race: a `Conflict`
 /// (the record changed since it was read) or an `Exists` (it was created
 /// since it was read as absent) means "read again".
@@ -297,6 +444,7 @@ const TASKS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("tasks");
 const PLACEMENTS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("placements");
 const CRASHES: TableDefinition<'_, &str, Bytes> = TableDefinition::new("crashes");
 const POLICIES: TableDefinition<'_, &str, Bytes> = TableDefinition::new("policies");
+const CLAIMS: TableDefinition<'_, &str, Bytes> = TableDefinition::new("claims");
 const REVISION: &str = "revision";
 const SCHEMA: &str = "schema";
 
@@ -379,6 +527,20 @@ impl Record for StoredPolicy {
     }
 }
 
+impl Record for ClaimRecord {
+    const KIND: &'static str = "claim";
+    const TABLE: TableDefinition<'static, &'static str, Bytes> = CLAIMS;
+    fn key(&self) -> String {
+        self.claim.key()
+    }
+    fn revision(&self) -> u64 {
+        self.revision
+    }
+    fn set_revision(&mut self, rev: u64) {
+        self.revision = rev;
+    }
+}
+
 fn policy_key(r: &PolicyRule) -> String {
     // "*" cannot be an app id, so "every app" never collides with one.
     let app = r.app.as_ref().map_or("*", |a| a.as_str());
@@ -448,6 +610,7 @@ struct Tables<'t> {
     placements: redb::Table<'t, &'static str, Bytes>,
     crashes: redb::Table<'t, &'static str, Bytes>,
     policies: redb::Table<'t, &'static str, Bytes>,
+    claims: redb::Table<'t, &'static str, Bytes>,
 }
 
 fn current<R: Record>(
@@ -515,6 +678,10 @@ impl Tables<'_> {
             Op::PutPolicy { policy, expect } => put(&mut self.policies, policy, expect, rev),
             Op::DeletePolicy { rule, expect } => {
                 delete::<StoredPolicy>(&mut self.policies, &policy_key(&rule), expect)
+            }
+            Op::PutClaim { record, expect } => put(&mut self.claims, record, expect, rev),
+            Op::DeleteClaim { claim, expect } => {
+                delete::<ClaimRecord>(&mut self.claims, &claim.key(), expect)
             }
         }
     }
@@ -626,8 +793,8 @@ impl RedbStore {
                 }
             }
             // Opening in a write transaction creates a table missing from a
-            // file written by an older brain (policies came later).
-            for t in [APPS, TASKS, PLACEMENTS, CRASHES, POLICIES] {
+            // file written by an older brain (policies and claims came later).
+            for t in [APPS, TASKS, PLACEMENTS, CRASHES, POLICIES, CLAIMS] {
                 txn.open_table(t).map_err(backend("opening"))?;
             }
         }
@@ -712,6 +879,7 @@ impl RedbStore {
                 placements: txn.open_table(PLACEMENTS).map_err(backend("writing"))?,
                 crashes: txn.open_table(CRASHES).map_err(backend("writing"))?,
                 policies: txn.open_table(POLICIES).map_err(backend("writing"))?,
+                claims: txn.open_table(CLAIMS).map_err(backend("writing"))?,
             };
             let mut revs = Vec::with_capacity(commits.len());
             for ops in commits {
@@ -819,6 +987,10 @@ impl Store for RedbStore {
     }
 
     fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        self.read(|t| scan(t, None))
+    }
+
+    fn claims(&self) -> Result<Vec<ClaimRecord>, StoreError> {
         self.read(|t| scan(t, None))
     }
 

@@ -89,12 +89,17 @@ struct Server {
 }
 
 async fn start(path: &Path) -> Server {
+    start_with(path, None).await
+}
+
+async fn start_with(path: &Path, vip_range: Option<&str>) -> Server {
     let store = Arc::new(RedbStore::open(path).unwrap());
     let view = Arc::new(SharedView::new(actual()));
     let state = Arc::new(
         ApiState::new(store.clone(), view, tokens())
             .unwrap()
-            .with_clock(|| NOW),
+            .with_clock(|| NOW)
+            .with_vip_range(vip_range.map(|r| r.parse().unwrap())),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -1166,4 +1171,113 @@ async fn policies_are_granted_by_the_tenant_they_open_and_checked() {
         .expect(404);
     let v = srv.get("/v1/policies", ADMIN).await.expect(200);
     assert!(v["policies"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn apps_show_their_vip_and_ports_and_published_ports_are_cluster_wide() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_with(&dir.path().join("s.redb"), Some("10.96.0.0/30")).await;
+    let body = |name: &str, ports: Value| {
+        json!({"name": name, "rootfs": "/r", "command": ["x"],
+               "resources": {"memory_mb": 8}, "ports": ports})
+    };
+    // A tenant token creates an app with ports: it gets the first VIP.
+    let web = srv
+        .send(
+            "POST",
+            "/v1/apps",
+            ACME,
+            body(
+                "web",
+                json!([8080, {"port": 53, "protocol": "udp"},
+                               {"port": 80, "published": 30080}]),
+            ),
+        )
+        .await
+        .expect(201);
+    assert_eq!(web["vip"], "10.96.0.1");
+    assert_eq!(
+        web["ports"],
+        json!([{"port": 8080, "protocol": "tcp", "published": null},
+               {"port": 53, "protocol": "udp", "published": null},
+               {"port": 80, "protocol": "tcp", "published": 30080}])
+    );
+    for (path, token) in [("/v1/apps/web", ACME), ("/v1/apps/web?tenant=acme", ADMIN)] {
+        let got = srv.get(path, token).await.expect(200);
+        assert_eq!((&got["vip"], &got["ports"]), (&web["vip"], &web["ports"]));
+    }
+    let list = srv.get("/v1/apps", ACME).await.expect(200);
+    assert_eq!(list["apps"][0]["vip"], "10.96.0.1");
+    // No ports, no VIP.
+    let quiet = srv
+        .send("POST", "/v1/apps", ACME, body("quiet", json!([])))
+        .await
+        .expect(201);
+    assert_eq!(quiet["vip"], Value::Null);
+
+    // Another tenant may not publish the same port: 409, without naming
+    // the other tenant's app; the admin is told which app holds it.
+    let taken = body("web", json!([{"port": 80, "published": 30080}]));
+    let e = srv
+        .send("POST", "/v1/apps", BETA, taken.clone())
+        .await
+        .expect(409);
+    assert_eq!(
+        e["error"],
+        "published port 30080/tcp is held by another tenant's app: choose another"
+    );
+    let mut as_admin = taken.clone();
+    as_admin["tenant"] = "beta".into();
+    let e = srv
+        .send("POST", "/v1/apps", ADMIN, as_admin)
+        .await
+        .expect(409);
+    assert_eq!(
+        e["error"],
+        "published port 30080/tcp is held by app acme/web: choose another"
+    );
+    let e = srv
+        .send(
+            "PATCH",
+            "/v1/apps/quiet",
+            ACME,
+            json!({"ports": [{"port": 1, "published": 30080}]}),
+        )
+        .await
+        .expect(409);
+    assert!(e["error"].as_str().unwrap().contains("acme/web"), "{e}");
+    // Bad ports: every problem, nothing created.
+    let e = srv
+        .send("POST", "/v1/apps", BETA, body("bad", json!([0, 80, 80])))
+        .await
+        .expect(400);
+    assert_eq!(e["details"].as_array().unwrap().len(), 2, "{e}");
+
+    // The range has two addresses: the third app with ports is refused.
+    srv.send("POST", "/v1/apps", BETA, body("web", json!([8080])))
+        .await
+        .expect(201);
+    let before = srv.snapshot();
+    let e = srv
+        .send("POST", "/v1/apps", BETA, body("more", json!([8080])))
+        .await
+        .expect(507);
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("vip_range 10.96.0.0/30"),
+        "{e}"
+    );
+    assert_eq!(srv.snapshot(), before, "nothing was created");
+    // Deleting an app frees its VIP for the next.
+    srv.call("DELETE", "/v1/apps/web", Some(ACME), None)
+        .await
+        .expect(200);
+    let more = srv
+        .send("POST", "/v1/apps", BETA, body("more", json!([8080])))
+        .await
+        .expect(201);
+    assert_eq!(more["vip"], "10.96.0.1");
+    srv.shutdown().await;
 }

@@ -34,6 +34,10 @@ struct Brain {
 
 impl Brain {
     async fn start(dir: &Path, quic: Option<SocketAddr>) -> Brain {
+        Self::start_with(dir, quic, None).await
+    }
+
+    async fn start_with(dir: &Path, quic: Option<SocketAddr>, vip_range: Option<&str>) -> Brain {
         let config = Config {
             brain_id: BrainId::new("b1").unwrap(),
             data_dir: dir.join("data"),
@@ -50,7 +54,7 @@ impl Brain {
             )
             .unwrap(),
             cell_lost_grace_secs: GRACE_SECS,
-            vip_range: None,
+            vip_range: vip_range.map(|r| r.parse().unwrap()),
         };
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -111,22 +115,34 @@ fn make_certs(dir: &Path, cells: &[&str]) -> PathBuf {
 fn cell(certs: &Path, id: &str, zone: &str, brain: SocketAddr, reconnect: Duration) -> SimHandle {
     let who = PeerIdentity::Cell(CellId::new(id).unwrap());
     let creds = Credentials::from_dir(certs, &who).unwrap();
-    sim::spawn(
-        SimCell {
-            id: CellId::new(id).unwrap(),
-            zone: Zone::new(zone).unwrap(),
-            tags: Default::default(),
-            total: Capacity {
-                memory_mb: 4096,
-                disk_mb: 16_384,
-                containers: 50,
-            },
-            start_delay: Duration::from_millis(50),
-        },
+    sim::spawn(sim_cell(id, zone), creds, brain, reconnect)
+}
+
+/// A simulated cell with an instance subnet: its instances have addresses.
+fn networked_cell(certs: &Path, id: &str, subnet: &str, brain: SocketAddr) -> SimHandle {
+    let who = PeerIdentity::Cell(CellId::new(id).unwrap());
+    let creds = Credentials::from_dir(certs, &who).unwrap();
+    sim::spawn_networked(
+        sim_cell(id, "z1"),
+        subnet.parse().unwrap(),
         creds,
         brain,
-        reconnect,
+        Duration::from_millis(200),
     )
+}
+
+fn sim_cell(id: &str, zone: &str) -> SimCell {
+    SimCell {
+        id: CellId::new(id).unwrap(),
+        zone: Zone::new(zone).unwrap(),
+        tags: Default::default(),
+        total: Capacity {
+            memory_mb: 4096,
+            disk_mb: 16_384,
+            containers: 50,
+        },
+        start_delay: Duration::from_millis(50),
+    }
 }
 
 /// One HTTP/1.1 request; returns the status and the JSON body.
@@ -418,4 +434,75 @@ async fn metrics(api: SocketAddr) -> String {
     let mut buf = String::new();
     s.read_to_string(&mut buf).await.unwrap();
     buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cell_learns_each_apps_service_whole_on_connect_then_by_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path(), &["c1", "c2", "c3"]);
+    let brain = Brain::start_with(dir.path(), None, Some("10.96.0.0/24")).await;
+    let c1 = networked_cell(&certs, "c1", "10.244.1.0/24", brain.quic);
+    let c2 = networked_cell(&certs, "c2", "10.244.2.0/24", brain.quic);
+    wait_for("two cells", || c1.connected() && c2.connected()).await;
+    let (status, app) = call(
+        brain.api,
+        "POST",
+        "/v1/apps",
+        Some(json!({
+            "tenant": "acme", "name": "web", "instances": 2, "rootfs": "/rootfs",
+            "command": ["/bin/sleep", "1000"], "resources": {"memory_mb": 64},
+            "ports": [8080, {"port": 53, "protocol": "udp"}],
+        })),
+    )
+    .await;
+    assert_eq!(status, 201, "{app}");
+    assert_eq!(app["vip"], "10.96.0.1");
+    let vip: std::net::Ipv4Addr = "10.96.0.1".parse().unwrap();
+    let backends = |c: &SimHandle| c.services().get(&vip).map_or(0, |s| s.backends.len());
+    wait_for("two backends on both cells", || {
+        backends(&c1) == 2 && backends(&c2) == 2
+    })
+    .await;
+    let told = c1.services()[&vip].clone();
+    assert_eq!((told.tenant.as_str(), told.app.as_str()), ("acme", "web"));
+    assert_eq!(told.ports.len(), 2);
+    let mut addresses: Vec<_> = c1.addresses().into_values().collect();
+    addresses.extend(c2.addresses().into_values());
+    addresses.sort();
+    assert_eq!(told.backends, addresses, "the instances' own addresses");
+    for c in [&c1, &c2] {
+        let first = &c.services_messages()[0];
+        assert!(first.reset, "a connection starts with the whole set");
+    }
+
+    // Scaling up: an upsert of the whole service, not a new reset.
+    scale(brain.api, "web", 4).await;
+    wait_for("four backends", || backends(&c1) == 4 && backends(&c2) == 4).await;
+    let msgs = c1.services_messages();
+    let last = msgs.last().unwrap();
+    assert!(!last.reset && last.remove.is_empty(), "{last:?}");
+    assert_eq!(last.upsert[0].backends.len(), 4);
+    assert!(msgs[1..].iter().all(|m| !m.reset), "{msgs:?}");
+    let m = metrics(brain.api).await;
+    assert!(m.contains("corral_brain_services 1"), "{m}");
+    assert!(m.contains("corral_brain_service_backends 4"), "{m}");
+    assert!(m.contains("corral_brain_vips_free 253"), "{m}");
+
+    // A cell that connects later gets the whole set at once.
+    let c3 = networked_cell(&certs, "c3", "10.244.3.0/24", brain.quic);
+    wait_for("c3 to learn the service", || backends(&c3) == 4).await;
+    let first = &c3.services_messages()[0];
+    assert!(first.reset && first.upsert.len() == 1, "{first:?}");
+
+    // Deleting the app removes its service everywhere.
+    let (status, _) = call(brain.api, "DELETE", "/v1/apps/web?tenant=acme", None).await;
+    assert_eq!(status, 200);
+    wait_for("the service to be removed", || {
+        [&c1, &c2, &c3].iter().all(|c| c.services().is_empty())
+    })
+    .await;
+    let last = c2.services_messages().last().cloned().unwrap();
+    assert_eq!(last.remove, vec![vip], "{last:?}");
+    c3.kill();
+    brain.stop().await;
 }

@@ -71,9 +71,9 @@ fn key(t: &str, name: &str) -> AppKey {
 }
 
 fn fill(s: &dyn Store) {
-    s.create_app(app("acme", "web")).unwrap();
-    s.create_app(app("acme", "worker")).unwrap();
-    s.create_app(app("beta", "web")).unwrap();
+    s.create_app(app("acme", "web"), None).unwrap();
+    s.create_app(app("acme", "worker"), None).unwrap();
+    s.create_app(app("beta", "web"), None).unwrap();
     let mut t = s.create_task(task("acme", 1)).unwrap();
     let expected = t.revision;
     t.transition(
@@ -124,7 +124,7 @@ fn everything_survives_close_and_reopen() {
     assert_eq!(after, before);
     assert_eq!(s.app(&key("acme", "web")).unwrap().unwrap(), before.apps[0]);
     // The revision goes on from where it was.
-    let next = s.create_app(app("acme", "new")).unwrap();
+    let next = s.create_app(app("acme", "new"), None).unwrap();
     assert_eq!(next.revision, 10);
 }
 
@@ -132,17 +132,17 @@ fn everything_survives_close_and_reopen() {
 fn records_carry_the_revision_of_their_last_write() {
     let dir = tempfile::tempdir().unwrap();
     let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
-    let a = s.create_app(app("acme", "web")).unwrap();
+    let a = s.create_app(app("acme", "web"), None).unwrap();
     assert_eq!(a.revision, 1);
     assert_eq!(s.app(&a.key()).unwrap().unwrap().revision, 1);
     let mut b = a.clone();
     b.instances = 5;
-    let b = s.replace_app(b, a.revision).unwrap();
+    let b = s.replace_app(b, a.revision, None).unwrap();
     assert_eq!((b.revision, b.instances), (2, 5));
     // A write against the old revision loses, and changes nothing.
     let mut stale = a.clone();
     stale.instances = 9;
-    let e = s.replace_app(stale, a.revision).unwrap_err();
+    let e = s.replace_app(stale, a.revision, None).unwrap_err();
     assert!(
         matches!(
             e,
@@ -157,12 +157,12 @@ fn records_carry_the_revision_of_their_last_write() {
     assert_eq!(s.app(&a.key()).unwrap().unwrap(), b);
     assert_eq!(s.revision().unwrap(), 2);
     // Creating twice is refused; so is replacing what does not exist.
-    let e = s.create_app(app("acme", "web")).unwrap_err();
+    let e = s.create_app(app("acme", "web"), None).unwrap_err();
     assert_eq!(e.to_string(), "app acme/web already exists");
-    let e = s.replace_app(app("acme", "ghost"), 1).unwrap_err();
+    let e = s.replace_app(app("acme", "ghost"), 1, None).unwrap_err();
     assert_eq!(e.to_string(), "no app acme/ghost");
     // The same name in another tenant is another app.
-    s.create_app(app("beta", "web")).unwrap();
+    s.create_app(app("beta", "web"), None).unwrap();
     assert_eq!(s.apps(Some(&tenant("acme"))).unwrap().len(), 1);
     assert_eq!(s.apps(None).unwrap().len(), 2);
 }
@@ -241,7 +241,7 @@ fn deleting_an_app_removes_its_crash_records_in_the_same_commit() {
     let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
     fill(&s);
     // A crash record of another app whose name starts the same stays.
-    s.create_app(app("acme", "web-2")).unwrap();
+    s.create_app(app("acme", "web-2"), None).unwrap();
     s.record_crash(&crash_key("acme", "web-2", 0), Timestamp(1), "x")
         .unwrap();
     s.record_crash(&crash_key("beta", "web", 0), Timestamp(1), "x")
@@ -424,7 +424,7 @@ fn concurrent_commits_each_get_their_own_revision_and_a_failure_is_its_own() {
     // cannot be done fails alone.
     let dir = tempfile::tempdir().unwrap();
     let s = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
-    s.create_app(app("acme", "taken")).unwrap();
+    s.create_app(app("acme", "taken"), None).unwrap();
     let start = s.revision().unwrap();
     let threads: Vec<_> = (0..8)
         .map(|t| {
@@ -437,7 +437,7 @@ fn concurrent_commits_each_get_their_own_revision_and_a_failure_is_its_own() {
                     } else {
                         format!("app-{t}-{i}")
                     };
-                    out.push((name.clone(), s.create_app(app("acme", &name))));
+                    out.push((name.clone(), s.create_app(app("acme", &name), None)));
                 }
                 out
             })
@@ -464,4 +464,132 @@ fn concurrent_commits_each_get_their_own_revision_and_a_failure_is_its_own() {
     assert_eq!(revisions.len(), 8 * 25 - 1, "revisions are distinct");
     assert_eq!(s.revision().unwrap(), start + 8 * 25 - 1);
     assert_eq!(*revisions.last().unwrap(), start + 8 * 25 - 1);
+}
+
+fn with_ports(t: &str, name: &str, ports: serde_json::Value) -> App {
+    let mut a = app(t, name);
+    a.ports = serde_json::from_value(ports).unwrap();
+    a
+}
+
+fn vips(s: &str) -> Option<corral_proto::wire::Ipv4Net> {
+    Some(s.parse().unwrap())
+}
+
+#[test]
+fn apps_with_ports_get_the_lowest_free_vip_released_on_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
+    let range = vips("10.96.0.0/30"); // two usable addresses: .1 and .2
+    let a = s.create_app(app("acme", "a"), range).unwrap();
+    let b = s.create_app(app("beta", "b"), range).unwrap();
+    assert_eq!(a.vip, Some("10.96.0.1".parse().unwrap()));
+    assert_eq!(b.vip, Some("10.96.0.2".parse().unwrap()));
+    assert_eq!(
+        s.app(&key("acme", "a")).unwrap().unwrap().vip,
+        a.vip,
+        "stored"
+    );
+
+    // No ports, no VIP; without a range, no VIP either.
+    let quiet = s.create_app(with_ports("acme", "quiet", serde_json::json!([])), range);
+    assert_eq!(quiet.unwrap().vip, None);
+    let dir2 = tempfile::tempdir().unwrap();
+    let plain = RedbStore::open(&dir2.path().join("s.redb")).unwrap();
+    assert_eq!(plain.create_app(app("acme", "a"), None).unwrap().vip, None);
+
+    // The range is full: refused, naming the range, and nothing is written.
+    let before = s.snapshot().unwrap();
+    let e = s.create_app(app("acme", "c"), range).unwrap_err();
+    assert!(matches!(e, StoreError::VipsExhausted { .. }), "{e}");
+    assert!(e.to_string().contains("vip_range 10.96.0.0/30"), "{e}");
+    assert_eq!(s.snapshot().unwrap(), before);
+    assert_eq!(s.claims().unwrap().len(), 2);
+    // A patch that gives ports to an app without a VIP: refused the same way.
+    let quiet = s.app(&key("acme", "quiet")).unwrap().unwrap();
+    let mut patched = quiet.clone();
+    patched.ports = vec![corral_proto::service::PortSpec::tcp(80)];
+    let e = s
+        .replace_app(patched.clone(), quiet.revision, range)
+        .unwrap_err();
+    assert!(matches!(e, StoreError::VipsExhausted { .. }), "{e}");
+    assert_eq!(s.snapshot().unwrap(), before);
+
+    // A deleted app's VIP is free again, and the lowest free is taken.
+    s.delete_app(&key("acme", "a")).unwrap();
+    assert_eq!(s.claims().unwrap().len(), 1);
+    let patched = s.replace_app(patched, quiet.revision, range).unwrap();
+    assert_eq!(patched.vip, Some("10.96.0.1".parse().unwrap()));
+    // Kept for the app's life: a patch that removes its ports keeps it.
+    let mut no_ports = patched.clone();
+    no_ports.ports.clear();
+    let kept = s.replace_app(no_ports, patched.revision, range).unwrap();
+    assert_eq!(kept.vip, patched.vip);
+    let e = s.create_app(app("acme", "c"), range).unwrap_err();
+    assert!(matches!(e, StoreError::VipsExhausted { .. }), "{e}");
+}
+
+#[test]
+fn a_published_port_is_held_by_one_app_per_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
+    let web = serde_json::json!([{"port": 80, "published": 30080}]);
+    let a = s
+        .create_app(with_ports("acme", "web", web.clone()), None)
+        .unwrap();
+    let e = s
+        .create_app(with_ports("beta", "web", web.clone()), None)
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "published port 30080/tcp is held by app acme/web: choose another"
+    );
+    assert!(s.app(&key("beta", "web")).unwrap().is_none());
+    // The same number over UDP is another port.
+    let udp = serde_json::json!([{"port": 53, "protocol": "udp", "published": 30080}]);
+    s.create_app(with_ports("beta", "dns", udp), None).unwrap();
+    // A patch that stops publishing releases it; deleting releases the rest.
+    let mut moved = a.clone();
+    moved.ports =
+        serde_json::from_value(serde_json::json!([{"port": 80, "published": 30081}])).unwrap();
+    let moved = s.replace_app(moved, a.revision, None).unwrap();
+    let b = s.create_app(with_ports("beta", "web", web), None).unwrap();
+    assert_eq!(b.ports[0].published, Some(30080));
+    let mut steal = moved.clone();
+    steal.ports = b.ports.clone();
+    let e = s.replace_app(steal, moved.revision, None).unwrap_err();
+    assert!(matches!(e, StoreError::Claimed { .. }), "{e}");
+    s.delete_app(&key("acme", "web")).unwrap();
+    s.delete_app(&key("beta", "web")).unwrap();
+    let left: Vec<String> = s.claims().unwrap().iter().map(|c| c.claim.key()).collect();
+    assert_eq!(left, vec!["published/udp/30080"]);
+}
+
+#[test]
+fn concurrent_creates_never_share_a_vip() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+    let range = vips("10.96.0.0/24");
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                (0..10)
+                    .map(|i| s.create_app(app("acme", &format!("app-{t}-{i}")), range))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut got = std::collections::BTreeSet::new();
+    for th in threads {
+        for r in th.join().unwrap() {
+            assert!(got.insert(r.unwrap().vip.unwrap()), "a VIP given twice");
+        }
+    }
+    assert_eq!(got.len(), 80);
+    assert_eq!(
+        got.last().unwrap().to_string(),
+        "10.96.0.80",
+        "the lowest ones"
+    );
 }

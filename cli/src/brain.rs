@@ -4,6 +4,7 @@
 
 use crate::client::Endpoint;
 use crate::sse;
+use corral_proto::service::{PortSpec, Transport};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -116,7 +117,7 @@ pub struct Fields {
     pub disk_mb: Option<u64>,
     pub cpu_weight: Option<u32>,
     pub max_pids: Option<u32>,
-    pub ports: Vec<u16>,
+    pub ports: Vec<PortSpec>,
     pub env: BTreeMap<String, String>,
     pub tags: Vec<String>,
 }
@@ -166,7 +167,7 @@ impl Fields {
             "command": self.command,
             "resources": self.resources(),
             "env": self.env,
-            "ports": self.ports,
+            "ports": ports_json(&self.ports),
             "tags": self.tags,
         });
         if let Some(n) = self.instances {
@@ -199,7 +200,7 @@ impl Fields {
             b.insert("env".into(), json!(self.env));
         }
         if !self.ports.is_empty() {
-            b.insert("ports".into(), json!(self.ports));
+            b.insert("ports".into(), ports_json(&self.ports));
         }
         if !self.tags.is_empty() {
             b.insert("tags".into(), json!(self.tags));
@@ -357,6 +358,65 @@ fn strings(v: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A `--port`: `PORT`, `PORT/udp`, `PORT:PUBLISHED` or
+/// `PORT/tcp:PUBLISHED` (published: the port on every node that reaches
+/// the app from outside the cluster).
+pub fn parse_port(s: &str) -> Result<PortSpec, String> {
+    let bad = || format!("{s:?} is not PORT[/tcp|/udp][:PUBLISHED], e.g. 8080, 53/udp, 80:30080");
+    let (rest, published) = match s.split_once(':') {
+        Some((r, p)) => (r, Some(p.parse::<u16>().map_err(|_| bad())?)),
+        None => (s, None),
+    };
+    let (port, protocol) = match rest.split_once('/') {
+        Some((p, "tcp")) => (p, Transport::Tcp),
+        Some((p, "udp")) => (p, Transport::Udp),
+        Some(_) => return Err(bad()),
+        None => (rest, Transport::Tcp),
+    };
+    Ok(PortSpec {
+        port: port.parse().map_err(|_| bad())?,
+        protocol,
+        published,
+    })
+}
+
+/// Ports as the brain reads them: a bare number where that says it all.
+fn ports_json(ports: &[PortSpec]) -> Value {
+    ports
+        .iter()
+        .map(|p| match (p.protocol, p.published) {
+            (Transport::Tcp, None) => json!(p.port),
+            _ => json!(p),
+        })
+        .collect()
+}
+
+/// A port of an app's JSON (a number or `{"port", "protocol",
+/// "published"}`) as `8080/tcp`, `53/udp`, `80/tcp→30080`.
+fn port_label(v: &Value) -> String {
+    if let Some(n) = v.as_u64() {
+        return format!("{n}/tcp");
+    }
+    let mut s = format!(
+        "{}/{}",
+        text(&v["port"]),
+        v["protocol"].as_str().unwrap_or("tcp")
+    );
+    if let Some(p) = v["published"].as_u64() {
+        let _ = write!(s, "→{p}");
+    }
+    s
+}
+
+fn ports_or_dash(v: &Value) -> String {
+    let s: Vec<String> = rows(v).iter().map(port_label).collect();
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.join(", ")
+    }
+}
+
 fn list_or_dash(v: &Value) -> String {
     let s = strings(v);
     if s.is_empty() {
@@ -393,7 +453,8 @@ pub fn apps_table(apps: &Value) -> String {
                 field(a, "instances"),
                 field(a, "version"),
                 mb(&a["resources"]["memory_mb"]),
-                list_or_dash(&a["ports"]),
+                field(a, "vip"),
+                ports_or_dash(&a["ports"]),
                 field(a, "rootfs"),
                 shell_join(&strings(&a["command"])),
             ]
@@ -406,6 +467,7 @@ pub fn apps_table(apps: &Value) -> String {
             "INSTANCES",
             "VERSION",
             "MEMORY",
+            "VIP",
             "PORTS",
             "ROOTFS",
             "COMMAND",
@@ -444,7 +506,8 @@ pub fn app_details(app: &Value) -> String {
                 field(r, "max_pids")
             ),
         ),
-        ("ports", list_or_dash(&app["ports"])),
+        ("vip", field(app, "vip")),
+        ("ports", ports_or_dash(&app["ports"])),
         ("tags", list_or_dash(&app["tags"])),
         (
             "env",
@@ -771,7 +834,7 @@ mod tests {
             rootfs: Some("busybox".into()),
             command: vec!["sleep".into(), "100".into()],
             memory_mb: Some(64),
-            ports: vec![8080],
+            ports: vec![PortSpec::tcp(8080), parse_port("53/udp:30053").unwrap()],
             tags: vec!["ssd".into()],
             ..Fields::default()
         }
@@ -785,7 +848,8 @@ mod tests {
             json!({
                 "name": "web", "tenant": "acme", "instances": 2, "rootfs": "busybox",
                 "command": ["sleep", "100"], "resources": {"memory_mb": 64},
-                "env": {}, "ports": [8080], "tags": ["ssd"],
+                "env": {}, "ports": [8080, {"port": 53, "protocol": "udp", "published": 30053}],
+                "tags": ["ssd"],
             })
         );
         let missing = Fields::default().new_app("web", None).unwrap_err();
@@ -802,6 +866,25 @@ mod tests {
         let t = fields().new_task(Some("web"), None).unwrap();
         assert_eq!(t["app"], "web");
         assert!(t.get("ports").is_none() && t.get("instances").is_none());
+    }
+
+    #[test]
+    fn ports_parse_and_show_with_protocol_and_published_port() {
+        let p = |s: &str| parse_port(s);
+        assert_eq!(p("8080"), Ok(PortSpec::tcp(8080)));
+        assert_eq!(p("53/udp").unwrap().protocol, Transport::Udp);
+        assert_eq!(p("80:30080").unwrap().published, Some(30080));
+        assert_eq!(p("80/tcp:30080"), p("80:30080"));
+        for bad in ["", "x", "80/sctp", "80:", "70000", "80:x/udp"] {
+            assert!(p(bad).unwrap_err().contains("PORT[/tcp|/udp]"), "{bad}");
+        }
+        let shown = ports_or_dash(&json!([
+            8080,
+            {"port": 53, "protocol": "udp", "published": null},
+            {"port": 80, "protocol": "tcp", "published": 30080},
+        ]));
+        assert_eq!(shown, "8080/tcp, 53/udp, 80/tcp→30080");
+        assert_eq!(ports_or_dash(&json!([])), "-");
     }
 
     #[test]
@@ -872,7 +955,8 @@ mod tests {
             "name": "web", "tenant": "acme", "instances": instances, "version": version,
             "rootfs": "busybox", "command": command, "env": {"A": "1"},
             "resources": {"memory_mb": 64, "disk_mb": 1024, "cpu_weight": 100, "max_pids": 1024},
-            "ports": [8080], "tags": [], "revision": 4,
+            "ports": [{"port": 8080, "protocol": "tcp", "published": null}], "tags": [],
+            "vip": "10.96.0.1", "revision": 4,
             "created_at": "2023-11-14T22:13:20.000000000Z",
             "updated_at": "2023-11-14T22:13:21.500000000Z",
         })
@@ -910,6 +994,10 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("  updated    2023-11-14T22:13:21Z\n"), "{d}");
+        assert!(
+            d.contains("  vip        10.96.0.1\n  ports      8080/tcp\n"),
+            "{d}"
+        );
         let t = instances_table(&json!([{
             "id": "acme-web-0", "tenant": "acme", "app": "web", "index": 0, "cell": "cell-1",
             "state": "running", "address": "10.244.1.5", "since": "2023-11-14T22:13:20.000000000Z",
@@ -922,7 +1010,7 @@ mod tests {
         let apps = apps_table(&json!([app(2, 1, &["sleep", "1"])]));
         assert_eq!(
             apps.lines().nth(1),
-            Some("acme    web   2          1        64 MB   8080   busybox  sleep 1")
+            Some("acme    web   2          1        64 MB   10.96.0.1  8080/tcp  busybox  sleep 1")
         );
     }
 

@@ -187,9 +187,10 @@ pub(crate) struct PushArgs {
     /// How many instances should run (brain's default on create: 1).
     #[arg(long, value_name = "N")]
     instances: Option<u32>,
-    /// A port the app listens on (repeatable; on update, replaces them all).
-    #[arg(long = "port", value_name = "PORT")]
-    ports: Vec<u16>,
+    /// A port the app listens on: PORT, PORT/udp, PORT:PUBLISHED (published
+    /// on every node; repeatable; on update, replaces them all).
+    #[arg(long = "port", value_name = "PORT[/PROTO][:PUBLISHED]", value_parser = brain::parse_port)]
+    ports: Vec<corral_proto::service::PortSpec>,
     #[command(flatten)]
     spec: SpecArgs,
 }
