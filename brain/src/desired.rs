@@ -143,6 +143,8 @@ impl App {
         // The ports are checked above, as the app gives them.
         let mut spec = self.instance_spec(0);
         spec.ports.clear();
+        // Only a check the app gives: the default one follows the ports.
+        spec.health_check.clone_from(&self.health_check);
         if let Err(e) = spec.validate() {
             p.extend(e.problems);
         }
