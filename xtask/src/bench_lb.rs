@@ -1499,14 +1499,10 @@ fn verdict(ok: bool, measured_at: usize) -> String {
         met(ok).to_owned()
     } else {
         format!(
-            "**not verified** (measured at {} services, not {}; {} there)",
+            "**not verified** (measured at {} services, not {}; at {0}: {})",
             thousands(measured_at as u64),
             thousands(TARGET_SERVICES as u64),
-            if ok {
-                "it would be met"
-            } else {
-                "it is not met even"
-            }
+            if ok { "met" } else { "not met" }
         )
     }
 }
