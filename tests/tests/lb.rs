@@ -153,7 +153,7 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
             .count()
             == 3
     });
-    let vip = app["vip"]
+    let vip = app["app"]["vip"]
         .as_str()
         .unwrap_or_else(|| panic!("no vip: {app}"))
         .to_owned();

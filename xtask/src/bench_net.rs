@@ -297,7 +297,7 @@ fn per_packet(o: &Options) -> Result<Vec<Cost>> {
 
 /// Gives the calling thread a private mount namespace with a new bpffs on
 /// /sys/fs/bpf (only this thread sees it; it goes when the thread ends).
-fn private_bpffs() -> Result<()> {
+pub(crate) fn private_bpffs() -> Result<()> {
     let c = |s: &str| std::ffi::CString::new(s).context("a path with a NUL byte");
     let (root, bpf, target) = (c("/")?, c("bpf")?, c("/sys/fs/bpf")?);
     let none = std::ptr::null::<libc::c_char>();
@@ -1261,7 +1261,7 @@ impl Peers {
     }
 }
 
-fn kill(pid: u32) {
+pub(crate) fn kill(pid: u32) {
     if let Ok(pid) = i32::try_from(pid) {
         // SAFETY: kill(2) on the pid of a child this process spawned.
         unsafe {
@@ -1289,7 +1289,7 @@ struct Fabric {
     hook: u64,
 }
 
-fn del_netns(netns: &str) {
+pub(crate) fn del_netns(netns: &str) {
     if Path::new("/run/netns").join(netns).exists() {
         let _ = Command::new("ip").args(["netns", "del", netns]).status();
     }
@@ -1500,7 +1500,7 @@ fn bulk(to: SocketAddr, secs: Duration) -> Result<Value> {
 }
 
 /// Nearest rank, on sorted values.
-fn percentile(sorted: &[u64], p: f64) -> u64 {
+pub(crate) fn percentile(sorted: &[u64], p: f64) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
@@ -1511,7 +1511,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 // ---------------------------------------------------------------------------
 // the report
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => f64::NAN,
@@ -1520,13 +1520,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|_| "unknown".to_owned())
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|k| k.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned());
@@ -1546,7 +1546,7 @@ fn machine() -> String {
 }
 
 /// 1000000 → "1,000,000".
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
@@ -1558,7 +1558,7 @@ fn thousands(n: u64) -> String {
     out
 }
 
-fn met(ok: bool) -> &'static str {
+pub(crate) fn met(ok: bool) -> &'static str {
     if ok {
         "met"
     } else {
@@ -1790,7 +1790,7 @@ fn report_traffic(o: &Options, t: &Traffic) -> String {
     out
 }
 
-fn append(path: &Path, report: &str) -> Result<()> {
+pub(crate) fn append(path: &Path, report: &str) -> Result<()> {
     let mut file = fs::OpenOptions::new()
         .create(true)
         .append(true)

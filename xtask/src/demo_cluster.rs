@@ -292,7 +292,7 @@ fn wait_running(fabric: &Fabric, app: &str, tenant: &str, n: usize) -> Result<Va
 /// ready instances, on either cell.
 fn through_the_vip(fabric: &Fabric, cells: &[Sandbox], rootfs: &str) -> Result<()> {
     let app = fabric.corral_json(&["app", "web", "--tenant", "acme"])?;
-    let vip = app["vip"]
+    let vip = app["app"]["vip"]
         .as_str()
         .with_context(|| format!("web has no VIP: {app}"))?
         .to_owned();

@@ -15,6 +15,8 @@ use crate::util::{self, is_root};
 /// instance disks and test nodes; both are essential on Debian but named here.
 /// `cargo xtask dist` and its tests: systemd (systemd-analyze verify),
 /// binutils (strip); prometheus for promtool (`promtool check metrics`).
+/// `cargo xtask bench lb` compares with iptables (kube-proxy's DNAT chains,
+/// loaded by `iptables-restore`) and IPVS (`ipvsadm`).
 const PACKAGES: &[&str] = &[
     "clang-19",
     "libbpf-dev",
@@ -29,6 +31,8 @@ const PACKAGES: &[&str] = &[
     "systemd",
     "binutils",
     "prometheus",
+    "iptables",
+    "ipvsadm",
 ];
 
 pub fn run() -> Result<()> {

@@ -8,6 +8,8 @@ mod bench;
 mod bench_auction;
 mod bench_cluster;
 #[cfg(feature = "ebpf")]
+mod bench_lb;
+#[cfg(feature = "ebpf")]
 mod bench_net;
 mod demo;
 mod demo_cluster;
@@ -51,6 +53,12 @@ commands:
                        bulk between instances on one cell and on two, with vs
                        without the programs; appends to docs/benchmarks.md
                        (root; `bench net --help` lists the options)
+  bench lb [OPTS]      east-west service load balancing: new connections/s and
+                       connect+request latency through a VIP with 10, 1,000
+                       and 10,000 services, against direct, kube-proxy-style
+                       iptables DNAT (and IPVS if the kernel has it); time to
+                       program the services and to change one; appends to
+                       docs/benchmarks.md (root; `bench lb --help`)
   dist [--debug]       build the .deb (release build): binaries, systemd units
                        (checked with systemd-analyze verify), default configs,
                        state directories; target/corral_<version>_<arch>.deb
@@ -67,6 +75,9 @@ environment:
 fn ebpf_bench(sub: &str, rest: &[String]) -> anyhow::Result<()> {
     match sub {
         "net" => bench_net::run(rest),
+        "lb" => bench_lb::run(rest),
+        // Hidden: the load `bench lb` runs inside its namespaces.
+        "lb-peer" => bench_lb::peer(rest),
         // Hidden: the load `bench net` runs inside instances' namespaces.
         _ => bench_net::peer(rest),
     }
@@ -130,7 +141,11 @@ fn main() -> ExitCode {
                 bench_auction::run(rest)
             }
         }
-        ("bench", [sub, rest @ ..]) if sub == "net" || sub == "net-peer" => ebpf_bench(sub, rest),
+        ("bench", [sub, rest @ ..])
+            if ["net", "net-peer", "lb", "lb-peer"].contains(&sub.as_str()) =>
+        {
+            ebpf_bench(sub, rest)
+        }
         ("fuzz", rest) => fuzz::run(rest),
         ("dist", rest) => dist::run(rest),
         ("help" | "-h" | "--help", _) => {

@@ -123,7 +123,9 @@ pub fn unregister_hook(key: u64) {
     lock(hooks()).retain(|(k, _)| *k != key);
 }
 
-fn install_signal_handler() -> Result<()> {
+/// Installs the Ctrl-C handler that runs the hooks and the sandboxes' clean-up
+/// (once; [`Sandbox::start`] does it too).
+pub fn install_signal_handler() -> Result<()> {
     static INSTALLED: OnceLock<()> = OnceLock::new();
     if INSTALLED.get().is_some() {
         return Ok(());
