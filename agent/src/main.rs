@@ -233,6 +233,23 @@ async fn run(
     if let (Some(lb), Some(root)) = (exec.lb(), exec.cgroup2_root()) {
         let created = lb.attach(root).map_err(|e| anyhow::anyhow!(e))?;
         tracing::info!(cgroup = %root.display(), created, "service load balancer attached");
+        if let (false, Some(subnet)) = (cfg.uplinks.is_empty(), cfg.subnet) {
+            let pins = std::path::Path::new("/sys/fs/bpf/corral").join(cfg.cell_id.as_str());
+            let node = Network::open()
+                .context("opening netlink")?
+                .node_networks()
+                .await
+                .context("reading the node's addresses")?;
+            let addrs: Vec<std::net::Ipv4Addr> = node.iter().map(|(a, _)| *a).collect();
+            lb.enable_north_south(
+                &pins,
+                &cfg.uplinks,
+                &addrs,
+                (subnet.network(), subnet.prefix()),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(uplinks = ?cfg.uplinks, addresses = ?addrs, "published ports balanced on the uplinks");
+        }
     }
     let registry = metrics.registry(Arc::downgrade(&exec));
     let state = Arc::new(api::ApiState {

@@ -293,3 +293,270 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
         c.delete_all();
     }
 }
+
+/// A client outside the cluster: a namespace on the fabric's bridge.
+struct Client {
+    netns: String,
+}
+
+impl Client {
+    fn new(fabric: &Fabric, addr: &str) -> Client {
+        let netns = format!("corral-cl{}", std::process::id());
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        run(&["netns", "add", &netns]);
+        let client = Client { netns };
+        let outer = format!("cl{}", std::process::id() % 100_000);
+        run(&[
+            "-n",
+            &fabric.netns,
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &client.netns,
+        ]);
+        run(&["-n", &fabric.netns, "link", "set", &outer, "master", "br0"]);
+        run(&["-n", &fabric.netns, "link", "set", &outer, "up"]);
+        run(&[
+            "-n",
+            &client.netns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "c0",
+        ]);
+        run(&["-n", &client.netns, "link", "set", "c0", "up"]);
+        run(&["-n", &client.netns, "link", "set", "lo", "up"]);
+        client
+    }
+
+    /// `bash -c script` in the client's namespace.
+    fn bash(&self, script: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .args(["bash", "-c", script]);
+        c
+    }
+
+    /// One HTTP request to addr:port; the instance id that answered.
+    fn fetch(&self, addr: &str, port: u16) -> Option<String> {
+        // A flow the node drops would wait for TCP's own connect timeout.
+        let o = self
+            .bash(&format!(
+                "timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'"
+            ))
+            .output()
+            .ok()?;
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.lines()
+            .find_map(|l| l.strip_prefix("id="))
+            .map(|s| s.trim().to_owned())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+#[test]
+fn a_published_port_is_balanced_at_the_node_and_flows_stick_to_their_backend() {
+    common::require_root();
+    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut fabric = Fabric::new(&ids);
+    fabric.start_brain();
+    let mut node_addrs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let subnet = format!("subnet = \"10.244.{}.0/24\"\n", i + 1);
+        let extra = format!(
+            "{}[network]\n{subnet}",
+            fabric.agent_config(name, &format!("z{}", i + 1)),
+        );
+        let mut cell = Cell::start_named(name, &extra);
+        node_addrs.push(fabric.attach(&cell));
+        // The uplink exists now: restart the agent balancing published
+        // ports on it.
+        let text = std::fs::read_to_string(&cell.config).unwrap();
+        std::fs::write(
+            &cell.config,
+            text.replace(&subnet, &format!("{subnet}uplinks = [\"n0\"]\n")),
+        )
+        .unwrap();
+        cell.stop_agent();
+        cell.spawn_agent();
+        cells.push(cell);
+    }
+    fabric.wait_json(&["cells"], "two connected cells", |v| {
+        v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "connected")
+            .count()
+            == 2
+    });
+    let client = Client::new(&fabric, "10.99.0.250");
+
+    // One instance, published on every node's port 30080.
+    let root = common::rootfs();
+    let out = fabric.cli(&[
+        "push",
+        "edge",
+        "--tenant",
+        "acme",
+        "--instances",
+        "1",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--disk",
+        "64",
+        "--port",
+        "8080:30080",
+        "--",
+        "/bin/sh",
+        "-c",
+        SERVER,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let app = fabric.wait_json(&["app", "edge", "--tenant", "acme"], "1 running", |v| {
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["state"] == "running")
+    });
+    let first = app["instances"][0].clone();
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    let home = names
+        .iter()
+        .position(|n| first["cell"] == n.as_str())
+        .unwrap();
+    let home_addr = node_addrs[home].clone();
+    wait(
+        "the published service on both cells",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_services") == Some(2))
+        },
+    );
+
+    // From outside, through the node that runs it: every request answered
+    // by the instance, from the node's address (a real TCP handshake).
+    for _ in 0..10 {
+        assert_eq!(
+            client.fetch(&home_addr, 30080).as_deref(),
+            Some(first_id.as_str())
+        );
+    }
+    let local = format!("corral_north_south_packets_total{{verdict=\"local\"}}");
+    let counted = cells[home]
+        .metrics()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&local)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    assert!(counted >= 10.0, "{}", cells[home].metrics());
+
+    // A flow opened now keeps its backend while the service grows.
+    let held = client
+        .bash(&format!(
+            "exec 3<>/dev/tcp/{home_addr}/30080 && sleep 6 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 3 cat <&3"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = fabric.cli(&["scale", "edge", "3", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "3 backends on both cells",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_backends") == Some(3))
+        },
+    );
+    let out = common::wait_with_timeout(held, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("id={first_id}")),
+        "the held flow moved or broke: {text:?}"
+    );
+
+    // New flows through the home node reach its local instances.
+    let local_ids: Vec<String> = fabric.cli_json(&["app", "edge", "--tenant", "acme"])["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["cell"] == names[home].as_str() && i["state"] == "running")
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    let mut answered = BTreeMap::new();
+    for _ in 0..30 {
+        if let Some(id) = client.fetch(&home_addr, 30080) {
+            *answered.entry(id).or_insert(0) += 1;
+        }
+    }
+    assert!(!answered.is_empty(), "no answer after the scale-up");
+    for id in answered.keys() {
+        assert!(
+            local_ids.contains(id),
+            "{id} is not on the node asked: {answered:?}"
+        );
+    }
+
+    let out = fabric.cli(&["delete-app", "edge", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "no service left",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_services") == Some(0))
+        },
+    );
+    for c in &cells {
+        c.delete_all();
+    }
+}

@@ -22,6 +22,7 @@
 #![allow(clippy::result_large_err)]
 
 use corral_ebpf::lb::Balancer;
+use corral_ebpf::nodeport::NodePort;
 use corral_proto::service::{Service, Transport};
 use corral_proto::wire::Services;
 use corral_router::{
@@ -33,38 +34,44 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-/// The router services of one brain service (pure).
-pub fn router_services(s: &Service) -> Vec<(ServiceKey, ServiceSpec)> {
-    s.ports
-        .iter()
-        .map(|p| {
-            let key = ServiceKey {
-                vip: s.vip,
-                port: p.port,
-                protocol: match p.protocol {
-                    Transport::Tcp => Protocol::Tcp,
-                    Transport::Udp => Protocol::Udp,
-                },
-            };
-            let spec = ServiceSpec {
-                owner: ServiceOwner {
-                    tenant: s.tenant.clone(),
-                    app: s.app.clone(),
-                },
-                published: false,
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|&addr| Backend {
-                        addr: BackendAddr { addr, port: p.port },
-                        weight: Weight::ONE,
-                        ready: true,
-                    })
-                    .collect(),
-            };
-            (key, spec)
-        })
-        .collect()
+/// The router services of one brain service (pure): `VIP:port/proto` for
+/// every port, and, when this cell balances published ports
+/// (`north_south`), `0.0.0.0:published/proto` (published, with a Maglev
+/// ring: "any address of this node") for every published one.
+pub fn router_services(s: &Service, north_south: bool) -> Vec<(ServiceKey, ServiceSpec)> {
+    let mut out = Vec::new();
+    for p in &s.ports {
+        let protocol = match p.protocol {
+            Transport::Tcp => Protocol::Tcp,
+            Transport::Udp => Protocol::Udp,
+        };
+        let spec = |published: bool| ServiceSpec {
+            owner: ServiceOwner {
+                tenant: s.tenant.clone(),
+                app: s.app.clone(),
+            },
+            published,
+            backends: s
+                .backends
+                .iter()
+                .map(|&addr| Backend {
+                    addr: BackendAddr { addr, port: p.port },
+                    weight: Weight::ONE,
+                    ready: true,
+                })
+                .collect(),
+        };
+        let key = |vip, port| ServiceKey {
+            vip,
+            port,
+            protocol,
+        };
+        out.push((key(s.vip, p.port), spec(false)));
+        if let (true, Some(published)) = (north_south, p.published) {
+            out.push((key(Ipv4Addr::UNSPECIFIED, published), spec(true)));
+        }
+    }
+    out
 }
 
 /// What one update changed, for logs and metrics.
@@ -84,6 +91,8 @@ struct Inner {
     known: BTreeMap<Ipv4Addr, Service>,
     /// Whether the brain's full set has arrived since this agent started.
     synced: bool,
+    /// The north-south balancer on the uplinks, when configured.
+    nodeport: Option<NodePort>,
 }
 
 /// The loaded balancer and its bookkeeping.
@@ -120,6 +129,7 @@ impl Lb {
                 programmed,
                 known: BTreeMap::new(),
                 synced: false,
+                nodeport: None,
             }),
         })
     }
@@ -135,6 +145,43 @@ impl Lb {
             .balancer
             .attach(cgroup2)
             .map_err(|e| format!("attaching the balancer to {}: {e}", cgroup2.display()))
+    }
+
+    /// Balances the published ports of services on `uplinks`, for traffic
+    /// to `node_addresses`; backends in `subnet` are this cell's. The
+    /// programs share the balancer's pinned maps and stay attached after
+    /// the agent exits.
+    pub fn enable_north_south(
+        &self,
+        pin_dir: &Path,
+        uplinks: &[String],
+        node_addresses: &[Ipv4Addr],
+        subnet: (Ipv4Addr, u8),
+    ) -> Result<(), String> {
+        let mut np = NodePort::load(pin_dir)
+            .map_err(|e| format!("loading the north-south balancer: {e}"))?;
+        np.set_node_addresses(node_addresses)
+            .and_then(|()| np.set_cell_subnet(subnet.0, subnet.1))
+            .map_err(|e| format!("configuring the north-south balancer: {e}"))?;
+        for u in uplinks {
+            np.attach(u)
+                .map_err(|e| format!("attaching the north-south balancer to uplink {u:?}: {e}"))?;
+        }
+        self.inner().nodeport = Some(np);
+        Ok(())
+    }
+
+    /// North-south packets by verdict, when it is enabled.
+    pub fn north_south_counters(&self) -> Option<Vec<(&'static str, u64, u64)>> {
+        let i = self.inner();
+        let np = i.nodeport.as_ref()?;
+        let counters = np.counters().ok()?;
+        Some(
+            counters
+                .into_iter()
+                .map(|(v, c)| (v.name(), c.packets, c.bytes))
+                .collect(),
+        )
     }
 
     /// Services programmed and backend addresses in use.
@@ -171,8 +218,12 @@ impl Lb {
         if !i.synced {
             return Ok(applied);
         }
-        let want: BTreeMap<ServiceKey, ServiceSpec> =
-            i.known.values().flat_map(router_services).collect();
+        let north_south = i.nodeport.is_some();
+        let want: BTreeMap<ServiceKey, ServiceSpec> = i
+            .known
+            .values()
+            .flat_map(|s| router_services(s, north_south))
+            .collect();
         let Inner {
             balancer,
             table,
@@ -229,7 +280,8 @@ mod tests {
             ],
             backends: vec![Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2)],
         };
-        let r = router_services(&s);
+        assert_eq!(router_services(&s, true).len(), 2, "nothing published");
+        let r = router_services(&s, false);
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].0.to_string(), "10.96.0.1:8080/tcp");
         assert_eq!(r[1].0.to_string(), "10.96.0.1:53/udp");
