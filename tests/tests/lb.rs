@@ -477,12 +477,12 @@ fn a_published_port_is_balanced_at_the_node_and_flows_stick_to_their_backend() {
             Some(first_id.as_str())
         );
     }
-    let local = format!("corral_north_south_packets_total{{verdict=\"local\"}}");
+    let local = "corral_north_south_packets_total{verdict=\"local\"}";
     let counted = cells[home]
         .metrics()
         .lines()
         .find_map(|l| {
-            l.strip_prefix(&local)
+            l.strip_prefix(local)
                 .and_then(|v| v.trim().parse::<f64>().ok())
         })
         .unwrap_or(0.0);
