@@ -134,6 +134,7 @@ fn object() -> &'static [u8] {
 }
 
 const ADDRS: &str = "np_addrs";
+const PEERS: &str = "np_peers";
 const CONFIG: &str = "np_config";
 const FLOWS: &str = "np_flows";
 const NATS: &str = "np_nats";
@@ -159,16 +160,30 @@ pub enum Verdict {
     /// A published port with no ring (no ready backend), or a ring, slot or
     /// backend missing.
     DropNoBackend,
-    /// The backend is on another node: not supported yet.
+    /// The backend is on another node, but the route to it does not go
+    /// through a peer node ([`NodePort::set_peer_addresses`]), or there is
+    /// no route.
     DropRemote,
     /// A fragmented datagram to a published port.
     DropFragment,
-    /// A packet rewrite failed.
+    /// A packet rewrite, encapsulation or decapsulation failed.
     DropError,
+    /// Sent, unmodified, in an IPIP header to the backend's node (new flow
+    /// or known).
+    Forwarded,
+    /// An IPIP packet from a peer node, unwrapped here (also counted under
+    /// its outcome: [`Verdict::Local`] or a drop).
+    Decapsulated,
+    /// Came from a peer node, but its backend is not on this node (the two
+    /// nodes' rings differed, as during an update): dropped, never sent on.
+    DropNotLocal,
+    /// Would exceed the MTU of the way to the backend's node once
+    /// encapsulated (20 bytes more).
+    DropTooBig,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 7] = [
+    pub const ALL: [Verdict; 11] = [
         Verdict::Local,
         Verdict::NewFlow,
         Verdict::Reply,
@@ -176,6 +191,10 @@ impl Verdict {
         Verdict::DropRemote,
         Verdict::DropFragment,
         Verdict::DropError,
+        Verdict::Forwarded,
+        Verdict::Decapsulated,
+        Verdict::DropNotLocal,
+        Verdict::DropTooBig,
     ];
 
     /// The `np_stats` index.
@@ -188,6 +207,10 @@ impl Verdict {
             Verdict::DropRemote => c::CORRAL_NP_DROP_REMOTE,
             Verdict::DropFragment => c::CORRAL_NP_DROP_FRAGMENT,
             Verdict::DropError => c::CORRAL_NP_DROP_ERROR,
+            Verdict::Forwarded => c::CORRAL_NP_FORWARDED,
+            Verdict::Decapsulated => c::CORRAL_NP_DECAPSULATED,
+            Verdict::DropNotLocal => c::CORRAL_NP_DROP_NOT_LOCAL,
+            Verdict::DropTooBig => c::CORRAL_NP_DROP_TOO_BIG,
         }
     }
 
@@ -201,6 +224,10 @@ impl Verdict {
             Verdict::DropRemote => "drop_remote",
             Verdict::DropFragment => "drop_fragment",
             Verdict::DropError => "drop_error",
+            Verdict::Forwarded => "forwarded",
+            Verdict::Decapsulated => "decapsulated",
+            Verdict::DropNotLocal => "drop_not_local",
+            Verdict::DropTooBig => "drop_too_big",
         }
     }
 }
@@ -246,6 +273,7 @@ pub struct NodePort {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     addrs: HashMap<MapData, u32, u32>,
+    peers: HashMap<MapData, u32, u32>,
     config: Array<MapData, abi::NpConfig>,
     flows: HashMap<MapData, abi::Flow, abi::NpConn>,
     nats: HashMap<MapData, abi::Flow, abi::NpNat>,
@@ -284,6 +312,7 @@ impl NodePort {
         }
         Ok(Self {
             addrs: take(&mut ebpf, ADDRS)?,
+            peers: take(&mut ebpf, PEERS)?,
             config: take(&mut ebpf, CONFIG)?,
             flows: take(&mut ebpf, FLOWS)?,
             nats: take(&mut ebpf, NATS)?,
@@ -324,50 +353,31 @@ impl NodePort {
         Ok(())
     }
 
-    /// Makes `addrs` the node's addresses (the destinations balanced),
-    /// replacing the previous set.
+    /// Makes `addrs` the node's addresses (the destinations balanced, and
+    /// the outer destinations at which peers' encapsulated flows are
+    /// accepted), replacing the previous set.
     pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), Error> {
-        let wanted: BTreeSet<u32> = addrs.iter().map(|a| abi::ipv4_to_raw(*a)).collect();
-        if wanted.len() > c::CORRAL_NP_MAX_ADDRS as usize {
-            return Err(Error::MapFull {
-                map: ADDRS,
-                max_entries: c::CORRAL_NP_MAX_ADDRS,
-                action: format!("set {} node addresses", wanted.len()),
-            });
-        }
-        let held = self.node_raw_addresses()?;
-        for raw in wanted.difference(&held) {
-            self.addrs.insert(raw, 0, 0).map_err(|e| {
-                map_error(
-                    ADDRS,
-                    c::CORRAL_NP_MAX_ADDRS,
-                    format!("add node address {}", abi::ipv4_from_raw(*raw)),
-                    e,
-                )
-            })?;
-        }
-        for raw in held.difference(&wanted) {
-            crate::dataplane::removed(self.addrs.remove(raw), ADDRS, || {
-                format!("remove node address {}", abi::ipv4_from_raw(*raw))
-            })?;
-        }
-        Ok(())
+        replace_set(&mut self.addrs, ADDRS, c::CORRAL_NP_MAX_ADDRS, addrs)
     }
 
     /// The node's addresses, as the kernel holds them.
     pub fn node_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
-        Ok(self
-            .node_raw_addresses()?
-            .into_iter()
-            .map(abi::ipv4_from_raw)
-            .collect())
+        read_set(&self.addrs, ADDRS)
     }
 
-    fn node_raw_addresses(&self) -> Result<BTreeSet<u32>, Error> {
-        self.addrs
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| map_error(ADDRS, 0, "list node addresses", e))
+    /// Makes `addrs` the peer nodes' addresses, replacing the previous
+    /// set: every address at which another node of the cluster balances
+    /// published ports (its [`NodePort::set_node_addresses`]), which
+    /// includes the gateway of each `<cell subnet> via <node>` route. A
+    /// remote backend is forwarded only when the route to it goes through
+    /// a peer, and an encapsulated flow is accepted only from one.
+    pub fn set_peer_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), Error> {
+        replace_set(&mut self.peers, PEERS, c::CORRAL_NP_MAX_PEERS, addrs)
+    }
+
+    /// The peer nodes' addresses, as the kernel holds them.
+    pub fn peer_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
+        read_set(&self.peers, PEERS)
     }
 
     /// Declares this cell's instance subnet: backends in it are local.
@@ -433,6 +443,55 @@ impl NodePort {
         })?;
         Ok(found.map(|conn| conn.backend))
     }
+}
+
+/// Makes the keys of an address set `wanted`: adds the missing, removes
+/// the others (what is already right is not touched, so a packet never
+/// sees the set empty while it is replaced).
+fn replace_set(
+    map: &mut HashMap<MapData, u32, u32>,
+    name: &'static str,
+    max_entries: u32,
+    addrs: &[Ipv4Addr],
+) -> Result<(), Error> {
+    let wanted: BTreeSet<u32> = addrs.iter().map(|a| abi::ipv4_to_raw(*a)).collect();
+    if wanted.len() > max_entries as usize {
+        return Err(Error::MapFull {
+            map: name,
+            max_entries,
+            action: format!("set {} addresses", wanted.len()),
+        });
+    }
+    let held = raw_set(map, name)?;
+    for raw in wanted.difference(&held) {
+        map.insert(raw, 0, 0).map_err(|e| {
+            map_error(
+                name,
+                max_entries,
+                format!("add address {}", abi::ipv4_from_raw(*raw)),
+                e,
+            )
+        })?;
+    }
+    for raw in held.difference(&wanted) {
+        crate::dataplane::removed(map.remove(raw), name, || {
+            format!("remove address {}", abi::ipv4_from_raw(*raw))
+        })?;
+    }
+    Ok(())
+}
+
+fn read_set(map: &HashMap<MapData, u32, u32>, name: &'static str) -> Result<Vec<Ipv4Addr>, Error> {
+    Ok(raw_set(map, name)?
+        .into_iter()
+        .map(abi::ipv4_from_raw)
+        .collect())
+}
+
+fn raw_set(map: &HashMap<MapData, u32, u32>, name: &'static str) -> Result<BTreeSet<u32>, Error> {
+    map.keys()
+        .collect::<Result<_, _>>()
+        .map_err(|e| map_error(name, 0, "list addresses", e))
 }
 
 fn count_keys<V: aya::Pod>(
