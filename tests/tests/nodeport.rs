@@ -9,8 +9,21 @@
 //!  client ns            node ns                       instance ns (×3, ×4)
 //!  c0 192.0.2.2/24 ──── up0 192.0.2.1/24 (programs)
 //!                       hI 10.88.I.1/30 ───────────── iI 10.88.I.2/30, default via 10.88.I.1
-//!                                                     "instI": TCP :8080 and UDP :5353
+//!                                                     "inst88-I": TCP :8080 and UDP :5353
 //! ```
+//!
+//! Remote backends (DSR over IPIP) run on two nodes behind a bridge:
+//!
+//! ```text
+//!  client ns            bridge ns          node A ns (programs)           instances 10.88.I.2
+//!  c0 192.0.2.2/24 ─── pc ┐                up0 192.0.2.1/24, mtu 1520
+//!                          br0 ─ pa ────── 10.89.0.0/16 via 192.0.2.3
+//!                             └─ pb ────── node B ns: up0 192.0.2.3/24     instances 10.89.I.2
+//!                                          10.88.0.0/16 via 192.0.2.1
+//! ```
+//!
+//! The node links carry 1520 bytes so that a full 1500-byte packet from
+//! the client (mtu 1500) still fits once encapsulated.
 //!
 //! The published ports are services `{0.0.0.0, port, proto}` of a real
 //! `corral_router::ServiceTable`, programmed by applying its plans through
@@ -53,8 +66,10 @@ fn instance_addr(i: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 88, i, 2)
 }
 
+/// An instance's name (what its servers answer): from its address.
 fn name_of(addr: Ipv4Addr) -> String {
-    format!("inst{}", addr.octets()[2])
+    let o = addr.octets();
+    format!("inst{}-{}", o[1], o[2])
 }
 
 // ---------------------------------------------------------------------------
@@ -151,14 +166,7 @@ impl Topology {
         sh("ip", &["link", "set", "c0", "netns", &t.client.path()]);
         sh("ip", &["addr", "add", "192.0.2.1/24", "dev", UPLINK]);
         sh("ip", &["link", "set", UPLINK, "up"]);
-        for knob in [
-            "ipv4/ip_forward",
-            "ipv4/conf/all/rp_filter",
-            "ipv4/conf/default/rp_filter",
-        ] {
-            let value = if knob.ends_with("forward") { "1" } else { "0" };
-            std::fs::write(format!("/proc/sys/net/{knob}"), value).unwrap();
-        }
+        make_router();
         drop(_in);
         {
             let _in = t.client.enter();
@@ -174,37 +182,65 @@ impl Topology {
     /// Adds instance `I` (1, 2, ...) with its veth and its servers.
     fn add_instance(&mut self) -> Ipv4Addr {
         let i = u8::try_from(self.instances.len() + 1).unwrap();
-        let ns = Netns::new();
-        let (host, peer) = (format!("h{i}"), format!("i{i}"));
-        {
-            let _in = self.node.enter();
-            sh(
-                "ip",
-                &["link", "add", &host, "type", "veth", "peer", "name", &peer],
-            );
-            sh("ip", &["link", "set", &peer, "netns", &ns.path()]);
-            sh(
-                "ip",
-                &["addr", "add", &format!("10.88.{i}.1/30"), "dev", &host],
-            );
-            sh("ip", &["link", "set", &host, "up"]);
-        }
-        {
-            let _in = ns.enter();
-            sh("ip", &["link", "set", "lo", "up"]);
-            sh(
-                "ip",
-                &["addr", "add", &format!("10.88.{i}.2/30"), "dev", &peer],
-            );
-            sh("ip", &["link", "set", &peer, "up"]);
-            sh(
-                "ip",
-                &["route", "add", "default", "via", &format!("10.88.{i}.1")],
-            );
-        }
-        self.servers.push(Server::start(&ns, format!("inst{i}")));
+        let (ns, server, addr) = plug_instance(&self.node, 88, i);
+        self.servers.push(server);
         self.instances.push(ns);
-        instance_addr(i)
+        addr
+    }
+}
+
+/// Instance `i` of the cell `10.<cell>.0.0/16` behind veth `h<i>` of
+/// `node`: `10.<cell>.<i>.2/30`, default route via the node's end, its
+/// servers started.
+fn plug_instance(node: &Netns, cell: u8, i: u8) -> (Netns, Server, Ipv4Addr) {
+    let ns = Netns::new();
+    let (host, peer) = (format!("h{i}"), format!("i{i}"));
+    {
+        let _in = node.enter();
+        sh(
+            "ip",
+            &["link", "add", &host, "type", "veth", "peer", "name", &peer],
+        );
+        sh("ip", &["link", "set", &peer, "netns", &ns.path()]);
+        sh(
+            "ip",
+            &["addr", "add", &format!("10.{cell}.{i}.1/30"), "dev", &host],
+        );
+        sh("ip", &["link", "set", &host, "up"]);
+    }
+    {
+        let _in = ns.enter();
+        sh("ip", &["link", "set", "lo", "up"]);
+        sh(
+            "ip",
+            &["addr", "add", &format!("10.{cell}.{i}.2/30"), "dev", &peer],
+        );
+        sh("ip", &["link", "set", &peer, "up"]);
+        sh(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("10.{cell}.{i}.1"),
+            ],
+        );
+    }
+    let addr = Ipv4Addr::new(10, cell, i, 2);
+    let server = Server::start(&ns, name_of(addr));
+    (ns, server, addr)
+}
+
+/// Lets a node namespace forward, without reverse-path filtering.
+fn make_router() {
+    for knob in [
+        "ipv4/ip_forward",
+        "ipv4/conf/all/rp_filter",
+        "ipv4/conf/default/rp_filter",
+    ] {
+        let value = if knob.ends_with("forward") { "1" } else { "0" };
+        std::fs::write(format!("/proc/sys/net/{knob}"), value).unwrap();
     }
 }
 
@@ -258,19 +294,35 @@ impl Control {
     }
 
     fn publish(&mut self, lb: &mut Balancer, key: ServiceKey, backends: Vec<Backend>) -> Vec<Op> {
+        self.publish_on(&mut [lb], key, backends)
+    }
+
+    /// Publishes on several nodes with the same plan (same ids, same rings).
+    fn publish_on(
+        &mut self,
+        lbs: &mut [&mut Balancer],
+        key: ServiceKey,
+        backends: Vec<Backend>,
+    ) -> Vec<Op> {
         let spec = ServiceSpec {
             owner: owner(),
             published: true,
             backends,
         };
         self.table.upsert(key, spec).unwrap();
-        self.sync(lb)
+        self.sync_on(lbs)
     }
 
     fn sync(&mut self, lb: &mut Balancer) -> Vec<Op> {
+        self.sync_on(&mut [lb])
+    }
+
+    fn sync_on(&mut self, lbs: &mut [&mut Balancer]) -> Vec<Op> {
         let ops = plan(&self.programmed, &self.table.desired());
         for op in &ops {
-            lb.apply(op).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            for lb in lbs.iter_mut() {
+                lb.apply(op).unwrap_or_else(|e| panic!("{op:?}: {e}"));
+            }
             self.programmed.apply(op).unwrap();
         }
         self.table.release(&self.programmed);
@@ -784,10 +836,215 @@ fn a_flow_entry_is_ignored_once_its_backend_id_means_another_address() {
     assert_eq!(inspect(&out).1, (other, TCP_PORT));
     assert_eq!(count(&np, Verdict::NewFlow), 2);
 
-    // A backend outside the cell's subnet is not forwarded half-way.
+    // A backend outside the cell's subnet, with no route through a peer
+    // node (a namespace with no route at all): dropped, not sent astray.
     lb.set_backend(id, Ipv4Addr::new(10, 99, 0, 2), TCP_PORT)
         .unwrap();
+    let empty = Netns::new();
+    let _in = empty.enter();
     let (verdict, _) = run(&np, "corral_np_ingress", &syn);
     assert_eq!(verdict, 2, "TC_ACT_SHOT");
     assert_eq!(count(&np, Verdict::DropRemote), 1);
+}
+
+// ---------------------------------------------------------------------------
+// remote backends: IPIP to the backend's node, direct server return
+
+const NODE_B: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 3);
+const CELL_A: u8 = 88;
+const CELL_B: u8 = 89;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+/// The node links' MTU: room for a 1500-byte packet and the outer header.
+const FABRIC_MTU: &str = "1520";
+
+fn load_node(
+    dir: &std::path::Path,
+    addr: Ipv4Addr,
+    peer: Ipv4Addr,
+    cell: u8,
+) -> (Balancer, NodePort) {
+    let lb = Balancer::load(dir).unwrap();
+    let mut np = NodePort::load(dir).unwrap();
+    np.set_node_addresses(&[addr]).unwrap();
+    np.set_peer_addresses(&[peer]).unwrap();
+    np.set_cell_subnet(Ipv4Addr::new(10, cell, 0, 0), 16)
+        .unwrap();
+    (lb, np)
+}
+
+/// An IPv4 header's checksum is right (sums to zero).
+fn ip_ok(header: &[u8]) -> bool {
+    fold(sum16(header)) == 0
+}
+
+/// Wraps an Ethernet frame's IPv4 packet in an outer header from `src` to
+/// `dst`, as a peer node does.
+fn encapsulate(frame: &[u8], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let total = u16::try_from(frame.len() - 14 + 20).unwrap();
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&total.to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, 4, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let c = fold(sum16(&ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    [&frame[..14], &ip[..], &frame[14..]].concat()
+}
+
+#[test]
+fn a_remote_backend_gets_the_packet_unmodified_in_ipip_and_its_node_unwraps_it() {
+    require_root();
+    let pins = PinDir::new();
+    let backend = Ipv4Addr::new(10, CELL_B, 1, 2);
+    let web = published(WEB, Protocol::Tcp);
+    let client = (Ipv4Addr::new(203, 0, 113, 9), 40_002);
+
+    // Node A's routes, in a namespace of its own (test runs use its
+    // loopback as the arrival device): B's cell via B.
+    let node_a = Netns::new();
+    {
+        let _in = node_a.enter();
+        make_router();
+        sh("ip", &["link", "set", "lo", "up"]);
+        sh(
+            "ip",
+            &["link", "add", "d0", "type", "veth", "peer", "name", "d1"],
+        );
+        sh("ip", &["addr", "add", "192.0.2.1/24", "dev", "d0"]);
+        sh("ip", &["link", "set", "d1", "up"]);
+        sh("ip", &["link", "set", "d0", "up"]);
+        sh("ip", &["route", "add", "10.89.0.0/16", "via", "192.0.2.3"]);
+    }
+    let (mut lb_a, np_a) = load_node(&pins.path.join("a"), NODE, NODE_B, CELL_A);
+    let (mut lb_b, mut np_b) = load_node(&pins.path.join("b"), NODE_B, NODE, CELL_B);
+    let mut ctl = Control::new();
+    ctl.publish_on(
+        &mut [&mut lb_a, &mut lb_b],
+        web,
+        backends(&[backend], TCP_PORT, true),
+    );
+
+    // A: the frame leaves redirected, inside an outer header A -> B with
+    // a valid checksum, DF, protocol 4; the inner packet byte for byte.
+    let syn = frame(6, client, (NODE, WEB), true);
+    let (verdict, wrapped) = {
+        let _in = node_a.enter();
+        run(&np_a, "corral_np_ingress", &syn)
+    };
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(wrapped.len(), syn.len() + 20);
+    assert_eq!(
+        wrapped[..14],
+        syn[..14],
+        "Ethernet: filled in on the way out"
+    );
+    let outer = &wrapped[14..34];
+    assert_eq!(outer[0], 0x45);
+    assert_eq!(
+        usize::from(u16::from_be_bytes([outer[2], outer[3]])),
+        syn.len() - 14 + 20
+    );
+    assert_eq!(outer[6] & 0x40, 0x40, "DF");
+    assert_eq!(outer[9], 4, "IPIP");
+    assert_eq!(outer[12..16], NODE.octets());
+    assert_eq!(outer[16..20], NODE_B.octets());
+    assert!(ip_ok(outer), "outer IPv4 checksum");
+    assert_eq!(wrapped[34..], syn[14..], "the inner packet is untouched");
+    assert_eq!(count(&np_a, Verdict::Forwarded), 1);
+    assert_eq!(count(&np_a, Verdict::NewFlow), 1);
+    assert_eq!(count(&np_a, Verdict::Local), 0);
+    assert_eq!(
+        np_a.nats_len().unwrap(),
+        0,
+        "the reply does not come back here"
+    );
+
+    // B: unwrapped, DNATed to its local backend, checksums right; the
+    // reply's source becomes A's address and the published port.
+    let (verdict, out) = run(&np_b, "corral_np_ingress", &wrapped);
+    assert_eq!(verdict, TC_ACT_OK);
+    assert_eq!(out.len(), syn.len());
+    let (src, dst, ip_ok_, l4_sum, _) = inspect(&out);
+    assert_eq!((src, dst), (client, (backend, TCP_PORT)));
+    assert!(ip_ok_);
+    assert_eq!(l4_sum, 0);
+    assert_eq!(count(&np_b, Verdict::Decapsulated), 1);
+    assert_eq!(count(&np_b, Verdict::Local), 1);
+    let (verdict, out) = run(
+        &np_b,
+        "corral_np_egress",
+        &frame(6, (backend, TCP_PORT), client, true),
+    );
+    assert_eq!(verdict, TC_ACT_OK);
+    let (src, dst, ip_ok_, l4_sum, _) = inspect(&out);
+    assert_eq!((src, dst), ((NODE, WEB), client));
+    assert!(ip_ok_);
+    assert_eq!(l4_sum, 0);
+    assert_eq!(count(&np_b, Verdict::Reply), 1);
+
+    // What B does not take from the tunnel passes untouched: a sender that
+    // is not a peer, an inner destination that is not the sender's own
+    // address (B would send replies from it), an unpublished port.
+    let stranger = Ipv4Addr::new(192, 0, 2, 66);
+    for f in [
+        encapsulate(&syn, stranger, NODE_B),
+        encapsulate(&frame(6, client, (stranger, WEB), true), NODE, NODE_B),
+        encapsulate(&frame(6, client, (NODE, 22), true), NODE, NODE_B),
+        encapsulate(&syn, NODE, stranger),
+    ] {
+        assert_eq!(run(&np_b, "corral_np_ingress", &f), (TC_ACT_OK, f.clone()));
+    }
+    assert_eq!(count(&np_b, Verdict::Decapsulated), 1);
+
+    // B's rings said otherwise (an update in flight): dropped, counted,
+    // never sent on.
+    np_b.set_cell_subnet(Ipv4Addr::new(10, 90, 0, 0), 16)
+        .unwrap();
+    let other = encapsulate(
+        &frame(6, (client.0, 40_003), (NODE, WEB), true),
+        NODE,
+        NODE_B,
+    );
+    assert_eq!(run(&np_b, "corral_np_ingress", &other).0, TC_ACT_SHOT);
+    assert_eq!(count(&np_b, Verdict::DropNotLocal), 1);
+    assert_eq!(count(&np_b, Verdict::Forwarded), 0);
+
+    // A: too big for the link once wrapped: dropped and counted, until
+    // the link carries the 20 bytes more.
+    let big = {
+        let mut f = frame(17, client, (NODE, DNS), false);
+        f.resize(14 + 1500, 0);
+        let ip_len = 1500u16.to_be_bytes();
+        f[16..18].copy_from_slice(&ip_len);
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = fold(sum16(&f[14..34]));
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f[38..40].copy_from_slice(&1480u16.to_be_bytes());
+        f
+    };
+    let dns = published(DNS, Protocol::Udp);
+    ctl.publish_on(
+        &mut [&mut lb_a, &mut lb_b],
+        dns,
+        backends(&[backend], UDP_PORT, true),
+    );
+    let _in = node_a.enter();
+    assert_eq!(run(&np_a, "corral_np_ingress", &big).0, TC_ACT_SHOT);
+    assert_eq!(count(&np_a, Verdict::DropTooBig), 1);
+    sh("ip", &["link", "set", "d0", "mtu", FABRIC_MTU]);
+    let (verdict, wrapped) = run(&np_a, "corral_np_ingress", &big);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(wrapped[34..], big[14..]);
+
+    // No route through a peer (the route to B's cell now goes elsewhere):
+    // dropped as remote, not sent to a node that would not unwrap it.
+    sh(
+        "ip",
+        &["route", "replace", "10.89.0.0/16", "via", "192.0.2.77"],
+    );
+    assert_eq!(run(&np_a, "corral_np_ingress", &syn).0, TC_ACT_SHOT);
+    assert_eq!(count(&np_a, Verdict::DropRemote), 1);
+    assert_eq!(count(&np_a, Verdict::DropError), 0);
+    assert_eq!(count(&np_b, Verdict::DropError), 0);
 }
