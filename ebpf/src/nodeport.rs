@@ -7,13 +7,15 @@
 //!
 //! | program | hook | does |
 //! |---|---|---|
-//! | `corral_np_ingress` | TC ingress of the uplink | picks the backend of a flow to `node address:published port`, DNATs it to a backend in this cell |
+//! | `corral_np_ingress` | TC ingress of the uplink | picks the backend of a flow to `node address:published port`, DNATs it to a backend in this cell or sends it in IPIP to the backend's node; unwraps what peers send it |
 //! | `corral_np_egress` | TC egress of the uplink | gives a backend's reply the node address and published port as its source |
 //!
 //! # What a packet meets (ingress)
 //!
 //! 1. IPv4 TCP or UDP (not a later fragment) whose destination is in
-//!    `np_addrs` ([`NodePort::set_node_addresses`]), else it passes.
+//!    `np_addrs` ([`NodePort::set_node_addresses`]), else it passes. (IPv4
+//!    protocol 4, IPIP, is a peer's forwarded flow: see "Backends on other
+//!    nodes".)
 //! 2. `lb_services[{vip: 0, port: dport, proto}]` with
 //!    `CORRAL_LB_F_PUBLISHED`, else it passes (the node's own services,
 //!    ssh, the agent's API, are never touched). A first fragment of such a
@@ -32,8 +34,8 @@
 //!    checksums fixed incrementally) and the packet goes on
 //!    ([`Verdict::Local`]): the node's kernel routes it to the instance's
 //!    veth (the node must forward: `net.ipv4.ip_forward = 1`).
-//!    A backend elsewhere is dropped ([`Verdict::DropRemote`]): the remote
-//!    path is not built yet (see below).
+//!    A backend elsewhere is sent to its node (see below,
+//!    [`Verdict::Forwarded`]).
 //!
 //! Flows stick: a flow keeps its backend while the ring changes (a backend
 //! added, removed from the ready set) for as long as its `np_flows` entry
@@ -64,20 +66,89 @@
 //! uplinks, attach to each. ICMP errors a backend sends about a flow are
 //! not translated.
 //!
-//! # Not done yet: backends on other nodes
+//! # Backends on other nodes: IPIP and direct server return
 //!
-//! The design for the remote path (DSR over IPIP): `bpf_fib_lookup` on the
-//! backend gives the other node (the gateway of `<cell subnet> via <node>`),
-//! the packet is DNATed, encapsulated (`bpf_skb_adjust_room` + an outer IPv4
-//! header, protocol 4) and redirected; the other node's ingress program
-//! decapsulates it, records the `np_nats` entry and lets it up to the
-//! instance, whose reply then leaves from that node directly. The open
-//! question is how the receiving node learns the *published port* for its
-//! `np_nats` entry (the outer header carries the original node's address
-//! but not the port, and a backend may serve several published ports):
-//! carry it in a small header (GUE/FOU-style UDP encapsulation) rather than
-//! overload the outer IPv4 id. Until then such flows are dropped and
-//! counted as [`Verdict::DropRemote`], never half-forwarded.
+//! Every node computes the same ring from the same backends (Maglev over
+//! stable keys, `router/`), so any node picks the same backend for a flow.
+//! The node the client chose (A) does not translate a flow whose backend
+//! is on another node (B): it sends the **original packet, unmodified**,
+//! inside an IPIP header, and B balances the inner packet as if it had
+//! arrived directly. B's reply then goes straight to the client with A's
+//! address as its source: nothing needs to carry the published port, and
+//! the return path never crosses A.
+//!
+//! On A (`forward` in nodeport.bpf.c):
+//!
+//! - `bpf_fib_lookup` (a forwarding lookup from the uplink, neighbour
+//!   left to `bpf_redirect_neigh`) on the backend's address. The agent
+//!   routes each other cell's subnet `via <that cell's node>`, so the
+//!   lookup's next hop (`params.ipv4_dst`, the route's gateway) is B. The
+//!   next hop must be a peer ([`NodePort::set_peer_addresses`]): a route
+//!   with no gateway, a gateway that is no node of the cluster (a default
+//!   route, the agent's route not installed yet) or no route at all is
+//!   [`Verdict::DropRemote`], never a packet sent where nobody unwraps it.
+//! - The outer header: source = the node address the client used (the
+//!   inner destination), destination = B, protocol 4, TTL 64, DF (B's
+//!   program sees packets before reassembly, so they must not be
+//!   fragmented on the way), the inner DSCP without its ECN bits (RFC 6040
+//!   compatibility mode: a router on the way drops rather than marks, and
+//!   nothing has to be propagated at decapsulation), checksum computed.
+//!   `bpf_skb_adjust_room(+20, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4)`
+//!   makes the room (and keeps GSO packets segmentable), then
+//!   `bpf_redirect_neigh` sends it out of the route's device with the
+//!   next hop's MAC address, resolving it if needed.
+//! - The connection table works as for local backends: the flow's entry
+//!   holds its backend, so a flow sticks to a backend on B while the ring
+//!   changes. No `np_nats` entry: the replies do not come back through A.
+//!
+//! On B (`from_peer`): an IPIP packet is B's only when its outer
+//! destination is one of B's addresses (`np_addrs`), its outer source is a
+//! peer (`np_peers`), the outer header has no options and is not a
+//! fragment, the inner packet is TCP or UDP to a published port, **and
+//! the inner destination is the outer source**. The last rule matters: B
+//! will send the replies *from* the inner destination, so it must be a
+//! peer's own address, not any address a sender put there; a node
+//! therefore wraps with the address the client used as the outer source
+//! (not the address of the route's device), and the peer set must hold
+//! every address the peers balance on, as their `np_addrs` do. Anything
+//! else is left to the kernel untouched (a host may run tunnels of its
+//! own). B's packet is unwrapped
+//! (`bpf_skb_adjust_room(−20, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)`,
+//! [`Verdict::Decapsulated`]) and goes through steps 3 and 4 above with
+//! one difference: its backend must be local. The two nodes' rings differ
+//! only while an update reaches them one after the other; a packet whose
+//! backend B thinks is elsewhere is dropped ([`Verdict::DropNotLocal`]),
+//! never forwarded again, so no packet loops. B keeps its own `np_flows`
+//! entry for the flow (key: the inner tuple, client → A), so the flow
+//! sticks on B too; its `np_nats` entry records A's address and the
+//! published port, and B's egress program gives the reply that source.
+//! (B's entry lives as long as A's: both are refreshed by every packet of
+//! the flow. Should B's LRU evict it while the ring has moved the flow's
+//! slot to a backend off B, the flow is dropped as not local, as a flow
+//! whose backend is deleted is reset.)
+//!
+//! What this asks of the network and the nodes:
+//!
+//! - **MTU.** The outer header adds 20 bytes. The links between nodes must
+//!   carry the largest packet clients send plus 20 (e.g. 1520 for clients
+//!   at 1500; the tests raise the node links to 1520), or the uplink's TCP
+//!   MSS must be clamped 20 below the path's. A packet that would not fit
+//!   the next hop's device once wrapped (`bpf_check_mtu`) is dropped and
+//!   counted ([`Verdict::DropTooBig`]); no ICMP "fragmentation needed" is
+//!   sent back, so path-MTU discovery does not repair it. GSO packets
+//!   (merged by GRO) are re-segmented on the way out with their MSS
+//!   lowered by 20, so they fit wherever their original segments did.
+//! - **Source addresses.** B sends replies with A's address as source
+//!   (direct server return): the fabric between the nodes and the clients
+//!   must not drop packets whose source belongs to another node (cloud
+//!   networks' source/destination checks do).
+//! - **Peers.** [`NodePort::set_peer_addresses`] lists the other nodes'
+//!   addresses (the gateways of the agent's cell routes, and any other
+//!   address a peer balances on). Anyone who can send packets with a
+//!   peer's source address can reach B's published ports through the
+//!   tunnel, which they can already do directly; they cannot make B reply
+//!   from an address that is not a peer's.
+//! - ICMP errors about a forwarded flow are not translated.
 //!
 //! # Maps
 //!
@@ -90,10 +161,18 @@
 //! | `lb_backends` | hash, 65536 | backend id → `{addr, port}` | agent (`Balancer`) |
 //! | `lb_rings` | hash of maps, 8192 | `{service, gen}` → array of `ring_size` backend ids | agent (`Balancer`) |
 //! | `np_addrs` | hash, 64 | node address → 0 | agent ([`NodePort::set_node_addresses`]) |
+//! | `np_peers` | hash, 4096 | other nodes' addresses → 0 | agent ([`NodePort::set_peer_addresses`]) |
 //! | `np_config` | array, 1 | 0 → `{cell_net, cell_mask}` | agent ([`NodePort::set_cell_subnet`]) |
 //! | `np_flows` | LRU hash, 262144 | arriving 5-tuple → `{backend id, addr, port}` | ingress |
 //! | `np_nats` | LRU hash, 262144 | reply 5-tuple → `{node addr, published port}` | ingress (read by egress) |
-//! | `np_stats` | per-CPU array, 7 | [`Verdict`] → `{packets, bytes}` | both programs |
+//! | `np_stats` | per-CPU array, 11 | [`Verdict`] → `{packets, bytes}` | both programs |
+//!
+//! `np_stats` grew from 7 to 11 entries with the remote path (new verdicts
+//! were appended, the old indices keep their meaning); like any capacity
+//! change it makes pins of an older build incompatible, and
+//! [`NodePort::load`] says so ([`Error::IncompatiblePin`]) instead of
+//! reusing them: remove the pin directory (agent stopped) when upgrading
+//! across it.
 //!
 //! # Restarts, detach, reload
 //!
@@ -101,7 +180,7 @@
 //! [`crate::TC_PRIORITY`] / handle [`crate::TC_HANDLE`] hold their programs,
 //! so traffic keeps flowing while the agent is down, and a new
 //! [`NodePort::attach`] replaces the programs in place. All state is in the
-//! pinned maps: a reload keeps the node addresses, the connection table,
+//! pinned maps: a reload keeps the node and peer addresses, the connection table,
 //! the reverse translations and the counters. [`NodePort::detach`] only
 //! removes the filters (published ports then reach the node itself, which
 //! normally refuses them); a later attach resumes every flow it knew.
@@ -115,16 +194,18 @@
 //! used by the node's own services.
 
 use std::collections::BTreeSet;
+use std::mem::size_of;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapType, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, c};
 use crate::dataplane::{
-    attach_classifier, detach_classifier, ensure_bpffs, ensure_clsact, ifindex, map_error, take,
+    attach_classifier, check_pin, detach_classifier, ensure_bpffs, ensure_clsact, ifindex,
+    map_error, take, MapSpec,
 };
 use crate::types::Counter;
 use crate::Error;
@@ -139,6 +220,44 @@ const CONFIG: &str = "np_config";
 const FLOWS: &str = "np_flows";
 const NATS: &str = "np_nats";
 const STATS: &str = "np_stats";
+
+/// The maps this module owns, as pins left by an earlier run must be.
+fn map_specs() -> [MapSpec; 6] {
+    let addr_set = |name, max_entries| MapSpec {
+        name,
+        kind: MapType::Hash,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u32>(),
+        max_entries,
+    };
+    let flow_table = |name, value_size| MapSpec {
+        name,
+        kind: MapType::LruHash,
+        key_size: size_of::<abi::Flow>(),
+        value_size,
+        max_entries: c::CORRAL_NP_MAX_FLOWS,
+    };
+    [
+        addr_set(ADDRS, c::CORRAL_NP_MAX_ADDRS),
+        addr_set(PEERS, c::CORRAL_NP_MAX_PEERS),
+        MapSpec {
+            name: CONFIG,
+            kind: MapType::Array,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<abi::NpConfig>(),
+            max_entries: 1,
+        },
+        flow_table(FLOWS, size_of::<abi::NpConn>()),
+        flow_table(NATS, size_of::<abi::NpNat>()),
+        MapSpec {
+            name: STATS,
+            kind: MapType::PerCpuArray,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<Counter>(),
+            max_entries: c::CORRAL_NP_VERDICTS,
+        },
+    ]
+}
 
 /// The two programs, by C function name, and where they run.
 pub const NODEPORT_PROGRAMS: [(&str, TcAttachType); 2] = [
@@ -291,13 +410,19 @@ impl std::fmt::Debug for NodePort {
 impl NodePort {
     /// Loads both programs, reusing the maps pinned in `pin_dir` (the
     /// directory given to [`crate::Dataplane::load`] and
-    /// [`crate::lb::Balancer::load`]) and pinning the ones it creates.
+    /// [`crate::lb::Balancer::load`]) and pinning the ones it creates. A
+    /// pin of this module whose type, key, value or capacity does not fit
+    /// this build (as `np_stats` of a build before the remote path) is an
+    /// error ([`Error::IncompatiblePin`]), never silently reused.
     pub fn load(pin_dir: &Path) -> Result<Self, Error> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
+        for spec in &map_specs() {
+            check_pin(pin_dir, spec)?;
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(object())

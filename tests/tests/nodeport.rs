@@ -1332,3 +1332,35 @@ fn flows_through_a_to_backends_on_b_stick_and_carry_udp() {
     assert_eq!(count(&np_a, Verdict::DropError), 0);
     assert_eq!(count(&np_b, Verdict::DropError), 0);
 }
+
+#[test]
+fn counters_pinned_by_a_build_without_the_remote_path_stop_the_load() {
+    let pins = PinDir::new();
+    std::fs::create_dir_all(&pins.path).unwrap();
+    let stale = pins.path.join("np_stats");
+    let stale = stale.to_str().unwrap();
+    sh(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            stale,
+            "type",
+            "percpu_array",
+            "key",
+            "4",
+            "value",
+            "16",
+            "entries",
+            "7",
+            "name",
+            "np_stats",
+        ],
+    );
+    let err = NodePort::load(&pins.path).unwrap_err();
+    assert!(
+        matches!(err, corral_ebpf::Error::IncompatiblePin { .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(stale), "{err}");
+}
