@@ -261,6 +261,10 @@ impl Executor {
                     .sync_routes(&want)
                     .await
                     .map_err(|e| e.to_string())?;
+                if let Some(lb) = net.lb.as_ref() {
+                    let peers: Vec<Ipv4Addr> = want.iter().map(|(_, via)| *via).collect();
+                    lb.set_peers(&peers)?;
+                }
                 Ok((added + removed > 0).then(|| {
                     format!(
                         "{} routes to other cells ({added} added, {removed} removed)",

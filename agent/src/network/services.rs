@@ -171,6 +171,19 @@ impl Lb {
         Ok(())
     }
 
+    /// The other cells' node addresses (the gateways of the routes to
+    /// their subnets): the nodes that may forward published-port flows to
+    /// this one, and to which this one forwards. No-op without north-south.
+    pub fn set_peers(&self, peers: &[Ipv4Addr]) -> Result<(), String> {
+        let mut i = self.inner();
+        match i.nodeport.as_mut() {
+            Some(np) => np
+                .set_peer_addresses(peers)
+                .map_err(|e| format!("setting the north-south peers: {e}")),
+            None => Ok(()),
+        }
+    }
+
     /// North-south packets by verdict, when it is enabled.
     pub fn north_south_counters(&self) -> Option<Vec<(&'static str, u64, u64)>> {
         let i = self.inner();
