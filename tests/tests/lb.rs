@@ -580,3 +580,232 @@ fn a_published_port_is_balanced_at_every_node_over_every_cell_and_flows_stick() 
         c.delete_all();
     }
 }
+
+/// A UDP server in an instance's network namespace (a thread of this test
+/// that entered it), answering every datagram with `id=<instance>`.
+struct UdpServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpServer {
+    fn start(pid: u64, id: String, port: u16) -> UdpServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+            #[allow(unsafe_code)]
+            // SAFETY: setns(2) on this thread only, with a namespace fd we own.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let sock = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 512];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(format!("id={id}\n").as_bytes(), from);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("udp server up");
+        UdpServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `bash -c script` inside instance `id` of `cell`: in its network
+/// namespace and its cgroup2 directory, where the balancer's programs are
+/// attached (as the instance's own processes are).
+fn in_instance(cell: &Cell, id: &str, script: &str) -> String {
+    let pid = cell.get(id)["pid"].as_u64().unwrap();
+    let procs = format!(
+        "/sys/fs/cgroup/unified/{}/{id}/cgroup.procs",
+        cell.cgroup_root
+    );
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {procs} && exec nsenter --net=/proc/{pid}/ns/net timeout 20 bash -c \"$0\""
+        ))
+        .arg(script)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once() {
+    common::require_root();
+    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut fabric = Fabric::new(&ids);
+    fabric.start_brain();
+    for (i, name) in names.iter().enumerate() {
+        let extra = format!(
+            "{}[network]\nsubnet = \"10.244.{}.0/24\"\n",
+            fabric.agent_config(name, &format!("z{}", i + 1)),
+            i + 1
+        );
+        let cell = Cell::start_named(name, &extra);
+        fabric.attach(&cell);
+        cells.push(cell);
+    }
+    fabric.wait_json(&["cells"], "two connected cells", |v| {
+        v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "connected")
+            .count()
+            == 2
+    });
+    let root = common::rootfs();
+    let push = |name: &str, n: &str, port: &str| {
+        let out = fabric.cli(&[
+            "push",
+            name,
+            "--tenant",
+            "acme",
+            "--instances",
+            n,
+            "--rootfs",
+            root.to_str().unwrap(),
+            "--memory",
+            "32",
+            "--disk",
+            "64",
+            "--port",
+            port,
+            "--",
+            "/bin/sh",
+            "-c",
+            "exec sleep 100000",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Two instances serving UDP 5353 (servers run by this test inside
+    // their namespaces), and a client instance.
+    push("dns", "2", "5353/udp");
+    push("client", "1", "9/tcp");
+    let running = |app: &str, n: usize| {
+        fabric.wait_json(&["app", app, "--tenant", "acme"], "running", |v| {
+            v["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| i["state"] == "running")
+                .count()
+                == n
+        })
+    };
+    let dns = running("dns", 2);
+    let vip = dns["app"]["vip"].as_str().unwrap().to_owned();
+    let cell_of = |i: &serde_json::Value| -> &Cell {
+        cells.iter().find(|c| i["cell"] == c.name.as_str()).unwrap()
+    };
+    let mut servers = Vec::new();
+    let mut dns_ids = Vec::new();
+    for i in dns["instances"].as_array().unwrap() {
+        let id = i["id"].as_str().unwrap().to_owned();
+        let pid = cell_of(i).get(&id)["pid"].as_u64().unwrap();
+        servers.push(UdpServer::start(pid, id.clone(), 5353));
+        dns_ids.push(id);
+    }
+    // The client app has a TCP port nobody listens on: never ready, but
+    // running, which is all a client needs.
+    let client = running("client", 1)["instances"][0].clone();
+    let client_id = client["id"].as_str().unwrap().to_owned();
+    let client_cell = cell_of(&client);
+    wait(
+        "the dns service on the client's cell",
+        || context(&fabric, &cells),
+        || {
+            client_cell
+                .metrics()
+                .lines()
+                .any(|l| l == "corral_lb_backends 2")
+        },
+    );
+
+    // UDP through the VIP (bash's /dev/udp connects the socket), many
+    // times: both instances answer. (`head` reads a whole datagram; bash's
+    // `read` would take it one byte at a time, losing the rest.)
+    let out = in_instance(
+        client_cell,
+        &client_id,
+        &format!(
+            "for i in $(seq 30); do exec 3<>/dev/udp/{vip}/5353; echo q >&3; timeout 2 head -n 1 <&3; exec 3<&-; done"
+        ),
+    );
+    for id in &dns_ids {
+        assert!(
+            out.contains(&format!("id={id}")),
+            "{id} never answered: {out}"
+        );
+    }
+
+    // Scaled to zero: the service stays, with no backend, and a connect to
+    // it is refused at once instead of hanging.
+    let out = fabric.cli(&["scale", "dns", "0", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "no dns backend",
+        || context(&fabric, &cells),
+        || {
+            client_cell
+                .metrics()
+                .lines()
+                .any(|l| l == "corral_lb_backends 0")
+        },
+    );
+    let out = in_instance(
+        client_cell,
+        &client_id,
+        &format!("exec 3<>/dev/udp/{vip}/5353 && echo connected"),
+    );
+    // The errno itself shows it was refused, not timed out.
+    assert!(out.contains("Connection refused"), "{out}");
+    drop(servers);
+    for app in ["dns", "client"] {
+        let out = fabric.cli(&["delete-app", app, "--tenant", "acme"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for c in &cells {
+        c.delete_all();
+    }
+}
