@@ -11,6 +11,8 @@ mod bench_cluster;
 mod bench_lb;
 #[cfg(feature = "ebpf")]
 mod bench_net;
+#[cfg(test)]
+mod dashboard;
 mod demo;
 mod demo_cluster;
 mod deps;
