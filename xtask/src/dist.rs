@@ -49,6 +49,11 @@ const FILES: &[(&str, &str, u32)] = &[
     ("README.md", "usr/share/doc/corral/README.md", 0o644),
     ("docs/systemd.md", "usr/share/doc/corral/systemd.md", 0o644),
     ("docs/metrics.md", "usr/share/doc/corral/metrics.md", 0o644),
+    (
+        "docs/grafana/corral.json",
+        "usr/share/doc/corral/grafana/corral.json",
+        0o644,
+    ),
     ("dist/debian/postinst", "DEBIAN/postinst", 0o755),
     ("dist/debian/postrm", "DEBIAN/postrm", 0o755),
 ];
