@@ -357,6 +357,17 @@ impl Executor {
             .collect()
     }
 
+    /// The span of every log line about instance `id`: its id, app and
+    /// tenant (only the id once it has left the table).
+    pub fn span(&self, id: &InstanceId) -> tracing::Span {
+        match self.table().get(id) {
+            Some(e) => {
+                tracing::info_span!("instance", id = %id, app = %e.spec.app, tenant = %e.spec.tenant)
+            }
+            None => tracing::info_span!("instance", id = %id),
+        }
+    }
+
     /// Records one readiness check result of `id`; an instance its check
     /// condemns (see [`corral_proto::health`]) is killed, so that it
     /// crashes and goes down the crash path.
@@ -376,15 +387,18 @@ impl Executor {
             Change::None => return,
             Change::Readiness => {
                 let ready = self.get(id).is_some_and(|i| i.ready);
-                tracing::info!(instance = %id, ready, "readiness changed");
+                self.span(id)
+                    .in_scope(|| tracing::info!(ready, "readiness changed"));
             }
             Change::Kill(why) => {
-                tracing::warn!(instance = %id, "killing the instance: {why}");
+                let span = self.span(id);
+                let _in = span.enter();
+                tracing::warn!("killing the instance: {why}");
                 let killed = init.is_some_and(|(pid, start)| {
                     matches!(sys::pidfd_for(pid, start), Ok(Some(fd)) if sys::pidfd_signal(&fd, libc::SIGKILL).unwrap_or(false))
                 });
                 if !killed {
-                    tracing::warn!(instance = %id, "its process was already gone");
+                    tracing::warn!("its process was already gone");
                 }
             }
         }
@@ -776,7 +790,9 @@ impl Executor {
             match sys::pidfd_for(pid, start) {
                 Ok(Some(fd)) => wait_pidfd(fd).await,
                 Ok(None) => {}
-                Err(e) => tracing::error!(instance = %id, "pidfd_open({pid}): {e}"),
+                Err(e) => this
+                    .span(&id)
+                    .in_scope(|| tracing::error!("pidfd_open({pid}): {e}")),
             }
             // An ended instance gives its network back before its end is
             // published, so nobody sees an ended instance holding an address.
@@ -802,7 +818,8 @@ impl Executor {
         }
         let ended = rec.as_ref().is_some_and(|r| r.status.state.is_final());
         if !ended {
-            tracing::error!(instance = %id, "shim exited without recording the instance's end");
+            self.span(&id)
+                .in_scope(|| tracing::error!("shim exited without recording the instance's end"));
             self.mark_lost(id, "the instance's shim died; the instance was stopped");
             self.cleanup_orphan(id, &p);
         }
@@ -840,7 +857,8 @@ impl Executor {
             drop(t);
             let _ = std::fs::create_dir_all(&p.run);
             if let Err(e) = shim::write_record(&p.record(), &rec) {
-                tracing::error!(instance = %id, "cannot write record: {e}");
+                self.span(&id)
+                    .in_scope(|| tracing::error!("cannot write record: {e}"));
             }
         }
     }
@@ -869,8 +887,12 @@ impl Executor {
             .status()
         {
             Ok(s) if s.success() => {}
-            Ok(s) => tracing::error!(instance = %id, "cleanup helper failed: {s}"),
-            Err(e) => tracing::error!(instance = %id, "cannot run the cleanup helper: {e}"),
+            Ok(s) => self
+                .span(&id)
+                .in_scope(|| tracing::error!("cleanup helper failed: {s}")),
+            Err(e) => self
+                .span(&id)
+                .in_scope(|| tracing::error!("cannot run the cleanup helper: {e}")),
         }
     }
 
@@ -881,12 +903,7 @@ impl Executor {
         id: &InstanceId,
         grace_secs: Option<u64>,
     ) -> Result<InstanceInfo, ExecError> {
-        let span = match self.table().get(id) {
-            Some(e) => {
-                tracing::info_span!("instance", id = %id, app = %e.spec.app, tenant = %e.spec.tenant)
-            }
-            None => tracing::info_span!("instance", id = %id),
-        };
+        let span = self.span(id);
         self.delete_inner(id, grace_secs).instrument(span).await
     }
 
@@ -985,7 +1002,9 @@ impl Executor {
             {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::error!(instance = %id, "ignoring instance with unreadable spec.json: {e}");
+                    self.span(&id).in_scope(|| {
+                        tracing::error!("ignoring instance with unreadable spec.json: {e}")
+                    });
                     continue;
                 }
             };
@@ -1015,7 +1034,9 @@ impl Executor {
                 Some(r) if r.status.state.is_final() => self.release_network(&id).await,
                 Some(r) => match sys::pidfd_for(r.shim_pid, r.shim_start) {
                     Ok(Some(_)) => {
-                        tracing::info!(instance = %id, shim_pid = r.shim_pid, "re-adopted running instance");
+                        self.span(&id).in_scope(|| {
+                            tracing::info!(shim_pid = r.shim_pid, "re-adopted running instance")
+                        });
                         adopted += 1;
                         self.readopt_network(&id);
                         self.spawn_watcher(id.clone(), r.shim_pid, r.shim_start);
@@ -1165,11 +1186,14 @@ impl Executor {
                 // entries are rewritten as they were.
                 if let (Some(plane), Some((tenant, app))) = (&net.plane, owner) {
                     if let Err(e) = plane.add(&att, &tenant, &app) {
-                        tracing::error!(instance = %id, "re-adopting the data plane: {e}");
+                        self.span(&id)
+                            .in_scope(|| tracing::error!("re-adopting the data plane: {e}"));
                     }
                 }
             }
-            Err(e) => tracing::error!(instance = %id, "re-adopting address: {e}"),
+            Err(e) => self
+                .span(&id)
+                .in_scope(|| tracing::error!("re-adopting address: {e}")),
         }
     }
 
@@ -1191,7 +1215,8 @@ impl Executor {
             logs_dropped: 0,
         };
         if let Err(e) = shim::write_record(&p.record(), &rec) {
-            tracing::error!(instance = %id, "cannot write record: {e}");
+            self.span(&id)
+                .in_scope(|| tracing::error!("cannot write record: {e}"));
         }
     }
 }
