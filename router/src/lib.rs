@@ -171,8 +171,8 @@ pub use ids::{BackendId, ServiceId};
 mod testing;
 pub use maglev::Weight;
 pub use plan::{
-    plan, Desired, DesiredService, ModelError, Op, Programmed, RingKey, RingRef, ServiceEntry,
-    FLAG_PUBLISHED,
+    plan, plan_changes, Desired, DesiredService, ModelError, Op, Programmed, RingKey, RingRef,
+    ServiceEntry, FLAG_PUBLISHED,
 };
 pub use service::{
     Backend, BackendAddr, Error, Limits, Protocol, ServiceKey, ServiceOwner, ServiceSpec,
