@@ -68,12 +68,12 @@ impl Program {
 }
 
 /// What a map must look like; checked against pins left by an earlier run.
-struct MapSpec {
-    name: &'static str,
-    kind: MapType,
-    key_size: usize,
-    value_size: usize,
-    max_entries: u32,
+pub(crate) struct MapSpec {
+    pub(crate) name: &'static str,
+    pub(crate) kind: MapType,
+    pub(crate) key_size: usize,
+    pub(crate) value_size: usize,
+    pub(crate) max_entries: u32,
 }
 
 const IFACES: &str = "ifaces";
@@ -863,7 +863,7 @@ pub(crate) fn ensure_bpffs(pin_dir: &Path) -> Result<(), Error> {
 }
 
 /// Checks a pin left by an earlier run. Returns whether it exists.
-fn check_pin(pin_dir: &Path, spec: &MapSpec) -> Result<bool, Error> {
+pub(crate) fn check_pin(pin_dir: &Path, spec: &MapSpec) -> Result<bool, Error> {
     let path = pin_dir.join(spec.name);
     if !path.exists() {
         return Ok(false);

@@ -152,7 +152,8 @@ pub struct ServiceSpec {
 /// time: it is refused here instead, with an [`Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Services (entries of `lb_services`). Default 4,096.
+    /// Services (entries of `lb_services`, lists of `lb_slots`). Default
+    /// 16,384.
     pub max_services: u32,
     /// Distinct backend addresses (entries of `lb_backends`). Default 65,536.
     pub max_backends: u32,
@@ -168,7 +169,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_services: 4_096,
+            max_services: 16_384,
             max_backends: 65_536,
             max_backends_per_service: MAX_BACKENDS_PER_SERVICE,
             max_published_services: 1_024,
