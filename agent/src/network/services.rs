@@ -218,7 +218,14 @@ impl Lb {
                 changed.entry(vip).or_insert(None);
             }
             for (vip, old) in &changed {
-                update_vip(table, *vip, old.as_ref(), known.get(vip), refused, &mut applied);
+                update_vip(
+                    table,
+                    *vip,
+                    old.as_ref(),
+                    known.get(vip),
+                    refused,
+                    &mut applied,
+                );
             }
         }
         let ops = plan_changes(programmed, table);
@@ -246,8 +253,11 @@ fn update_vip(
     refused: &mut BTreeSet<Ipv4Addr>,
     applied: &mut Applied,
 ) {
-    let want: BTreeMap<ServiceKey, ServiceSpec> =
-        new.map(router_services).unwrap_or_default().into_iter().collect();
+    let want: BTreeMap<ServiceKey, ServiceSpec> = new
+        .map(router_services)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     for (key, _) in old.map(router_services).unwrap_or_default() {
         if !want.contains_key(&key) {
             let _ = table.remove(&key);
@@ -314,8 +324,18 @@ mod tests {
         let mut refused = BTreeSet::new();
         let mut applied = Applied::default();
         let vip = Ipv4Addr::new(10, 96, 0, 1);
-        let three = web(vec![PortSpec::tcp(80), PortSpec::tcp(81), PortSpec::tcp(82)], 2);
-        update_vip(&mut table, vip, None, Some(&three), &mut refused, &mut applied);
+        let three = web(
+            vec![PortSpec::tcp(80), PortSpec::tcp(81), PortSpec::tcp(82)],
+            2,
+        );
+        update_vip(
+            &mut table,
+            vip,
+            None,
+            Some(&three),
+            &mut refused,
+            &mut applied,
+        );
         // Two ports fit, the third is refused and remembered for a retry.
         assert_eq!(table.len(), 2);
         assert_eq!(applied.refused.len(), 1);
@@ -329,7 +349,14 @@ mod tests {
         // still held by the maps, so 82 waits for the next retry.
         let two = web(vec![PortSpec::tcp(81), PortSpec::tcp(82)], 3);
         let mut applied = Applied::default();
-        update_vip(&mut table, vip, Some(&three), Some(&two), &mut refused, &mut applied);
+        update_vip(
+            &mut table,
+            vip,
+            Some(&three),
+            Some(&two),
+            &mut refused,
+            &mut applied,
+        );
         let keys: Vec<String> = table.keys().map(|k| k.to_string()).collect();
         assert_eq!(keys, ["10.96.0.1:81/tcp"]);
         assert!(refused.contains(&vip));
@@ -339,7 +366,14 @@ mod tests {
         }
         table.release(&programmed);
         let mut applied = Applied::default();
-        update_vip(&mut table, vip, None, Some(&two), &mut refused, &mut applied);
+        update_vip(
+            &mut table,
+            vip,
+            None,
+            Some(&two),
+            &mut refused,
+            &mut applied,
+        );
         let keys: Vec<String> = table.keys().map(|k| k.to_string()).collect();
         assert_eq!(keys, ["10.96.0.1:81/tcp", "10.96.0.1:82/tcp"]);
         assert!(refused.is_empty() && applied.refused.is_empty());
