@@ -59,7 +59,8 @@ static __always_inline int balance(struct bpf_sock_addr *ctx)
 	struct corral_lb_backend *be;
 	struct corral_lb_sock_key rev;
 	struct corral_lb_sock vip;
-	__u32 *list, idx;
+	__u32 *list;
+	__u64 idx;
 
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return 1;
@@ -77,6 +78,10 @@ static __always_inline int balance(struct bpf_sock_addr *ctx)
 	if (!list)
 		goto refuse;
 	idx = bpf_get_prandom_u32() % svc->count;
+	/* The verifier does not know that a 32-bit modulo clears the upper
+	 * half: hide where idx comes from, so that clang checks the bound on
+	 * all 64 bits and the verifier can bound the pointer below. */
+	asm volatile("" : "+r"(idx));
 	if (idx >= CORRAL_LB_MAX_BACKENDS_PER_SERVICE)
 		goto refuse;
 	be = bpf_map_lookup_elem(&lb_backends, &list[idx]);
