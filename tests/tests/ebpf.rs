@@ -668,8 +668,8 @@ fn a_balancer_pin_from_an_older_build_stops_the_load_with_a_fix() {
     sh(
         "bpftool",
         &[
-            "map", "create", stale, "type", "array", "key", "4", "value", "4", "entries",
-            &entries, "name", "lb_slots",
+            "map", "create", stale, "type", "array", "key", "4", "value", "4", "entries", &entries,
+            "name", "lb_slots",
         ],
     );
     let err = corral_ebpf::lb::Balancer::load(&pins.path).unwrap_err();
