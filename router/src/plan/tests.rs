@@ -594,8 +594,11 @@ proptest! {
                 let skip = (!keys.is_empty()).then(|| keys[keep.index(keys.len())]);
                 for k in keys.iter().rev().filter(|k| Some(**k) != skip) {
                     let spec = t.spec(k).unwrap();
-                    // A full table refuses some (ids still held): the
-                    // agent logs those and goes on.
+                    // A full table may refuse one: a ring built for a
+                    // service whose entry was not written yet holds an id
+                    // no key leads the adopted table to, until a plan
+                    // deletes it and a release frees the id. The agent
+                    // logs the refusal and retries with the next message.
                     let _ = fresh.upsert(*k, spec);
                 }
                 t = fresh;
