@@ -36,7 +36,16 @@ struct RawConfig {
     disk: RawDisk,
     #[serde(default)]
     network: RawNetwork,
+    #[serde(default)]
+    shutdown: RawShutdown,
     brain: Option<RawBrain>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawShutdown {
+    drain: Option<bool>,
+    drain_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -112,6 +121,13 @@ pub struct Config {
     pub cgroup_root: String,
     /// Seconds between SIGTERM and SIGKILL when stopping an instance. Default: 10.
     pub stop_grace_secs: u64,
+    /// On SIGTERM, drain first: evacuate (the brain starts replacements
+    /// elsewhere and stops the instances here) and wait until no LRP
+    /// instance is left or `drain_timeout_secs` passed, then exit. Only
+    /// with a `[brain]`. Default: false (instances keep running).
+    pub drain_on_stop: bool,
+    /// Longest wait of a drain on stop. Default: 300.
+    pub drain_timeout_secs: u64,
     /// TCP address of the admin API; `None` disables it. Default: 127.0.0.1:7800.
     pub api_listen: Option<SocketAddr>,
     /// Unix socket of the admin API. Default: `<run_dir>/agent.sock`.
@@ -330,6 +346,19 @@ impl Config {
                 "stop_grace_secs {stop_grace_secs} is more than an hour"
             ));
         }
+        let drain_on_stop = raw.shutdown.drain.unwrap_or(false);
+        let drain_timeout_secs = raw.shutdown.drain_timeout_secs.unwrap_or(300);
+        if !(1..=86_400).contains(&drain_timeout_secs) {
+            p.push(format!(
+                "shutdown.drain_timeout_secs {drain_timeout_secs} is outside 1..=86400"
+            ));
+        }
+        if drain_on_stop && raw.brain.is_none() {
+            p.push(
+                "shutdown.drain needs a [brain]: without one nothing moves the instances away"
+                    .to_owned(),
+            );
+        }
         let api_listen = parse_addr(
             "api.listen",
             raw.api.listen.as_deref(),
@@ -432,6 +461,8 @@ impl Config {
                 run_dir,
                 cgroup_root,
                 stop_grace_secs,
+                drain_on_stop,
+                drain_timeout_secs,
                 api_listen,
                 api_socket,
                 metrics_listen,
@@ -636,6 +667,25 @@ mod tests {
             problems[0].contains("unknown field `listen_on`"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn a_drain_on_stop_needs_a_brain_and_a_sane_timeout() {
+        let c = Config::parse("", &host()).unwrap();
+        assert!(!c.drain_on_stop);
+        assert_eq!(c.drain_timeout_secs, 300);
+        let problems = Config::parse(
+            "[shutdown]\ndrain = true\ndrain_timeout_secs = 0\n",
+            &host(),
+        )
+        .unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:#?}");
+        let c = Config::parse(
+            "[shutdown]\ndrain = true\n[brain]\naddresses = [\"10.0.0.1:7901\"]\n",
+            &host(),
+        )
+        .unwrap();
+        assert!(c.drain_on_stop);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use crate::network::{Attachment, Network};
 use crate::paths::{InstancePaths, Layout};
 use crate::shim::{self, Launch, Record, StartReport};
 use crate::sys;
-use corral_proto::health::{CheckKind, HealthCheck, Readiness};
+use corral_proto::health::{Change, CheckKind, HealthCheck, Readiness};
 use corral_proto::{
     AppId, Capacity, CapacityError, Event, InstanceId, InstanceInfo, InstanceSpec, InstanceState,
     SpecError, Status, TenantId, Timestamp,
@@ -104,6 +104,10 @@ impl Entry {
         // Without a check, running is ready; with one, it must also pass.
         i.ready = i.state == InstanceState::Running
             && (self.spec.health_check.is_none() || self.readiness.ready);
+        // The shim saw a SIGKILL; the reason it was sent is the agent's.
+        if let (InstanceState::Crashed, Some(why)) = (i.state, &self.readiness.killed) {
+            i.reason = Some(why.clone());
+        }
         i
     }
 }
@@ -257,6 +261,10 @@ impl Executor {
                     .sync_routes(&want)
                     .await
                     .map_err(|e| e.to_string())?;
+                if let Some(lb) = net.lb.as_ref() {
+                    let peers: Vec<Ipv4Addr> = want.iter().map(|(_, via)| *via).collect();
+                    lb.set_peers(&peers)?;
+                }
                 Ok((added + removed > 0).then(|| {
                     format!(
                         "{} routes to other cells ({added} added, {removed} removed)",
@@ -349,23 +357,38 @@ impl Executor {
             .collect()
     }
 
-    /// Records one readiness check result of `id`.
+    /// Records one readiness check result of `id`; an instance its check
+    /// condemns (see [`corral_proto::health`]) is killed, so that it
+    /// crashes and goes down the crash path.
     pub fn record_check(&self, id: &InstanceId, passed: bool) {
-        let changed = {
+        let (change, init) = {
             let mut t = self.table();
             let Some(e) = t.get_mut(id) else { return };
-            let threshold = e
-                .spec
-                .health_check
-                .as_ref()
-                .map_or(1, |c| c.failure_threshold);
-            e.readiness.record(passed, threshold)
+            let Some(check) = e.spec.health_check.clone() else {
+                return;
+            };
+            let running_ms = e.status.borrow().started_at.map_or(0, |s| {
+                shim::now().nanos().saturating_sub(s.nanos()) / 1_000_000
+            });
+            (e.readiness.record(passed, &check, running_ms), e.init)
         };
-        if changed {
-            let ready = self.get(id).is_some_and(|i| i.ready);
-            tracing::info!(instance = %id, ready, "readiness changed");
-            self.changed();
+        match change {
+            Change::None => return,
+            Change::Readiness => {
+                let ready = self.get(id).is_some_and(|i| i.ready);
+                tracing::info!(instance = %id, ready, "readiness changed");
+            }
+            Change::Kill(why) => {
+                tracing::warn!(instance = %id, "killing the instance: {why}");
+                let killed = init.is_some_and(|(pid, start)| {
+                    matches!(sys::pidfd_for(pid, start), Ok(Some(fd)) if sys::pidfd_signal(&fd, libc::SIGKILL).unwrap_or(false))
+                });
+                if !killed {
+                    tracing::warn!(instance = %id, "its process was already gone");
+                }
+            }
         }
+        self.changed();
     }
 
     pub fn get(&self, id: &InstanceId) -> Option<InstanceInfo> {

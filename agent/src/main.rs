@@ -45,6 +45,59 @@ enum Cmd {
     Cleanup { args: String },
 }
 
+/// Drains the cell before it stops: evacuates, then waits until no LRP
+/// instance is left (the brain has started their replacements elsewhere
+/// and stopped them here), `timeout_secs` passed, or another SIGTERM or
+/// Ctrl-C says to stop at once. Keeps systemd's stop timeout extended
+/// meanwhile. Returns whether this drain started the evacuation.
+async fn drain_before_stop(
+    exec: &std::sync::Arc<Executor>,
+    sd: Option<&notify::Notifier>,
+    term: &mut tokio::signal::unix::Signal,
+    timeout_secs: u64,
+) -> bool {
+    let started = match exec.set_evacuating(true) {
+        Ok(changed) => changed,
+        Err(e) => {
+            tracing::error!("cannot drain before stopping: {e}; stopping now");
+            return false;
+        }
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout_secs);
+    let mut changes = exec.changes();
+    loop {
+        let left = exec.live_lrps();
+        if left == 0 {
+            tracing::info!("drained: no LRP instance left on this cell");
+            break;
+        }
+        notify::send(
+            sd,
+            &[
+                State::ExtendTimeout(std::time::Duration::from_secs(30)),
+                State::Status(format!("draining before stop: {left} LRP instance(s) left")),
+            ],
+        );
+        tokio::select! {
+            _ = changes.changed() => {}
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(left, "drain before stop timed out after {timeout_secs} s: stopping with instances running");
+                break;
+            }
+            _ = term.recv() => {
+                tracing::warn!(left, "second SIGTERM: stopping without waiting for the drain");
+                break;
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::warn!(left, "interrupted: stopping without waiting for the drain");
+                break;
+            }
+        }
+    }
+    started
+}
+
 fn main() {
     // The shim's monitor half is kept as lean as possible: no argument parser,
     // no runtime, no logging set-up.
@@ -233,6 +286,23 @@ async fn run(
     if let (Some(lb), Some(root)) = (exec.lb(), exec.cgroup2_root()) {
         let created = lb.attach(root).map_err(|e| anyhow::anyhow!(e))?;
         tracing::info!(cgroup = %root.display(), created, "service load balancer attached");
+        if let (false, Some(subnet)) = (cfg.uplinks.is_empty(), cfg.subnet) {
+            let pins = std::path::Path::new("/sys/fs/bpf/corral").join(cfg.cell_id.as_str());
+            let node = Network::open()
+                .context("opening netlink")?
+                .node_networks()
+                .await
+                .context("reading the node's addresses")?;
+            let addrs: Vec<std::net::Ipv4Addr> = node.iter().map(|(a, _)| *a).collect();
+            lb.enable_north_south(
+                &pins,
+                &cfg.uplinks,
+                &addrs,
+                (subnet.network(), subnet.prefix()),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            tracing::info!(uplinks = ?cfg.uplinks, addresses = ?addrs, "published ports balanced on the uplinks");
+        }
     }
     let registry = metrics.registry(Arc::downgrade(&exec));
     let state = Arc::new(api::ApiState {
@@ -345,6 +415,13 @@ async fn run(
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+    // A drain this stop started is cancelled before exiting, so the next
+    // start takes work again; one an operator started stays.
+    let drained = if cfg.drain_on_stop && link.is_some() {
+        drain_before_stop(&exec, sd, &mut term, cfg.drain_timeout_secs).await
+    } else {
+        false
+    };
     notify::send(
         sd,
         &[
@@ -354,6 +431,11 @@ async fn run(
     );
     if let Some(link) = link {
         link.shutdown().await;
+    }
+    if drained {
+        if let Err(e) = exec.set_evacuating(false) {
+            tracing::error!("cannot clear the drain of this stop: {e}");
+        }
     }
     let running = exec
         .snapshot()

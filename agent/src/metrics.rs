@@ -286,6 +286,17 @@ impl Collector for CellCollector {
         )?;
         network(&mut enc, &exec, &snaps)?;
         if let Some(lb) = exec.lb() {
+            if let Some(counters) = lb.north_south_counters() {
+                family(
+                    &mut enc,
+                    "north_south_packets",
+                    "Packets to published ports seen by the uplinks' balancer, by verdict",
+                    MetricType::Counter,
+                    counters.iter().map(|(v, p, _)| {
+                        (vec![("verdict", (*v).to_owned())], ConstCounter::new(*p))
+                    }),
+                )?;
+            }
             let (services, backends) = lb.counts();
             family(
                 &mut enc,

@@ -13,6 +13,15 @@ pub enum HelloError {
     NotACell { peer: PeerIdentity },
     #[error("the hello claims to be cell {claimed}, but the certificate is for cell {certified}")]
     IdentityMismatch { certified: CellId, claimed: CellId },
+    #[error(
+        "cell {cell}'s instance subnet {subnet} overlaps the brain's VIP range {vips}: \
+         give the cell another [network] subnet (or the brain another vip_range)"
+    )]
+    SubnetOverlapsVips {
+        cell: CellId,
+        subnet: Ipv4Net,
+        vips: Ipv4Net,
+    },
     #[error(transparent)]
     Version(#[from] WireError),
 }
@@ -23,6 +32,7 @@ impl HelloError {
         match self {
             Self::NotACell { .. } | Self::IdentityMismatch { .. } => CloseCode::Identity,
             Self::Version(_) => CloseCode::Version,
+            Self::SubnetOverlapsVips { .. } => CloseCode::Conflict,
         }
     }
 }
@@ -35,6 +45,7 @@ pub fn accept_hello(
     ours: VersionRange,
     brain: &BrainId,
     subnet: Option<Ipv4Net>,
+    vips: Option<Ipv4Net>,
 ) -> Result<HelloAck, HelloError> {
     let PeerIdentity::Cell(certified) = peer else {
         return Err(HelloError::NotACell { peer: peer.clone() });
@@ -44,6 +55,15 @@ pub fn accept_hello(
             certified: certified.clone(),
             claimed: hello.cell.clone(),
         });
+    }
+    if let (Some(subnet), Some(vips)) = (hello.subnet, vips) {
+        if subnet.overlaps(vips) {
+            return Err(HelloError::SubnetOverlapsVips {
+                cell: certified.clone(),
+                subnet,
+                vips,
+            });
+        }
     }
     let version = negotiate(ours, hello.versions)?;
     Ok(HelloAck {
@@ -76,21 +96,42 @@ mod tests {
     fn the_certificate_decides() {
         let brain = BrainId::new("b1").unwrap();
         let peer = PeerIdentity::Cell(CellId::new("c1").unwrap());
-        let ack =
-            accept_hello(&peer, &hello("c1", 1, 9), SUPPORTED_VERSIONS, &brain, None).unwrap();
+        let ack = accept_hello(
+            &peer,
+            &hello("c1", 1, 9),
+            SUPPORTED_VERSIONS,
+            &brain,
+            None,
+            None,
+        )
+        .unwrap();
         assert_eq!(ack.version, 1);
         assert_eq!(ack.brain, brain);
 
-        let err =
-            accept_hello(&peer, &hello("c2", 1, 1), SUPPORTED_VERSIONS, &brain, None).unwrap_err();
+        let err = accept_hello(
+            &peer,
+            &hello("c2", 1, 1),
+            SUPPORTED_VERSIONS,
+            &brain,
+            None,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(
             err.to_string(),
             "the hello claims to be cell c2, but the certificate is for cell c1"
         );
         assert_eq!(err.close_code(), CloseCode::Identity);
 
-        let err =
-            accept_hello(&peer, &hello("c1", 7, 9), SUPPORTED_VERSIONS, &brain, None).unwrap_err();
+        let err = accept_hello(
+            &peer,
+            &hello("c1", 7, 9),
+            SUPPORTED_VERSIONS,
+            &brain,
+            None,
+            None,
+        )
+        .unwrap_err();
         assert_eq!(err.close_code(), CloseCode::Version);
 
         let other_brain = PeerIdentity::Brain(BrainId::new("b2").unwrap());
@@ -100,9 +141,54 @@ mod tests {
                 &hello("c1", 1, 1),
                 SUPPORTED_VERSIONS,
                 &brain,
+                None,
                 None
             ),
             Err(HelloError::NotACell { .. })
         ));
+    }
+
+    #[test]
+    fn a_subnet_overlapping_the_vip_range_is_refused() {
+        let brain = BrainId::new("b1").unwrap();
+        let peer = PeerIdentity::Cell(CellId::new("c1").unwrap());
+        let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
+        let mut h = hello("c1", 1, 1);
+        h.subnet = Some(net("10.96.4.0/24"));
+        let err = accept_hello(
+            &peer,
+            &h,
+            SUPPORTED_VERSIONS,
+            &brain,
+            h.subnet,
+            Some(net("10.96.0.0/16")),
+        )
+        .unwrap_err();
+        assert_eq!(err.close_code(), CloseCode::Conflict);
+        assert!(
+            err.to_string()
+                .contains("overlaps the brain's VIP range 10.96.0.0/16"),
+            "{err}"
+        );
+        h.subnet = Some(net("10.0.0.0/8"));
+        assert!(accept_hello(
+            &peer,
+            &h,
+            SUPPORTED_VERSIONS,
+            &brain,
+            h.subnet,
+            Some(net("10.96.0.0/16"))
+        )
+        .is_err());
+        h.subnet = Some(net("10.244.1.0/24"));
+        assert!(accept_hello(
+            &peer,
+            &h,
+            SUPPORTED_VERSIONS,
+            &brain,
+            h.subnet,
+            Some(net("10.96.0.0/16"))
+        )
+        .is_ok());
     }
 }

@@ -275,6 +275,7 @@ pub async fn run(
     let accept_task = tokio::spawn(accept_loop(
         endpoint.clone(),
         config.brain_id.clone(),
+        config.vip_range,
         input_tx,
         metrics.clone(),
     ));
@@ -336,6 +337,7 @@ pub async fn run(
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     brain: BrainId,
+    vips: Option<Ipv4Net>,
     input: mpsc::Sender<Input>,
     metrics: Arc<BrainMetrics>,
 ) {
@@ -349,7 +351,7 @@ async fn accept_loop(
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             match incoming.await {
-                Ok(connection) => serve_cell(conn, connection, brain, input, metrics).await,
+                Ok(connection) => serve_cell(conn, connection, brain, vips, input, metrics).await,
                 Err(e) => match tls::handshake_refusal(&e) {
                     Some(r) => tracing::warn!(%remote, "refused a cell's connection: {r}"),
                     None => tracing::info!(%remote, "a cell's connection failed: {e}"),
@@ -368,6 +370,7 @@ async fn serve_cell(
     conn: u64,
     connection: quinn::Connection,
     brain: BrainId,
+    vips: Option<Ipv4Net>,
     input: mpsc::Sender<Input>,
     metrics: Arc<BrainMetrics>,
 ) {
@@ -406,7 +409,14 @@ async fn serve_cell(
             return;
         }
     };
-    let ack = match accept_hello(&peer, &hello, SUPPORTED_VERSIONS, &brain, hello.subnet) {
+    let ack = match accept_hello(
+        &peer,
+        &hello,
+        SUPPORTED_VERSIONS,
+        &brain,
+        hello.subnet,
+        vips,
+    ) {
         Ok(ack) => ack,
         Err(e) => {
             tracing::warn!(%peer, %remote, "refused the cell: {e}");

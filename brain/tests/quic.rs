@@ -215,7 +215,7 @@ async fn serve_one(ep: &quinn::Endpoint, me: &BrainId) -> Result<(PeerIdentity, 
     let Some(Message::Hello(hello)) = rx.next().await? else {
         bail!("the first message must be a hello");
     };
-    match accept_hello(&peer, &hello, SUPPORTED_VERSIONS, me, None) {
+    match accept_hello(&peer, &hello, SUPPORTED_VERSIONS, me, None, None) {
         Ok(ack) => send(&mut tx, &Message::HelloAck(ack)).await?,
         Err(e) => {
             conn.close(e.close_code().as_u32().into(), e.to_string().as_bytes());

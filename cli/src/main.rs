@@ -116,6 +116,9 @@ enum Cmd {
     },
     #[command(flatten)]
     Brain(brain_cmds::BrainCmd),
+    /// Prints a shell completion script: `corral completions bash >
+    /// /etc/bash_completion.d/corral` (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
 }
 
 enum Fail {
@@ -132,6 +135,11 @@ enum Fail {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Cmd::Completions { shell } = cli.cmd {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "corral", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let endpoint = match cli.agent_addr {
         Some(a) => Endpoint::Tcp(a),
         None => Endpoint::Unix(cli.agent.clone()),
@@ -309,6 +317,8 @@ fn run(cli: &Cli, c: Client) -> Result<(), Fail> {
         }
         Cmd::Brain(cmd) => brain_cmds::run(cli, cmd)?,
         Cmd::Cell { cmd } => cell_cmds::run(cli, c, cmd)?,
+        // Answered in main, before any client exists.
+        Cmd::Completions { .. } => {}
     }
     Ok(())
 }

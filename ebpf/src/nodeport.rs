@@ -7,13 +7,15 @@
 //!
 //! | program | hook | does |
 //! |---|---|---|
-//! | `corral_np_ingress` | TC ingress of the uplink | picks the backend of a flow to `node address:published port`, DNATs it to a backend in this cell |
+//! | `corral_np_ingress` | TC ingress of the uplink | picks the backend of a flow to `node address:published port`, DNATs it to a backend in this cell or sends it in IPIP to the backend's node; unwraps what peers send it |
 //! | `corral_np_egress` | TC egress of the uplink | gives a backend's reply the node address and published port as its source |
 //!
 //! # What a packet meets (ingress)
 //!
 //! 1. IPv4 TCP or UDP (not a later fragment) whose destination is in
-//!    `np_addrs` ([`NodePort::set_node_addresses`]), else it passes.
+//!    `np_addrs` ([`NodePort::set_node_addresses`]), else it passes. (IPv4
+//!    protocol 4, IPIP, is a peer's forwarded flow: see "Backends on other
+//!    nodes".)
 //! 2. `lb_services[{vip: 0, port: dport, proto}]` with
 //!    `CORRAL_LB_F_PUBLISHED`, else it passes (the node's own services,
 //!    ssh, the agent's API, are never touched). A first fragment of such a
@@ -32,8 +34,8 @@
 //!    checksums fixed incrementally) and the packet goes on
 //!    ([`Verdict::Local`]): the node's kernel routes it to the instance's
 //!    veth (the node must forward: `net.ipv4.ip_forward = 1`).
-//!    A backend elsewhere is dropped ([`Verdict::DropRemote`]): the remote
-//!    path is not built yet (see below).
+//!    A backend elsewhere is sent to its node (see below,
+//!    [`Verdict::Forwarded`]).
 //!
 //! Flows stick: a flow keeps its backend while the ring changes (a backend
 //! added, removed from the ready set) for as long as its `np_flows` entry
@@ -64,20 +66,89 @@
 //! uplinks, attach to each. ICMP errors a backend sends about a flow are
 //! not translated.
 //!
-//! # Not done yet: backends on other nodes
+//! # Backends on other nodes: IPIP and direct server return
 //!
-//! The design for the remote path (DSR over IPIP): `bpf_fib_lookup` on the
-//! backend gives the other node (the gateway of `<cell subnet> via <node>`),
-//! the packet is DNATed, encapsulated (`bpf_skb_adjust_room` + an outer IPv4
-//! header, protocol 4) and redirected; the other node's ingress program
-//! decapsulates it, records the `np_nats` entry and lets it up to the
-//! instance, whose reply then leaves from that node directly. The open
-//! question is how the receiving node learns the *published port* for its
-//! `np_nats` entry (the outer header carries the original node's address
-//! but not the port, and a backend may serve several published ports):
-//! carry it in a small header (GUE/FOU-style UDP encapsulation) rather than
-//! overload the outer IPv4 id. Until then such flows are dropped and
-//! counted as [`Verdict::DropRemote`], never half-forwarded.
+//! Every node computes the same ring from the same backends (Maglev over
+//! stable keys, `router/`), so any node picks the same backend for a flow.
+//! The node the client chose (A) does not translate a flow whose backend
+//! is on another node (B): it sends the **original packet, unmodified**,
+//! inside an IPIP header, and B balances the inner packet as if it had
+//! arrived directly. B's reply then goes straight to the client with A's
+//! address as its source: nothing needs to carry the published port, and
+//! the return path never crosses A.
+//!
+//! On A (`forward` in nodeport.bpf.c):
+//!
+//! - `bpf_fib_lookup` (a forwarding lookup from the uplink, neighbour
+//!   left to `bpf_redirect_neigh`) on the backend's address. The agent
+//!   routes each other cell's subnet `via <that cell's node>`, so the
+//!   lookup's next hop (`params.ipv4_dst`, the route's gateway) is B. The
+//!   next hop must be a peer ([`NodePort::set_peer_addresses`]): a route
+//!   with no gateway, a gateway that is no node of the cluster (a default
+//!   route, the agent's route not installed yet) or no route at all is
+//!   [`Verdict::DropRemote`], never a packet sent where nobody unwraps it.
+//! - The outer header: source = the node address the client used (the
+//!   inner destination), destination = B, protocol 4, TTL 64, DF (B's
+//!   program sees packets before reassembly, so they must not be
+//!   fragmented on the way), the inner DSCP without its ECN bits (RFC 6040
+//!   compatibility mode: a router on the way drops rather than marks, and
+//!   nothing has to be propagated at decapsulation), checksum computed.
+//!   `bpf_skb_adjust_room(+20, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4)`
+//!   makes the room (and keeps GSO packets segmentable), then
+//!   `bpf_redirect_neigh` sends it out of the route's device with the
+//!   next hop's MAC address, resolving it if needed.
+//! - The connection table works as for local backends: the flow's entry
+//!   holds its backend, so a flow sticks to a backend on B while the ring
+//!   changes. No `np_nats` entry: the replies do not come back through A.
+//!
+//! On B (`from_peer`): an IPIP packet is B's only when its outer
+//! destination is one of B's addresses (`np_addrs`), its outer source is a
+//! peer (`np_peers`), the outer header has no options and is not a
+//! fragment, the inner packet is TCP or UDP to a published port, **and
+//! the inner destination is the outer source**. The last rule matters: B
+//! will send the replies *from* the inner destination, so it must be a
+//! peer's own address, not any address a sender put there; a node
+//! therefore wraps with the address the client used as the outer source
+//! (not the address of the route's device), and the peer set must hold
+//! every address the peers balance on, as their `np_addrs` do. Anything
+//! else is left to the kernel untouched (a host may run tunnels of its
+//! own). B's packet is unwrapped
+//! (`bpf_skb_adjust_room(−20, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)`,
+//! [`Verdict::Decapsulated`]) and goes through steps 3 and 4 above with
+//! one difference: its backend must be local. The two nodes' rings differ
+//! only while an update reaches them one after the other; a packet whose
+//! backend B thinks is elsewhere is dropped ([`Verdict::DropNotLocal`]),
+//! never forwarded again, so no packet loops. B keeps its own `np_flows`
+//! entry for the flow (key: the inner tuple, client → A), so the flow
+//! sticks on B too; its `np_nats` entry records A's address and the
+//! published port, and B's egress program gives the reply that source.
+//! (B's entry lives as long as A's: both are refreshed by every packet of
+//! the flow. Should B's LRU evict it while the ring has moved the flow's
+//! slot to a backend off B, the flow is dropped as not local, as a flow
+//! whose backend is deleted is reset.)
+//!
+//! What this asks of the network and the nodes:
+//!
+//! - **MTU.** The outer header adds 20 bytes. The links between nodes must
+//!   carry the largest packet clients send plus 20 (e.g. 1520 for clients
+//!   at 1500; the tests raise the node links to 1520), or the uplink's TCP
+//!   MSS must be clamped 20 below the path's. A packet that would not fit
+//!   the next hop's device once wrapped (`bpf_check_mtu`) is dropped and
+//!   counted ([`Verdict::DropTooBig`]); no ICMP "fragmentation needed" is
+//!   sent back, so path-MTU discovery does not repair it. GSO packets
+//!   (merged by GRO) are re-segmented on the way out with their MSS
+//!   lowered by 20, so they fit wherever their original segments did.
+//! - **Source addresses.** B sends replies with A's address as source
+//!   (direct server return): the fabric between the nodes and the clients
+//!   must not drop packets whose source belongs to another node (cloud
+//!   networks' source/destination checks do).
+//! - **Peers.** [`NodePort::set_peer_addresses`] lists the other nodes'
+//!   addresses (the gateways of the agent's cell routes, and any other
+//!   address a peer balances on). Anyone who can send packets with a
+//!   peer's source address can reach B's published ports through the
+//!   tunnel, which they can already do directly; they cannot make B reply
+//!   from an address that is not a peer's.
+//! - ICMP errors about a forwarded flow are not translated.
 //!
 //! # Maps
 //!
@@ -90,10 +161,18 @@
 //! | `lb_backends` | hash, 65536 | backend id → `{addr, port}` | agent (`Balancer`) |
 //! | `lb_rings` | hash of maps, 8192 | `{service, gen}` → array of `ring_size` backend ids | agent (`Balancer`) |
 //! | `np_addrs` | hash, 64 | node address → 0 | agent ([`NodePort::set_node_addresses`]) |
+//! | `np_peers` | hash, 4096 | other nodes' addresses → 0 | agent ([`NodePort::set_peer_addresses`]) |
 //! | `np_config` | array, 1 | 0 → `{cell_net, cell_mask}` | agent ([`NodePort::set_cell_subnet`]) |
 //! | `np_flows` | LRU hash, 262144 | arriving 5-tuple → `{backend id, addr, port}` | ingress |
 //! | `np_nats` | LRU hash, 262144 | reply 5-tuple → `{node addr, published port}` | ingress (read by egress) |
-//! | `np_stats` | per-CPU array, 7 | [`Verdict`] → `{packets, bytes}` | both programs |
+//! | `np_stats` | per-CPU array, 11 | [`Verdict`] → `{packets, bytes}` | both programs |
+//!
+//! `np_stats` grew from 7 to 11 entries with the remote path (new verdicts
+//! were appended, the old indices keep their meaning); like any capacity
+//! change it makes pins of an older build incompatible, and
+//! [`NodePort::load`] says so ([`Error::IncompatiblePin`]) instead of
+//! reusing them: remove the pin directory (agent stopped) when upgrading
+//! across it.
 //!
 //! # Restarts, detach, reload
 //!
@@ -101,7 +180,7 @@
 //! [`crate::TC_PRIORITY`] / handle [`crate::TC_HANDLE`] hold their programs,
 //! so traffic keeps flowing while the agent is down, and a new
 //! [`NodePort::attach`] replaces the programs in place. All state is in the
-//! pinned maps: a reload keeps the node addresses, the connection table,
+//! pinned maps: a reload keeps the node and peer addresses, the connection table,
 //! the reverse translations and the counters. [`NodePort::detach`] only
 //! removes the filters (published ports then reach the node itself, which
 //! normally refuses them); a later attach resumes every flow it knew.
@@ -115,16 +194,18 @@
 //! used by the node's own services.
 
 use std::collections::BTreeSet;
+use std::mem::size_of;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapType, PerCpuArray};
 use aya::programs::{SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{self, c};
 use crate::dataplane::{
-    attach_classifier, detach_classifier, ensure_bpffs, ensure_clsact, ifindex, map_error, take,
+    attach_classifier, check_pin, detach_classifier, ensure_bpffs, ensure_clsact, ifindex,
+    map_error, take, MapSpec,
 };
 use crate::types::Counter;
 use crate::Error;
@@ -134,10 +215,49 @@ fn object() -> &'static [u8] {
 }
 
 const ADDRS: &str = "np_addrs";
+const PEERS: &str = "np_peers";
 const CONFIG: &str = "np_config";
 const FLOWS: &str = "np_flows";
 const NATS: &str = "np_nats";
 const STATS: &str = "np_stats";
+
+/// The maps this module owns, as pins left by an earlier run must be.
+fn map_specs() -> [MapSpec; 6] {
+    let addr_set = |name, max_entries| MapSpec {
+        name,
+        kind: MapType::Hash,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u32>(),
+        max_entries,
+    };
+    let flow_table = |name, value_size| MapSpec {
+        name,
+        kind: MapType::LruHash,
+        key_size: size_of::<abi::Flow>(),
+        value_size,
+        max_entries: c::CORRAL_NP_MAX_FLOWS,
+    };
+    [
+        addr_set(ADDRS, c::CORRAL_NP_MAX_ADDRS),
+        addr_set(PEERS, c::CORRAL_NP_MAX_PEERS),
+        MapSpec {
+            name: CONFIG,
+            kind: MapType::Array,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<abi::NpConfig>(),
+            max_entries: 1,
+        },
+        flow_table(FLOWS, size_of::<abi::NpConn>()),
+        flow_table(NATS, size_of::<abi::NpNat>()),
+        MapSpec {
+            name: STATS,
+            kind: MapType::PerCpuArray,
+            key_size: size_of::<u32>(),
+            value_size: size_of::<Counter>(),
+            max_entries: c::CORRAL_NP_VERDICTS,
+        },
+    ]
+}
 
 /// The two programs, by C function name, and where they run.
 pub const NODEPORT_PROGRAMS: [(&str, TcAttachType); 2] = [
@@ -159,16 +279,30 @@ pub enum Verdict {
     /// A published port with no ring (no ready backend), or a ring, slot or
     /// backend missing.
     DropNoBackend,
-    /// The backend is on another node: not supported yet.
+    /// The backend is on another node, but the route to it does not go
+    /// through a peer node ([`NodePort::set_peer_addresses`]), or there is
+    /// no route.
     DropRemote,
     /// A fragmented datagram to a published port.
     DropFragment,
-    /// A packet rewrite failed.
+    /// A packet rewrite, encapsulation or decapsulation failed.
     DropError,
+    /// Sent, unmodified, in an IPIP header to the backend's node (new flow
+    /// or known).
+    Forwarded,
+    /// An IPIP packet from a peer node, unwrapped here (also counted under
+    /// its outcome: [`Verdict::Local`] or a drop).
+    Decapsulated,
+    /// Came from a peer node, but its backend is not on this node (the two
+    /// nodes' rings differed, as during an update): dropped, never sent on.
+    DropNotLocal,
+    /// Would exceed the MTU of the way to the backend's node once
+    /// encapsulated (20 bytes more).
+    DropTooBig,
 }
 
 impl Verdict {
-    pub const ALL: [Verdict; 7] = [
+    pub const ALL: [Verdict; 11] = [
         Verdict::Local,
         Verdict::NewFlow,
         Verdict::Reply,
@@ -176,6 +310,10 @@ impl Verdict {
         Verdict::DropRemote,
         Verdict::DropFragment,
         Verdict::DropError,
+        Verdict::Forwarded,
+        Verdict::Decapsulated,
+        Verdict::DropNotLocal,
+        Verdict::DropTooBig,
     ];
 
     /// The `np_stats` index.
@@ -188,6 +326,10 @@ impl Verdict {
             Verdict::DropRemote => c::CORRAL_NP_DROP_REMOTE,
             Verdict::DropFragment => c::CORRAL_NP_DROP_FRAGMENT,
             Verdict::DropError => c::CORRAL_NP_DROP_ERROR,
+            Verdict::Forwarded => c::CORRAL_NP_FORWARDED,
+            Verdict::Decapsulated => c::CORRAL_NP_DECAPSULATED,
+            Verdict::DropNotLocal => c::CORRAL_NP_DROP_NOT_LOCAL,
+            Verdict::DropTooBig => c::CORRAL_NP_DROP_TOO_BIG,
         }
     }
 
@@ -201,6 +343,10 @@ impl Verdict {
             Verdict::DropRemote => "drop_remote",
             Verdict::DropFragment => "drop_fragment",
             Verdict::DropError => "drop_error",
+            Verdict::Forwarded => "forwarded",
+            Verdict::Decapsulated => "decapsulated",
+            Verdict::DropNotLocal => "drop_not_local",
+            Verdict::DropTooBig => "drop_too_big",
         }
     }
 }
@@ -246,6 +392,7 @@ pub struct NodePort {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     addrs: HashMap<MapData, u32, u32>,
+    peers: HashMap<MapData, u32, u32>,
     config: Array<MapData, abi::NpConfig>,
     flows: HashMap<MapData, abi::Flow, abi::NpConn>,
     nats: HashMap<MapData, abi::Flow, abi::NpNat>,
@@ -263,13 +410,19 @@ impl std::fmt::Debug for NodePort {
 impl NodePort {
     /// Loads both programs, reusing the maps pinned in `pin_dir` (the
     /// directory given to [`crate::Dataplane::load`] and
-    /// [`crate::lb::Balancer::load`]) and pinning the ones it creates.
+    /// [`crate::lb::Balancer::load`]) and pinning the ones it creates. A
+    /// pin of this module whose type, key, value or capacity does not fit
+    /// this build (as `np_stats` of a build before the remote path) is an
+    /// error ([`Error::IncompatiblePin`]), never silently reused.
     pub fn load(pin_dir: &Path) -> Result<Self, Error> {
         ensure_bpffs(pin_dir)?;
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
+        for spec in &map_specs() {
+            check_pin(pin_dir, spec)?;
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(object())
@@ -284,6 +437,7 @@ impl NodePort {
         }
         Ok(Self {
             addrs: take(&mut ebpf, ADDRS)?,
+            peers: take(&mut ebpf, PEERS)?,
             config: take(&mut ebpf, CONFIG)?,
             flows: take(&mut ebpf, FLOWS)?,
             nats: take(&mut ebpf, NATS)?,
@@ -324,50 +478,31 @@ impl NodePort {
         Ok(())
     }
 
-    /// Makes `addrs` the node's addresses (the destinations balanced),
-    /// replacing the previous set.
+    /// Makes `addrs` the node's addresses (the destinations balanced, and
+    /// the outer destinations at which peers' encapsulated flows are
+    /// accepted), replacing the previous set.
     pub fn set_node_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), Error> {
-        let wanted: BTreeSet<u32> = addrs.iter().map(|a| abi::ipv4_to_raw(*a)).collect();
-        if wanted.len() > c::CORRAL_NP_MAX_ADDRS as usize {
-            return Err(Error::MapFull {
-                map: ADDRS,
-                max_entries: c::CORRAL_NP_MAX_ADDRS,
-                action: format!("set {} node addresses", wanted.len()),
-            });
-        }
-        let held = self.node_raw_addresses()?;
-        for raw in wanted.difference(&held) {
-            self.addrs.insert(raw, 0, 0).map_err(|e| {
-                map_error(
-                    ADDRS,
-                    c::CORRAL_NP_MAX_ADDRS,
-                    format!("add node address {}", abi::ipv4_from_raw(*raw)),
-                    e,
-                )
-            })?;
-        }
-        for raw in held.difference(&wanted) {
-            crate::dataplane::removed(self.addrs.remove(raw), ADDRS, || {
-                format!("remove node address {}", abi::ipv4_from_raw(*raw))
-            })?;
-        }
-        Ok(())
+        replace_set(&mut self.addrs, ADDRS, c::CORRAL_NP_MAX_ADDRS, addrs)
     }
 
     /// The node's addresses, as the kernel holds them.
     pub fn node_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
-        Ok(self
-            .node_raw_addresses()?
-            .into_iter()
-            .map(abi::ipv4_from_raw)
-            .collect())
+        read_set(&self.addrs, ADDRS)
     }
 
-    fn node_raw_addresses(&self) -> Result<BTreeSet<u32>, Error> {
-        self.addrs
-            .keys()
-            .collect::<Result<_, _>>()
-            .map_err(|e| map_error(ADDRS, 0, "list node addresses", e))
+    /// Makes `addrs` the peer nodes' addresses, replacing the previous
+    /// set: every address at which another node of the cluster balances
+    /// published ports (its [`NodePort::set_node_addresses`]), which
+    /// includes the gateway of each `<cell subnet> via <node>` route. A
+    /// remote backend is forwarded only when the route to it goes through
+    /// a peer, and an encapsulated flow is accepted only from one.
+    pub fn set_peer_addresses(&mut self, addrs: &[Ipv4Addr]) -> Result<(), Error> {
+        replace_set(&mut self.peers, PEERS, c::CORRAL_NP_MAX_PEERS, addrs)
+    }
+
+    /// The peer nodes' addresses, as the kernel holds them.
+    pub fn peer_addresses(&self) -> Result<Vec<Ipv4Addr>, Error> {
+        read_set(&self.peers, PEERS)
     }
 
     /// Declares this cell's instance subnet: backends in it are local.
@@ -433,6 +568,55 @@ impl NodePort {
         })?;
         Ok(found.map(|conn| conn.backend))
     }
+}
+
+/// Makes the keys of an address set `wanted`: adds the missing, removes
+/// the others (what is already right is not touched, so a packet never
+/// sees the set empty while it is replaced).
+fn replace_set(
+    map: &mut HashMap<MapData, u32, u32>,
+    name: &'static str,
+    max_entries: u32,
+    addrs: &[Ipv4Addr],
+) -> Result<(), Error> {
+    let wanted: BTreeSet<u32> = addrs.iter().map(|a| abi::ipv4_to_raw(*a)).collect();
+    if wanted.len() > max_entries as usize {
+        return Err(Error::MapFull {
+            map: name,
+            max_entries,
+            action: format!("set {} addresses", wanted.len()),
+        });
+    }
+    let held = raw_set(map, name)?;
+    for raw in wanted.difference(&held) {
+        map.insert(raw, 0, 0).map_err(|e| {
+            map_error(
+                name,
+                max_entries,
+                format!("add address {}", abi::ipv4_from_raw(*raw)),
+                e,
+            )
+        })?;
+    }
+    for raw in held.difference(&wanted) {
+        crate::dataplane::removed(map.remove(raw), name, || {
+            format!("remove address {}", abi::ipv4_from_raw(*raw))
+        })?;
+    }
+    Ok(())
+}
+
+fn read_set(map: &HashMap<MapData, u32, u32>, name: &'static str) -> Result<Vec<Ipv4Addr>, Error> {
+    Ok(raw_set(map, name)?
+        .into_iter()
+        .map(abi::ipv4_from_raw)
+        .collect())
+}
+
+fn raw_set(map: &HashMap<MapData, u32, u32>, name: &'static str) -> Result<BTreeSet<u32>, Error> {
+    map.keys()
+        .collect::<Result<_, _>>()
+        .map_err(|e| map_error(name, 0, "list addresses", e))
 }
 
 fn count_keys<V: aya::Pod>(

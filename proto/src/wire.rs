@@ -218,6 +218,11 @@ impl Ipv4Net {
     pub fn contains(self, ip: Ipv4Addr) -> bool {
         u32::from(ip) & Self::mask(self.prefix) == u32::from(self.addr)
     }
+
+    /// Whether the two share an address.
+    pub fn overlaps(self, other: Ipv4Net) -> bool {
+        self.contains(other.addr) || other.contains(self.addr)
+    }
 }
 
 impl TryFrom<(Ipv4Addr, u8)> for Ipv4Net {
@@ -727,6 +732,9 @@ pub enum CloseCode {
     Identity = 3,
     /// The same cell connected again; this older connection is replaced.
     Replaced = 4,
+    /// The cell's configuration conflicts with the cluster's (e.g. its
+    /// subnet overlaps the brain's VIP range).
+    Conflict = 5,
 }
 
 impl CloseCode {
@@ -737,6 +745,7 @@ impl CloseCode {
             2 => Self::Version,
             3 => Self::Identity,
             4 => Self::Replaced,
+            5 => Self::Conflict,
             _ => return None,
         })
     }

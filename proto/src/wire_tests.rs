@@ -151,6 +151,7 @@ fn spec() -> impl Strategy<Value = InstanceSpec> {
                 interval_ms,
                 timeout_ms: interval_ms / 2,
                 failure_threshold: 3,
+                start_timeout_ms: interval_ms,
             },
         )),
     )

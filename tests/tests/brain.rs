@@ -350,3 +350,100 @@ fn a_brain_places_scales_and_heals_across_three_cells() {
         cell.assert_clean();
     }
 }
+
+#[test]
+fn a_cell_that_drains_on_stop_hands_its_instances_over_before_it_exits() {
+    common::require_root();
+    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cells = Vec::new();
+    let mut fabric = Fabric::new(&ids);
+    fabric.start_brain();
+    for (i, name) in names.iter().enumerate() {
+        let mut extra = fabric.agent_config(name, &format!("z{}", i + 1));
+        if i == 0 {
+            extra.push_str("[shutdown]\ndrain = true\ndrain_timeout_secs = 120\n");
+        }
+        let cell = Cell::start_named(name, &extra);
+        fabric.attach(&cell);
+        cells.push(cell);
+    }
+    fabric.wait_json(&["cells"], "two connected cells", |v| {
+        v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "connected")
+            .count()
+            == 2
+    });
+    let root = rootfs();
+    let out = fabric.cli(&[
+        "push",
+        "web",
+        "--tenant",
+        "acme",
+        "--instances",
+        "4",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--disk",
+        "64",
+        "--",
+        "/bin/sh",
+        "-c",
+        "trap 'exit 0' TERM; while true; do sleep 1; done",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let app = ["app", "web", "--tenant", "acme"];
+    let v = fabric.wait_json(&app, "4 running on both cells", |v| {
+        total(v) == 4 && running_by_cell(v).len() == 2
+    });
+    let before = running_ids(&v);
+
+    // SIGTERM to the draining cell's agent: it exits only once the brain
+    // has moved every instance away.
+    let took = cells[0].stop_agent_within(Duration::from_secs(150));
+    let shims = cells[0].shim_pids();
+    assert!(
+        shims.is_empty(),
+        "instances left on the drained cell: shims {shims:?}"
+    );
+    let v = fabric.wait_json(&app, "4 running, all on the other cell", |v| {
+        let by = running_by_cell(v);
+        total(v) == 4 && by.get(names[1].as_str()) == Some(&4)
+    });
+    eprintln!("drained on stop in {took:?}");
+    assert_ne!(running_ids(&v), before, "nothing was replaced");
+    assert!(
+        cells[0]
+            .agent_log()
+            .contains("drained: no LRP instance left"),
+        "{}",
+        cells[0].agent_log()
+    );
+
+    // Started again, the cell takes work: the drain was the stop's.
+    cells[0].spawn_agent();
+    let state = cells[0].client.get("/v1/state").unwrap().json().unwrap();
+    assert_eq!(state["evacuating"], false, "{state}");
+
+    assert!(fabric
+        .cli(&["delete-app", "web", "--tenant", "acme"])
+        .status
+        .success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while cells.iter().map(live_on).sum::<usize>() > 0 {
+        assert!(Instant::now() < deadline, "{}", fabric.brain_log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for cell in &cells {
+        cell.delete_all();
+    }
+}

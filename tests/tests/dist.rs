@@ -47,6 +47,9 @@ const DOCUMENTED_FILES: &[&str] = &[
     "./usr/share/doc/corral/README.md",
     "./usr/share/doc/corral/systemd.md",
     "./usr/share/doc/corral/metrics.md",
+    "./usr/share/bash-completion/completions/corral",
+    "./usr/share/zsh/vendor-completions/_corral",
+    "./usr/share/fish/vendor_completions.d/corral.fish",
 ];
 
 #[test]

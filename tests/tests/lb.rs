@@ -293,3 +293,519 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
         c.delete_all();
     }
 }
+
+/// A client outside the cluster: a namespace on the fabric's bridge.
+struct Client {
+    netns: String,
+}
+
+impl Client {
+    fn new(fabric: &Fabric, addr: &str) -> Client {
+        let netns = format!("corral-cl{}", std::process::id());
+        let run = |args: &[&str]| {
+            let o = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        run(&["netns", "add", &netns]);
+        let client = Client { netns };
+        let outer = format!("cl{}", std::process::id() % 100_000);
+        run(&[
+            "-n",
+            &fabric.netns,
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "c0",
+            "netns",
+            &client.netns,
+        ]);
+        run(&["-n", &fabric.netns, "link", "set", &outer, "master", "br0"]);
+        run(&["-n", &fabric.netns, "link", "set", &outer, "up"]);
+        run(&[
+            "-n",
+            &client.netns,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "c0",
+        ]);
+        run(&["-n", &client.netns, "link", "set", "c0", "up"]);
+        run(&["-n", &client.netns, "link", "set", "lo", "up"]);
+        client
+    }
+
+    /// `bash -c script` in the client's namespace.
+    fn bash(&self, script: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.netns))
+            .args(["bash", "-c", script]);
+        c
+    }
+
+    /// One HTTP request to addr:port; the instance id that answered.
+    fn fetch(&self, addr: &str, port: u16) -> Option<String> {
+        // A flow the node drops would wait for TCP's own connect timeout.
+        let o = self
+            .bash(&format!(
+                "timeout 3 bash -c 'exec 3<>/dev/tcp/{addr}/{port} && printf \"GET / HTTP/1.0\\r\\n\\r\\n\" >&3 && cat <&3'"
+            ))
+            .output()
+            .ok()?;
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        out.lines()
+            .find_map(|l| l.strip_prefix("id="))
+            .map(|s| s.trim().to_owned())
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
+    }
+}
+
+#[test]
+fn a_published_port_is_balanced_at_every_node_over_every_cell_and_flows_stick() {
+    common::require_root();
+    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut fabric = Fabric::new(&ids);
+    fabric.start_brain();
+    let mut node_addrs = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let subnet = format!("subnet = \"10.244.{}.0/24\"\n", i + 1);
+        let extra = format!(
+            "{}[network]\n{subnet}",
+            fabric.agent_config(name, &format!("z{}", i + 1)),
+        );
+        let mut cell = Cell::start_named(name, &extra);
+        node_addrs.push(fabric.attach(&cell));
+        // The uplink exists now: restart the agent balancing published
+        // ports on it.
+        let text = std::fs::read_to_string(&cell.config).unwrap();
+        std::fs::write(
+            &cell.config,
+            text.replace(&subnet, &format!("{subnet}uplinks = [\"n0\"]\n")),
+        )
+        .unwrap();
+        cell.stop_agent();
+        cell.spawn_agent();
+        cells.push(cell);
+    }
+    fabric.wait_json(&["cells"], "two connected cells", |v| {
+        v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "connected")
+            .count()
+            == 2
+    });
+    let client = Client::new(&fabric, "10.99.0.250");
+
+    // One instance, published on every node's port 30080.
+    let root = common::rootfs();
+    let out = fabric.cli(&[
+        "push",
+        "edge",
+        "--tenant",
+        "acme",
+        "--instances",
+        "1",
+        "--rootfs",
+        root.to_str().unwrap(),
+        "--memory",
+        "32",
+        "--disk",
+        "64",
+        "--port",
+        "8080:30080",
+        "--",
+        "/bin/sh",
+        "-c",
+        SERVER,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let app = fabric.wait_json(&["app", "edge", "--tenant", "acme"], "1 running", |v| {
+        v["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["state"] == "running")
+    });
+    let first = app["instances"][0].clone();
+    let first_id = first["id"].as_str().unwrap().to_owned();
+    let home = names
+        .iter()
+        .position(|n| first["cell"] == n.as_str())
+        .unwrap();
+    let home_addr = node_addrs[home].clone();
+    wait(
+        "the published service on both cells",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_services") == Some(2))
+        },
+    );
+
+    // From outside, through the node that runs it: every request answered
+    // by the instance, from the node's address (a real TCP handshake).
+    for _ in 0..10 {
+        assert_eq!(
+            client.fetch(&home_addr, 30080).as_deref(),
+            Some(first_id.as_str())
+        );
+    }
+    let local = "corral_north_south_packets_total{verdict=\"local\"}";
+    let counted = cells[home]
+        .metrics()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(local)
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0);
+    assert!(counted >= 10.0, "{}", cells[home].metrics());
+
+    // A flow opened now keeps its backend while the service grows.
+    let held = client
+        .bash(&format!(
+            "exec 3<>/dev/tcp/{home_addr}/30080 && sleep 6 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 3 cat <&3"
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let out = fabric.cli(&["scale", "edge", "3", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "3 backends on both cells",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_backends") == Some(3))
+        },
+    );
+    let out = common::wait_with_timeout(held, Duration::from_secs(20));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!("id={first_id}")),
+        "the held flow moved or broke: {text:?}"
+    );
+
+    // New flows through either node reach every instance, on both cells
+    // (a flow for another cell's instance travels there in IPIP and is
+    // answered from there, with the address the client used).
+    let all: Vec<String> = fabric.cli_json(&["app", "edge", "--tenant", "acme"])["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "running")
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(all.len(), 3);
+    for addr in &node_addrs {
+        let mut answered = BTreeMap::new();
+        let mut failed = 0;
+        for _ in 0..45 {
+            match client.fetch(addr, 30080) {
+                Some(id) => *answered.entry(id).or_insert(0) += 1,
+                None => failed += 1,
+            }
+        }
+        assert_eq!(
+            failed,
+            0,
+            "through {addr}: {answered:?}\n{}",
+            context(&fabric, &cells)
+        );
+        for id in &all {
+            assert!(
+                answered.contains_key(id),
+                "{id} not reached through {addr}: {answered:?}"
+            );
+        }
+    }
+    for c in &cells {
+        let m = c.metrics();
+        assert!(
+            m.contains("corral_north_south_packets_total{verdict=\"forwarded\"}")
+                && m.contains("corral_north_south_packets_total{verdict=\"decapsulated\"}"),
+            "{m}"
+        );
+    }
+
+    let out = fabric.cli(&["delete-app", "edge", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "no service left",
+        || context(&fabric, &cells),
+        || {
+            cells
+                .iter()
+                .all(|c| gauge(c, "corral_lb_services") == Some(0))
+        },
+    );
+    for c in &cells {
+        c.delete_all();
+    }
+}
+
+/// A UDP server in an instance's network namespace (a thread of this test
+/// that entered it), answering every datagram with `id=<instance>`.
+struct UdpServer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl UdpServer {
+    fn start(pid: u64, id: String, port: u16) -> UdpServer {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).unwrap();
+            #[allow(unsafe_code)]
+            // SAFETY: setns(2) on this thread only, with a namespace fd we own.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let sock = std::net::UdpSocket::bind(("0.0.0.0", port)).unwrap();
+            sock.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 512];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((_, from)) = sock.recv_from(&mut buf) {
+                    let _ = sock.send_to(format!("id={id}\n").as_bytes(), from);
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("udp server up");
+        UdpServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `bash -c script` inside instance `id` of `cell`: in its network
+/// namespace and its cgroup2 directory, where the balancer's programs are
+/// attached (as the instance's own processes are).
+fn in_instance(cell: &Cell, id: &str, script: &str) -> String {
+    let pid = cell.get(id)["pid"].as_u64().unwrap();
+    let procs = format!(
+        "/sys/fs/cgroup/unified/{}/{id}/cgroup.procs",
+        cell.cgroup_root
+    );
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo $$ > {procs} && exec nsenter --net=/proc/{pid}/ns/net timeout 20 bash -c \"$0\""
+        ))
+        .arg(script)
+        .output()
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once() {
+    common::require_root();
+    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
+    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut cells: Vec<Cell> = Vec::new();
+    let mut fabric = Fabric::new(&ids);
+    fabric.start_brain();
+    for (i, name) in names.iter().enumerate() {
+        let extra = format!(
+            "{}[network]\nsubnet = \"10.244.{}.0/24\"\n",
+            fabric.agent_config(name, &format!("z{}", i + 1)),
+            i + 1
+        );
+        let cell = Cell::start_named(name, &extra);
+        fabric.attach(&cell);
+        cells.push(cell);
+    }
+    fabric.wait_json(&["cells"], "two connected cells", |v| {
+        v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["state"] == "connected")
+            .count()
+            == 2
+    });
+    let root = common::rootfs();
+    let push = |name: &str, n: &str, port: &str| {
+        let out = fabric.cli(&[
+            "push",
+            name,
+            "--tenant",
+            "acme",
+            "--instances",
+            n,
+            "--rootfs",
+            root.to_str().unwrap(),
+            "--memory",
+            "32",
+            "--disk",
+            "64",
+            "--port",
+            port,
+            "--",
+            "/bin/sh",
+            "-c",
+            "exec sleep 100000",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // Two instances serving UDP 5353 (servers run by this test inside
+    // their namespaces), and a client instance.
+    push("dns", "2", "5353/udp");
+    push("client", "1", "9/tcp");
+    let running = |app: &str, n: usize| {
+        fabric.wait_json(&["app", app, "--tenant", "acme"], "running", |v| {
+            v["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|i| i["state"] == "running")
+                .count()
+                == n
+        })
+    };
+    let dns = running("dns", 2);
+    let vip = dns["app"]["vip"].as_str().unwrap().to_owned();
+    let cell_of = |i: &serde_json::Value| -> &Cell {
+        cells.iter().find(|c| i["cell"] == c.name.as_str()).unwrap()
+    };
+    let mut servers = Vec::new();
+    let mut dns_ids = Vec::new();
+    for i in dns["instances"].as_array().unwrap() {
+        let id = i["id"].as_str().unwrap().to_owned();
+        let pid = cell_of(i).get(&id)["pid"].as_u64().unwrap();
+        servers.push(UdpServer::start(pid, id.clone(), 5353));
+        dns_ids.push(id);
+    }
+    // The client app has a TCP port nobody listens on: never ready, but
+    // running, which is all a client needs.
+    let client = running("client", 1)["instances"][0].clone();
+    let client_id = client["id"].as_str().unwrap().to_owned();
+    let client_cell = cell_of(&client);
+    wait(
+        "the dns service on the client's cell",
+        || context(&fabric, &cells),
+        || {
+            client_cell
+                .metrics()
+                .lines()
+                .any(|l| l == "corral_lb_backends 2")
+        },
+    );
+
+    // UDP through the VIP (bash's /dev/udp connects the socket), many
+    // times: both instances answer. (`head` reads a whole datagram; bash's
+    // `read` would take it one byte at a time, losing the rest.)
+    let out = in_instance(
+        client_cell,
+        &client_id,
+        &format!(
+            "for i in $(seq 30); do exec 3<>/dev/udp/{vip}/5353; echo q >&3; timeout 2 head -n 1 <&3; exec 3<&-; done"
+        ),
+    );
+    for id in &dns_ids {
+        assert!(
+            out.contains(&format!("id={id}")),
+            "{id} never answered: {out}"
+        );
+    }
+
+    // Scaled to zero: the service stays, with no backend, and a connect to
+    // it is refused at once instead of hanging.
+    let out = fabric.cli(&["scale", "dns", "0", "--tenant", "acme"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "no dns backend",
+        || context(&fabric, &cells),
+        || {
+            client_cell
+                .metrics()
+                .lines()
+                .any(|l| l == "corral_lb_backends 0")
+        },
+    );
+    let out = in_instance(
+        client_cell,
+        &client_id,
+        &format!("exec 3<>/dev/udp/{vip}/5353 && echo connected"),
+    );
+    // The errno itself shows it was refused, not timed out.
+    assert!(out.contains("Connection refused"), "{out}");
+    drop(servers);
+    for app in ["dns", "client"] {
+        let out = fabric.cli(&["delete-app", app, "--tenant", "acme"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    for c in &cells {
+        c.delete_all();
+    }
+}

@@ -116,19 +116,19 @@ struct Starts {
 }
 
 /// Latencies of one batch of starts, and how long the whole batch took.
-struct Timings {
-    latencies: Vec<Duration>,
-    wall: Duration,
+pub(crate) struct Timings {
+    pub(crate) latencies: Vec<Duration>,
+    pub(crate) wall: Duration,
 }
 
 impl Timings {
-    fn new(mut latencies: Vec<Duration>, wall: Duration) -> Self {
+    pub(crate) fn new(mut latencies: Vec<Duration>, wall: Duration) -> Self {
         latencies.sort();
         Self { latencies, wall }
     }
 
     /// Nearest-rank percentile.
-    fn percentile(&self, p: f64) -> Duration {
+    pub(crate) fn percentile(&self, p: f64) -> Duration {
         let n = self.latencies.len();
         if n == 0 {
             return Duration::ZERO;
@@ -137,7 +137,7 @@ impl Timings {
         self.latencies[rank.clamp(1, n) - 1]
     }
 
-    fn mean(&self) -> Duration {
+    pub(crate) fn mean(&self) -> Duration {
         let n = u32::try_from(self.latencies.len())
             .unwrap_or(u32::MAX)
             .max(1);
@@ -172,7 +172,7 @@ fn task_spec(rootfs: &Path, index: usize) -> Value {
     })
 }
 
-fn lrp_spec(rootfs: &Path, index: usize) -> Value {
+pub(crate) fn lrp_spec(rootfs: &Path, index: usize) -> Value {
     json!({
         "tenant": "bench",
         "app": "sleep",
@@ -200,7 +200,7 @@ fn starts(api: &Client, rootfs: &Path, prefix: &str, clients: usize) -> Result<T
 /// PUTs instances `<prefix>-0` .. `<prefix>-<n-1>` from `clients` threads,
 /// timing each from sending the request to receiving the answer. Returns the
 /// ids (to delete, whatever happened) and the timings or the first failure.
-fn put_all(
+pub(crate) fn put_all(
     api: &Client,
     n: usize,
     prefix: &str,
@@ -237,7 +237,7 @@ fn put_all(
     (ids, timings)
 }
 
-fn delete_all(api: &Client, ids: &[String]) -> Result<()> {
+pub(crate) fn delete_all(api: &Client, ids: &[String]) -> Result<()> {
     let failed = parallel(ids, CLIENTS, |id| {
         let r = api.delete(&format!("/v1/instances/{id}"))?;
         // 404: the start failed, so there is nothing to delete.
@@ -358,13 +358,15 @@ fn measure_memory(sandbox: &Sandbox, agent_pid: i32) -> Result<Memory> {
     })
 }
 
-fn report(
-    agent_bin: &Path,
-    starts: &Starts,
-    rss_idle: u64,
-    rss_churned: u64,
-    mem: &Memory,
-) -> String {
+/// When and on what a benchmark ran, for its report.
+pub(crate) struct Machine {
+    pub date: String,
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu: String,
+}
+
+pub(crate) fn machine() -> Machine {
     let date = util::output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))
         .map(|d| d.trim().to_owned())
         .unwrap_or_else(|_| "unknown date".to_owned());
@@ -380,6 +382,28 @@ fn report(
                 .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
         })
         .unwrap_or_else(|| "unknown CPU".to_owned());
+
+    Machine {
+        date,
+        kernel,
+        cpus,
+        cpu,
+    }
+}
+
+fn report(
+    agent_bin: &Path,
+    starts: &Starts,
+    rss_idle: u64,
+    rss_churned: u64,
+    mem: &Memory,
+) -> String {
+    let Machine {
+        date,
+        kernel,
+        cpus,
+        cpu,
+    } = machine();
 
     let Starts {
         seq,
@@ -444,7 +468,7 @@ fn report(
     out
 }
 
-fn append_report(path: &Path, report: &str) -> Result<()> {
+pub(crate) fn append_report(path: &Path, report: &str) -> Result<()> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -467,11 +491,11 @@ fn append_report(path: &Path, report: &str) -> Result<()> {
         .with_context(|| format!("write {}", path.display()))
 }
 
-fn ms(d: Duration) -> String {
+pub(crate) fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn mib(kib: u64) -> String {
+pub(crate) fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 

@@ -315,14 +315,14 @@ fn through_the_vip(fabric: &Fabric, cells: &[Sandbox], rootfs: &str) -> Result<(
         }
         thread::sleep(Duration::from_millis(200));
     }
-    println!("\n==> 12 connections to web's VIP {vip}:8080 from a task of acme on demo-cell-1");
+    println!("\n==> 20 connections to web's VIP {vip}:8080 from a task of acme on demo-cell-1");
     let spec = serde_json::json!({
         "tenant": "acme",
         "app": "client",
         "kind": "task",
         "rootfs": rootfs,
         "command": ["/bin/sh", "-c", format!(
-            "for i in $(seq 12); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {vip} 8080 | grep hello || echo failed; done"
+            "for i in $(seq 20); do printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {vip} 8080 | grep hello || echo failed; done"
         )],
         "resources": {"memory_mb": 16, "disk_mb": 16},
     });

@@ -115,6 +115,16 @@ pub fn package(profile: &str) -> Result<PathBuf> {
     for (from, to, mode) in FILES {
         install(&root.join(from), &stage.join(to), *mode)?;
     }
+    // Shell completion scripts, made by the packaged CLI itself.
+    let cli = stage.join("usr/bin/corral");
+    for (shell, to) in [
+        ("bash", "usr/share/bash-completion/completions/corral"),
+        ("zsh", "usr/share/zsh/vendor-completions/_corral"),
+        ("fish", "usr/share/fish/vendor_completions.d/corral.fish"),
+    ] {
+        let script = util::output(Command::new(&cli).args(["completions", shell]))?;
+        write(&stage.join(to), &script, 0o644)?;
+    }
     for (dir, mode) in DIRS {
         let d = stage.join(dir);
         fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;

@@ -11,6 +11,9 @@ mod bench_cluster;
 mod bench_lb;
 #[cfg(feature = "ebpf")]
 mod bench_net;
+mod bench_scrape;
+#[cfg(test)]
+mod dashboard;
 mod demo;
 mod demo_cluster;
 mod deps;
@@ -37,6 +40,9 @@ commands:
                        show what it does (root)
   bench start          benchmark instance start latency against runc and
                        measure memory; appends to docs/benchmarks.md (root)
+  bench scrape         time GET /metrics of a cell running 250 instances, and
+                       the agent's memory and CPU with them; appends to
+                       docs/benchmarks.md (root)
   bench auction [OPTS] the brain's auction core in process: 100,000 instances
                        on 1,000 simulated cells (--cells --instances --batch
                        --seed --starting-weight --app-penalty --no-round-share
@@ -116,6 +122,7 @@ fn main() -> ExitCode {
         ("test", rest) => test::run(rest),
         ("demo", []) => demo::run(),
         ("bench", [sub]) if sub == "start" => bench::run(),
+        ("bench", [sub]) if sub == "scrape" => bench_scrape::run(),
         // Hidden: the load generator `bench auction --quic` starts.
         ("bench", [sub, rest @ ..]) if sub == "auction-loadgen" => bench_cluster::loadgen(rest),
         // Placement speed means nothing in a debug build: re-run in release.

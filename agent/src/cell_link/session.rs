@@ -645,6 +645,9 @@ fn explain(e: &quinn::ConnectionError, addr: SocketAddr) -> Problem {
                 Some(CloseCode::Identity) => {
                     Problem::error(said("our hello does not match our certificate"))
                 }
+                Some(CloseCode::Conflict) => Problem::error(said(
+                    "this cell's configuration conflicts with the cluster's",
+                )),
                 None => Problem::warn(said(&format!("unknown code {}", c.error_code))),
             }
         }

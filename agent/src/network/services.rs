@@ -22,6 +22,7 @@
 #![allow(clippy::result_large_err)]
 
 use corral_ebpf::lb::Balancer;
+use corral_ebpf::nodeport::NodePort;
 use corral_proto::service::{Service, Transport};
 use corral_proto::wire::Services;
 use corral_router::{
@@ -33,38 +34,44 @@ use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 
-/// The router services of one brain service (pure).
-pub fn router_services(s: &Service) -> Vec<(ServiceKey, ServiceSpec)> {
-    s.ports
-        .iter()
-        .map(|p| {
-            let key = ServiceKey {
-                vip: s.vip,
-                port: p.port,
-                protocol: match p.protocol {
-                    Transport::Tcp => Protocol::Tcp,
-                    Transport::Udp => Protocol::Udp,
-                },
-            };
-            let spec = ServiceSpec {
-                owner: ServiceOwner {
-                    tenant: s.tenant.clone(),
-                    app: s.app.clone(),
-                },
-                published: false,
-                backends: s
-                    .backends
-                    .iter()
-                    .map(|&addr| Backend {
-                        addr: BackendAddr { addr, port: p.port },
-                        weight: Weight::ONE,
-                        ready: true,
-                    })
-                    .collect(),
-            };
-            (key, spec)
-        })
-        .collect()
+/// The router services of one brain service (pure): `VIP:port/proto` for
+/// every port, and, when this cell balances published ports
+/// (`north_south`), `0.0.0.0:published/proto` (published, with a Maglev
+/// ring: "any address of this node") for every published one.
+pub fn router_services(s: &Service, north_south: bool) -> Vec<(ServiceKey, ServiceSpec)> {
+    let mut out = Vec::new();
+    for p in &s.ports {
+        let protocol = match p.protocol {
+            Transport::Tcp => Protocol::Tcp,
+            Transport::Udp => Protocol::Udp,
+        };
+        let spec = |published: bool| ServiceSpec {
+            owner: ServiceOwner {
+                tenant: s.tenant.clone(),
+                app: s.app.clone(),
+            },
+            published,
+            backends: s
+                .backends
+                .iter()
+                .map(|&addr| Backend {
+                    addr: BackendAddr { addr, port: p.port },
+                    weight: Weight::ONE,
+                    ready: true,
+                })
+                .collect(),
+        };
+        let key = |vip, port| ServiceKey {
+            vip,
+            port,
+            protocol,
+        };
+        out.push((key(s.vip, p.port), spec(false)));
+        if let (true, Some(published)) = (north_south, p.published) {
+            out.push((key(Ipv4Addr::UNSPECIFIED, published), spec(true)));
+        }
+    }
+    out
 }
 
 /// What one update changed, for logs and metrics.
@@ -84,8 +91,13 @@ struct Inner {
     known: BTreeMap<Ipv4Addr, Service>,
     /// Whether the brain's full set has arrived since this agent started.
     synced: bool,
+    /// The north-south balancer on the uplinks, when configured.
+    nodeport: Option<NodePort>,
     /// VIPs with a router service the table refused (a limit reached).
     refused: BTreeSet<Ipv4Addr>,
+    /// Every known service must be told to the table again (north-south
+    /// was enabled: published ports become services of their own).
+    resync: bool,
 }
 
 /// The loaded balancer and its bookkeeping.
@@ -122,7 +134,9 @@ impl Lb {
                 programmed,
                 known: BTreeMap::new(),
                 synced: false,
+                nodeport: None,
                 refused: BTreeSet::new(),
+                resync: false,
             }),
         })
     }
@@ -138,6 +152,58 @@ impl Lb {
             .balancer
             .attach(cgroup2)
             .map_err(|e| format!("attaching the balancer to {}: {e}", cgroup2.display()))
+    }
+
+    /// Balances the published ports of services on `uplinks`, for traffic
+    /// to `node_addresses`; backends in `subnet` are this cell's. The
+    /// programs share the balancer's pinned maps and stay attached after
+    /// the agent exits.
+    pub fn enable_north_south(
+        &self,
+        pin_dir: &Path,
+        uplinks: &[String],
+        node_addresses: &[Ipv4Addr],
+        subnet: (Ipv4Addr, u8),
+    ) -> Result<(), String> {
+        let mut np = NodePort::load(pin_dir)
+            .map_err(|e| format!("loading the north-south balancer: {e}"))?;
+        np.set_node_addresses(node_addresses)
+            .and_then(|()| np.set_cell_subnet(subnet.0, subnet.1))
+            .map_err(|e| format!("configuring the north-south balancer: {e}"))?;
+        for u in uplinks {
+            np.attach(u)
+                .map_err(|e| format!("attaching the north-south balancer to uplink {u:?}: {e}"))?;
+        }
+        let mut i = self.inner();
+        i.nodeport = Some(np);
+        i.resync = true;
+        Ok(())
+    }
+
+    /// The other cells' node addresses (the gateways of the routes to
+    /// their subnets): the nodes that may forward published-port flows to
+    /// this one, and to which this one forwards. No-op without north-south.
+    pub fn set_peers(&self, peers: &[Ipv4Addr]) -> Result<(), String> {
+        let mut i = self.inner();
+        match i.nodeport.as_mut() {
+            Some(np) => np
+                .set_peer_addresses(peers)
+                .map_err(|e| format!("setting the north-south peers: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    /// North-south packets by verdict, when it is enabled.
+    pub fn north_south_counters(&self) -> Option<Vec<(&'static str, u64, u64)>> {
+        let i = self.inner();
+        let np = i.nodeport.as_ref()?;
+        let counters = np.counters().ok()?;
+        Some(
+            counters
+                .into_iter()
+                .map(|(v, c)| (v.name(), c.packets, c.bytes))
+                .collect(),
+        )
     }
 
     /// Services programmed and backend addresses in use.
@@ -160,7 +226,10 @@ impl Lb {
             known,
             synced,
             refused,
+            resync,
+            nodeport,
         } = &mut *i;
+        let north_south = nodeport.is_some();
         let mut applied = Applied::default();
         // VIPs whose router services may have changed, with what the
         // table was told for them before this message.
@@ -193,12 +262,12 @@ impl Lb {
         if !*synced {
             return Ok(applied);
         }
-        if reset {
+        if reset || std::mem::take(resync) {
             // Everything: what the table holds and the brain no longer
             // has goes, whatever this agent was told before.
             let want: BTreeSet<ServiceKey> = known
                 .values()
-                .flat_map(router_services)
+                .flat_map(|s| router_services(s, north_south))
                 .map(|(k, _)| k)
                 .collect();
             let stale: Vec<ServiceKey> = table
@@ -210,7 +279,8 @@ impl Lb {
                 let _ = table.remove(&k);
             }
             for (vip, s) in known.iter() {
-                update_vip(table, *vip, None, Some(s), refused, &mut applied);
+                let change = (None, Some(s));
+                update_vip(table, *vip, change, north_south, refused, &mut applied);
             }
         } else {
             // Refused before: there may be room now.
@@ -218,14 +288,8 @@ impl Lb {
                 changed.entry(vip).or_insert(None);
             }
             for (vip, old) in &changed {
-                update_vip(
-                    table,
-                    *vip,
-                    old.as_ref(),
-                    known.get(vip),
-                    refused,
-                    &mut applied,
-                );
+                let change = (old.as_ref(), known.get(vip));
+                update_vip(table, *vip, change, north_south, refused, &mut applied);
             }
         }
         let ops = plan_changes(programmed, table);
@@ -241,24 +305,22 @@ impl Lb {
     }
 }
 
-/// Tells the table what one brain service (at `vip`) now is: its router
-/// services upserted, those of `old` it no longer has removed. Pure: no
-/// kernel. A refusal is recorded in `refused` (retried with the next
-/// message) and `applied`.
+/// Tells the table what one brain service (at `vip`) now is, `(old,
+/// new)`: its router services upserted, those of `old` it no longer has
+/// removed. Pure: no kernel. A refusal is recorded in `refused` (retried
+/// with the next message) and `applied`.
 fn update_vip(
     table: &mut ServiceTable,
     vip: Ipv4Addr,
-    old: Option<&Service>,
-    new: Option<&Service>,
+    (old, new): (Option<&Service>, Option<&Service>),
+    north_south: bool,
     refused: &mut BTreeSet<Ipv4Addr>,
     applied: &mut Applied,
 ) {
-    let want: BTreeMap<ServiceKey, ServiceSpec> = new
-        .map(router_services)
-        .unwrap_or_default()
-        .into_iter()
-        .collect();
-    for (key, _) in old.map(router_services).unwrap_or_default() {
+    let services = |s: &Service| router_services(s, north_south);
+    let want: BTreeMap<ServiceKey, ServiceSpec> =
+        new.map(services).unwrap_or_default().into_iter().collect();
+    for (key, _) in old.map(services).unwrap_or_default() {
         if !want.contains_key(&key) {
             let _ = table.remove(&key);
         }
@@ -294,7 +356,8 @@ mod tests {
             ],
             backends: vec![Ipv4Addr::new(10, 244, 1, 2), Ipv4Addr::new(10, 244, 2, 2)],
         };
-        let r = router_services(&s);
+        assert_eq!(router_services(&s, true).len(), 2, "nothing published");
+        let r = router_services(&s, false);
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].0.to_string(), "10.96.0.1:8080/tcp");
         assert_eq!(r[1].0.to_string(), "10.96.0.1:53/udp");
@@ -331,8 +394,8 @@ mod tests {
         update_vip(
             &mut table,
             vip,
-            None,
-            Some(&three),
+            (None, Some(&three)),
+            false,
             &mut refused,
             &mut applied,
         );
@@ -352,8 +415,8 @@ mod tests {
         update_vip(
             &mut table,
             vip,
-            Some(&three),
-            Some(&two),
+            (Some(&three), Some(&two)),
+            false,
             &mut refused,
             &mut applied,
         );
@@ -369,8 +432,8 @@ mod tests {
         update_vip(
             &mut table,
             vip,
-            None,
-            Some(&two),
+            (None, Some(&two)),
+            false,
             &mut refused,
             &mut applied,
         );

@@ -238,6 +238,7 @@ struct corral_lb_ring_key {
  * np_flows; replies get their source restored from np_nats.
  */
 #define CORRAL_NP_MAX_ADDRS 64	   /* np_addrs: addresses of this node */
+#define CORRAL_NP_MAX_PEERS 4096   /* np_peers: addresses of the other nodes */
 #define CORRAL_NP_MAX_FLOWS 262144 /* np_flows and np_nats (LRU) */
 
 /* np_config[0]: the cell's instance subnet (backends in it are local). */
@@ -271,10 +272,14 @@ enum corral_np_verdict {
 	CORRAL_NP_NEW_FLOW = 1,	       /* of those: first packet, ring pick */
 	CORRAL_NP_REPLY = 2,	       /* egress: a reply's source restored */
 	CORRAL_NP_DROP_NO_BACKEND = 3, /* no ring, no ready backend, ring miss */
-	CORRAL_NP_DROP_REMOTE = 4,     /* backend on another node: not yet */
+	CORRAL_NP_DROP_REMOTE = 4,     /* backend on another node, no route via a peer */
 	CORRAL_NP_DROP_FRAGMENT = 5,   /* fragmented datagram to a published port */
-	CORRAL_NP_DROP_ERROR = 6,      /* a helper failed (rewrite) */
-	CORRAL_NP_VERDICTS = 7,
+	CORRAL_NP_DROP_ERROR = 6,      /* a helper failed (rewrite, encap, decap) */
+	CORRAL_NP_FORWARDED = 7,       /* sent in IPIP to the backend's node */
+	CORRAL_NP_DECAPSULATED = 8,    /* IPIP from a peer, unwrapped (then counted again) */
+	CORRAL_NP_DROP_NOT_LOCAL = 9,  /* from a peer, but the backend is not here */
+	CORRAL_NP_DROP_TOO_BIG = 10,   /* would exceed the MTU once encapsulated */
+	CORRAL_NP_VERDICTS = 11,
 };
 
 #endif /* CORRAL_H */

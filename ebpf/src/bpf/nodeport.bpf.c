@@ -13,9 +13,17 @@
  *                      address and port rewritten, checksums fixed; the
  *                      kernel then routes it to the instance's veth), and
  *                      np_nats learns how to restore the reply's source.
+ *                      A backend elsewhere gets the packet, unmodified, in
+ *                      an IPIP header to its node (the route's gateway,
+ *                      which must be in np_peers). An IPIP packet from a
+ *                      peer (np_peers) to this node is decapsulated and
+ *                      balanced like a direct one, but never forwarded
+ *                      again: its backend must be local.
  *   corral_np_egress   TC egress: a reply from a backend to a client that
  *                      np_nats knows leaves with the node address and
- *                      published port as its source.
+ *                      published port as its source (for a flow that came
+ *                      from a peer: the peer's address, so the reply goes
+ *                      straight to the client).
  *
  * Everything else passes untouched. Verdicts are counted in np_stats
  * (enum corral_np_verdict). Map layouts are in corral.h; the Rust side's
@@ -40,6 +48,18 @@
 #define IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define IP_SADDR_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define IP_DADDR_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define IP_DF 0x4000
+#define IPIP_HLEN ((int)sizeof(struct iphdr)) /* the outer header, no options */
+#define IPIP_TTL 64
+#define ECN_MASK 0x03
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+/* Kernel 6.3+; the installed UAPI headers may predate it. */
+#ifndef BPF_F_ADJ_ROOM_DECAP_L3_IPV4
+#define BPF_F_ADJ_ROOM_DECAP_L3_IPV4 (1ULL << 7)
+#endif
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
@@ -50,6 +70,14 @@ struct {
 	__type(value, __u32); /* reserved, 0 */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } np_addrs SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, CORRAL_NP_MAX_PEERS);
+	__type(key, __u32);   /* an address of another node, network byte order */
+	__type(value, __u32); /* reserved, 0 */
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} np_peers SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -117,19 +145,17 @@ static __always_inline __u32 flow_hash(const struct corral_flow *f)
 }
 
 /*
- * Reads the IPv4 TCP/UDP 5-tuple. Returns 1 when the packet has one,
- * 0 when it is something else (not IPv4, other protocol, a later fragment:
- * no ports to read). *more is set for a first fragment.
+ * Reads the IPv4 TCP/UDP 5-tuple of the IPv4 header at nhoff. Returns 1
+ * when the packet has one, 0 when it is something else (other protocol, a
+ * later fragment: no ports to read). *more is set for a first fragment.
  */
-static __always_inline int parse(struct __sk_buff *skb, struct corral_flow *f, __u32 *l4off,
-				 int *more)
+static __always_inline int parse_at(struct __sk_buff *skb, __u32 nhoff, struct corral_flow *f,
+				    __u32 *l4off, int *more)
 {
 	struct iphdr ip;
 	__be16 ports[2];
 
-	if (skb->protocol != bpf_htons(ETH_P_IP))
-		return 0;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+	if (bpf_skb_load_bytes(skb, nhoff, &ip, sizeof(ip)) < 0)
 		return 0;
 	if (ip.version != 4 || ip.ihl < 5)
 		return 0;
@@ -137,7 +163,7 @@ static __always_inline int parse(struct __sk_buff *skb, struct corral_flow *f, _
 		return 0;
 	if (ip.frag_off & bpf_htons(IP_OFFSET))
 		return 0;
-	*l4off = ETH_HLEN + ip.ihl * 4;
+	*l4off = nhoff + ip.ihl * 4;
 	if (bpf_skb_load_bytes(skb, *l4off, ports, sizeof(ports)) < 0)
 		return 0;
 	*more = (ip.frag_off & bpf_htons(IP_MF)) != 0;
@@ -149,6 +175,15 @@ static __always_inline int parse(struct __sk_buff *skb, struct corral_flow *f, _
 	f->pad1 = 0;
 	f->pad2 = 0;
 	return 1;
+}
+
+/* parse_at for a packet that is IPv4 right after its Ethernet header. */
+static __always_inline int parse(struct __sk_buff *skb, struct corral_flow *f, __u32 *l4off,
+				 int *more)
+{
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	return parse_at(skb, ETH_HLEN, f, l4off, more);
 }
 
 /*
@@ -215,35 +250,124 @@ static __always_inline struct corral_lb_backend *pick(struct corral_lb_service *
 	return bpf_map_lookup_elem(&lb_backends, id);
 }
 
-SEC("classifier")
-int corral_np_ingress(struct __sk_buff *skb)
+/* The published service a flow is for, or NULL (then it is not ours). */
+static __always_inline struct corral_lb_service *published(const struct corral_flow *f)
 {
-	struct corral_lb_service_key sk = {};
-	struct corral_lb_service *svc;
+	struct corral_lb_service_key sk = { .port = f->dport, .proto = f->proto };
+	struct corral_lb_service *svc = bpf_map_lookup_elem(&lb_services, &sk);
+
+	if (!svc || !(svc->flags & CORRAL_LB_F_PUBLISHED))
+		return NULL;
+	return svc;
+}
+
+static __always_inline __u16 csum_fold(__u64 sum)
+{
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__u16)~sum;
+}
+
+/*
+ * Sends the packet, unmodified, to the node of its backend inside an IPIP
+ * header: outer source = the node address the client used (f->daddr), so
+ * that the receiver can check it is a peer's before it sends replies from
+ * it; outer destination = the gateway of the route to the backend, which
+ * must be a peer. The outer header gets DF (the receiver's TC program sees
+ * packets before reassembly) and the inner DSCP without ECN (RFC 6040
+ * compatibility mode: nothing to propagate at decapsulation).
+ */
+static __always_inline int forward(struct __sk_buff *skb, const struct corral_flow *f,
+				   const struct corral_lb_backend *be)
+{
+	struct bpf_fib_lookup fib = {};
+	struct bpf_redir_neigh nh = {};
+	struct iphdr inner, outer = {};
+	__u32 mtu = 0, len;
+	long rc;
+
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &inner, sizeof(inner)) < 0) {
+		count(skb, CORRAL_NP_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	fib.family = AF_INET;
+	fib.l4_protocol = IPPROTO_IPIP;
+	fib.tos = inner.tos & ~ECN_MASK;
+	fib.ifindex = skb->ifindex;
+	fib.ipv4_src = f->daddr;
+	fib.ipv4_dst = be->addr;
+	/* A forwarding lookup, as for a packet arriving on the uplink; the
+	 * neighbour is left to bpf_redirect_neigh. */
+	rc = bpf_fib_lookup(skb, &fib, sizeof(fib), BPF_FIB_LOOKUP_SKIP_NEIGH);
+	if (rc == BPF_FIB_LKUP_RET_FRAG_NEEDED) {
+		count(skb, CORRAL_NP_DROP_TOO_BIG);
+		return TC_ACT_SHOT;
+	}
+	/* ipv4_dst is now the route's gateway, or still the backend when the
+	 * route has none: only a peer node decapsulates. */
+	if ((rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) ||
+	    !bpf_map_lookup_elem(&np_peers, &fib.ipv4_dst)) {
+		count(skb, CORRAL_NP_DROP_REMOTE);
+		return TC_ACT_SHOT;
+	}
+	len = bpf_ntohs(inner.tot_len) + IPIP_HLEN;
+	rc = bpf_check_mtu(skb, fib.ifindex, &mtu, IPIP_HLEN, 0);
+	if (rc != BPF_MTU_CHK_RET_SUCCESS || len > 0xffff) {
+		count(skb, rc < 0 ? CORRAL_NP_DROP_ERROR : CORRAL_NP_DROP_TOO_BIG);
+		return TC_ACT_SHOT;
+	}
+
+	outer.version = 4;
+	outer.ihl = 5;
+	outer.tos = inner.tos & ~ECN_MASK;
+	outer.tot_len = bpf_htons(len);
+	outer.frag_off = bpf_htons(IP_DF);
+	outer.ttl = IPIP_TTL;
+	outer.protocol = IPPROTO_IPIP;
+	outer.saddr = f->daddr;
+	outer.daddr = fib.ipv4_dst;
+	rc = bpf_csum_diff(NULL, 0, (__be32 *)&outer, sizeof(outer), 0);
+	if (rc < 0) {
+		count(skb, CORRAL_NP_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	outer.check = csum_fold(rc);
+	if (bpf_skb_adjust_room(skb, IPIP_HLEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4) ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN, &outer, sizeof(outer), BPF_F_RECOMPUTE_CSUM)) {
+		count(skb, CORRAL_NP_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	count(skb, CORRAL_NP_FORWARDED);
+	nh.nh_family = AF_INET;
+	nh.ipv4_nh = fib.ipv4_dst;
+	return bpf_redirect_neigh(fib.ifindex, &nh, sizeof(nh), 0);
+}
+
+/*
+ * Sends a flow to a published service's backend: the connection table's,
+ * else the ring's. A local backend gets it by DNAT; a remote one by
+ * forward(), unless the packet came from a peer already (from_peer): rings
+ * differ only briefly, during an update, and a packet is never forwarded
+ * twice.
+ */
+static __always_inline int deliver(struct __sk_buff *skb, struct corral_flow *f, __u32 l4off,
+				   int more, struct corral_lb_service *svc, int from_peer)
+{
 	struct corral_lb_backend *be = NULL;
 	struct corral_np_config *cfg;
 	struct corral_np_conn *conn;
 	struct corral_np_nat nat = {};
-	struct corral_flow f, reply;
-	__u32 l4off = 0, zero = 0, id = 0;
-	int more = 0;
+	struct corral_flow reply;
+	__u32 zero = 0, id = 0;
 
-	if (!parse(skb, &f, &l4off, &more))
-		return TC_ACT_OK;
-	if (!bpf_map_lookup_elem(&np_addrs, &f.daddr))
-		return TC_ACT_OK;
-	sk.port = f.dport;
-	sk.proto = f.proto;
-	svc = bpf_map_lookup_elem(&lb_services, &sk);
-	if (!svc || !(svc->flags & CORRAL_LB_F_PUBLISHED))
-		return TC_ACT_OK;
 	if (more) {
 		/* Its later fragments would carry no ports to balance by. */
 		count(skb, CORRAL_NP_DROP_FRAGMENT);
 		return TC_ACT_SHOT;
 	}
 
-	conn = bpf_map_lookup_elem(&np_flows, &f);
+	conn = bpf_map_lookup_elem(&np_flows, f);
 	if (conn) {
 		id = conn->backend;
 		be = known(conn);
@@ -251,7 +375,7 @@ int corral_np_ingress(struct __sk_buff *skb)
 	if (!be) {
 		struct corral_np_conn fresh = {};
 
-		be = pick(svc, &f, &id);
+		be = pick(svc, f, &id);
 		if (!be) {
 			count(skb, CORRAL_NP_DROP_NO_BACKEND);
 			return TC_ACT_SHOT;
@@ -259,37 +383,97 @@ int corral_np_ingress(struct __sk_buff *skb)
 		fresh.backend = id;
 		fresh.addr = be->addr;
 		fresh.port = be->port;
-		bpf_map_update_elem(&np_flows, &f, &fresh, BPF_ANY);
+		bpf_map_update_elem(&np_flows, f, &fresh, BPF_ANY);
 		count(skb, CORRAL_NP_NEW_FLOW);
 	}
 
 	cfg = bpf_map_lookup_elem(&np_config, &zero);
 	if (!cfg || cfg->cell_mask == 0 || (be->addr & cfg->cell_mask) != cfg->cell_net) {
-		count(skb, CORRAL_NP_DROP_REMOTE);
-		return TC_ACT_SHOT;
+		if (from_peer) {
+			count(skb, CORRAL_NP_DROP_NOT_LOCAL);
+			return TC_ACT_SHOT;
+		}
+		return forward(skb, f, be);
 	}
 
 	/* The reply's tuple; refreshed while the flow lives so that the LRU
 	 * never evicts it before the flow's own entry. */
 	reply = (struct corral_flow){
 		.saddr = be->addr,
-		.daddr = f.saddr,
+		.daddr = f->saddr,
 		.sport = be->port,
-		.dport = f.sport,
-		.proto = f.proto,
+		.dport = f->sport,
+		.proto = f->proto,
 	};
 	if (!bpf_map_lookup_elem(&np_nats, &reply)) {
-		nat.addr = f.daddr;
-		nat.port = f.dport;
+		nat.addr = f->daddr;
+		nat.port = f->dport;
 		bpf_map_update_elem(&np_nats, &reply, &nat, BPF_ANY);
 	}
 
-	if (rewrite(skb, l4off, f.proto, 1, f.daddr, be->addr, f.dport, be->port) < 0) {
+	if (rewrite(skb, l4off, f->proto, 1, f->daddr, be->addr, f->dport, be->port) < 0) {
 		count(skb, CORRAL_NP_DROP_ERROR);
 		return TC_ACT_SHOT;
 	}
 	count(skb, CORRAL_NP_LOCAL);
 	return TC_ACT_OK;
+}
+
+/*
+ * An IPIP packet to this node. Ours only when it comes from a peer
+ * (np_peers), its inner packet is a flow to a published port and the
+ * inner destination is the outer source (the peer's own address, which
+ * the reply will carry); anything else passes to the kernel untouched.
+ * Ours is decapsulated and delivered; its backend must be local.
+ */
+static __always_inline int from_peer(struct __sk_buff *skb, const struct iphdr *outer)
+{
+	struct corral_lb_service *svc;
+	struct corral_flow f;
+	__u32 l4off = 0;
+	int more = 0;
+
+	if (outer->ihl != 5 || (outer->frag_off & bpf_htons(IP_MF | IP_OFFSET)))
+		return TC_ACT_OK;
+	if (!bpf_map_lookup_elem(&np_addrs, &outer->daddr) ||
+	    !bpf_map_lookup_elem(&np_peers, &outer->saddr))
+		return TC_ACT_OK;
+	if (!parse_at(skb, ETH_HLEN + IPIP_HLEN, &f, &l4off, &more) || f.daddr != outer->saddr)
+		return TC_ACT_OK;
+	svc = published(&f);
+	if (!svc)
+		return TC_ACT_OK;
+	if (bpf_skb_adjust_room(skb, -IPIP_HLEN, BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_DECAP_L3_IPV4)) {
+		count(skb, CORRAL_NP_DROP_ERROR);
+		return TC_ACT_SHOT;
+	}
+	count(skb, CORRAL_NP_DECAPSULATED);
+	return deliver(skb, &f, l4off - IPIP_HLEN, more, svc, 1);
+}
+
+SEC("classifier")
+int corral_np_ingress(struct __sk_buff *skb)
+{
+	struct corral_lb_service *svc;
+	struct corral_flow f;
+	struct iphdr ip;
+	__u32 l4off = 0;
+	int more = 0;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return TC_ACT_OK;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0 || ip.version != 4)
+		return TC_ACT_OK;
+	if (ip.protocol == IPPROTO_IPIP)
+		return from_peer(skb, &ip);
+	if (!parse_at(skb, ETH_HLEN, &f, &l4off, &more))
+		return TC_ACT_OK;
+	if (!bpf_map_lookup_elem(&np_addrs, &f.daddr))
+		return TC_ACT_OK;
+	svc = published(&f);
+	if (!svc)
+		return TC_ACT_OK;
+	return deliver(skb, &f, l4off, more, svc, 0);
 }
 
 SEC("classifier")

@@ -8,7 +8,7 @@
 //!   cell netns: n0 10.99.0.2    cell netns: n0 10.99.0.3 ...
 //! ```
 
-use super::{workspace, Cell};
+use super::Cell;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -26,12 +26,19 @@ pub const VIP_RANGE: &str = "10.96.0.0/24";
 pub const QUIC_PORT: u16 = 7901;
 pub const API_PORT: u16 = 7900;
 
+/// `$CORRAL_BRAIN_BIN`, else the brain built next to the agent under test
+/// (so a `CARGO_TARGET_DIR` build is found through `$CORRAL_AGENT_BIN`).
 pub fn brain_bin() -> PathBuf {
-    workspace().join("target/debug/corral-brain")
+    std::env::var_os("CORRAL_BRAIN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::agent_bin().with_file_name("corral-brain"))
 }
 
+/// `$CORRAL_CLI_BIN`, else the CLI built next to the agent under test.
 pub fn cli_bin() -> PathBuf {
-    workspace().join("target/debug/corral")
+    std::env::var_os("CORRAL_CLI_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::agent_bin().with_file_name("corral"))
 }
 
 fn sh(cmd: &str, args: &[&str]) -> Output {

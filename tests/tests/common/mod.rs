@@ -299,6 +299,26 @@ impl Cell {
         }
     }
 
+    /// SIGTERM, then wait up to `limit` (SIGKILL after it); returns how
+    /// long the agent took to exit.
+    pub fn stop_agent_within(&mut self, limit: Duration) -> Duration {
+        let started = Instant::now();
+        if let Some(mut c) = self.agent.take() {
+            #[allow(unsafe_code)]
+            // SAFETY: kill(2) on the pid of a child we spawned and have not reaped.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            while c.try_wait().unwrap().is_none() {
+                if started.elapsed() > limit {
+                    let _ = c.kill();
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        started.elapsed()
+    }
+
     pub fn stop_agent(&mut self) {
         if let Some(mut c) = self.agent.take() {
             #[allow(unsafe_code)]
