@@ -170,7 +170,7 @@ pub struct LbServiceKey {
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct LbService {
-    /// 1 ..= `CORRAL_LB_MAX_SERVICES`; its backends are `lb_slots[id * 256 + i]`.
+    /// 1 ..= `CORRAL_LB_MAX_SERVICES`; its backends are `lb_slots[id][i]`, `i < count`.
     pub id: u32,
     /// Ready backends; 0: connections are refused.
     pub count: u32,

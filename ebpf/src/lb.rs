@@ -20,11 +20,33 @@
 //!
 //! | name | type | key → value |
 //! |---|---|---|
-//! | `lb_services` | hash, 4096 | `corral_lb_service_key {vip, port, proto}` → `corral_lb_service {id, count, flags, ring_gen, ring_size}` |
-//! | `lb_slots` | array, 4097 × 256 | `id * 256 + i` → backend id (for `i < count`) |
+//! | `lb_services` | hash, 16384 | `corral_lb_service_key {vip, port, proto}` → `corral_lb_service {id, count, flags, ring_gen, ring_size}` |
+//! | `lb_slots` | array, 16385 | service id → `__u32[256]`, its backend ids (the first `count` are the list) |
 //! | `lb_backends` | hash, 65536 | backend id → `corral_lb_backend {addr, port}` |
 //! | `lb_socks` | LRU hash, 65536 | `corral_lb_sock_key {cookie, backend addr, port}` → `corral_lb_sock {vip, port}` |
-//! | `lb_rings` | hash of maps, 8192 | `corral_lb_ring_key {service, gen}` → array of `ring_size` backend ids (Maglev) |
+//! | `lb_rings` | hash of maps, 32768 | `corral_lb_ring_key {service, gen}` → array of `ring_size` backend ids (Maglev) |
+//!
+//! A pin whose type, key, value or size differs from these (left by a
+//! build with other limits) stops [`Balancer::load`] with
+//! [`Error::IncompatiblePin`].
+//!
+//! ## Memory
+//!
+//! `lb_slots` dominates: it is preallocated, one 1 KiB list per service id,
+//! 16 MiB for 16,384 services (`memlock` as the kernel reports it, 6.18).
+//! The list is one array element on purpose: the kernel rounds every
+//! array value up to 8 bytes, so the earlier layout (one `__u32` element
+//! per slot, `id * 256 + i`) cost 2 KiB per service id: 8 MiB at 4,096
+//! services, 32 MiB at 16,384. The other maps at these limits:
+//! `lb_services` 1.5 MiB, `lb_rings` 2.5 MiB (outer map; each ring is
+//! `M × 4` bytes more), `lb_backends` 5 MiB, `lb_socks` (LRU) about 6 MiB.
+//! Rejected: a hash of `(id, index)` (Cilium's layout) or a
+//! `BPF_F_NO_PREALLOC` hash of lists would cost memory only for what is
+//! used, but the first needs a budget of slots that the router would have
+//! to account for (its bucket array alone is 16 B per possible entry), and
+//! both can fail with `ENOMEM` when an update allocates, where the
+//! preallocated array never does: the router's promise that a plan never
+//! meets a full map holds only for preallocated maps.
 //!
 //! `lb_services`, `lb_backends` and `lb_rings` are shared with the
 //! north-south programs ([`crate::nodeport`]; both objects declare them in
@@ -46,10 +68,18 @@
 //! the slots in place; `DeleteRing` removes the outer entry (the kernel
 //! frees the array once no program holds it).
 //!
-//! [`Balancer::set_service`] keeps every slot below `count` valid while a
-//! service changes: a growing service gets its new slots before its count,
-//! a shrinking one its count first. Backends must exist before a service
-//! names them and outlive it (the order `router::plan` produces).
+//! [`Balancer::set_service`] writes the service's whole list (two
+//! syscalls per service entry: the list, then the entry) and keeps every
+//! slot valid while a service changes: the list is repeated over all 256
+//! slots and written before the count, so a reader that loaded the entry
+//! before the change, with the old count, still reads a backend of the
+//! new list. The kernel copies the list into the array element in place,
+//! while programs may read it: a slot is an aligned `__u32`, and the
+//! kernel's `memcpy` on x86-64 and arm64 moves aligned words whole in
+//! practice (not an architectural promise for `rep movs`), so a reader
+//! sees a slot's old or new id. Backends must exist
+//! before a service names them and outlive it (the order `router::plan`
+//! produces).
 //!
 //! # Attachment and restarts
 //!
@@ -59,10 +89,11 @@
 //! programs, which read the same pinned maps) in place.
 
 use std::fs::File;
+use std::mem::size_of;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
-use aya::maps::{Array, HashMap, HashOfMaps, MapData};
+use aya::maps::{Array, HashMap, HashOfMaps, MapData, MapType};
 use aya::programs::links::{CgroupAttachMode, FdLink, PinnedLink};
 use aya::programs::CgroupSockAddr;
 use aya::{Ebpf, EbpfLoader};
@@ -72,7 +103,7 @@ use corral_router::{
 };
 
 use crate::abi::{self, c};
-use crate::dataplane::{map_error, removed, take};
+use crate::dataplane::{check_pin, map_error, removed, take, MapSpec};
 use crate::Error;
 
 /// The programs, by C function name.
@@ -101,6 +132,59 @@ pub const MAX_BACKENDS_PER_SERVICE: usize = c::CORRAL_LB_MAX_BACKENDS_PER_SERVIC
 
 /// The highest service id (`CORRAL_LB_MAX_SERVICES`); ids start at 1.
 pub const MAX_SERVICE_ID: u32 = c::CORRAL_LB_MAX_SERVICES;
+
+/// A value of `lb_slots`: one service's backend ids.
+type List = [u32; MAX_BACKENDS_PER_SERVICE];
+
+/// What the maps must look like; checked against pins left by an earlier
+/// run (a build with other sizes).
+fn map_specs() -> [MapSpec; 5] {
+    let spec = |name, kind, key_size, value_size, max_entries| MapSpec {
+        name,
+        kind,
+        key_size,
+        value_size,
+        max_entries,
+    };
+    [
+        spec(
+            SERVICES,
+            MapType::Hash,
+            size_of::<abi::LbServiceKey>(),
+            size_of::<abi::LbService>(),
+            MAX_SERVICE_ID,
+        ),
+        spec(
+            SLOTS,
+            MapType::Array,
+            size_of::<u32>(),
+            size_of::<List>(),
+            MAX_SERVICE_ID + 1,
+        ),
+        spec(
+            BACKENDS,
+            MapType::Hash,
+            size_of::<u32>(),
+            size_of::<abi::LbBackend>(),
+            c::CORRAL_LB_MAX_BACKENDS,
+        ),
+        spec(
+            SOCKS,
+            MapType::LruHash,
+            size_of::<abi::LbSockKey>(),
+            size_of::<abi::LbSock>(),
+            c::CORRAL_LB_MAX_SOCKS,
+        ),
+        // The outer map's values are map fds.
+        spec(
+            RINGS,
+            MapType::HashOfMaps,
+            size_of::<abi::LbRingKey>(),
+            size_of::<u32>(),
+            2 * MAX_SERVICE_ID,
+        ),
+    ]
+}
 
 fn object() -> &'static [u8] {
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"))
@@ -158,7 +242,7 @@ pub struct Balancer {
     ebpf: Ebpf,
     pin_dir: PathBuf,
     services: HashMap<MapData, abi::LbServiceKey, abi::LbService>,
-    slots: Array<MapData, u32>,
+    slots: Array<MapData, List>,
     backends: HashMap<MapData, u32, abi::LbBackend>,
     socks: HashMap<MapData, abi::LbSockKey, abi::LbSock>,
     rings: HashOfMaps<MapData, abi::LbRingKey, Array<MapData, u32>>,
@@ -174,12 +258,18 @@ impl std::fmt::Debug for Balancer {
 
 impl Balancer {
     /// Loads the programs, reusing the maps pinned in `pin_dir` (the same
-    /// directory as [`crate::Dataplane::load`]'s) and pinning new ones.
+    /// directory as [`crate::Dataplane::load`]'s) and pinning new ones. A
+    /// pinned map whose type, key, value or capacity does not fit this
+    /// build (pinned by a build with other limits) is an error
+    /// ([`Error::IncompatiblePin`]), never used or replaced.
     pub fn load(pin_dir: &Path) -> Result<Self, Error> {
         std::fs::create_dir_all(pin_dir).map_err(|source| Error::PinDir {
             path: pin_dir.to_owned(),
             source,
         })?;
+        for spec in &map_specs() {
+            check_pin(pin_dir, spec)?;
+        }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pin_dir)
             .load(object())
@@ -322,7 +412,6 @@ impl Balancer {
             )));
         }
         let key = addr.key();
-        let old = self.services.get(&key, 0).ok().filter(|s| s.id == id);
         let count = backends.len() as u32;
         let (ring_gen, ring_size) = ring.unwrap_or((0, 0));
         let value = abi::LbService {
@@ -333,25 +422,19 @@ impl Balancer {
             ring_size,
         };
         let action = || format!("set service {}:{} ({id})", addr.vip, addr.port);
-        let write_service = |services: &mut HashMap<MapData, _, _>| {
-            services
-                .insert(key, value, 0)
-                .map_err(|e| map_error(SERVICES, c::CORRAL_LB_MAX_SERVICES, action(), e))
-        };
-        let shrinking = old.is_some_and(|o| o.count > count);
-        if shrinking {
-            write_service(&mut self.services)?;
+        // The list repeated over every slot: a reader that loaded the
+        // entry before this write, with another count, still finds one of
+        // the new backends wherever it looks.
+        let mut list: List = [0; MAX_BACKENDS_PER_SERVICE];
+        for (slot, backend) in list.iter_mut().zip(backends.iter().cycle()) {
+            *slot = *backend;
         }
-        for (i, backend) in backends.iter().enumerate() {
-            let slot = id * MAX_BACKENDS_PER_SERVICE as u32 + i as u32;
-            self.slots
-                .set(slot, backend, 0)
-                .map_err(|e| map_error(SLOTS, 0, action(), e))?;
-        }
-        if !shrinking {
-            write_service(&mut self.services)?;
-        }
-        Ok(())
+        self.slots
+            .set(id, list, 0)
+            .map_err(|e| map_error(SLOTS, 0, action(), e))?;
+        self.services
+            .insert(key, value, 0)
+            .map_err(|e| map_error(SERVICES, c::CORRAL_LB_MAX_SERVICES, action(), e))
     }
 
     /// Returns whether it existed; connections to the address are then
@@ -502,12 +585,12 @@ impl Balancer {
             else {
                 continue;
             };
-            let mut backends = Vec::new();
-            for i in 0..svc.count.min(MAX_BACKENDS_PER_SERVICE as u32) {
-                let slot = id.get() * MAX_BACKENDS_PER_SERVICE as u32 + i;
-                let b = self.slots.get(&slot, 0).map_err(read(SLOTS))?;
-                backends.extend(BackendId::new(b));
-            }
+            let list = self.slots.get(&id.get(), 0).map_err(read(SLOTS))?;
+            let count = (svc.count as usize).min(MAX_BACKENDS_PER_SERVICE);
+            let backends = list[..count]
+                .iter()
+                .filter_map(|&b| BackendId::new(b))
+                .collect();
             let mut ring = None;
             if svc.ring_size != 0 {
                 let ring_key = RingKey {

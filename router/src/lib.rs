@@ -7,10 +7,24 @@
 //!  upsert / remove / set_backends / set_ready
 //!        │
 //!        ▼
-//!  ServiceTable ──desired()──▶ Desired ─┐
-//!        ▲                              ├─ plan() ──▶ [Op] ──▶ agent: kernel map, then model.apply(op)
-//!        └──────release(&model)──── Programmed (model of the maps) ◀─┘
+//!  ServiceTable ──(what changed)── plan_changes() ──▶ [Op] ──▶ agent: kernel map, then model.apply(op)
+//!        ▲                              ▲                                          │
+//!        └──────release(&model)──── Programmed (model of the maps) ◀───────────────┘
 //! ```
+//!
+//! # Incremental planning
+//!
+//! The table remembers which keys and backend ids changed since the maps
+//! last matched them, and [`plan_changes`] plans those alone: one
+//! service's change costs `O(that service)` (and a `log` of the number of
+//! services), whatever the number of services. [`ServiceTable::release`]
+//! forgets a change once the model shows it programmed, so a plan cut
+//! short is finished by the next one. The full [`plan()`] of
+//! [`ServiceTable::desired`] (every service, `O(services)`) is the
+//! reference: the property tests check that both produce the same
+//! operations at every step, through cut-short plans and restarts. An
+//! adopted table ([`ServiceTable::adopt`]) counts everything the adopted
+//! maps hold as changed, so its first incremental plan is the full one.
 //!
 //! # Two lookups
 //!
@@ -81,17 +95,17 @@
 //!
 //! # Kernel map layout
 //!
-//! The layout the operations follow (for `ebpf/src/bpf/corral.h`; byte
-//! order as in the rest of that header: addresses in network order, ports
-//! and everything else in host order):
+//! The layout the operations follow (`ebpf/src/bpf/corral.h`, `lb_maps.h`
+//! and `lb.bpf.c`; byte order as in that header: addresses in network
+//! order, ports and everything else in host order):
 //!
 //! ```c
-//! #define CORRAL_LB_MAX_SERVICES 4096              /* Limits::max_services */
+//! #define CORRAL_LB_MAX_SERVICES 16384             /* Limits::max_services */
 //! #define CORRAL_LB_MAX_BACKENDS 65536             /* Limits::max_backends */
 //! #define CORRAL_LB_MAX_BACKENDS_PER_SERVICE 256   /* MAX_BACKENDS_PER_SERVICE */
 //! #define CORRAL_LB_F_PUBLISHED 1                  /* FLAG_PUBLISHED */
 //!
-//! /* lb_services: HASH, BPF_F_NO_PREALLOC, CORRAL_LB_MAX_SERVICES entries */
+//! /* lb_services: HASH, CORRAL_LB_MAX_SERVICES entries */
 //! struct corral_lb_service_key {
 //!     __u32 vip;   /* network byte order */
 //!     __u16 port;  /* host byte order */
@@ -100,12 +114,15 @@
 //! };
 //! struct corral_lb_service {
 //!     __u32 id;        /* ServiceId */
+//!     __u32 count;     /* used slots of lb_slots[id]; 0 = no ready backend */
 //!     __u32 flags;     /* CORRAL_LB_F_* */
 //!     __u32 ring_gen;  /* ring at {id, ring_gen} when ring_size != 0 */
 //!     __u32 ring_size; /* M; 0 = no ring */
-//!     __u32 count;     /* used entries of backends[]; 0 = no ready backend */
-//!     __u32 backends[CORRAL_LB_MAX_BACKENDS_PER_SERVICE]; /* BackendIds */
 //! };
+//!
+//! /* lb_slots: ARRAY, CORRAL_LB_MAX_SERVICES + 1 entries, key ServiceId,
+//!  * value __u32[CORRAL_LB_MAX_BACKENDS_PER_SERVICE]: the east-west list
+//!  * (BackendIds), repeated over every slot */
 //!
 //! /* lb_backends: HASH, CORRAL_LB_MAX_BACKENDS entries, key __u32 BackendId */
 //! struct corral_lb_backend {
@@ -126,8 +143,10 @@
 //! Readers:
 //! - connect4: `s = lb_services[{dst, dport, proto}]`; none → not a VIP, let
 //!   it be; `count == 0` → refuse (`ECONNREFUSED`); else
-//!   `b = lb_backends[s->backends[rand % count]]` and rewrite the
-//!   destination. `count` and the array are in one value, so they agree.
+//!   `b = lb_backends[lb_slots[s->id][rand % count]]` and rewrite the
+//!   destination. The list is written (repeated over all 256 slots)
+//!   before the entry with its count, so any slot a reader picks, with the
+//!   old count or the new, holds a backend.
 //! - north-south: `s = lb_services[...]`, needs `CORRAL_LB_F_PUBLISHED`;
 //!   a connection-table hit wins if it is still valid (keep the backend's
 //!   id *and* address in the entry and use it only while
@@ -136,27 +155,24 @@
 //!   `ring = lb_rings[{s->id, s->ring_gen}]`, `b = ring[hash % s->ring_size]`;
 //!   `ring_size == 0` or any miss → drop.
 //!
-//! A `corral_lb_service` is 1,044 bytes: programs must work through the
-//! pointer `bpf_map_lookup_elem` returns, never copy it to the 512-byte
-//! stack.
-//!
-//! Why this shape: one `lb_services` lookup answers both "is this a VIP" and
-//! "which backends", and a hash-map update replaces the element whole (with
-//! `BPF_F_NO_PREALLOC` the old element is freed after an RCU grace period,
-//! so a reader never sees a torn value; preallocated elements can be reused
-//! at once). Rings are separate because they are big and only published
-//! services need them; map-in-map lets them differ in size and be built
-//! aside and published with one outer-map update. Two generations per
-//! service let a resize switch atomically, and bound the outer map at
-//! `2 × max_services`.
+//! Why this shape: one `lb_services` lookup answers "is this a VIP", and
+//! its small value (20 bytes) is replaced whole. The lists are a
+//! preallocated array, one 1 KiB element per service id (16 MiB at the
+//! default 16,384 services; the memory is discussed in `corral_ebpf::lb`):
+//! preallocated, an update never fails for lack of memory, so the
+//! [`Limits`] are the only capacity there is. Rings are separate because
+//! they are big and only published services need them; map-in-map lets
+//! them differ in size and be built aside and published with one
+//! outer-map update. Two generations per service let a resize switch
+//! atomically, and bound the outer map at `2 × max_services`.
 //!
 //! | [`Op`] | kernel |
 //! |---|---|
 //! | `PutBackend{id, addr}` | `lb_backends` update (`BPF_ANY`) |
 //! | `CreateRing{ring, slots}` | create an inner array of `slots.len()` entries, write every slot, then `lb_rings` update with its fd (aya 0.14: `Array::<MapData, u32>::create(size, 0)`, `set` each slot, `HashOfMaps::insert`) |
 //! | `PutRingSlots{ring, slots}` | look up the inner map of `lb_rings[ring]`, update each `(slot, id)` |
-//! | `PutService{key, entry}` | `lb_services` update with the whole value (`count = entry.backends.len()`, rest of the array zero) |
-//! | `DeleteService{key}` / `DeleteRing{ring}` / `DeleteBackend{id}` | delete from `lb_services` / `lb_rings` / `lb_backends` |
+//! | `PutService{key, entry}` | `lb_slots[id]` update with the list repeated, then `lb_services` update (`count = entry.backends.len()`) |
+//! | `DeleteService{key}` / `DeleteRing{ring}` / `DeleteBackend{id}` | delete from `lb_services` / `lb_rings` / `lb_backends` (a list stays in `lb_slots` until its id is reused) |
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
@@ -171,8 +187,8 @@ pub use ids::{BackendId, ServiceId};
 mod testing;
 pub use maglev::Weight;
 pub use plan::{
-    plan, Desired, DesiredService, ModelError, Op, Programmed, RingKey, RingRef, ServiceEntry,
-    FLAG_PUBLISHED,
+    plan, plan_changes, Desired, DesiredService, ModelError, Op, Programmed, RingKey, RingRef,
+    ServiceEntry, FLAG_PUBLISHED,
 };
 pub use service::{
     Backend, BackendAddr, Error, Limits, Protocol, ServiceKey, ServiceOwner, ServiceSpec,

@@ -36,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use crate::ids::{BackendId, ServiceId};
-use crate::service::{BackendAddr, ServiceKey, MAX_BACKENDS_PER_SERVICE};
+use crate::service::{BackendAddr, ServiceKey, ServiceTable, MAX_BACKENDS_PER_SERVICE};
 
 /// `corral_lb_service.flags` bit: the service is published (north-south)
 /// and may have a ring.
@@ -301,7 +301,70 @@ impl Programmed {
     /// Whether the maps still hold anything under this service id (an entry
     /// or a ring).
     pub fn holds_service(&self, id: ServiceId) -> bool {
-        self.keys_by_id.contains_key(&id) || self.rings.keys().any(|r| r.service == id)
+        self.keys_by_id.contains_key(&id) || self.rings_of(id).next().is_some()
+    }
+
+    /// Whether a service entry has this id.
+    pub(crate) fn has_service_id(&self, id: ServiceId) -> bool {
+        self.keys_by_id.contains_key(&id)
+    }
+
+    /// The rings under a service id (at most two generations).
+    fn rings_of(&self, id: ServiceId) -> impl Iterator<Item = (&RingKey, &Vec<BackendId>)> + '_ {
+        let first = RingKey {
+            service: id,
+            generation: 0,
+        };
+        let last = RingKey {
+            service: id,
+            generation: u32::MAX,
+        };
+        self.rings.range(first..=last)
+    }
+
+    /// The generation of the ring the entry with this id points to.
+    fn ring_in_use_of(&self, id: ServiceId) -> Option<u32> {
+        self.keys_by_id
+            .get(&id)
+            .and_then(|key| self.services.get(key))
+            .and_then(|entry| entry.ring)
+            .map(|r| r.generation)
+    }
+
+    /// Whether a ring under this service id is not the one its entry (if
+    /// any) points to.
+    pub(crate) fn has_unused_ring(&self, id: ServiceId) -> bool {
+        let used = self.ring_in_use_of(id);
+        self.rings_of(id)
+            .any(|(ring, _)| Some(ring.generation) != used)
+    }
+
+    /// Whether the maps hold exactly what `want` asks for under `key`
+    /// (ring generation aside), with no leftover ring under its id: the
+    /// one-service version of [`Programmed::satisfies`].
+    pub(crate) fn matches(&self, key: &ServiceKey, want: &DesiredService) -> bool {
+        let Some(have) = self.services.get(key) else {
+            return false;
+        };
+        if have.id != want.id || have.published != want.published || have.backends != want.backends
+        {
+            return false;
+        }
+        let mut rings = self.rings_of(want.id);
+        match (&want.ring, have.ring) {
+            (None, None) => rings.next().is_none(),
+            (Some(slots), Some(r)) => {
+                r.size as usize == slots.len()
+                    && rings.all(|(ring, have)| {
+                        ring.generation == r.generation && have.as_slice() == &slots[..]
+                    })
+                    && self.rings.contains_key(&RingKey {
+                        service: want.id,
+                        generation: r.generation,
+                    })
+            }
+            _ => false,
+        }
     }
 
     /// Whether the maps hold exactly what `desired` asks for (ring
@@ -508,11 +571,7 @@ impl Programmed {
     }
 
     fn ring_in_use(&self, ring: &RingKey) -> bool {
-        self.keys_by_id
-            .get(&ring.service)
-            .and_then(|key| self.services.get(key))
-            .and_then(|entry| entry.ring)
-            .is_some_and(|r| r.generation == ring.generation)
+        self.ring_in_use_of(ring.service) == Some(ring.generation)
     }
 }
 
@@ -529,34 +588,15 @@ pub fn plan(current: &Programmed, desired: &Desired) -> Vec<Op> {
     }
 
     // 2. Rings, before the service entries that point to them.
-    let mut entries = Vec::with_capacity(desired.services.len());
+    let mut entries = Vec::new();
     let mut rings_kept = BTreeSet::new();
     for (key, want) in &desired.services {
-        let ring = want
-            .ring
-            .as_ref()
-            .map(|slots| plan_ring(current, key, want.id, slots, &mut ops));
-        if let Some(r) = ring {
-            rings_kept.insert(RingKey {
-                service: want.id,
-                generation: r.generation,
-            });
-        }
-        let entry = ServiceEntry {
-            id: want.id,
-            published: want.published,
-            ring,
-            backends: want.backends.clone(),
-        };
-        entries.push((*key, entry));
+        let entry = plan_service(current, key, want, &mut rings_kept, &mut ops);
+        entries.extend(entry);
     }
 
     // 3. Service entries.
-    for (key, entry) in entries {
-        if current.services.get(&key) != Some(&entry) {
-            ops.push(Op::PutService { key, entry });
-        }
-    }
+    ops.extend(entries);
 
     // 4.-6. What nothing points to any more.
     for key in current.services.keys() {
@@ -575,6 +615,94 @@ pub fn plan(current: &Programmed, desired: &Desired) -> Vec<Op> {
         }
     }
     ops
+}
+
+/// The operations that take the maps from `current` to what `table`
+/// wants, like [`plan()`] (same operations, same order) but looking only
+/// at what changed in the table since the maps last matched it (see
+/// [`ServiceTable::release`](crate::ServiceTable::release)): one service's
+/// change costs `O(that service)`, whatever the number of services.
+///
+/// `current` must be the maps the table's changes are counted against:
+/// maps programmed from this table (starting empty, for
+/// [`ServiceTable::new`](crate::ServiceTable::new)) or the maps it was
+/// adopted from ([`ServiceTable::adopt`](crate::ServiceTable::adopt)),
+/// changed since only by operations of plans of this table.
+pub fn plan_changes(current: &Programmed, table: &ServiceTable) -> Vec<Op> {
+    let mut ops = Vec::new();
+
+    // 1. New backends; the ones to delete wait for step 6.
+    let mut gone_backends = Vec::new();
+    for (id, addr) in table.changed_backends() {
+        match addr {
+            Some(addr) if current.backends.get(&id) != Some(&addr) => {
+                ops.push(Op::PutBackend { id, addr });
+            }
+            None if current.backends.contains_key(&id) => gone_backends.push(id),
+            _ => {}
+        }
+    }
+
+    // 2.-4. Rings and entries of the changed services; deleted entries.
+    let mut entries = Vec::new();
+    let mut deleted = Vec::new();
+    let mut rings_kept = BTreeSet::new();
+    let mut ring_owners: BTreeSet<ServiceId> = table.changed_rings().collect();
+    for (key, want, retired) in table.changed_services() {
+        ring_owners.extend(current.services.get(key).map(|e| e.id));
+        ring_owners.extend(retired);
+        match want {
+            Some(want) => {
+                ring_owners.insert(want.id);
+                entries.extend(plan_service(current, key, want, &mut rings_kept, &mut ops));
+            }
+            None if current.services.contains_key(key) => {
+                deleted.push(Op::DeleteService { key: *key });
+            }
+            None => {}
+        }
+    }
+    ops.extend(entries);
+    ops.extend(deleted);
+
+    // 5.-6. Rings and backends nothing points to any more.
+    for id in ring_owners {
+        for (ring, _) in current.rings_of(id) {
+            if !rings_kept.contains(ring) {
+                ops.push(Op::DeleteRing { ring: *ring });
+            }
+        }
+    }
+    ops.extend(gone_backends.into_iter().map(|id| Op::DeleteBackend { id }));
+    ops
+}
+
+/// The ring operations of one service (pushed to `ops`) and, if its entry
+/// must change, the `PutService` to push after every ring operation.
+fn plan_service(
+    current: &Programmed,
+    key: &ServiceKey,
+    want: &DesiredService,
+    rings_kept: &mut BTreeSet<RingKey>,
+    ops: &mut Vec<Op>,
+) -> Option<Op> {
+    let ring = want
+        .ring
+        .as_ref()
+        .map(|slots| plan_ring(current, key, want.id, slots, ops));
+    if let Some(r) = ring {
+        rings_kept.insert(RingKey {
+            service: want.id,
+            generation: r.generation,
+        });
+    }
+    let entry = ServiceEntry {
+        id: want.id,
+        published: want.published,
+        ring,
+        backends: want.backends.clone(),
+    };
+    (current.services.get(key) != Some(&entry)).then_some(Op::PutService { key: *key, entry })
 }
 
 /// The ring operations of one service; returns where its entry must point.

@@ -152,7 +152,8 @@ pub struct ServiceSpec {
 /// time: it is refused here instead, with an [`Error`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Services (entries of `lb_services`). Default 4,096.
+    /// Services (entries of `lb_services`, lists of `lb_slots`). Default
+    /// 16,384.
     pub max_services: u32,
     /// Distinct backend addresses (entries of `lb_backends`). Default 65,536.
     pub max_backends: u32,
@@ -168,7 +169,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_services: 4_096,
+            max_services: 16_384,
             max_backends: 65_536,
             max_backends_per_service: MAX_BACKENDS_PER_SERVICE,
             max_published_services: 1_024,
@@ -328,6 +329,29 @@ pub struct ServiceTable {
     /// release gets its old id again (its entries may still be in the maps).
     retired_services: BTreeMap<ServiceKey, ServiceId>,
     retired_backends: BTreeMap<BackendAddr, BackendId>,
+    /// How many services are published (so publishing one counts nothing).
+    published: usize,
+    /// What may differ between the maps and the table, so that
+    /// [`plan_changes`](crate::plan_changes) need not look at the rest.
+    changes: Changes,
+}
+
+/// What changed since the maps last matched the table, per service key,
+/// backend id and ring owner. Everything *not* listed here is programmed
+/// as the table wants it: a new table starts with empty maps and nothing
+/// listed, an adopted one lists everything the adopted maps hold. An entry
+/// leaves the list only when [`ServiceTable::release`] sees maps that
+/// match it, so a plan cut short is finished by the next one.
+#[derive(Debug, Clone, Default)]
+struct Changes {
+    /// Keys upserted (with a difference) or removed.
+    services: BTreeSet<ServiceKey>,
+    /// Backend ids given, revived or retired, with the address they stood
+    /// for last.
+    backends: BTreeMap<BackendId, BackendAddr>,
+    /// Service ids whose rings no entry may point to (found in adopted
+    /// maps without their service entry).
+    rings: BTreeSet<ServiceId>,
 }
 
 impl ServiceTable {
@@ -342,6 +366,8 @@ impl ServiceTable {
             backend_ids: IdPool::new(limits.max_backends),
             retired_services: BTreeMap::new(),
             retired_backends: BTreeMap::new(),
+            published: 0,
+            changes: Changes::default(),
         })
     }
 
@@ -349,6 +375,9 @@ impl ServiceTable {
     /// after an agent restart): they are pending, and a service or backend
     /// that is upserted again under the same key or address gets its old
     /// id, so re-declaring what was programmed plans no change at all.
+    /// Everything the maps hold counts as changed, so that
+    /// [`plan_changes`](crate::plan_changes) deletes what is not declared
+    /// again, as [`plan()`](crate::plan()) would.
     pub fn adopt(limits: Limits, programmed: &Programmed) -> Result<ServiceTable, Error> {
         check_limits(&limits)?;
         let too_big = |what: &str, id: u32, limit: u32| Error::Adopt {
@@ -367,11 +396,15 @@ impl ServiceTable {
             retired_services.insert(*key, entry.id);
         }
         // Rings of services whose entry is gone still occupy their id.
+        let mut orphan_rings = BTreeSet::new();
         for ring in programmed.rings().keys() {
             if ring.service.get() > limits.max_services {
                 return Err(too_big("service", ring.service.get(), limits.max_services));
             }
             service_ids.insert(NonZeroU32::from(ring.service));
+            if !programmed.has_service_id(ring.service) {
+                orphan_rings.insert(ring.service);
+            }
         }
         let mut backend_ids = BTreeSet::new();
         let mut retired_backends = BTreeMap::new();
@@ -388,8 +421,14 @@ impl ServiceTable {
             backends: BTreeMap::new(),
             service_ids: IdPool::with_pending(limits.max_services, &service_ids),
             backend_ids: IdPool::with_pending(limits.max_backends, &backend_ids),
+            changes: Changes {
+                services: retired_services.keys().copied().collect(),
+                backends: programmed.backends().clone(),
+                rings: orphan_rings,
+            },
             retired_services,
             retired_backends,
+            published: 0,
         })
     }
 
@@ -413,14 +452,15 @@ impl ServiceTable {
         }
         let ring = maglev_ring(&key, spec.published, &backends)?;
         let existing_id = existing.map(|s| s.id);
-        if spec.published && !existing.is_some_and(|s| s.published) {
-            let published = self.services.values().filter(|s| s.published).count();
-            if published >= self.limits.max_published_services as usize {
-                return Err(Error::PublishedFull {
-                    key,
-                    limit: self.limits.max_published_services,
-                });
-            }
+        let was_published = existing.is_some_and(|s| s.published);
+        if spec.published
+            && !was_published
+            && self.published >= self.limits.max_published_services as usize
+        {
+            return Err(Error::PublishedFull {
+                key,
+                limit: self.limits.max_published_services,
+            });
         }
         let needs_service_id = existing.is_none() && !self.retired_services.contains_key(&key);
         if needs_service_id && self.service_ids.available() == 0 {
@@ -465,6 +505,12 @@ impl ServiceTable {
             self.drop_backend_ref(*addr);
         }
         let programmed = self.derive(id, spec.published, &backends, ring.as_deref());
+        match (was_published, spec.published) {
+            (false, true) => self.published += 1,
+            (true, false) => self.published = self.published.saturating_sub(1),
+            _ => {}
+        }
+        self.changes.services.insert(key);
         self.services.insert(
             key,
             Service {
@@ -526,6 +572,10 @@ impl ServiceTable {
         for b in &service.backends {
             self.drop_backend_ref(b.addr);
         }
+        if service.published {
+            self.published = self.published.saturating_sub(1);
+        }
+        self.changes.services.insert(*key);
         self.service_ids.retire(service.id.into());
         self.retired_services.insert(*key, service.id);
         Ok(service.id)
@@ -550,6 +600,11 @@ impl ServiceTable {
         self.backends.get(addr).map(|b| b.id)
     }
 
+    /// The keys of the services, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &ServiceKey> + '_ {
+        self.services.keys()
+    }
+
     /// The number of services.
     pub fn len(&self) -> usize {
         self.services.len()
@@ -560,8 +615,10 @@ impl ServiceTable {
         self.services.is_empty()
     }
 
-    /// What the maps should hold. Cheap: rings are computed on change and
-    /// shared.
+    /// What the maps should hold, every service of it: the input of the
+    /// full [`plan()`](crate::plan()). It clones every service's entry
+    /// (rings are shared), so it costs `O(services)`;
+    /// [`plan_changes`](crate::plan_changes) needs no such copy.
     pub fn desired(&self) -> Desired {
         Desired::new(
             self.services
@@ -573,9 +630,27 @@ impl ServiceTable {
     }
 
     /// Frees the pending ids that `programmed` (the maps as they are, after
-    /// applying a plan) no longer holds, so they can be handed out again.
-    /// Until this is called with such a state, removed ids are not reused.
+    /// applying a plan) no longer holds, so they can be handed out again,
+    /// and forgets the changes it shows programmed. Until this is called
+    /// with such a state, removed ids are not reused. Costs `O(changes +
+    /// pending ids)`, not `O(services)`.
     pub fn release(&mut self, programmed: &Programmed) {
+        let mut changes = std::mem::take(&mut self.changes);
+        changes.services.retain(|key| match self.services.get(key) {
+            Some(s) => !programmed.matches(key, &s.programmed),
+            None => {
+                programmed.services().contains_key(key)
+                    || self
+                        .retired_services
+                        .get(key)
+                        .is_some_and(|id| programmed.holds_service(*id))
+            }
+        });
+        changes.backends.retain(|id, addr| {
+            programmed.backends().get(id) != self.live_backend(*id, *addr).as_ref()
+        });
+        changes.rings.retain(|id| programmed.has_unused_ring(*id));
+        self.changes = changes;
         self.retired_services.retain(|_, id| {
             let held = programmed.holds_service(*id);
             if !held {
@@ -601,6 +676,49 @@ impl ServiceTable {
             self.backend_ids.live(),
             self.backend_ids.pending_count(),
         )
+    }
+
+    /// How many keys, backend ids and ring owners are listed as changed.
+    #[cfg(test)]
+    pub(crate) fn unprogrammed_changes(&self) -> usize {
+        self.changes.services.len() + self.changes.backends.len() + self.changes.rings.len()
+    }
+
+    /// The changed keys, with what the maps should hold for each (`None`:
+    /// removed), and the id a removed key's entries may still be under.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn changed_services(
+        &self,
+    ) -> impl Iterator<Item = (&ServiceKey, Option<&DesiredService>, Option<ServiceId>)> + '_ {
+        self.changes.services.iter().map(|key| {
+            let want = self.services.get(key).map(|s| &s.programmed);
+            (key, want, self.retired_services.get(key).copied())
+        })
+    }
+
+    /// The changed backend ids, with the address each should hold
+    /// (`None`: none, it is retired or free).
+    pub(crate) fn changed_backends(
+        &self,
+    ) -> impl Iterator<Item = (BackendId, Option<BackendAddr>)> + '_ {
+        self.changes
+            .backends
+            .iter()
+            .map(|(&id, &addr)| (id, self.live_backend(id, addr)))
+    }
+
+    /// Service ids whose rings must be checked though no changed key
+    /// leads to them.
+    pub(crate) fn changed_rings(&self) -> impl Iterator<Item = ServiceId> + '_ {
+        self.changes.rings.iter().copied()
+    }
+
+    /// `addr` if the table has it under `id`.
+    fn live_backend(&self, id: BackendId, addr: BackendAddr) -> Option<BackendAddr> {
+        self.backends
+            .get(&addr)
+            .is_some_and(|slot| slot.id == id)
+            .then_some(addr)
     }
 
     fn check_backends(&self, key: &ServiceKey, backends: &[Backend]) -> Result<(), Error> {
@@ -673,6 +791,7 @@ impl ServiceTable {
                 })?,
         };
         self.backends.insert(addr, BackendSlot { id, refs: 1 });
+        self.changes.backends.insert(id, addr);
         Ok(())
     }
 
@@ -686,6 +805,7 @@ impl ServiceTable {
             self.backends.remove(&addr);
             self.backend_ids.retire(id.into());
             self.retired_backends.insert(addr, id);
+            self.changes.backends.insert(id, addr);
         }
     }
 

@@ -5,8 +5,8 @@ use std::net::Ipv4Addr;
 use corral_proto::{AppId, TenantId};
 
 use crate::{
-    plan, Backend, BackendAddr, Limits, Programmed, Protocol, ServiceKey, ServiceOwner,
-    ServiceSpec, ServiceTable, Weight,
+    plan, plan_changes, Backend, BackendAddr, Limits, Programmed, Protocol, ServiceKey,
+    ServiceOwner, ServiceSpec, ServiceTable, Weight,
 };
 
 /// Service `n`: VIP 10.96.0.n, port 80, TCP.
@@ -63,15 +63,22 @@ pub(crate) fn table() -> ServiceTable {
 
 /// Plans, applies every operation to the model (each must be accepted),
 /// checks the result and that planning again finds nothing, releases ids.
-/// Returns the operations.
+/// The incremental plan must be the full one exactly, and be empty after
+/// the release. Returns the operations.
 pub(crate) fn sync(table: &mut ServiceTable, model: &mut Programmed) -> Vec<crate::Op> {
     let desired = table.desired();
     let ops = plan(model, &desired);
+    assert_eq!(plan_changes(model, table), ops, "incremental plan differs");
     if let Err((i, e)) = model.apply_all(&ops) {
         panic!("op {i} ({:?}) refused: {e}", ops[i]);
     }
     assert!(model.satisfies(&desired), "model does not match desired");
     assert_eq!(plan(model, &desired), [], "a second plan is not empty");
     table.release(model);
+    assert_eq!(
+        table.unprogrammed_changes(),
+        0,
+        "changes left after release"
+    );
     ops
 }

@@ -654,6 +654,32 @@ fn an_incompatible_pin_stops_the_load_with_a_fix() {
     assert!(msg.contains("remove"), "{msg}");
 }
 
+/// The load balancer's maps pinned by a build with the old limits (4,096
+/// services, one `__u32` per slot) are refused, not used: the slot
+/// arithmetic of this build would read past them.
+#[test]
+fn a_balancer_pin_from_an_older_build_stops_the_load_with_a_fix() {
+    require_root();
+    let pins = PinDir::new();
+    std::fs::create_dir_all(&pins.path).unwrap();
+    let stale = pins.path.join("lb_slots");
+    let stale = stale.to_str().unwrap();
+    let entries = (4097 * 256).to_string();
+    sh(
+        "bpftool",
+        &[
+            "map", "create", stale, "type", "array", "key", "4", "value", "4", "entries", &entries,
+            "name", "lb_slots",
+        ],
+    );
+    let err = corral_ebpf::lb::Balancer::load(&pins.path).unwrap_err();
+    assert!(matches!(err, Error::IncompatiblePin { .. }), "{err:?}");
+    let msg = err.to_string();
+    assert!(msg.contains(stale), "{msg}");
+    assert!(msg.contains("value 4 B, 1048832 entries"), "{msg}");
+    assert!(msg.contains("value 1024 B, 16385 entries"), "{msg}");
+}
+
 // ---------------------------------------------------------------------------
 // a real veth
 

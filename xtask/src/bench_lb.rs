@@ -30,7 +30,7 @@
 //! mount namespace of one thread (as in `bench net`), attached to a
 //! throw-away cgroup2 directory; the VIP client moves itself into that
 //! directory before it measures. Services are programmed the way the agent
-//! will: table change → `plan(&programmed, &table.desired())` → for each
+//! does: table change → `plan_changes(&programmed, &table)` → for each
 //! op `balancer.apply(&op)` then `programmed.apply(&op)` →
 //! `table.release(&programmed)`, timed as a whole and by part; then one
 //! service among them is changed repeatedly (a backend added, then removed)
@@ -63,8 +63,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use corral_ebpf::lb::{Balancer, MAX_SERVICE_ID};
 use corral_proto::{AppId, TenantId};
 use corral_router::{
-    plan, Backend, BackendAddr, Op, Programmed, Protocol, ServiceKey, ServiceOwner, ServiceSpec,
-    ServiceTable, Weight,
+    plan_changes, Backend, BackendAddr, Op, Programmed, Protocol, ServiceKey, ServiceOwner,
+    ServiceSpec, ServiceTable, Weight,
 };
 use serde_json::{json, Value};
 
@@ -106,7 +106,7 @@ usage: cargo xtask bench lb [--services LIST] [--rounds N] [--secs S]
 
   --services LIST  numbers of services installed, comma-separated; default
                    10,1000,10000 (corral installs at most the maps' limit,
-                   4,096; the report says so)
+                   16,384; the report says so)
   --rounds N       rounds per number of services, each measuring every
                    configuration once (order rotating); default 9
   --secs S         length of each measured run; default 1
@@ -477,7 +477,7 @@ struct Pass {
     total: Duration,
     /// `upsert` / `set_backends` / `remove` on the table.
     table: Duration,
-    /// `table.desired()` + `plan()`.
+    /// `plan_changes()` (what the table changed since the last release).
     plan: Duration,
     /// `balancer.apply` (the kernel map writes).
     kernel: Duration,
@@ -490,7 +490,7 @@ impl Pass {
     /// Plans and carries out what the table now wants, as the agent will.
     fn sync(c: &mut Corral, table_time: Duration, start: Instant) -> Result<(Pass, Vec<Op>)> {
         let t = Instant::now();
-        let ops = plan(&c.programmed, &c.table.desired());
+        let ops = plan_changes(&c.programmed, &c.table);
         let plan_time = t.elapsed();
         let (mut kernel, mut model) = (Duration::ZERO, Duration::ZERO);
         for op in &ops {
@@ -1435,10 +1435,10 @@ fn report(o: &Options, r: &Results, load_before: &str, load_after: &str) -> Stri
     let _ = write!(
         out,
         "\nThe issue's figures for the same chain on these machines: {ISSUE_FIGURES}.\n\n\
-         **Programming** (corral: the agent's path, table change → `plan` → `Balancer::apply` + \
+         **Programming** (corral: the agent's path, table change → `plan_changes` → `Balancer::apply` + \
          `Programmed::apply` per op → `release`; iptables: `iptables-restore` of the whole nat \
          table, median of 3)\n\n\
-         | services | corral: all services | ops | table | desired + plan | kernel writes | model | \
+         | services | corral: all services | ops | table | plan | kernel writes | model | \
          release | remove all | `iptables-restore` | rules |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     );
@@ -1464,7 +1464,7 @@ fn report(o: &Options, r: &Results, load_before: &str, load_after: &str) -> Stri
         out,
         "\n**One service changed among the others** ({} changes each: the middle service gains a \
          backend, then loses it; time from the table change to `release`)\n\n\
-         | services | median | max | desired + plan (median) | kernel writes (median) | ops per change | only that service's entries |\n\
+         | services | median | max | plan (median) | kernel writes (median) | ops per change | only that service's entries |\n\
          |---|---:|---:|---:|---:|---|---|\n",
         o.changes
     );
@@ -1563,6 +1563,7 @@ fn targets(r: &Results) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use corral_router::plan;
 
     fn owned(args: &[&str]) -> Vec<String> {
         args.iter().map(|s| (*s).to_owned()).collect()
@@ -1699,7 +1700,8 @@ mod tests {
                     .backends,
             )
             .unwrap_or_else(|e| panic!("{e}"));
-        let ops = plan(&model, &table.desired());
+        let ops = plan_changes(&model, &table);
+        assert_eq!(ops, plan(&model, &table.desired()));
         assert_eq!(ops.len(), 2, "{ops:?}");
         assert!(matches!(&ops[0], Op::PutBackend { addr, .. } if addr.addr == EXTRA_BACKEND));
         assert!(matches!(&ops[1], Op::PutService { key, .. } if *key == service_key(50)));

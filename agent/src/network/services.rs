@@ -3,7 +3,7 @@
 //! (`corral_ebpf::lb`), through `corral_router`'s table and plan.
 //!
 //! ```text
-//!  Services (brain) ─▶ known services ─▶ router::ServiceTable ─▶ plan ─▶ Balancer::apply
+//!  Services (brain) ─▶ known services ─▶ router::ServiceTable ─▶ plan_changes ─▶ Balancer::apply
 //! ```
 //!
 //! - Every port of a service is one router service `VIP:port/proto`, with
@@ -26,10 +26,10 @@ use corral_ebpf::nodeport::NodePort;
 use corral_proto::service::{Service, Transport};
 use corral_proto::wire::Services;
 use corral_router::{
-    plan, Backend, BackendAddr, Limits, Programmed, Protocol, ServiceKey, ServiceOwner,
+    plan_changes, Backend, BackendAddr, Limits, Programmed, Protocol, ServiceKey, ServiceOwner,
     ServiceSpec, ServiceTable, Weight,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -93,6 +93,11 @@ struct Inner {
     synced: bool,
     /// The north-south balancer on the uplinks, when configured.
     nodeport: Option<NodePort>,
+    /// VIPs with a router service the table refused (a limit reached).
+    refused: BTreeSet<Ipv4Addr>,
+    /// Every known service must be told to the table again (north-south
+    /// was enabled: published ports become services of their own).
+    resync: bool,
 }
 
 /// The loaded balancer and its bookkeeping.
@@ -130,6 +135,8 @@ impl Lb {
                 known: BTreeMap::new(),
                 synced: false,
                 nodeport: None,
+                refused: BTreeSet::new(),
+                resync: false,
             }),
         })
     }
@@ -167,7 +174,9 @@ impl Lb {
             np.attach(u)
                 .map_err(|e| format!("attaching the north-south balancer to uplink {u:?}: {e}"))?;
         }
-        self.inner().nodeport = Some(np);
+        let mut i = self.inner();
+        i.nodeport = Some(np);
+        i.resync = true;
         Ok(())
     }
 
@@ -203,21 +212,43 @@ impl Lb {
         (i.programmed.services().len(), i.programmed.backends().len())
     }
 
-    /// Applies one message of the brain's services.
+    /// Applies one message of the brain's services: only the services it
+    /// names (and those refused earlier, which may fit now) are told to
+    /// the table, and only what changed is planned, so a message about one
+    /// service costs the same among 10 or 10,000. A full set (`reset`)
+    /// compares everything.
     pub fn apply(&self, update: &Services) -> Result<Applied, String> {
         let mut i = self.inner();
-        if update.reset {
-            i.known.clear();
-            i.synced = true;
-        }
-        for s in &update.remove {
-            i.known.remove(s);
-        }
+        let Inner {
+            balancer,
+            table,
+            programmed,
+            known,
+            synced,
+            refused,
+            resync,
+            nodeport,
+        } = &mut *i;
+        let north_south = nodeport.is_some();
         let mut applied = Applied::default();
+        // VIPs whose router services may have changed, with what the
+        // table was told for them before this message.
+        let mut changed: BTreeMap<Ipv4Addr, Option<Service>> = BTreeMap::new();
+        let reset = update.reset;
+        if reset {
+            known.clear();
+            refused.clear();
+            *synced = true;
+        }
+        for vip in &update.remove {
+            let old = known.remove(vip);
+            changed.entry(*vip).or_insert(old);
+        }
         for s in &update.upsert {
             let problems = s.check();
             if problems.is_empty() {
-                i.known.insert(s.vip, s.clone());
+                let old = known.insert(s.vip, s.clone());
+                changed.entry(s.vip).or_insert(old);
             } else {
                 applied.refused.push(format!(
                     "service {} ({}/{}): {}",
@@ -228,37 +259,40 @@ impl Lb {
                 ));
             }
         }
-        if !i.synced {
+        if !*synced {
             return Ok(applied);
         }
-        let north_south = i.nodeport.is_some();
-        let want: BTreeMap<ServiceKey, ServiceSpec> = i
-            .known
-            .values()
-            .flat_map(|s| router_services(s, north_south))
-            .collect();
-        let Inner {
-            balancer,
-            table,
-            programmed,
-            ..
-        } = &mut *i;
-        let stale: Vec<ServiceKey> = table
-            .desired()
-            .services()
-            .keys()
-            .filter(|k| !want.contains_key(k))
-            .copied()
-            .collect();
-        for k in stale {
-            let _ = table.remove(&k);
-        }
-        for (key, spec) in want {
-            if let Err(e) = table.upsert(key, spec) {
-                applied.refused.push(format!("service {key}: {e}"));
+        if reset || std::mem::take(resync) {
+            // Everything: what the table holds and the brain no longer
+            // has goes, whatever this agent was told before.
+            let want: BTreeSet<ServiceKey> = known
+                .values()
+                .flat_map(|s| router_services(s, north_south))
+                .map(|(k, _)| k)
+                .collect();
+            let stale: Vec<ServiceKey> = table
+                .keys()
+                .filter(|k| !want.contains(k))
+                .copied()
+                .collect();
+            for k in stale {
+                let _ = table.remove(&k);
+            }
+            for (vip, s) in known.iter() {
+                let change = (None, Some(s));
+                update_vip(table, *vip, change, north_south, refused, &mut applied);
+            }
+        } else {
+            // Refused before: there may be room now.
+            for vip in refused.clone() {
+                changed.entry(vip).or_insert(None);
+            }
+            for (vip, old) in &changed {
+                let change = (old.as_ref(), known.get(vip));
+                update_vip(table, *vip, change, north_south, refused, &mut applied);
             }
         }
-        let ops = plan(programmed, &table.desired());
+        let ops = plan_changes(programmed, table);
         for op in &ops {
             balancer.apply(op).map_err(|e| e.to_string())?;
             programmed
@@ -268,6 +302,35 @@ impl Lb {
         }
         table.release(programmed);
         Ok(applied)
+    }
+}
+
+/// Tells the table what one brain service (at `vip`) now is, `(old,
+/// new)`: its router services upserted, those of `old` it no longer has
+/// removed. Pure: no kernel. A refusal is recorded in `refused` (retried
+/// with the next message) and `applied`.
+fn update_vip(
+    table: &mut ServiceTable,
+    vip: Ipv4Addr,
+    (old, new): (Option<&Service>, Option<&Service>),
+    north_south: bool,
+    refused: &mut BTreeSet<Ipv4Addr>,
+    applied: &mut Applied,
+) {
+    let services = |s: &Service| router_services(s, north_south);
+    let want: BTreeMap<ServiceKey, ServiceSpec> =
+        new.map(services).unwrap_or_default().into_iter().collect();
+    for (key, _) in old.map(services).unwrap_or_default() {
+        if !want.contains_key(&key) {
+            let _ = table.remove(&key);
+        }
+    }
+    refused.remove(&vip);
+    for (key, spec) in want {
+        if let Err(e) = table.upsert(key, spec) {
+            applied.refused.push(format!("service {key}: {e}"));
+            refused.insert(vip);
+        }
     }
 }
 
@@ -303,5 +366,79 @@ mod tests {
         assert!(r
             .iter()
             .all(|(_, s)| !s.published && s.backends.iter().all(|b| b.ready)));
+    }
+
+    #[test]
+    fn a_service_update_changes_only_its_own_router_services() {
+        let web = |ports: Vec<PortSpec>, last: u8| Service {
+            vip: Ipv4Addr::new(10, 96, 0, 1),
+            tenant: TenantId::new("acme").unwrap(),
+            app: AppId::new("web").unwrap(),
+            ports,
+            backends: vec![Ipv4Addr::new(10, 244, 1, last)],
+        };
+        let limits = Limits {
+            max_services: 2,
+            max_published_services: 0,
+            ..Limits::default()
+        };
+        let mut table = ServiceTable::new(limits).unwrap();
+        let mut programmed = Programmed::new();
+        let mut refused = BTreeSet::new();
+        let mut applied = Applied::default();
+        let vip = Ipv4Addr::new(10, 96, 0, 1);
+        let three = web(
+            vec![PortSpec::tcp(80), PortSpec::tcp(81), PortSpec::tcp(82)],
+            2,
+        );
+        update_vip(
+            &mut table,
+            vip,
+            (None, Some(&three)),
+            false,
+            &mut refused,
+            &mut applied,
+        );
+        // Two ports fit, the third is refused and remembered for a retry.
+        assert_eq!(table.len(), 2);
+        assert_eq!(applied.refused.len(), 1);
+        assert!(refused.contains(&vip));
+        for op in plan_changes(&programmed, &table) {
+            programmed.apply(&op).unwrap();
+        }
+        table.release(&programmed);
+
+        // Port 80 goes, the backend moves: port 82 fits now, 80's id is
+        // still held by the maps, so 82 waits for the next retry.
+        let two = web(vec![PortSpec::tcp(81), PortSpec::tcp(82)], 3);
+        let mut applied = Applied::default();
+        update_vip(
+            &mut table,
+            vip,
+            (Some(&three), Some(&two)),
+            false,
+            &mut refused,
+            &mut applied,
+        );
+        let keys: Vec<String> = table.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, ["10.96.0.1:81/tcp"]);
+        assert!(refused.contains(&vip));
+        let ops = plan_changes(&programmed, &table);
+        for op in &ops {
+            programmed.apply(op).unwrap();
+        }
+        table.release(&programmed);
+        let mut applied = Applied::default();
+        update_vip(
+            &mut table,
+            vip,
+            (None, Some(&two)),
+            false,
+            &mut refused,
+            &mut applied,
+        );
+        let keys: Vec<String> = table.keys().map(|k| k.to_string()).collect();
+        assert_eq!(keys, ["10.96.0.1:81/tcp", "10.96.0.1:82/tcp"]);
+        assert!(refused.is_empty() && applied.refused.is_empty());
     }
 }

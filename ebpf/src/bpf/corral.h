@@ -167,7 +167,7 @@ struct corral_counter {
  * address (VIP:port) to one of its backends, chosen at connect (or send)
  * time, and make the backend look like the VIP to the application.
  */
-#define CORRAL_LB_MAX_SERVICES 4096
+#define CORRAL_LB_MAX_SERVICES 16384
 #define CORRAL_LB_MAX_BACKENDS 65536
 #define CORRAL_LB_MAX_BACKENDS_PER_SERVICE 256
 #define CORRAL_LB_MAX_SOCKS 65536 /* lb_socks: reverse translations */
@@ -182,10 +182,11 @@ struct corral_lb_service_key {
 };
 
 /*
- * lb_services value. The service's backends are
- * lb_slots[id * CORRAL_LB_MAX_BACKENDS_PER_SERVICE + i] for i < count.
- * Writers keep every slot below count valid: when a service grows, its
- * new slots are written before its count; when it shrinks, the count first.
+ * lb_services value. The service's backends are lb_slots[id][i] for
+ * i < count (lb_slots: ARRAY of CORRAL_LB_MAX_SERVICES + 1 elements of
+ * __u32[CORRAL_LB_MAX_BACKENDS_PER_SERVICE], lb.bpf.c). Writers fill all
+ * of lb_slots[id] (the list repeated) before they write the count, so a
+ * reader holding an older count still finds a backend in any slot.
  */
 struct corral_lb_service {
 	__u32 id;	 /* service id, 1 ..= CORRAL_LB_MAX_SERVICES */

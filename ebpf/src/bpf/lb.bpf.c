@@ -27,11 +27,15 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
+/* One list of backend ids per service id: an array element holds a whole
+ * list, because the kernel rounds every array value up to 8 bytes (a
+ * __u32 per element would cost twice the memory) and a list is then one
+ * write. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, (CORRAL_LB_MAX_SERVICES + 1) * CORRAL_LB_MAX_BACKENDS_PER_SERVICE);
-	__type(key, __u32);   /* service id * per-service maximum + index */
-	__type(value, __u32); /* backend id */
+	__uint(max_entries, CORRAL_LB_MAX_SERVICES + 1);
+	__type(key, __u32); /* service id */
+	__type(value, __u32[CORRAL_LB_MAX_BACKENDS_PER_SERVICE]); /* backend ids */
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } lb_slots SEC(".maps");
 
@@ -55,7 +59,8 @@ static __always_inline int balance(struct bpf_sock_addr *ctx)
 	struct corral_lb_backend *be;
 	struct corral_lb_sock_key rev;
 	struct corral_lb_sock vip;
-	__u32 slot, *id;
+	__u32 *list;
+	__u64 idx;
 
 	if (ctx->protocol != IPPROTO_TCP && ctx->protocol != IPPROTO_UDP)
 		return 1;
@@ -69,11 +74,17 @@ static __always_inline int balance(struct bpf_sock_addr *ctx)
 	if (svc->count == 0 || svc->count > CORRAL_LB_MAX_BACKENDS_PER_SERVICE ||
 	    svc->id > CORRAL_LB_MAX_SERVICES)
 		goto refuse;
-	slot = svc->id * CORRAL_LB_MAX_BACKENDS_PER_SERVICE + bpf_get_prandom_u32() % svc->count;
-	id = bpf_map_lookup_elem(&lb_slots, &slot);
-	if (!id)
+	list = bpf_map_lookup_elem(&lb_slots, &svc->id);
+	if (!list)
 		goto refuse;
-	be = bpf_map_lookup_elem(&lb_backends, id);
+	idx = bpf_get_prandom_u32() % svc->count;
+	/* The verifier does not know that a 32-bit modulo clears the upper
+	 * half: hide where idx comes from, so that clang checks the bound on
+	 * all 64 bits and the verifier can bound the pointer below. */
+	asm volatile("" : "+r"(idx));
+	if (idx >= CORRAL_LB_MAX_BACKENDS_PER_SERVICE)
+		goto refuse;
+	be = bpf_map_lookup_elem(&lb_backends, &list[idx]);
 	if (!be)
 		goto refuse;
 
