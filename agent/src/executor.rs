@@ -818,7 +818,7 @@ impl Executor {
         }
         let ended = rec.as_ref().is_some_and(|r| r.status.state.is_final());
         if !ended {
-            self.span(&id)
+            self.span(id)
                 .in_scope(|| tracing::error!("shim exited without recording the instance's end"));
             self.mark_lost(id, "the instance's shim died; the instance was stopped");
             self.cleanup_orphan(id, &p);
@@ -857,7 +857,7 @@ impl Executor {
             drop(t);
             let _ = std::fs::create_dir_all(&p.run);
             if let Err(e) = shim::write_record(&p.record(), &rec) {
-                self.span(&id)
+                self.span(id)
                     .in_scope(|| tracing::error!("cannot write record: {e}"));
             }
         }
@@ -888,10 +888,10 @@ impl Executor {
         {
             Ok(s) if s.success() => {}
             Ok(s) => self
-                .span(&id)
+                .span(id)
                 .in_scope(|| tracing::error!("cleanup helper failed: {s}")),
             Err(e) => self
-                .span(&id)
+                .span(id)
                 .in_scope(|| tracing::error!("cannot run the cleanup helper: {e}")),
         }
     }
@@ -1186,13 +1186,13 @@ impl Executor {
                 // entries are rewritten as they were.
                 if let (Some(plane), Some((tenant, app))) = (&net.plane, owner) {
                     if let Err(e) = plane.add(&att, &tenant, &app) {
-                        self.span(&id)
+                        self.span(id)
                             .in_scope(|| tracing::error!("re-adopting the data plane: {e}"));
                     }
                 }
             }
             Err(e) => self
-                .span(&id)
+                .span(id)
                 .in_scope(|| tracing::error!("re-adopting address: {e}")),
         }
     }
@@ -1215,7 +1215,7 @@ impl Executor {
             logs_dropped: 0,
         };
         if let Err(e) = shim::write_record(&p.record(), &rec) {
-            self.span(&id)
+            self.span(id)
                 .in_scope(|| tracing::error!("cannot write record: {e}"));
         }
     }
