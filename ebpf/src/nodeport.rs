@@ -157,9 +157,9 @@
 //!
 //! | name | type | key → value | written by |
 //! |---|---|---|---|
-//! | `lb_services` | hash, 4096 | `{vip: 0, port, proto}` → `corral_lb_service {…, flags, ring_gen, ring_size}` | agent ([`crate::lb::Balancer::apply`]) |
+//! | `lb_services` | hash, 16384 | `{vip: 0, port, proto}` → `corral_lb_service {…, flags, ring_gen, ring_size}` | agent ([`crate::lb::Balancer::apply`]) |
 //! | `lb_backends` | hash, 65536 | backend id → `{addr, port}` | agent (`Balancer`) |
-//! | `lb_rings` | hash of maps, 8192 | `{service, gen}` → array of `ring_size` backend ids | agent (`Balancer`) |
+//! | `lb_rings` | hash of maps, 32768 | `{service, gen}` → array of `ring_size` backend ids | agent (`Balancer`) |
 //! | `np_addrs` | hash, 64 | node address → 0 | agent ([`NodePort::set_node_addresses`]) |
 //! | `np_peers` | hash, 4096 | other nodes' addresses → 0 | agent ([`NodePort::set_peer_addresses`]) |
 //! | `np_config` | array, 1 | 0 → `{cell_net, cell_mask}` | agent ([`NodePort::set_cell_subnet`]) |
