@@ -24,6 +24,8 @@ struct RawConfig {
     run_dir: Option<PathBuf>,
     cgroup_root: Option<String>,
     stop_grace_secs: Option<u64>,
+    log_level: Option<String>,
+    log_format: Option<String>,
     #[serde(default)]
     api: RawApi,
     #[serde(default)]
@@ -121,6 +123,12 @@ pub struct Config {
     pub cgroup_root: String,
     /// Seconds between SIGTERM and SIGKILL when stopping an instance. Default: 10.
     pub stop_grace_secs: u64,
+    /// The agent's own log levels, as `RUST_LOG` directives (which win
+    /// when set). Default: "info".
+    pub log_level: String,
+    /// The agent's own log lines as JSON (for journald and shippers)
+    /// instead of text; `CORRAL_LOG_FORMAT` wins when set. Default: false.
+    pub log_json: bool,
     /// On SIGTERM, drain first: evacuate (the brain starts replacements
     /// elsewhere and stops the instances here) and wait until no LRP
     /// instance is left or `drain_timeout_secs` passed, then exit. Only
@@ -346,6 +354,18 @@ impl Config {
                 "stop_grace_secs {stop_grace_secs} is more than an hour"
             ));
         }
+        let log_level = raw.log_level.unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+            p.push(format!("log_level {log_level:?}: {e}"));
+        }
+        let log_json = match raw.log_format.as_deref() {
+            None | Some("text") => false,
+            Some("json") => true,
+            Some(other) => {
+                p.push(format!("log_format {other:?} is not \"text\" or \"json\""));
+                false
+            }
+        };
         let drain_on_stop = raw.shutdown.drain.unwrap_or(false);
         let drain_timeout_secs = raw.shutdown.drain_timeout_secs.unwrap_or(300);
         if !(1..=86_400).contains(&drain_timeout_secs) {
@@ -461,6 +481,8 @@ impl Config {
                 run_dir,
                 cgroup_root,
                 stop_grace_secs,
+                log_level,
+                log_json,
                 drain_on_stop,
                 drain_timeout_secs,
                 api_listen,
@@ -667,6 +689,20 @@ mod tests {
             problems[0].contains("unknown field `listen_on`"),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn log_level_and_format() {
+        let c = Config::parse(
+            "log_level = \"corral_agent=debug,info\"\nlog_format = \"json\"\n",
+            &host(),
+        )
+        .unwrap();
+        assert_eq!(c.log_level, "corral_agent=debug,info");
+        assert!(c.log_json);
+        let problems =
+            Config::parse("log_level = \"=[\"\nlog_format = \"xml\"\n", &host()).unwrap_err();
+        assert_eq!(problems.len(), 2, "{problems:#?}");
     }
 
     #[test]

@@ -124,7 +124,6 @@ fn main() {
         }
         None => {}
     }
-    init_tracing();
     // Read (and removed from the environment, so shims do not inherit it)
     // while this process is still single-threaded; a unit that asks for
     // something impossible stops the start here, before anything changes.
@@ -143,6 +142,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    init_tracing(&cfg);
     // The brain credentials are part of the configuration: a certificate
     // that does not load or names another cell stops the start, as a bad
     // config file does.
@@ -213,10 +213,17 @@ fn main() {
 /// each after a health check that may take a quarter period (1 s here).
 const MIN_WATCHDOG: std::time::Duration = std::time::Duration::from_secs(4);
 
-fn init_tracing() {
+/// The agent's own log: levels from `RUST_LOG`, else the config's
+/// `log_level`; JSON when `CORRAL_LOG_FORMAT` says so, else as the config's
+/// `log_format` says.
+fn init_tracing(cfg: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let json = std::env::var("CORRAL_LOG_FORMAT").is_ok_and(|v| v == "json");
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(cfg.log_level.as_str()));
+    let json = match std::env::var("CORRAL_LOG_FORMAT") {
+        Ok(v) => v == "json",
+        Err(_) => cfg.log_json,
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
