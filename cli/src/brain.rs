@@ -120,6 +120,8 @@ pub struct Fields {
     pub ports: Vec<PortSpec>,
     pub env: BTreeMap<String, String>,
     pub tags: Vec<String>,
+    /// The app's `health_check`, as JSON.
+    pub health_check: Option<Value>,
 }
 
 impl Fields {
@@ -170,6 +172,9 @@ impl Fields {
             "ports": ports_json(&self.ports),
             "tags": self.tags,
         });
+        if let Some(c) = &self.health_check {
+            b["health_check"] = c.clone();
+        }
         if let Some(n) = self.instances {
             b["instances"] = n.into();
         }
@@ -204,6 +209,9 @@ impl Fields {
         }
         if !self.tags.is_empty() {
             b.insert("tags".into(), json!(self.tags));
+        }
+        if let Some(c) = &self.health_check {
+            b.insert("health_check".into(), c.clone());
         }
         Value::Object(b)
     }
@@ -378,6 +386,44 @@ pub fn parse_port(s: &str) -> Result<PortSpec, String> {
         protocol,
         published,
     })
+}
+
+/// `--health-check`: `process`, `tcp:PORT` or `http:PORT/PATH`, optionally
+/// followed by `,start=SECS` (start timeout) and `,failures=N` (failure
+/// threshold); the JSON the brain takes.
+pub fn parse_health_check(s: &str) -> Result<Value, String> {
+    let bad = |why: &str| {
+        format!("{s:?}: {why}; use process, tcp:PORT or http:PORT/PATH, optionally with ,start=SECS ,failures=N")
+    };
+    let mut parts = s.split(',');
+    let kind = parts.next().unwrap_or_default();
+    let mut c = match kind.split_once(':') {
+        None if kind == "process" => json!({"type": "process"}),
+        Some(("tcp", port)) => {
+            json!({"type": "tcp", "port": port.parse::<u16>().map_err(|_| bad("bad port"))?})
+        }
+        Some(("http", rest)) => {
+            let (port, path) = match rest.find('/') {
+                Some(i) => (&rest[..i], &rest[i..]),
+                None => (rest, "/"),
+            };
+            json!({"type": "http", "port": port.parse::<u16>().map_err(|_| bad("bad port"))?, "path": path})
+        }
+        _ => return Err(bad("unknown check")),
+    };
+    for opt in parts {
+        match opt.split_once('=') {
+            Some(("start", v)) => {
+                let secs: u32 = v.parse().map_err(|_| bad("bad start"))?;
+                c["start_timeout_ms"] = secs.saturating_mul(1000).into();
+            }
+            Some(("failures", v)) => {
+                c["failure_threshold"] = v.parse::<u32>().map_err(|_| bad("bad failures"))?.into();
+            }
+            _ => return Err(bad(&format!("unknown option {opt:?}"))),
+        }
+    }
+    Ok(c)
 }
 
 /// Ports as the brain reads them: a bare number where that says it all.
@@ -1061,5 +1107,33 @@ mod tests {
             serde_json::from_str::<Value>(&event_json(&lagged)).unwrap(),
             json!({"type": "lagged", "missed": 3})
         );
+    }
+}
+
+#[cfg(test)]
+mod health_check_tests {
+    use super::*;
+
+    #[test]
+    fn health_checks_read_as_the_brain_takes_them() {
+        assert_eq!(
+            parse_health_check("process").unwrap(),
+            json!({"type": "process"})
+        );
+        assert_eq!(
+            parse_health_check("tcp:8080,failures=5").unwrap(),
+            json!({"type": "tcp", "port": 8080, "failure_threshold": 5})
+        );
+        assert_eq!(
+            parse_health_check("http:8080/healthz,start=30").unwrap(),
+            json!({"type": "http", "port": 8080, "path": "/healthz", "start_timeout_ms": 30000})
+        );
+        assert_eq!(
+            parse_health_check("http:80").unwrap(),
+            json!({"type": "http", "port": 80, "path": "/"})
+        );
+        for bad in ["exec", "tcp:x", "http:8080/,slow=1", "tcp:1,start=-1", ""] {
+            assert!(parse_health_check(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -191,6 +191,11 @@ pub(crate) struct PushArgs {
     /// on every node; repeatable; on update, replaces them all).
     #[arg(long = "port", value_name = "PORT[/PROTO][:PUBLISHED]", value_parser = brain::parse_port)]
     ports: Vec<corral_proto::service::PortSpec>,
+    /// What makes an instance ready (and alive): process, tcp:PORT or
+    /// http:PORT/PATH, with optional ,start=SECS and ,failures=N (default: a
+    /// TCP check of the first TCP port).
+    #[arg(long, value_name = "CHECK", value_parser = brain::parse_health_check)]
+    health_check: Option<serde_json::Value>,
     #[command(flatten)]
     spec: SpecArgs,
 }
@@ -415,6 +420,7 @@ fn push(c: &Client, out: Output, args: &PushArgs) -> Result<(), Fail> {
     let mut fields = args.spec.fields()?;
     fields.instances = args.instances;
     fields.ports.clone_from(&args.ports);
+    fields.health_check.clone_from(&args.health_check);
     let q = brain::tenant_query(tenant);
     let before = call_opt(c.get(&format!("/v1/apps/{name}{q}")))?;
     let after = match &before {

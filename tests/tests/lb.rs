@@ -809,3 +809,141 @@ fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once(
         c.delete_all();
     }
 }
+
+/// The brain's `corral_brain_instance_crashes_total`, read from its API
+/// inside the fabric's namespace.
+fn brain_crashes(fabric: &Fabric) -> u64 {
+    let o = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", fabric.netns))
+        .args([
+            "bash",
+            "-c",
+            &format!(
+                "exec 3<>/dev/tcp/{}/{} && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && timeout 3 cat <&3",
+                common::cluster::BRAIN_IP,
+                common::cluster::API_PORT
+            ),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("corral_brain_instance_crashes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[test]
+fn an_instance_failing_its_http_check_is_never_a_backend_and_is_restarted() {
+    common::require_root();
+    let name = Cell::new_name();
+    let mut fabric = Fabric::new(&[name.as_str()]);
+    fabric.start_brain();
+    let extra = format!(
+        "{}[network]\nsubnet = \"10.244.1.0/24\"\n",
+        fabric.agent_config(&name, "z1")
+    );
+    let cell = Cell::start_named(&name, &extra);
+    fabric.attach(&cell);
+    fabric.wait_json(&["cells"], "the cell connected", |v| {
+        v["cells"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["state"] == "connected")
+    });
+    let root = common::rootfs();
+    let push = |app: &str, page: &str| {
+        let out = fabric.cli(&[
+            "push",
+            app,
+            "--tenant",
+            "acme",
+            "--instances",
+            "1",
+            "--rootfs",
+            root.to_str().unwrap(),
+            "--memory",
+            "32",
+            "--disk",
+            "64",
+            "--port",
+            "8080",
+            "--health-check",
+            "http:8080/healthz,start=3,failures=2",
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("mkdir -p /www && echo ok > /www/{page} && exec httpd -f -p 8080 -h /www"),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // `well` serves /healthz; `sick` answers it with 404.
+    push("well", "healthz");
+    push("sick", "index.html");
+    wait(
+        "well's backend",
+        || context_one(&fabric, &cell),
+        || gauge(&cell, "corral_lb_backends") == Some(1),
+    );
+
+    // Over several start timeouts, sick is killed and restarted again and
+    // again (its crashes counted by the brain), and never becomes a backend.
+    let crashes_before = brain_crashes(&fabric);
+    let mut sick_ids = std::collections::BTreeSet::new();
+    let mut reasons = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while brain_crashes(&fabric) < crashes_before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "sick was not restarted twice\n{}",
+            context_one(&fabric, &cell)
+        );
+        assert_eq!(
+            gauge(&cell, "corral_lb_backends"),
+            Some(1),
+            "sick became a backend"
+        );
+        let v = fabric.cli_json(&["app", "sick", "--tenant", "acme"]);
+        for i in v["instances"].as_array().unwrap() {
+            sick_ids.insert(i["id"].as_str().unwrap().to_owned());
+            if let Some(r) = i["reason"].as_str() {
+                reasons.push(r.to_owned());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The cell says why it killed them (the crashed records themselves are
+    // removed by the brain as soon as it has counted them).
+    assert!(
+        cell.agent_log()
+            .contains("killing the instance: health check did not pass within 3000 ms"),
+        "{}",
+        cell.agent_log()
+    );
+    eprintln!("sick instances seen: {sick_ids:?}, reasons: {reasons:?}");
+    let well = fabric.cli_json(&["app", "well", "--tenant", "acme"]);
+    assert_eq!(well["instances"][0]["state"], "running", "{well}");
+    for app in ["well", "sick"] {
+        let out = fabric.cli(&["delete-app", app, "--tenant", "acme"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    cell.delete_all();
+}
+
+fn context_one(fabric: &Fabric, cell: &Cell) -> String {
+    format!(
+        "metrics:\n{}\nbrain log:\n{}\ncell log:\n{}",
+        cell.metrics(),
+        fabric.brain_log(),
+        cell.agent_log()
+    )
+}
