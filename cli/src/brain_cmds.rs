@@ -20,7 +20,7 @@ const EVENTS_IDLE: Duration = Duration::from_secs(60);
 pub(crate) enum BrainCmd {
     /// Creates an app on the brain, or updates it if it exists: given flags
     /// replace what the app has, others stay (a repeated push is a no-op).
-    Push(PushArgs),
+    Push(Box<PushArgs>),
     /// Lists the apps on the brain.
     Apps {
         /// Only this tenant's (admin token).
