@@ -406,7 +406,17 @@ fn instances_run_confined() {
     let cell = Cell::start();
     cell.put_ok(
         "probe",
-        &task("grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; mount -t tmpfs x /mnt && echo MOUNTED; ps -o pid | wc -l; echo probe-done"),
+        &task(concat!(
+            "grep -E '^(CapEff|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; ",
+            "mount -t tmpfs x /mnt && echo MOUNTED; ",
+            "echo junk > /tmp/m.ko; insmod /tmp/m.ko && echo MODULE_LOADED; ",
+            "unshare -U -n true && echo UNSHARED; ",
+            "mknod /tmp/disk b 8 0 && echo MKNOD; ",
+            "chroot / true && echo CHROOTED; ",
+            "echo procs=$(ls -d /proc/[0-9]* | wc -l); ",
+            "echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline); ",
+            "echo probe-done"
+        )),
     );
     cell.wait_for("probe", "ended", |v| {
         v["state"] == "exited" || v["state"] == "crashed"
@@ -417,7 +427,21 @@ fn instances_run_confined() {
     assert!(logs.contains("CapBnd:\t0000000020000420"), "{logs}");
     assert!(logs.contains("NoNewPrivs:\t1"), "{logs}");
     assert!(logs.contains("Seccomp:\t2"), "{logs}");
-    assert!(!logs.contains("MOUNTED"), "{logs}");
+    assert!(logs.contains("probe-done"), "{logs}");
+    // (The markers are in the command line too, which the probe prints.)
+    for escape in ["MOUNTED", "MODULE_LOADED", "UNSHARED", "MKNOD", "CHROOTED"] {
+        let said = logs.lines().any(|l| l.ends_with(&format!(" F {escape}")));
+        assert!(!said, "{escape}: {logs}");
+    }
+    // Its own pid namespace: PID 1 is its own shell, and the host's
+    // processes are invisible (the shell, ls, wc and a few more at most).
+    assert!(logs.contains("pid1=/bin/sh -c"), "{logs}");
+    let procs: usize = logs
+        .lines()
+        .find_map(|l| l.split("procs=").nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no process count: {logs}"));
+    assert!(procs < 10, "{procs} processes visible: {logs}");
     // Writes go to the instance's own layer, never into the shared rootfs.
     cell.put_ok(
         "writer",
