@@ -187,6 +187,56 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
     let (seen, failed) = spread(&cells[0], "client-globex", "globex", &vip, 3);
     assert!(seen.is_empty(), "globex reached acme's VIP: {seen:?}");
     assert_eq!(failed, 3);
+    // A policy from globex to acme's web (made on the brain) opens the VIP
+    // to globex, every backend included; deleting it closes it again.
+    let policy = [
+        "globex",
+        "acme",
+        "--app",
+        "web",
+        "--protocol",
+        "tcp",
+        "--port",
+        "8080",
+    ];
+    let out = fabric.cli(&[&["policy", "add"][..], &policy[..]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut opened = BTreeMap::new();
+    wait(
+        "the policy on cell 1",
+        || context(&fabric, &cells),
+        || {
+            let (seen, _) = spread(&cells[0], "client-globex-p", "globex", &vip, 12);
+            opened = seen;
+            !opened.is_empty()
+        },
+    );
+    let (seen, failed) = spread(&cells[0], "client-globex-p2", "globex", &vip, 30);
+    assert_eq!(failed, 0, "with the policy: {seen:?} (before: {opened:?})");
+    assert_eq!(
+        seen.len(),
+        3,
+        "with the policy every backend answers: {seen:?}"
+    );
+    let out = fabric.cli(&[&["policy", "delete"][..], &policy[..]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait(
+        "the policy gone",
+        || context(&fabric, &cells),
+        || {
+            spread(&cells[0], "client-globex-p3", "globex", &vip, 3)
+                .0
+                .is_empty()
+        },
+    );
 
     // A connection opened through the VIP, held across an agent restart:
     // the request goes out after the restart and is answered.
