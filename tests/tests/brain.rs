@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::cluster::Fabric;
+use common::cluster::{Cluster, Fabric};
 use common::{rootfs, Cell};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,15 +99,7 @@ fn a_brain_places_scales_and_heals_across_three_cells() {
         fabric.attach(&cell);
         cells.push(cell);
     }
-    fabric.wait_json(&["cells"], "three connected cells", |v| {
-        v["cells"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["state"] == "connected")
-            .count()
-            == 3
-    });
+    fabric.wait_connected(3);
 
     // Six instances: two on each cell (one cell per zone).
     let root = rootfs();
@@ -354,29 +346,17 @@ fn a_brain_places_scales_and_heals_across_three_cells() {
 #[test]
 fn a_cell_that_drains_on_stop_hands_its_instances_over_before_it_exits() {
     common::require_root();
-    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
-    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut cells = Vec::new();
-    let mut fabric = Fabric::new(&ids);
-    fabric.start_brain();
-    for (i, name) in names.iter().enumerate() {
+    // Bound after the cells, so dropped before them.
+    let Cluster {
+        mut cells, fabric, ..
+    } = Cluster::start(2, |i, name, fabric| {
         let mut extra = fabric.agent_config(name, &format!("z{}", i + 1));
         if i == 0 {
             extra.push_str("[shutdown]\ndrain = true\ndrain_timeout_secs = 120\n");
         }
-        let cell = Cell::start_named(name, &extra);
-        fabric.attach(&cell);
-        cells.push(cell);
-    }
-    fabric.wait_json(&["cells"], "two connected cells", |v| {
-        v["cells"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["state"] == "connected")
-            .count()
-            == 2
+        extra
     });
+    let names: Vec<String> = cells.iter().map(|c| c.name.clone()).collect();
     let root = rootfs();
     let out = fabric.cli(&[
         "push",

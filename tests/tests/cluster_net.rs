@@ -123,15 +123,7 @@ fn tenants_reach_their_own_instances_across_cells_and_policies_open_the_rest() {
         fabric.attach(&cell);
         cells.push(cell);
     }
-    fabric.wait_json(&["cells"], "two connected cells", |v| {
-        v["cells"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["state"] == "connected")
-            .count()
-            == 2
-    });
+    fabric.wait_connected(2);
 
     let ctx = || {
         format!(

@@ -12,7 +12,7 @@
 
 mod common;
 
-use common::cluster::Fabric;
+use common::cluster::{Cluster, Fabric};
 use common::{task, Cell};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -92,31 +92,10 @@ fn running(fabric: &Fabric) -> Vec<String> {
 #[test]
 fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
     common::require_root();
-    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
-    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
-    // Declared before the fabric, so dropped after it.
-    let mut cells: Vec<Cell> = Vec::new();
-    let mut fabric = Fabric::new(&ids);
-    fabric.start_brain();
-    for (i, name) in names.iter().enumerate() {
-        let extra = format!(
-            "{}[network]\nsubnet = \"10.244.{}.0/24\"\n",
-            fabric.agent_config(name, &format!("z{}", i + 1)),
-            i + 1
-        );
-        let cell = Cell::start_named(name, &extra);
-        fabric.attach(&cell);
-        cells.push(cell);
-    }
-    fabric.wait_json(&["cells"], "two connected cells", |v| {
-        v["cells"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["state"] == "connected")
-            .count()
-            == 2
-    });
+    // Bound after the cells, so dropped before them.
+    let Cluster {
+        mut cells, fabric, ..
+    } = Cluster::with_subnets(2);
 
     let root = common::rootfs();
     let out = fabric.cli(&[
@@ -431,41 +410,26 @@ impl Drop for Client {
 #[test]
 fn a_published_port_is_balanced_at_every_node_over_every_cell_and_flows_stick() {
     common::require_root();
-    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
-    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut cells: Vec<Cell> = Vec::new();
-    let mut fabric = Fabric::new(&ids);
-    fabric.start_brain();
-    let mut node_addrs = Vec::new();
-    for (i, name) in names.iter().enumerate() {
-        let subnet = format!("subnet = \"10.244.{}.0/24\"\n", i + 1);
-        let extra = format!(
-            "{}[network]\n{subnet}",
-            fabric.agent_config(name, &format!("z{}", i + 1)),
-        );
-        let mut cell = Cell::start_named(name, &extra);
-        node_addrs.push(fabric.attach(&cell));
-        // The uplink exists now: restart the agent balancing published
-        // ports on it.
+    // Bound after the cells, so dropped before them.
+    let Cluster {
+        mut cells,
+        fabric,
+        addrs: node_addrs,
+    } = Cluster::with_subnets(2);
+    let names: Vec<String> = cells.iter().map(|c| c.name.clone()).collect();
+    // The uplinks exist now: restart each agent balancing published ports
+    // on its own.
+    for cell in &mut cells {
         let text = std::fs::read_to_string(&cell.config).unwrap();
         std::fs::write(
             &cell.config,
-            text.replace(&subnet, &format!("{subnet}uplinks = [\"n0\"]\n")),
+            text.replace("[network]\n", "[network]\nuplinks = [\"n0\"]\n"),
         )
         .unwrap();
         cell.stop_agent();
         cell.spawn_agent();
-        cells.push(cell);
     }
-    fabric.wait_json(&["cells"], "two connected cells", |v| {
-        v["cells"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["state"] == "connected")
-            .count()
-            == 2
-    });
+    fabric.wait_connected(2);
     let client = Client::new(&fabric, "10.99.0.250");
 
     // One instance, published on every node's port 30080.
@@ -708,30 +672,8 @@ fn in_instance(cell: &Cell, id: &str, script: &str) -> String {
 #[test]
 fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once() {
     common::require_root();
-    let names: Vec<String> = (0..2).map(|_| Cell::new_name()).collect();
-    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut cells: Vec<Cell> = Vec::new();
-    let mut fabric = Fabric::new(&ids);
-    fabric.start_brain();
-    for (i, name) in names.iter().enumerate() {
-        let extra = format!(
-            "{}[network]\nsubnet = \"10.244.{}.0/24\"\n",
-            fabric.agent_config(name, &format!("z{}", i + 1)),
-            i + 1
-        );
-        let cell = Cell::start_named(name, &extra);
-        fabric.attach(&cell);
-        cells.push(cell);
-    }
-    fabric.wait_json(&["cells"], "two connected cells", |v| {
-        v["cells"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|c| c["state"] == "connected")
-            .count()
-            == 2
-    });
+    // Bound after the cells, so dropped before them.
+    let Cluster { cells, fabric, .. } = Cluster::with_subnets(2);
     let root = common::rootfs();
     let push = |name: &str, n: &str, port: &str| {
         let out = fabric.cli(&[
@@ -886,22 +828,8 @@ fn brain_crashes(fabric: &Fabric) -> u64 {
 #[test]
 fn an_instance_failing_its_http_check_is_never_a_backend_and_is_restarted() {
     common::require_root();
-    let name = Cell::new_name();
-    let mut fabric = Fabric::new(&[name.as_str()]);
-    fabric.start_brain();
-    let extra = format!(
-        "{}[network]\nsubnet = \"10.244.1.0/24\"\n",
-        fabric.agent_config(&name, "z1")
-    );
-    let cell = Cell::start_named(&name, &extra);
-    fabric.attach(&cell);
-    fabric.wait_json(&["cells"], "the cell connected", |v| {
-        v["cells"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|c| c["state"] == "connected")
-    });
+    let Cluster { cells, fabric, .. } = Cluster::with_subnets(1);
+    let cell = &cells[0];
     let root = common::rootfs();
     let push = |app: &str, page: &str| {
         let out = fabric.cli(&[
@@ -937,8 +865,8 @@ fn an_instance_failing_its_http_check_is_never_a_backend_and_is_restarted() {
     push("sick", "index.html");
     wait(
         "well's backend",
-        || context_one(&fabric, &cell),
-        || gauge(&cell, "corral_lb_backends") == Some(1),
+        || context_one(&fabric, cell),
+        || gauge(cell, "corral_lb_backends") == Some(1),
     );
 
     // Over several start timeouts, sick is killed and restarted again and
@@ -951,10 +879,10 @@ fn an_instance_failing_its_http_check_is_never_a_backend_and_is_restarted() {
         assert!(
             Instant::now() < deadline,
             "sick was not restarted twice\n{}",
-            context_one(&fabric, &cell)
+            context_one(&fabric, cell)
         );
         assert_eq!(
-            gauge(&cell, "corral_lb_backends"),
+            gauge(cell, "corral_lb_backends"),
             Some(1),
             "sick became a backend"
         );

@@ -328,3 +328,58 @@ impl Drop for Fabric {
         let _ = sh("ip", &["netns", "del", &self.netns]);
     }
 }
+
+impl Fabric {
+    /// Waits until the brain lists `n` connected cells.
+    pub fn wait_connected(&self, n: usize) -> Value {
+        self.wait_json(&["cells"], &format!("{n} connected cells"), |v| {
+            v["cells"]
+                .as_array()
+                .is_some_and(|l| l.iter().filter(|c| c["state"] == "connected").count() == n)
+        })
+    }
+}
+
+/// A brain and cells in node namespaces, every cell connected. The fabric
+/// is the first field, so it is dropped first: a failing test stops the
+/// brain before the cells are emptied.
+pub struct Cluster {
+    pub fabric: Fabric,
+    pub cells: Vec<Cell>,
+    /// Each cell's node address on the bridge, in the order of `cells`.
+    pub addrs: Vec<String>,
+}
+
+impl Cluster {
+    /// `n` cells in zones z1, z2, …; `config(i, name, &fabric)` is cell
+    /// i's extra configuration (its `[brain]` table included).
+    pub fn start(n: usize, config: impl Fn(usize, &str, &Fabric) -> String) -> Cluster {
+        let names: Vec<String> = (0..n).map(|_| Cell::new_name()).collect();
+        let ids: Vec<&str> = names.iter().map(String::as_str).collect();
+        let mut fabric = Fabric::new(&ids);
+        fabric.start_brain();
+        let mut cluster = Cluster {
+            fabric,
+            cells: Vec::new(),
+            addrs: Vec::new(),
+        };
+        for (i, name) in names.iter().enumerate() {
+            let cell = Cell::start_named(name, &config(i, name, &cluster.fabric));
+            cluster.addrs.push(cluster.fabric.attach(&cell));
+            cluster.cells.push(cell);
+        }
+        cluster.fabric.wait_connected(n);
+        cluster
+    }
+
+    /// `n` cells, cell i with the instance subnet 10.244.(i+1).0/24.
+    pub fn with_subnets(n: usize) -> Cluster {
+        Cluster::start(n, |i, name, fabric| {
+            format!(
+                "{}[network]\nsubnet = \"10.244.{}.0/24\"\n",
+                fabric.agent_config(name, &format!("z{}", i + 1)),
+                i + 1
+            )
+        })
+    }
+}
