@@ -98,7 +98,7 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
     } = Cluster::with_subnets(2);
 
     let root = common::rootfs();
-    let out = fabric.cli(&[
+    fabric.cli_ok(&[
         "push",
         "web",
         "--tenant",
@@ -118,11 +118,6 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
         "-c",
         SERVER,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let app = fabric.wait_json(&["app", "web", "--tenant", "acme"], "3 running", |v| {
         v["instances"]
             .as_array()
@@ -178,12 +173,7 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
         "--port",
         "8080",
     ];
-    let out = fabric.cli(&[&["policy", "add"][..], &policy[..]].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&[&["policy", "add"][..], &policy[..]].concat());
     let mut opened = BTreeMap::new();
     wait(
         "the policy on cell 1",
@@ -201,12 +191,7 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
         3,
         "with the policy every backend answers: {seen:?}"
     );
-    let out = fabric.cli(&[&["policy", "delete"][..], &policy[..]].concat());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&[&["policy", "delete"][..], &policy[..]].concat());
     wait(
         "the policy gone",
         || context(&fabric, &cells),
@@ -275,12 +260,7 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
 
     // Scale up: the new instance receives connections too.
     let before = running(&fabric);
-    let out = fabric.cli(&["scale", "web", "4", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&["scale", "web", "4", "--tenant", "acme"]);
     wait(
         "4 backends on both cells",
         || context(&fabric, &cells),
@@ -303,22 +283,22 @@ fn connections_to_a_vip_reach_every_ready_instance_across_cells() {
     }
 
     // Deleting the app removes the service from every cell.
-    let out = fabric.cli(&["delete-app", "web", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&["delete-app", "web", "--tenant", "acme"]);
+    no_service_left(&fabric, &cells);
+}
+
+/// Waits until no cell programs a service any more, then empties them.
+fn no_service_left(fabric: &Fabric, cells: &[Cell]) {
     wait(
         "no service left",
-        || context(&fabric, &cells),
+        || context(fabric, cells),
         || {
             cells
                 .iter()
                 .all(|c| gauge(c, "corral_lb_services") == Some(0))
         },
     );
-    for c in &cells {
+    for c in cells {
         c.delete_all();
     }
 }
@@ -434,7 +414,7 @@ fn a_published_port_is_balanced_at_every_node_over_every_cell_and_flows_stick() 
 
     // One instance, published on every node's port 30080.
     let root = common::rootfs();
-    let out = fabric.cli(&[
+    fabric.cli_ok(&[
         "push",
         "edge",
         "--tenant",
@@ -454,11 +434,6 @@ fn a_published_port_is_balanced_at_every_node_over_every_cell_and_flows_stick() 
         "-c",
         SERVER,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let app = fabric.wait_json(&["app", "edge", "--tenant", "acme"], "1 running", |v| {
         v["instances"]
             .as_array()
@@ -511,12 +486,7 @@ fn a_published_port_is_balanced_at_every_node_over_every_cell_and_flows_stick() 
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let out = fabric.cli(&["scale", "edge", "3", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&["scale", "edge", "3", "--tenant", "acme"]);
     wait(
         "3 backends on both cells",
         || context(&fabric, &cells),
@@ -575,24 +545,8 @@ fn a_published_port_is_balanced_at_every_node_over_every_cell_and_flows_stick() 
         );
     }
 
-    let out = fabric.cli(&["delete-app", "edge", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait(
-        "no service left",
-        || context(&fabric, &cells),
-        || {
-            cells
-                .iter()
-                .all(|c| gauge(c, "corral_lb_services") == Some(0))
-        },
-    );
-    for c in &cells {
-        c.delete_all();
-    }
+    fabric.cli_ok(&["delete-app", "edge", "--tenant", "acme"]);
+    no_service_left(&fabric, &cells);
 }
 
 /// A UDP server in an instance's network namespace (a thread of this test
@@ -676,7 +630,7 @@ fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once(
     let Cluster { cells, fabric, .. } = Cluster::with_subnets(2);
     let root = common::rootfs();
     let push = |name: &str, n: &str, port: &str| {
-        let out = fabric.cli(&[
+        fabric.cli_ok(&[
             "push",
             name,
             "--tenant",
@@ -696,11 +650,6 @@ fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once(
             "-c",
             "exec sleep 100000",
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     };
     // Two instances serving UDP 5353 (servers run by this test inside
     // their namespaces), and a client instance.
@@ -765,12 +714,7 @@ fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once(
 
     // Scaled to zero: the service stays, with no backend, and a connect to
     // it is refused at once instead of hanging.
-    let out = fabric.cli(&["scale", "dns", "0", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&["scale", "dns", "0", "--tenant", "acme"]);
     wait(
         "no dns backend",
         || context(&fabric, &cells),
@@ -790,12 +734,7 @@ fn udp_goes_through_a_vip_and_a_service_without_ready_instances_refuses_at_once(
     assert!(out.contains("Connection refused"), "{out}");
     drop(servers);
     for app in ["dns", "client"] {
-        let out = fabric.cli(&["delete-app", app, "--tenant", "acme"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        fabric.cli_ok(&["delete-app", app, "--tenant", "acme"]);
     }
     for c in &cells {
         c.delete_all();
@@ -832,7 +771,7 @@ fn an_instance_failing_its_http_check_is_never_a_backend_and_is_restarted() {
     let cell = &cells[0];
     let root = common::rootfs();
     let push = |app: &str, page: &str| {
-        let out = fabric.cli(&[
+        fabric.cli_ok(&[
             "push",
             app,
             "--tenant",
@@ -854,11 +793,6 @@ fn an_instance_failing_its_http_check_is_never_a_backend_and_is_restarted() {
             "-c",
             &format!("mkdir -p /www && echo ok > /www/{page} && exec httpd -f -p 8080 -h /www"),
         ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
     };
     // `well` serves /healthz; `sick` answers it with 404.
     push("well", "healthz");
@@ -907,12 +841,7 @@ fn an_instance_failing_its_http_check_is_never_a_backend_and_is_restarted() {
     let well = fabric.cli_json(&["app", "well", "--tenant", "acme"]);
     assert_eq!(well["instances"][0]["state"], "running", "{well}");
     for app in ["well", "sick"] {
-        let out = fabric.cli(&["delete-app", app, "--tenant", "acme"]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        fabric.cli_ok(&["delete-app", app, "--tenant", "acme"]);
     }
     cell.delete_all();
 }

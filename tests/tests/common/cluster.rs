@@ -282,6 +282,18 @@ impl Fabric {
             .unwrap()
     }
 
+    /// Runs `corral` against the brain and asserts it succeeded.
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "corral {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
     /// Runs `corral ... -o json` and parses its output.
     pub fn cli_json(&self, args: &[&str]) -> Value {
         let mut all: Vec<&str> = args.to_vec();
