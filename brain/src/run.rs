@@ -435,17 +435,28 @@ async fn serve_cell(
     {
         return;
     }
-    let reason = loop {
-        tokio::select! {
-            msg = reader.next() => match msg {
+    // Reading and writing run side by side, not as branches of one select
+    // whose body awaits: when the loop's input queue is full, the reading
+    // half waits for room, and the writing half keeps delivering bid
+    // requests and work (a cell that is not sent its bid requests looks
+    // silent, and one whose stream backs up stops answering).
+    let reading = async {
+        loop {
+            match reader.next().await {
                 Ok(Some(msg)) => {
                     metrics.message("in", msg.name());
-                    if input.send(Input::Message { cell: cell.clone(), conn, msg }).await.is_err() {
+                    let msg = Input::Message {
+                        cell: cell.clone(),
+                        conn,
+                        msg,
+                    };
+                    if input.send(msg).await.is_err() {
                         break "the brain is stopping".to_owned();
                     }
                 }
                 Ok(None) => break "the cell finished its stream".to_owned(),
-                Err(LinkError::Closed(e)) | Err(LinkError::Read(quinn::ReadError::ConnectionLost(e))) => {
+                Err(LinkError::Closed(e))
+                | Err(LinkError::Read(quinn::ReadError::ConnectionLost(e))) => {
                     break format!("connection lost: {e}");
                 }
                 Err(e) => {
@@ -453,18 +464,22 @@ async fn serve_cell(
                     close(&connection, CloseCode::Protocol, &e.to_string());
                     break e.to_string();
                 }
-            },
-            out = outbox.recv() => match out {
-                Some(msg) => {
-                    metrics.message("out", msg.name());
-                    if let Err(e) = writer.send(&msg).await {
-                        break format!("sending {}: {e}", msg.name());
-                    }
-                }
-                // The loop replaced or dropped this connection.
-                None => break "replaced".to_owned(),
-            },
+            }
         }
+    };
+    let writing = async {
+        while let Some(msg) = outbox.recv().await {
+            metrics.message("out", msg.name());
+            if let Err(e) = writer.send(&msg).await {
+                return format!("sending {}: {e}", msg.name());
+            }
+        }
+        // The loop replaced or dropped this connection.
+        "replaced".to_owned()
+    };
+    let reason = tokio::select! {
+        r = reading => r,
+        w = writing => w,
     };
     let _ = input.send(Input::Disconnected { cell, conn, reason }).await;
 }
