@@ -674,7 +674,16 @@ impl Cluster {
         }
         match kind {
             InstanceKind::Lrp => {
-                self.touched.slots.insert(slot.clone());
+                // The slot's only instance going from starting to running
+                // changes no decision (both are live; with no other copy,
+                // there is nothing to stop): convergence saw the slot when
+                // the instance appeared.
+                let alone = self.by_slot.0.get(&slot).is_some_and(|ids| ids.len() == 1);
+                let started =
+                    old_state == Some(InstanceState::Starting) && state == InstanceState::Running;
+                if !(alone && started) {
+                    self.touched.slots.insert(slot.clone());
+                }
                 if self.pending.get(&slot).is_some_and(|p| p.id == id) {
                     self.pending.remove(&slot);
                 }

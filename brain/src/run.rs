@@ -93,7 +93,7 @@ pub const MAX_CONVERGE_INTERVAL: Duration = Duration::from_secs(1);
 /// ([`AuctionConfig::round_share`]), balance better too: the round is dealt
 /// out largest first by load (in process, 1,000 cells: 2.3 % memory spread
 /// at 8,192 per round, 6.2 % at 1,000).
-pub const ROUND_ITEMS: usize = 8192;
+pub const ROUND_ITEMS: usize = 16384;
 /// Rounds waiting for bids at once. Capacity offered in a round is held
 /// (reserved) on its cell until the cell reports the instance, so the next
 /// round sees it taken; a new round starts while others wait only when a
