@@ -914,7 +914,7 @@ impl Cluster {
                 });
             }
             if let Some(b) = self.crashes.get(slot) {
-                state.crashes.insert(slot.clone(), b.clone());
+                state.crashes.insert(slot.clone(), *b);
             }
         }
         state.cells = cells

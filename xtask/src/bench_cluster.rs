@@ -1353,8 +1353,8 @@ fn report(r: &Report<'_>) -> String {
     s += &format!(
         "Auction rounds: {auctions:.0} (`corral_brain_auctions_total`), {:.0} placements per round on average. \
          Round latency (`corral_brain_auction_duration_seconds`: bid requests sent → round closed by \
-         the loop once the last bid is processed, which includes the store commit for every answering \
-         cell; the central scoring before it is not included), from the histogram, interpolated within buckets: p50 {}, p99 {}, mean {:.1} ms.\n\n",
+         the loop once the last bid is processed; the answers that arrive together are recorded in one \
+         store commit; the central scoring before it is not included), from the histogram, interpolated within buckets: p50 {}, p99 {}, mean {:.1} ms.\n\n",
         m.get("corral_brain_placements_total") / auctions.max(1.0),
         fmt_quantile(quantile(&buckets, 0.5)),
         fmt_quantile(quantile(&buckets, 0.99)),
@@ -1372,11 +1372,11 @@ fn report(r: &Report<'_>) -> String {
     };
     let on_cells: u64 = r.cells.iter().map(|c| u64::from(c.instances)).sum();
     s += &format!(
-        "What the brain did: {:.0} convergence passes (each after a batch of inputs: it \
-         walks every instance); {:.0} starts and {:.0} stops decided; {:.0} placements \
+        "What the brain did: {:.0} convergence passes (after a batch of inputs, over the slots \
+         it touched; over every slot on cell changes, timers and every 5 s); {:.0} starts and {:.0} stops decided; {:.0} placements \
          ({:.0} more than instances asked for, {:.2} per bids answer); messages out: {:.0} bid-request, {:.0} \
-         start-work, {:.0} stop-work; in: {:.0} bids (every answer with an accepted item is \
-         one store commit), {:.0} ack, {:.0} state-delta. Instances on the cells when the \
+         start-work, {:.0} stop-work; in: {:.0} bids (the answers of one loop pass are one \
+         store commit), {:.0} ack, {:.0} state-delta. Instances on the cells when the \
          clock stopped: {}; {} later: {on_cells}.\n\n",
         m.get("corral_brain_convergence_runs_total"),
         action("start"),
