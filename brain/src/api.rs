@@ -42,12 +42,16 @@ use tracing::Instrument;
 
 /// Largest request body accepted (413 above it).
 pub const MAX_BODY: usize = 1 << 20;
+/// Most apps in one `POST /v1/apps` list.
+pub const MAX_BULK_APPS: usize = 1000;
 /// Time a client has to send a request's headers, and then its body.
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Comment lines on an idle event stream, so proxies keep it open.
 const KEEPALIVE: Duration = Duration::from_secs(15);
-/// Events buffered per subscriber before it is told it lagged.
-const EVENT_BUFFER: usize = 1024;
+/// Events buffered per subscriber before it is told it lagged. A few
+/// lists of [`MAX_BULK_APPS`] apps arriving together must not make the
+/// brain's loop lag (it would then read every app again).
+const EVENT_BUFFER: usize = 8192;
 
 pub type RespBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
@@ -456,6 +460,11 @@ fn query_tenant(req: &Request<Incoming>) -> Result<Option<TenantId>, Failure> {
 }
 
 async fn read_json<T: DeserializeOwned>(req: Request<Incoming>, what: &str) -> Result<T, Failure> {
+    let bytes = read_body(req, what).await?;
+    serde_json::from_slice(&bytes).map_err(|e| Failure::bad(format!("invalid {what}: {e}")))
+}
+
+async fn read_body(req: Request<Incoming>, what: &str) -> Result<Bytes, Failure> {
     let too_large = || {
         Failure::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -481,7 +490,7 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>, what: &str) -> R
         Ok(Err(e)) => return Err(Failure::bad(format!("reading the {what}: {e}"))),
         Ok(Ok(b)) => b.to_bytes(),
     };
-    serde_json::from_slice(&bytes).map_err(|e| Failure::bad(format!("invalid {what}: {e}")))
+    Ok(bytes)
 }
 
 /// Runs a store call off the async threads (writes wait for fsync).
@@ -825,7 +834,12 @@ async fn create_app(
     query: Option<TenantId>,
     req: Request<Incoming>,
 ) -> Reply {
-    let mut body: NewApp = read_json(req, "app").await?;
+    let bytes = read_body(req, "app").await?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
+        return create_apps(state, who, query, &bytes).await;
+    }
+    let mut body: NewApp =
+        serde_json::from_slice(&bytes).map_err(|e| Failure::bad(format!("invalid app: {e}")))?;
     let tenant = acting_tenant(who, body.tenant.take(), query)?;
     let app = body
         .into_app(tenant, state.now())
@@ -840,6 +854,74 @@ async fn create_app(
         app: app.clone(),
     });
     Ok(json(StatusCode::CREATED, &app))
+}
+
+/// `POST /v1/apps` with a list: up to [`MAX_BULK_APPS`] apps, each
+/// validated as the single form is (every problem of every app reported
+/// at once, each prefixed with its position), created in one store commit
+/// or not at all.
+async fn create_apps(
+    state: &ApiState,
+    who: &Principal,
+    query: Option<TenantId>,
+    bytes: &[u8],
+) -> Reply {
+    let bodies: Vec<NewApp> =
+        serde_json::from_slice(bytes).map_err(|e| Failure::bad(format!("invalid apps: {e}")))?;
+    if bodies.is_empty() {
+        return Err(Failure::bad("invalid apps: the list is empty"));
+    }
+    if bodies.len() > MAX_BULK_APPS {
+        return Err(Failure::bad(format!(
+            "invalid apps: {} apps in one request, at most {MAX_BULK_APPS}: split the list",
+            bodies.len()
+        )));
+    }
+    let now = state.now();
+    let mut apps = Vec::with_capacity(bodies.len());
+    let mut problems = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (i, mut body) in bodies.into_iter().enumerate() {
+        let name = body.name.clone();
+        let tenant = match acting_tenant(who, body.tenant.take(), query.clone()) {
+            Ok(t) => t,
+            // A tenant the token may not act for refuses the whole list
+            // with that status (403), as the single form would.
+            Err(f) if f.status != StatusCode::BAD_REQUEST => return Err(f),
+            Err(f) => {
+                problems.push(format!("apps[{i}] ({name}): {}", f.message));
+                continue;
+            }
+        };
+        if !seen.insert((tenant.clone(), name.clone())) {
+            problems.push(format!(
+                "apps[{i}] ({name}): app {tenant}/{name} is named twice in the list"
+            ));
+            continue;
+        }
+        match body.into_app(tenant, now) {
+            Ok(app) => apps.push(app),
+            Err(p) => problems.extend(p.into_iter().map(|p| format!("apps[{i}] ({name}): {p}"))),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(Failure::bad("invalid apps").details(problems));
+    }
+    let vips = state.vip_range;
+    let apps = blocking(state, move |s| s.create_apps(apps, vips))
+        .await
+        .map_err(|f| hide_holder(f, who))?;
+    for app in &apps {
+        tracing::info!(tenant = %app.tenant, app = %app.name, revision = app.revision, "app created");
+        state.publish(ChangeEvent::AppCreated {
+            revision: app.revision,
+            app: app.clone(),
+        });
+    }
+    Ok(json(
+        StatusCode::CREATED,
+        &serde_json::json!({ "apps": apps }),
+    ))
 }
 
 async fn patch_app(

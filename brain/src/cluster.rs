@@ -124,6 +124,64 @@ impl AppTally {
     }
 }
 
+/// Long-running instances reported on cells (any state), by slot: what a
+/// convergence pass over a few slots reads instead of every cell.
+#[derive(Debug, Clone, Default)]
+struct BySlot(BTreeMap<LrpKey, BTreeMap<InstanceId, CellId>>);
+
+impl BySlot {
+    fn add(&mut self, info: &InstanceInfo, cell: &CellId) {
+        if info.kind != InstanceKind::Lrp {
+            return;
+        }
+        self.0
+            .entry(lrp_key(info))
+            .or_default()
+            .insert(info.id.clone(), cell.clone());
+    }
+
+    fn remove(&mut self, info: &InstanceInfo, cell: &CellId) {
+        if info.kind != InstanceKind::Lrp {
+            return;
+        }
+        let slot = lrp_key(info);
+        let Some(ids) = self.0.get_mut(&slot) else {
+            return;
+        };
+        // Only this cell's record: the same id may be reported by two
+        // cells (a stale copy on a returning cell).
+        if ids.get(&info.id) == Some(cell) {
+            ids.remove(&info.id);
+        }
+        if ids.is_empty() {
+            self.0.remove(&slot);
+        }
+    }
+}
+
+/// Every slot of `app`, as a range of [`LrpKey`]s.
+fn slots_of(app: &AppKey) -> std::ops::RangeInclusive<LrpKey> {
+    LrpKey::new(app.clone(), 0)..=LrpKey::new(app.clone(), u32::MAX)
+}
+
+/// What changed in the picture since the loop last asked
+/// ([`Cluster::take_touched`]): the apps whose every slot convergence must
+/// look at again (the app changed), the slots whose instances changed, or
+/// `all` when something that concerns every app changed (a
+/// cell came, went, started or stopped draining, a snapshot).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub apps: BTreeSet<AppKey>,
+    pub slots: BTreeSet<LrpKey>,
+    pub all: bool,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        !self.all && self.apps.is_empty() && self.slots.is_empty()
+    }
+}
+
 fn is_live_lrp(info: &InstanceInfo) -> bool {
     info.kind == InstanceKind::Lrp
         && matches!(info.state, InstanceState::Starting | InstanceState::Running)
@@ -251,6 +309,10 @@ pub struct Cluster {
     pub unplaced: BTreeMap<LrpKey, (String, Timestamp)>,
     /// Live LRP instances per app and cell (see [`AppTally`]).
     tally: AppTally,
+    /// Reported LRP instances by app (see [`BySlot`]).
+    by_slot: BySlot,
+    /// What changed since the loop last took it.
+    touched: Touched,
 }
 
 fn lrp_key(info: &InstanceInfo) -> LrpKey {
@@ -290,6 +352,11 @@ impl Cluster {
             stopping: BTreeMap::new(),
             unplaced: BTreeMap::new(),
             tally: AppTally::default(),
+            by_slot: BySlot::default(),
+            touched: Touched {
+                all: true,
+                ..Touched::default()
+            },
         };
         for record in snap.crashes {
             let slot = LrpKey::new(
@@ -332,6 +399,7 @@ impl Cluster {
             });
             if let Some(info) = cluster_placeholder(&p, &cluster.apps, &cluster.tasks) {
                 tally(&mut cluster.tally, cell, &info, true);
+                cluster.by_slot.add(&info, &cell.id);
                 cell.instances.insert(
                     p.instance.clone(),
                     Observed {
@@ -387,6 +455,7 @@ impl Cluster {
         // What was offered to an older connection is answered, or not, by
         // the round's deadline; the snapshot that follows says what runs.
         release_all(&mut self.tally, cell);
+        self.touched.all = true;
     }
 
     /// The cell's connection ended at `now`.
@@ -398,6 +467,7 @@ impl Cluster {
             }
             release_all(&mut self.tally, cell);
         }
+        self.touched.all = true;
     }
 
     /// Convergence declared the cell lost: its instances are replaced, its
@@ -412,8 +482,10 @@ impl Cluster {
         let gone: Vec<InstanceId> = cell.instances.keys().cloned().collect();
         for o in std::mem::take(&mut cell.instances).into_values() {
             tally(&mut self.tally, cell, &o.info, false);
+            self.by_slot.remove(&o.info, &cell.id);
         }
         release_all(&mut self.tally, cell);
+        self.touched.all = true;
         let mut effects = Vec::new();
         for instance in gone {
             // An LRP's placement stays: if the cell comes back with the
@@ -437,6 +509,9 @@ impl Cluster {
 
     pub fn set_draining(&mut self, id: &CellId, draining: bool) {
         if let Some(cell) = self.cells.get_mut(id) {
+            if cell.draining != draining {
+                self.touched.all = true;
+            }
             cell.draining = draining;
         }
     }
@@ -456,6 +531,7 @@ impl Cluster {
         cell.seq = Some(snap.seq);
         cell.available = snap.available;
         cell.restored = false;
+        self.touched.all = true;
         // The cell says whether it is evacuating in every snapshot: a
         // cancelled drain takes it back.
         cell.draining = snap.evacuating;
@@ -534,6 +610,10 @@ impl Cluster {
         if let Some(c) = self.cells.get_mut(cell) {
             if let Some(o) = c.instances.remove(id) {
                 tally(&mut self.tally, c, &o.info, false);
+                self.by_slot.remove(&o.info, cell);
+                if o.info.kind == InstanceKind::Lrp {
+                    self.touched.slots.insert(lrp_key(&o.info));
+                }
             }
             release(&mut self.tally, c, id);
         }
@@ -572,6 +652,12 @@ impl Cluster {
         // Reported: its capacity is in the cell's `available` now.
         release(&mut self.tally, cell, &id);
         tally(&mut self.tally, cell, &info, true);
+        if changed {
+            if let Some(o) = cell.instances.get(&id) {
+                self.by_slot.remove(&o.info, cell_id);
+            }
+            self.by_slot.add(&info, cell_id);
+        }
         let old = cell.instances.insert(
             id.clone(),
             Observed {
@@ -588,6 +674,16 @@ impl Cluster {
         }
         match kind {
             InstanceKind::Lrp => {
+                // The slot's only instance going from starting to running
+                // changes no decision (both are live; with no other copy,
+                // there is nothing to stop): convergence saw the slot when
+                // the instance appeared.
+                let alone = self.by_slot.0.get(&slot).is_some_and(|ids| ids.len() == 1);
+                let started =
+                    old_state == Some(InstanceState::Starting) && state == InstanceState::Running;
+                if !(alone && started) {
+                    self.touched.slots.insert(slot.clone());
+                }
                 if self.pending.get(&slot).is_some_and(|p| p.id == id) {
                     self.pending.remove(&slot);
                 }
@@ -693,31 +789,7 @@ impl Cluster {
         let mut actual = Vec::new();
         for cell in self.cells.values() {
             for (id, o) in &cell.instances {
-                if o.info.kind != InstanceKind::Lrp || !self.manages(id, &lrp_key(&o.info).app) {
-                    continue;
-                }
-                let (version, generation) = match self.placements.get(id) {
-                    Some(Placement {
-                        workload: Workload::Lrp { version, .. },
-                        revision,
-                        cell: placed_on,
-                        ..
-                    }) if placed_on == &cell.id => (*version, *revision),
-                    // Unknown to the store: an instance the brain never
-                    // placed (or forgot). Version 0 is never current, so
-                    // it is replaced, and only once its replacement runs.
-                    _ => (0, 0),
-                };
-                actual.push(ActualInstance {
-                    id: id.clone(),
-                    cell: cell.id.clone(),
-                    app: lrp_key(&o.info).app,
-                    index: o.info.index,
-                    version,
-                    state: o.info.state,
-                    since: o.since,
-                    generation,
-                });
+                actual.extend(self.actual(cell, id, o));
             }
         }
         ClusterState {
@@ -743,6 +815,134 @@ impl Cluster {
                 .collect(),
             crashes: self.crashes.clone(),
         }
+    }
+
+    /// What changed since the last call (see [`Touched`]).
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// What changed since [`take_touched`](Self::take_touched) last ran.
+    pub fn touched(&self) -> &Touched {
+        &self.touched
+    }
+
+    /// Marks an app for the next convergence pass (its desired state or
+    /// a start in flight changed).
+    pub fn touch(&mut self, app: AppKey) {
+        self.touched.apps.insert(app);
+    }
+
+    /// Marks a slot for the next convergence pass (its start in flight
+    /// changed).
+    pub fn touch_slot(&mut self, slot: LrpKey) {
+        self.touched.slots.insert(slot);
+    }
+
+    /// Marks everything for the next convergence pass.
+    pub fn touch_all(&mut self) {
+        self.touched.all = true;
+    }
+
+    /// An instance as convergence sees it, if it is a long-running one the
+    /// brain manages.
+    fn actual(&self, cell: &Cell, id: &InstanceId, o: &Observed) -> Option<ActualInstance> {
+        if o.info.kind != InstanceKind::Lrp {
+            return None;
+        }
+        let app = lrp_key(&o.info).app;
+        if !self.manages(id, &app) {
+            return None;
+        }
+        let (version, generation) = match self.placements.get(id) {
+            Some(Placement {
+                workload: Workload::Lrp { version, .. },
+                revision,
+                cell: placed_on,
+                ..
+            }) if placed_on == &cell.id => (*version, *revision),
+            // Unknown to the store: an instance the brain never
+            // placed (or forgot). Version 0 is never current, so
+            // it is replaced, and only once its replacement runs.
+            _ => (0, 0),
+        };
+        Some(ActualInstance {
+            id: id.clone(),
+            cell: cell.id.clone(),
+            app,
+            index: o.info.index,
+            version,
+            state: o.info.state,
+            since: o.since,
+            generation,
+        })
+    }
+
+    /// The input of [`converge_slots`](crate::converge::converge_slots)
+    /// for `slots` only: their apps' desired state, their instances, starts
+    /// in flight and crash records, and the cells holding their instances.
+    /// Convergence decides each slot from these alone, so its plan for this
+    /// input is the whole plan's part for these slots (the test
+    /// `converging_some_slots_plans_what_the_whole_pass_plans_for_them`).
+    pub fn converge_state_for(&self, slots: &BTreeSet<LrpKey>) -> ClusterState {
+        let mut state = ClusterState::default();
+        let mut cells = BTreeSet::new();
+        let mut apps = BTreeSet::new();
+        for slot in slots {
+            if apps.insert(&slot.app) {
+                if let Some(app) = self.apps.get(&slot.app) {
+                    state.desired.push(DesiredApp::from(app));
+                }
+            }
+            for (id, cell_id) in self.by_slot.0.get(slot).into_iter().flatten() {
+                let Some(cell) = self.cells.get(cell_id) else {
+                    continue;
+                };
+                let Some(o) = cell.instances.get(id) else {
+                    continue;
+                };
+                if let Some(a) = self.actual(cell, id, o) {
+                    cells.insert(cell_id);
+                    state.actual.push(a);
+                }
+            }
+            if let Some(p) = self.pending.get(slot) {
+                state.pending.push(PendingStart {
+                    slot: slot.clone(),
+                    version: p.version,
+                    since: p.since,
+                });
+            }
+            if let Some(b) = self.crashes.get(slot) {
+                state.crashes.insert(slot.clone(), *b);
+            }
+        }
+        state.cells = cells
+            .into_iter()
+            .filter_map(|id| self.cells.get(id))
+            .map(|c| CellStatus {
+                id: c.id.clone(),
+                liveness: c.liveness,
+                draining: c.draining,
+            })
+            .collect();
+        state
+    }
+
+    /// The slots of `apps` that matter to convergence: every desired one,
+    /// and every one with an instance, a start in flight or a crash record
+    /// (of an app deleted or scaled down too).
+    pub fn slots_of_apps(&self, apps: &BTreeSet<AppKey>) -> BTreeSet<LrpKey> {
+        let mut slots = BTreeSet::new();
+        for key in apps {
+            if let Some(app) = self.apps.get(key) {
+                slots.extend((0..app.instances).map(|i| LrpKey::new(key.clone(), i)));
+            }
+            slots.extend(self.by_slot.0.range(slots_of(key)).map(|(s, _)| s.clone()));
+            slots.extend(self.pending.range(slots_of(key)).map(|(s, _)| s.clone()));
+            slots.extend(self.crashes.range(slots_of(key)).map(|(s, _)| s.clone()));
+        }
+        slots
     }
 
     /// Connected cells as the auction sees them: what they report, less
@@ -1059,7 +1259,7 @@ fn unknown_zone() -> Zone {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::converge::{converge, Action, ConvergeConfig};
+    use crate::converge::{converge, converge_slots, Action, ConvergeConfig};
     use corral_proto::wire::{Hello, SUPPORTED_VERSIONS};
     use corral_proto::{AppId, TenantId};
 
@@ -1135,6 +1335,121 @@ mod tests {
             },
             since: Timestamp(1),
             revision,
+        }
+    }
+
+    /// The slot an action is about, if any.
+    fn action_slot(a: &Action) -> Option<&LrpKey> {
+        match a {
+            Action::Start { slot, .. }
+            | Action::Stop { slot, .. }
+            | Action::RestartAt { slot, .. } => Some(slot),
+            Action::MarkCellLost { .. } => None,
+        }
+    }
+
+    #[test]
+    fn converging_some_slots_plans_what_the_whole_pass_plans_for_them() {
+        let cfg = ConvergeConfig::default();
+        let states = [
+            InstanceState::Starting,
+            InstanceState::Running,
+            InstanceState::Running,
+            InstanceState::Crashed,
+            InstanceState::Exited,
+        ];
+        for seed in 0..200u64 {
+            let mut rng = seed;
+            let mut next = |n: u64| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 33) % n
+            };
+            let mut apps = Vec::new();
+            for a in 0..4 {
+                if next(5) > 0 {
+                    apps.push(app(&format!("a{a}"), next(4) as u32));
+                }
+            }
+            let mut c = Cluster::restore(
+                BackoffConfig::default(),
+                Snapshot {
+                    apps,
+                    ..Snapshot::default()
+                },
+                Time::ZERO,
+                Timestamp(1),
+            );
+            let now = Time::from_secs(100);
+            for cell in 0..4 {
+                let name = format!("c{cell}");
+                let subnet = format!("10.244.{cell}.0/24");
+                c.connect(&hello(&name, &subnet, "10.99.0.2"), Timestamp(1));
+                let mut instances = Vec::new();
+                for i in 0..next(6) {
+                    let (a, index) = (next(5), next(5) as u32);
+                    let id = format!("a{a}-{index}-{cell}{i}");
+                    let state = states[next(states.len() as u64) as usize];
+                    instances.push(info(&id, &format!("a{a}"), index, state, None));
+                    if next(3) > 0 {
+                        let p = placement(&id, &name, &format!("a{a}"), index, next(10));
+                        c.placements.insert(InstanceId::new(&id).unwrap(), p);
+                    }
+                }
+                let snap = snapshot(0, instances);
+                c.apply_snapshot(&cell_id(&name), snap, now, Timestamp(2))
+                    .unwrap();
+                match next(4) {
+                    0 => {
+                        let seen = Time::from_secs(100 - next(20));
+                        c.disconnect(&cell_id(&name), seen, Timestamp(3));
+                    }
+                    1 => c.set_draining(&cell_id(&name), true),
+                    _ => {}
+                }
+            }
+            for a in 0..5 {
+                if next(3) == 0 {
+                    let slot = LrpKey::new(app(&format!("a{a}"), 1).key(), next(3) as u32);
+                    let since = Time::from_secs(next(100));
+                    let id = InstanceId::new("p").unwrap();
+                    c.pending.insert(
+                        slot,
+                        Pending {
+                            id,
+                            version: 1,
+                            since,
+                        },
+                    );
+                }
+            }
+            let whole = converge(&cfg, &c.converge_state(), now);
+            for a in 0..5 {
+                let key = app(&format!("a{a}"), 1).key();
+                // The whole app, then one slot of it.
+                let all = c.slots_of_apps(&[key.clone()].into());
+                let one: BTreeSet<LrpKey> = [LrpKey::new(key.clone(), next(4) as u32)].into();
+                for slots in [all, one] {
+                    let state = c.converge_state_for(&slots);
+                    let part = converge_slots(&cfg, &state, now, Some(&slots));
+                    let mine: Vec<&Action> = whole
+                        .actions
+                        .iter()
+                        .filter(|x| action_slot(x).is_some_and(|s| slots.contains(s)))
+                        .collect();
+                    let got: Vec<&Action> = part
+                        .actions
+                        .iter()
+                        .filter(|x| action_slot(x).is_some())
+                        .collect();
+                    assert_eq!(got, mine, "seed {seed}, slots {slots:?}");
+                    // A cell it marks lost, the whole pass marks lost too.
+                    for lost in part.actions.iter().filter(|x| action_slot(x).is_none()) {
+                        assert!(whole.actions.contains(lost), "seed {seed}: {lost:?}");
+                    }
+                }
+            }
         }
     }
 

@@ -256,6 +256,20 @@ impl Reach {
 
 /// The decisions for the cluster as it is at `now` (see the module docs).
 pub fn converge(config: &ConvergeConfig, state: &ClusterState, now: Time) -> Plan {
+    converge_slots(config, state, now, None)
+}
+
+/// [`converge`] for some slots only: the desired apps' other slots are
+/// neither started nor waited for. Each slot is decided from its own
+/// instances, starts in flight and crash record, so `state` need hold only
+/// those of `slots` (and the cells of their instances); the plan is then
+/// the whole plan's part for these slots. `None`: every slot.
+pub fn converge_slots(
+    config: &ConvergeConfig,
+    state: &ClusterState,
+    now: Time,
+    slots: Option<&BTreeSet<LrpKey>>,
+) -> Plan {
     let mut plan = Plan::default();
     let reach = cell_reach(config, state, now, &mut plan);
     let reach_of = |cell: &CellId| reach.get(cell).copied().unwrap_or(Reach::Gone);
@@ -292,8 +306,19 @@ pub fn converge(config: &ConvergeConfig, state: &ClusterState, now: Time) -> Pla
     let in_flight = in_flight(config, state, now, &mut plan);
     let mut starts = Vec::new();
     let mut waits = Vec::new();
-    for app in desired.values() {
-        for index in 0..app.instances {
+    let wanted: Box<dyn Iterator<Item = (&DesiredApp, u32)>> = match slots {
+        None => Box::new(
+            desired
+                .values()
+                .flat_map(|app| (0..app.instances).map(move |index| (*app, index))),
+        ),
+        Some(slots) => Box::new(slots.iter().filter_map(|slot| {
+            let app = desired.get(&slot.app)?;
+            (slot.index < app.instances).then_some((*app, slot.index))
+        })),
+    };
+    for (app, index) in wanted {
+        {
             let slot = LrpKey::new(app.key.clone(), index);
             let instances = live.get(&slot).map(Vec::as_slice).unwrap_or(&[]);
             let (good, leaving): (Vec<&ActualInstance>, Vec<&ActualInstance>) = instances

@@ -213,6 +213,34 @@ pub trait Store: Send + Sync {
         })
     }
 
+    /// Creates apps that must not exist yet, all in one commit (one disk
+    /// sync), or none: as [`create_app`](Self::create_app) for each, in
+    /// order, each seeing the claims of those before it. Returns them as
+    /// stored, in the order given. The caller refuses a batch naming the
+    /// same app twice; here the second would fail the commit (`Exists`).
+    fn create_apps(&self, apps: Vec<App>, vips: Option<Ipv4Net>) -> Result<Vec<App>, StoreError> {
+        claiming(|| {
+            let mut held = held_claims(self)?;
+            let mut out = Vec::with_capacity(apps.len());
+            let mut ops = Vec::new();
+            for app in &apps {
+                let mut app = app.clone();
+                let claims = claim_ops_against(&mut held, None, &mut app, vips)?;
+                ops.push(Op::PutApp {
+                    app: app.clone(),
+                    expect: Expect::Absent,
+                });
+                ops.extend(claims);
+                out.push(app);
+            }
+            let revision = self.commit(ops)?;
+            for app in &mut out {
+                app.revision = revision;
+            }
+            Ok(out)
+        })
+    }
+
     /// Replaces an app last written at `expected`; returns it as stored.
     /// Claims follow the new ports as in [`create_app`](Self::create_app):
     /// an app that gains ports gets a VIP, one that stops publishing a
@@ -353,11 +381,27 @@ fn claim_ops<S: Store + ?Sized>(
     app: &mut App,
     vips: Option<Ipv4Net>,
 ) -> Result<Vec<Op>, StoreError> {
-    let held: BTreeMap<Claim, AppKey> = store
+    let mut held = held_claims(store)?;
+    claim_ops_against(&mut held, old, app, vips)
+}
+
+/// Every claim held, with its holder.
+fn held_claims<S: Store + ?Sized>(store: &S) -> Result<BTreeMap<Claim, AppKey>, StoreError> {
+    Ok(store
         .claims()?
         .into_iter()
         .map(|r| (r.claim, r.app))
-        .collect();
+        .collect())
+}
+
+/// [`claim_ops`] against claims already read, which it updates with what
+/// `app` takes (so that the next app of a batch sees them held).
+fn claim_ops_against(
+    held: &mut BTreeMap<Claim, AppKey>,
+    old: Option<&App>,
+    app: &mut App,
+    vips: Option<Ipv4Net>,
+) -> Result<Vec<Op>, StoreError> {
     let key = app.key();
     if let (None, false, Some(range)) = (app.vip, app.ports.is_empty(), vips) {
         let used: BTreeSet<_> = held
@@ -390,6 +434,9 @@ fn claim_ops<S: Store + ?Sized>(
                 expect: Expect::Absent,
             }),
         }
+    }
+    for claim in &want {
+        held.insert(*claim, key.clone());
     }
     for claim in had.difference(&want) {
         if held.get(claim) == Some(&key) {

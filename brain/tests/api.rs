@@ -1281,3 +1281,106 @@ async fn apps_show_their_vip_and_ports_and_published_ports_are_cluster_wide() {
     assert_eq!(more["vip"], "10.96.0.1");
     srv.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_list_of_apps_is_created_in_one_commit_or_not_at_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start_with(&dir.path().join("s.redb"), Some("10.96.0.0/24")).await;
+    let named = |name: &str, port: u16| {
+        let mut v = web(1);
+        v["name"] = name.into();
+        v["ports"] = json!([{"port": 8080, "published": port}]);
+        v
+    };
+    let before = srv.store.revision().unwrap();
+    let created = srv
+        .send(
+            "POST",
+            "/v1/apps",
+            ACME,
+            json!([named("a", 30001), named("b", 30002)]),
+        )
+        .await
+        .expect(201);
+    let apps = created["apps"].as_array().unwrap();
+    assert_eq!(apps.len(), 2);
+    assert_eq!(
+        (apps[0]["name"].as_str(), apps[1]["name"].as_str()),
+        (Some("a"), Some("b"))
+    );
+    let rev = srv.store.revision().unwrap();
+    assert_eq!(rev, before + 1, "one commit");
+    assert!(apps
+        .iter()
+        .all(|a| a["revision"] == rev && a["tenant"] == "acme"));
+    // Each gets its own VIP, as if created one after the other.
+    assert_ne!(apps[0]["vip"], apps[1]["vip"]);
+    assert_eq!(srv.get("/v1/apps/b", ACME).await.expect(200), apps[1]);
+
+    // Every problem of every app at once, each with its position; nothing
+    // is created.
+    let mut bad = named("c", 30003);
+    bad["instances"] = 5000.into();
+    bad["command"] = json!([]);
+    let r = srv
+        .send(
+            "POST",
+            "/v1/apps",
+            ACME,
+            json!([named("d", 30004), bad, named("d", 30005)]),
+        )
+        .await
+        .expect(400);
+    assert_eq!(r["error"], "invalid apps");
+    let details: Vec<&str> = r["details"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    assert_eq!(details.len(), 3, "{details:?}");
+    assert!(details[0].starts_with("apps[1] (c): "), "{details:?}");
+    assert!(
+        details[2].contains("apps[2] (d): app acme/d is named twice"),
+        "{details:?}"
+    );
+    // One existing app, or a published port another app holds, refuses
+    // the whole list.
+    srv.send(
+        "POST",
+        "/v1/apps",
+        ACME,
+        json!([named("e", 30006), named("a", 30007)]),
+    )
+    .await
+    .expect(409);
+    srv.send(
+        "POST",
+        "/v1/apps",
+        ACME,
+        json!([named("f", 30008), named("g", 30001)]),
+    )
+    .await
+    .expect(409);
+    assert_eq!(srv.store.revision().unwrap(), rev, "nothing written");
+    for missing in ["c", "d", "e", "f", "g"] {
+        srv.get(&format!("/v1/apps/{missing}"), ACME)
+            .await
+            .expect(404);
+    }
+    // A tenant token acts for its own tenant only, in a list too.
+    let mut other = named("h", 30009);
+    other["tenant"] = "beta".into();
+    srv.send("POST", "/v1/apps", ACME, json!([other]))
+        .await
+        .expect(403);
+    srv.send("POST", "/v1/apps", ACME, json!([]))
+        .await
+        .expect(400);
+    let many: Vec<Value> = (0..1001).map(|i| named(&format!("m{i}"), 0)).collect();
+    let r = srv
+        .send("POST", "/v1/apps", ACME, json!(many))
+        .await
+        .expect(400);
+    assert!(r["error"].as_str().unwrap().contains("at most 1000"), "{r}");
+}

@@ -393,12 +393,42 @@ fn quic_err(e: impl std::fmt::Display) -> TlsError {
     }
 }
 
+/// The receive buffer asked for the brain's UDP socket. Every cell's
+/// packets arrive on this one socket: with the default (~200 KiB), a burst
+/// from 1,000 cells overflowed it (hundreds of thousands of drops in
+/// `UdpRcvbufErrors` per `bench auction --quic` run), and a cell whose
+/// packets kept being dropped went silent until its connection timed out.
+/// The kernel caps it at `net.core.rmem_max`; the size obtained is logged.
+pub const SERVER_RECV_BUFFER: usize = 8 << 20;
+
 /// The brain's QUIC endpoint, listening on `addr`. Needs a tokio runtime.
 pub fn server_endpoint(addr: SocketAddr, creds: &Credentials) -> Result<quinn::Endpoint, TlsError> {
     let crypto = QuicServerConfig::try_from(server_config(creds)?).map_err(quic_err)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport());
-    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Bind { addr, source })
+    let bind = |source| TlsError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let state = quinn::udp::UdpSocketState::new((&socket).into()).map_err(bind)?;
+    match state
+        .set_recv_buffer_size((&socket).into(), SERVER_RECV_BUFFER)
+        .and_then(|()| state.recv_buffer_size((&socket).into()))
+    {
+        Ok(size) if size < SERVER_RECV_BUFFER => tracing::info!(
+            "the QUIC socket's receive buffer is {size} bytes, not {SERVER_RECV_BUFFER}: \
+             raise net.core.rmem_max for clusters of many cells"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot size the QUIC socket's receive buffer: {e}"),
+    }
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind(std::io::Error::other("no async runtime found")))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        runtime,
+    )
+    .map_err(bind)
 }
 
 /// A cell's QUIC endpoint, bound to `bind` (port 0 for any), connecting with

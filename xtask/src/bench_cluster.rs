@@ -13,8 +13,8 @@
 //!   it. No containers;
 //! - this process: it makes the certificates, starts the two others, waits
 //!   for every cell to be connected, then pushes apps through the brain's
-//!   HTTP API (`POST /v1/apps`, admin token, a few keep-alive connections)
-//!   and polls `GET /metrics` every 100 ms.
+//!   HTTP API (`POST /v1/apps` with lists of `--bulk` apps, admin token, a
+//!   few keep-alive connections) and polls `GET /metrics` every 100 ms.
 //!
 //! The clock starts before the first POST. Reported: when every POST was
 //! answered; when `corral_brain_placements_total` reached the number of
@@ -88,7 +88,7 @@ const AFTERWARDS: Duration = Duration::from_secs(10);
 
 const HELP: &str = "\
 usage: cargo xtask bench auction --quic [--cells N] [--instances M] [--seed S]
-                                 [--clients K] [--start-delay-ms D]
+                                 [--clients K] [--bulk B] [--start-delay-ms D]
                                  [--timeout SECS] [--keep]
 
 The auction end to end: the release corral-brain as its own process, a load
@@ -104,6 +104,8 @@ brain's RSS.
                      is scaled so that they ask for half the cells' memory
   --seed S           workload seed (default 0xc077a1)
   --clients K        concurrent API connections pushing apps (default 4)
+  --bulk B           apps per POST /v1/apps (a list; default 250, at most
+                     1000); 1 posts each app on its own (the single form)
   --start-delay-ms D a simulated cell reports an instance running D ms after
                      accepting it (default 10)
   --timeout SECS     give up waiting for everything to run (default 600)
@@ -117,6 +119,7 @@ struct Options {
     instances: usize,
     seed: u64,
     clients: usize,
+    bulk: usize,
     start_delay_ms: u64,
     timeout: Duration,
     keep: bool,
@@ -137,6 +140,7 @@ fn parse(args: &[String]) -> Result<Options> {
         instances: 100_000,
         seed: 0x00c0_77a1,
         clients: 4,
+        bulk: 250,
         start_delay_ms: 10,
         timeout: Duration::from_secs(600),
         keep: false,
@@ -149,6 +153,7 @@ fn parse(args: &[String]) -> Result<Options> {
             "--instances" => o.instances = value(name, it.next())?,
             "--seed" => o.seed = value(name, it.next())?,
             "--clients" => o.clients = value(name, it.next())?,
+            "--bulk" => o.bulk = value(name, it.next())?,
             "--start-delay-ms" => o.start_delay_ms = value(name, it.next())?,
             "--timeout" => o.timeout = Duration::from_secs(value(name, it.next())?),
             "--keep" => o.keep = true,
@@ -159,8 +164,15 @@ fn parse(args: &[String]) -> Result<Options> {
             other => bail!("unknown argument {other:?}\n\n{HELP}"),
         }
     }
-    if o.cells == 0 || o.instances == 0 || o.clients == 0 {
-        bail!("--cells, --instances and --clients must be at least 1");
+    if o.cells == 0 || o.instances == 0 || o.clients == 0 || o.bulk == 0 {
+        bail!("--cells, --instances, --clients and --bulk must be at least 1");
+    }
+    if o.bulk > corral_brain::api::MAX_BULK_APPS {
+        bail!(
+            "--bulk {} is more than the brain takes in one request ({})",
+            o.bulk,
+            corral_brain::api::MAX_BULK_APPS
+        );
     }
     let slots = o.cells as u64 * CELL.containers;
     if o.instances as u64 > slots * 9 / 10 {
@@ -912,10 +924,11 @@ fn run_in(o: &Options, brain_bin: &Path, dir: &Path) -> Result<()> {
     let brain_rss_idle = status_kib(brain.pid(), "VmRSS:");
 
     println!(
-        "==> placing {total} instances of {} apps ({:.1} % of the cells' memory) with {} API connections",
+        "==> placing {total} instances of {} apps ({:.1} % of the cells' memory) with {} API connections, {} apps per POST",
         apps.len(),
         requested_mb as f64 / capacity_mb as f64 * 100.0,
-        o.clients
+        o.clients,
+        o.bulk
     );
     let timings = timed_phase(
         o,
@@ -1057,19 +1070,27 @@ fn timed_phase(
         cpu(&brain_main),
     );
     let sched0 = schedstat(&brain_main).unwrap_or_default();
-    let bodies: Arc<Vec<String>> = Arc::new(
-        apps.iter()
-            .map(|a| {
-                json!({
-                    "tenant": TENANT, "name": a.name, "instances": a.instances,
-                    "rootfs": "/var/lib/corral/rootfs/base",
-                    "command": ["/bin/sleep", "infinity"],
-                    "resources": {"memory_mb": a.memory_mb, "disk_mb": a.disk_mb},
-                })
-                .to_string()
+    let app_json = |a: &AppSpec| {
+        json!({
+            "tenant": TENANT, "name": a.name, "instances": a.instances,
+            "rootfs": "/var/lib/corral/rootfs/base",
+            "command": ["/bin/sleep", "infinity"],
+            "resources": {"memory_mb": a.memory_mb, "disk_mb": a.disk_mb},
+        })
+    };
+    // One body per POST: an app, or a list of `--bulk` apps.
+    let bodies: Arc<Vec<(usize, String)>> = Arc::new(if o.bulk == 1 {
+        apps.iter().map(|a| (1, app_json(a).to_string())).collect()
+    } else {
+        apps.chunks(o.bulk)
+            .map(|c| {
+                (
+                    c.len(),
+                    Value::from(c.iter().map(app_json).collect::<Vec<_>>()).to_string(),
+                )
             })
-            .collect(),
-    );
+            .collect()
+    });
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let errors = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -1083,7 +1104,9 @@ fn timed_phase(
                 let mut http = Http::new(api);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(body) = bodies.get(i) else { break };
+                    let Some((count, body)) = bodies.get(i) else {
+                        break;
+                    };
                     let outcome = http.request("POST", "/v1/apps", Some(body));
                     let failed = match outcome {
                         Ok((201, _)) => None,
@@ -1093,7 +1116,7 @@ fn timed_phase(
                     if let Some(e) = failed {
                         errors.lock().unwrap_or_else(|e| e.into_inner()).push(e);
                     }
-                    done.fetch_add(1, Ordering::Relaxed);
+                    done.fetch_add(*count, Ordering::Relaxed);
                 }
             })
         })
@@ -1155,7 +1178,7 @@ fn timed_phase(
             .and_then(|()| loadgen.check_alive(logs.1))
         {
             // Let the posting threads finish (they fail fast).
-            next.store(apps.len(), Ordering::Relaxed);
+            next.store(bodies.len(), Ordering::Relaxed);
             for p in posters {
                 let _ = p.join();
             }
@@ -1164,7 +1187,7 @@ fn timed_phase(
     }
     // The posting threads are done when everything runs; after a timeout
     // they are told to stop.
-    next.store(apps.len(), Ordering::Relaxed);
+    next.store(bodies.len(), Ordering::Relaxed);
     for p in posters {
         let _ = p.join();
     }
@@ -1266,7 +1289,7 @@ fn report(r: &Report<'_>) -> String {
          Brain: release `corral-brain` in its own process (store on disk, RUST_LOG=warn). \
          Load generator: {} simulated cells in one process, each with its own UDP socket, \
          QUIC connection and certificate; instances report running {} ms after being accepted. \
-         {} keep-alive API connections push the apps. All three processes share {cpus} CPUs.\n\n\
+         {} keep-alive API connections push the apps, {} per `POST /v1/apps`. All three processes share {cpus} CPUs.\n\n\
          Setup, not timed: certificates for {} cells {}; all cells connected {} after the load \
          generator started.\n\n",
         o.cells,
@@ -1276,6 +1299,7 @@ fn report(r: &Report<'_>) -> String {
         o.cells,
         o.start_delay_ms,
         o.clients,
+        o.bulk,
         o.cells,
         util::fmt_duration(r.setup.certs),
         util::fmt_duration(r.setup.connect),
@@ -1329,8 +1353,8 @@ fn report(r: &Report<'_>) -> String {
     s += &format!(
         "Auction rounds: {auctions:.0} (`corral_brain_auctions_total`), {:.0} placements per round on average. \
          Round latency (`corral_brain_auction_duration_seconds`: bid requests sent → round closed by \
-         the loop once the last bid is processed, which includes the store commit for every answering \
-         cell; the central scoring before it is not included), from the histogram, interpolated within buckets: p50 {}, p99 {}, mean {:.1} ms.\n\n",
+         the loop once the last bid is processed; the answers that arrive together are recorded in one \
+         store commit; the central scoring before it is not included), from the histogram, interpolated within buckets: p50 {}, p99 {}, mean {:.1} ms.\n\n",
         m.get("corral_brain_placements_total") / auctions.max(1.0),
         fmt_quantile(quantile(&buckets, 0.5)),
         fmt_quantile(quantile(&buckets, 0.99)),
@@ -1348,11 +1372,11 @@ fn report(r: &Report<'_>) -> String {
     };
     let on_cells: u64 = r.cells.iter().map(|c| u64::from(c.instances)).sum();
     s += &format!(
-        "What the brain did: {:.0} convergence passes (each after a batch of inputs: it \
-         walks every instance); {:.0} starts and {:.0} stops decided; {:.0} placements \
+        "What the brain did: {:.0} convergence passes (after a batch of inputs, over the slots \
+         it touched; over every slot on cell changes, timers and every 5 s); {:.0} starts and {:.0} stops decided; {:.0} placements \
          ({:.0} more than instances asked for, {:.2} per bids answer); messages out: {:.0} bid-request, {:.0} \
-         start-work, {:.0} stop-work; in: {:.0} bids (every answer with an accepted item is \
-         one store commit), {:.0} ack, {:.0} state-delta. Instances on the cells when the \
+         start-work, {:.0} stop-work; in: {:.0} bids (the answers of one loop pass are one \
+         store commit), {:.0} ack, {:.0} state-delta. Instances on the cells when the \
          clock stopped: {}; {} later: {on_cells}.\n\n",
         m.get("corral_brain_convergence_runs_total"),
         action("start"),
