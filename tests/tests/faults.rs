@@ -726,9 +726,20 @@ fn running_on_cells(cells: &[Cell]) -> BTreeSet<String> {
         .collect()
 }
 
-/// `corral` against the brain from the fabric namespace: acknowledged?
-fn brain_cli(netns: &str, args: &[String]) -> bool {
-    Command::new("nsenter")
+/// What a `corral` call proves about its request.
+#[derive(Debug, PartialEq, Eq)]
+enum Ack {
+    /// Exit status 0: the brain acknowledged it.
+    Yes,
+    /// No connection: the request never reached the brain.
+    NotSent,
+    /// Anything else (reset mid-request…): it may or may not have applied.
+    Unknown,
+}
+
+/// `corral` against the brain from the fabric namespace.
+fn brain_cli(netns: &str, args: &[String]) -> Ack {
+    let o = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{netns}"))
         .arg(common::cluster::cli_bin())
         .args([
@@ -737,10 +748,19 @@ fn brain_cli(netns: &str, args: &[String]) -> bool {
         ])
         .args(["--token", common::cluster::ADMIN])
         .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    if o.status.success() {
+        return Ack::Yes;
+    }
+    let err = String::from_utf8_lossy(&o.stderr);
+    if err.contains("cannot connect to") {
+        Ack::NotSent
+    } else {
+        eprintln!("corral {}: {}", args[..2].join(" "), err.trim());
+        Ack::Unknown
+    }
 }
 
 /// Every cell's agent's running instances and their processes.
@@ -806,37 +826,41 @@ fn brain_kill9_with_pushes_and_scales_in_flight_loses_nothing_acknowledged() {
             let cli = move |args: &[String]| brain_cli(&netns, args);
             let mut rng = Rng(rng.next());
             std::thread::spawn(move || {
-                let mut mine: Vec<String> = Vec::new();
+                let (mut mine, mut pushed): (Vec<String>, usize) = (Vec::new(), 0);
                 while !stop.load(Ordering::SeqCst) {
                     // Six apps each, then scales of them.
-                    if mine.len() < 6 {
-                        let app = format!("load-{w}-{}", mine.len());
+                    if pushed < 6 {
+                        let app = format!("load-{w}-{pushed}");
+                        pushed += 1;
                         let count = 1 + rng.below(2) as usize;
                         let args = push_args(&app, count, &["/bin/sleep", "100000"]);
-                        if cli(&args) {
+                        if cli(&args) == Ack::Yes {
                             acked.lock().unwrap().insert(app.clone(), count);
                             mine.push(app);
-                        } else {
-                            // Maybe stored, maybe not: the name is not reused.
-                            mine.push(format!("{app}-unacknowledged"));
                         }
+                        // Else maybe stored, maybe not: not checked.
+                        continue;
+                    }
+                    if mine.is_empty() {
+                        std::thread::sleep(Duration::from_millis(50));
                         continue;
                     }
                     let app = mine[rng.below(mine.len() as u64) as usize].clone();
-                    if app.ends_with("-unacknowledged") {
-                        continue;
-                    }
                     let to = 1 + rng.below(3) as usize;
                     let args: Vec<String> = ["scale", &app, &to.to_string(), "--tenant", "acme"]
                         .iter()
                         .map(|s| s.to_string())
                         .collect();
-                    if cli(&args) {
-                        acked.lock().unwrap().insert(app, to);
-                    } else {
-                        // Either count may be the stored one: not checked.
-                        acked.lock().unwrap().remove(&app);
-                        mine.retain(|a| a != &app);
+                    match cli(&args) {
+                        Ack::Yes => {
+                            acked.lock().unwrap().insert(app, to);
+                        }
+                        Ack::NotSent => std::thread::sleep(Duration::from_millis(50)),
+                        Ack::Unknown => {
+                            // Either count may be the stored one: not checked.
+                            acked.lock().unwrap().remove(&app);
+                            mine.retain(|a| a != &app);
+                        }
                     }
                 }
             })
@@ -863,7 +887,7 @@ fn brain_kill9_with_pushes_and_scales_in_flight_loses_nothing_acknowledged() {
         fabric.wait_json(
             &["app", app, "--tenant", "acme"],
             &format!("{app} at {count}"),
-            |v| v["desired"] == *count && running_ids(v).len() == *count,
+            |v| v["app"]["instances"] == *count && running_ids(v).len() == *count,
         );
     }
     // No steady instance was restarted, here or on the cells.
@@ -881,6 +905,17 @@ fn brain_kill9_with_pushes_and_scales_in_flight_loses_nothing_acknowledged() {
     for (id, pid) in &pids_before {
         assert_eq!(pids_after.get(id), Some(pid), "{id} was restarted");
     }
+    // Copies the restarted brain started and then stopped as duplicates
+    // (a cell that took longer than the lost-cell grace to reconnect):
+    // reported, not asserted; see docs/reliability.md.
+    let log = fabric.brain_log();
+    let restarted = log.rfind("store opened").unwrap_or(0);
+    let dups = log[restarted..].matches("stopping: duplicate of").count();
+    let steady_dups = log[restarted..]
+        .lines()
+        .filter(|l| l.contains("stopping: duplicate of steady-"))
+        .count();
+    eprintln!("after the restart: {dups} duplicate copies stopped ({steady_dups} of steady apps)");
     teardown(fabric, cells);
 }
 
