@@ -574,7 +574,7 @@ fn a_full_log_disk_drops_records_and_says_so_once_space_is_back() {
     let disk: Arc<Mutex<Option<SmallDisk>>> = Default::default();
     let cell = Cell::start_prepared(
         &Cell::new_name(),
-        "[disk]\nenforce = false\n[logs]\nmax_bytes = 1048576\nkeep = 1\n",
+        "[disk]\nenforce = false\n[logs]\nmax_bytes = 2097152\nkeep = 1\n",
         Vec::new(),
         |c| *disk.lock().unwrap() = Some(SmallDisk::mount(c, "8m")),
     );
@@ -582,7 +582,11 @@ fn a_full_log_disk_drops_records_and_says_so_once_space_is_back() {
 
     cell.put_ok(
         "chatty",
-        &lrp("i=0; while true; do echo line-$i; i=$((i+1)); done"),
+        // Fast, but not so fast that rotation (2 MiB, one old file) pushes
+        // the marker out of the log before the test reads it.
+        &lrp(
+            "i=0; while true; do echo line-$i; i=$((i+1)); [ $((i % 50)) = 0 ] && sleep 0.01; done",
+        ),
     );
     cell.wait_state("chatty", "running");
     std::thread::sleep(Duration::from_millis(500));
