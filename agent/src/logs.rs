@@ -94,6 +94,8 @@ pub struct LogWriter {
     keep: u32,
     /// Records dropped because the file could not be written (disk full…).
     pub dropped: u64,
+    /// How many of `dropped` a marker record in the file already reports.
+    reported: u64,
 }
 
 impl LogWriter {
@@ -107,6 +109,7 @@ impl LogWriter {
             max_bytes,
             keep,
             dropped: 0,
+            reported: 0,
         })
     }
 
@@ -133,15 +136,33 @@ impl LogWriter {
         Ok(())
     }
 
-    /// Writes one record; a failure drops the record, counts it, and leaves
-    /// the writer usable (the instance must never block on its logs).
-    pub fn write(&mut self, record: &[u8]) {
+    /// Writes one record stamped `at`; a failure drops the record, counts
+    /// it, and leaves the writer usable (the instance must never block on
+    /// its logs). The first record written after drops is preceded by a
+    /// marker record saying how many were lost, so a reader sees the gap.
+    pub fn write(&mut self, at: Timestamp, record: &[u8]) {
+        if self.dropped > self.reported {
+            let lost = self.dropped - self.reported;
+            let marker = format_record(at, Stream::Stderr, false, &dropped_marker(lost));
+            if !self.append(&marker) {
+                self.dropped += 1;
+                return;
+            }
+            self.reported += lost;
+        }
+        if !self.append(record) {
+            self.dropped += 1;
+        }
+    }
+
+    /// Appends one record, rotating first when it would not fit; false when
+    /// it could not be written.
+    fn append(&mut self, record: &[u8]) -> bool {
         if self.size > 0
             && self.size + record.len() as u64 > self.max_bytes
             && self.rotate().is_err()
         {
-            self.dropped += 1;
-            return;
+            return false;
         }
         if self.file.is_none() {
             match OpenOptions::new()
@@ -150,20 +171,31 @@ impl LogWriter {
                 .open(&self.path)
             {
                 Ok(f) => self.file = Some(f),
-                Err(_) => {
-                    self.dropped += 1;
-                    return;
-                }
+                Err(_) => return false,
             }
         }
         let Some(file) = self.file.as_mut() else {
-            return;
+            return false;
         };
         match file.write_all(record) {
-            Ok(()) => self.size += record.len() as u64,
-            Err(_) => self.dropped += 1,
+            Ok(()) => {
+                self.size += record.len() as u64;
+                true
+            }
+            // A short write may have left part of the record: cut it off,
+            // so the next record starts on a line of its own (shrinking
+            // needs no free space).
+            Err(_) => {
+                let _ = file.set_len(self.size);
+                false
+            }
         }
     }
+}
+
+/// The text of the record that reports `lost` dropped records.
+pub fn dropped_marker(lost: u64) -> Vec<u8> {
+    format!("corral: {lost} log records dropped (the log file could not be written)").into_bytes()
 }
 
 /// Reads the last `tail` lines (all when `None`) across the rotated files,
@@ -231,7 +263,10 @@ mod tests {
         let path = dir.path().join("output.log");
         let mut w = LogWriter::open(path.clone(), 100, 2).unwrap();
         for i in 0..50 {
-            w.write(format!("line {i:02} padding padding\n").as_bytes());
+            w.write(
+                Timestamp(0),
+                format!("line {i:02} padding padding\n").as_bytes(),
+            );
         }
         assert!(path.exists() && rotated(&path, 1).exists() && rotated(&path, 2).exists());
         assert!(!rotated(&path, 3).exists());
@@ -243,5 +278,33 @@ mod tests {
         let all = String::from_utf8(read_tail(&path, 2, None).unwrap()).unwrap();
         assert!(all.ends_with("line 49 padding padding\n"));
         assert_eq!(w.dropped, 0);
+    }
+
+    #[test]
+    fn records_lost_to_a_write_error_are_reported_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("output.log");
+        let mut w = LogWriter::open(path.clone(), 1 << 20, 1).unwrap();
+        w.write(Timestamp(0), b"before\n");
+        // A directory where the file should be: every write fails.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        w.file = None;
+        w.write(Timestamp(0), b"lost 1\n");
+        w.write(Timestamp(0), b"lost 2\n");
+        assert_eq!(w.dropped, 2);
+        std::fs::remove_dir(&path).unwrap();
+        w.write(Timestamp(0), b"after\n");
+        w.write(Timestamp(0), b"later\n");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let marker = String::from_utf8(dropped_marker(2)).unwrap();
+        assert_eq!(
+            text,
+            format!("1970-01-01T00:00:00.000000000Z stderr F {marker}\nafter\nlater\n")
+        );
+        assert_eq!(
+            w.dropped, 2,
+            "the marker reports, it does not reset the count"
+        );
     }
 }

@@ -662,7 +662,8 @@ impl Pump {
             self.last_err = Some(String::from_utf8_lossy(text).into_owned());
         }
         if let Some(w) = self.log.as_mut() {
-            w.write(&format_record(now(), stream, partial, text));
+            let at = now();
+            w.write(at, &format_record(at, stream, partial, text));
         }
     }
 

@@ -185,6 +185,15 @@ impl Fabric {
         }
     }
 
+    /// SIGKILL to the brain (nsenter execs it in place, so the child is
+    /// the brain), and reap it.
+    pub fn kill9_brain(&mut self) {
+        if let Some(mut c) = self.brain.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
     /// SIGTERM, then wait; SIGKILL after 15 s.
     pub fn stop_brain(&mut self) {
         if let Some(mut c) = self.brain.take() {

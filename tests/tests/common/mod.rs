@@ -146,6 +146,18 @@ impl Cell {
     }
 
     fn start_full(name: &str, extra: &str, wrapper: Vec<String>) -> Cell {
+        Self::start_prepared(name, extra, wrapper, |_| {})
+    }
+
+    /// Starts a cell; `prepare` runs once its namespaces and directories
+    /// exist and before its agent starts (e.g. to mount a filesystem in
+    /// the cell's mount namespace, through [`Cell::mount_ns_pid`]).
+    pub fn start_prepared(
+        name: &str,
+        extra: &str,
+        wrapper: Vec<String>,
+        prepare: impl FnOnce(&Cell),
+    ) -> Cell {
         require_root();
         let name = name.to_owned();
         let netns = format!("corral-{name}");
@@ -218,8 +230,16 @@ impl Cell {
             wrapper,
             mount_holder,
         };
+        prepare(&cell);
         cell.spawn_agent();
         cell
+    }
+
+    /// A process in the cell's mount namespace (the agent's and its shims'),
+    /// alive for the cell's whole life: `/proc/<it>/root/...` reaches paths
+    /// as the agent sees them, `/proc/<it>/ns/mnt` enters the namespace.
+    pub fn mount_ns_pid(&self) -> u32 {
+        self.mount_holder.id()
     }
 
     pub fn data(&self) -> PathBuf {
