@@ -710,8 +710,11 @@ async fn tenant_b_cannot_read_change_or_delete_tenant_a_objects_on_any_route() {
             "{method} {path}: {}",
             String::from_utf8_lossy(&r.body)
         );
-        let text = String::from_utf8_lossy(&r.body);
-        assert!(!text.contains(t.as_str()), "{method} {path} leaks: {text}");
+        // Only an error: nothing of acme's objects, not even acme's name.
+        let v = r.json();
+        assert!(v["error"].is_string(), "{method} {path}: {v}");
+        assert!(v.get("revision").is_none(), "{method} {path}: {v}");
+        assert!(!v.to_string().contains("acme"), "{method} {path} leaks: {v}");
     }
 
     // Listings: beta's own only, with or without naming acme.
