@@ -714,7 +714,10 @@ async fn tenant_b_cannot_read_change_or_delete_tenant_a_objects_on_any_route() {
         let v = r.json();
         assert!(v["error"].is_string(), "{method} {path}: {v}");
         assert!(v.get("revision").is_none(), "{method} {path}: {v}");
-        assert!(!v.to_string().contains("acme"), "{method} {path} leaks: {v}");
+        assert!(
+            !v.to_string().contains("acme"),
+            "{method} {path} leaks: {v}"
+        );
     }
 
     // Listings: beta's own only, with or without naming acme.

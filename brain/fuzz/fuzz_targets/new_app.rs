@@ -19,7 +19,10 @@ fuzz_target!(|data: &[u8]| {
         .take()
         .unwrap_or_else(|| TenantId::new("fuzz").expect("a valid tenant"));
     let now = Timestamp(1_700_000_000_000_000_000);
-    let Ok(app) = body.into_app(tenant, now).map_err(|p| assert!(!p.is_empty())) else {
+    let Ok(app) = body
+        .into_app(tenant, now)
+        .map_err(|p| assert!(!p.is_empty()))
+    else {
         return;
     };
     for index in [0, app.instances.saturating_sub(1)] {
