@@ -759,6 +759,12 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_parses_with_the_tcp_api_off() {
+        let c = Config::parse(include_str!("../../dist/etc/agent.toml"), &host()).unwrap();
+        assert_eq!((c.api_listen, c.api_token), (None, None));
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let problems = Config::parse("[api]\nlisten_on = \"x\"\n", &host()).unwrap_err();
         assert!(
