@@ -1,8 +1,10 @@
 //! The agent's HTTP/JSON API, served on a unix socket and optionally TCP:
 //! instance lifecycle, logs, cell state, health and metrics.
 
+use crate::config::ApiToken;
 use crate::executor::{ExecError, Executor};
 use bytes::Bytes;
+use corral_proto::policy::PolicyRule;
 use corral_proto::{InstanceId, InstanceSpec};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Body, Frame, Incoming};
@@ -25,6 +27,54 @@ pub struct ApiState {
     pub exec: Arc<Executor>,
     pub registry: Registry,
     pub ready: AtomicBool,
+    /// `[api] token`: asked for on the TCP API listener.
+    pub token: Option<ApiToken>,
+}
+
+/// Which listener a request came through: it decides what is served and
+/// whether a token is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The unix socket: mode 0600, so only root reaches it; no token.
+    Unix,
+    /// `[api] listen`: the whole API, behind `[api] token` when set.
+    Tcp,
+    /// `[metrics] listen`: only `/metrics` and `/healthz`, no token.
+    Metrics,
+}
+
+/// Routes that answer without a token: probes and scrapes, which reveal
+/// nothing an instance could not see and change nothing.
+fn is_open_route(segs: &[&str]) -> bool {
+    matches!(segs, ["healthz" | "readyz" | "metrics"])
+}
+
+/// Whether a request may go on: on the TCP listener with a token set,
+/// every route but the open ones needs `Authorization: Bearer <token>`.
+fn check_token(
+    token: Option<&ApiToken>,
+    listener: Listener,
+    segs: &[&str],
+    authorization: Option<&[u8]>,
+) -> Result<(), &'static str> {
+    let Some(token) = token else { return Ok(()) };
+    if listener != Listener::Tcp || is_open_route(segs) {
+        return Ok(());
+    }
+    let Some(value) = authorization else {
+        return Err("missing bearer token: send 'Authorization: Bearer <token>' ([api] token)");
+    };
+    let presented = value
+        .iter()
+        .position(|&b| b == b' ')
+        .filter(|&i| value[..i].eq_ignore_ascii_case(b"bearer"))
+        .map(|i| value[i + 1..].trim_ascii())
+        .ok_or("the Authorization header must be 'Bearer <token>'")?;
+    if token.matches(presented) {
+        Ok(())
+    } else {
+        Err("invalid bearer token")
+    }
 }
 
 /// A streaming body fed through a channel (followed logs).
@@ -98,12 +148,25 @@ fn query(req: &Request<Incoming>, key: &str) -> Option<String> {
 
 pub async fn handle(
     state: Arc<ApiState>,
-    metrics_only: bool,
+    listener: Listener,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
     let path = req.uri().path().to_owned();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let method = req.method().clone();
+    let metrics_only = listener == Listener::Metrics;
+    let authorization = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if let Err(msg) = check_token(state.token.as_ref(), listener, &segs, authorization) {
+        let mut r = error(StatusCode::UNAUTHORIZED, msg.into(), vec![]);
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer realm=\"corral-agent\""),
+        );
+        return Ok(r);
+    }
     let resp = match (&method, segs.as_slice()) {
         (_, ["metrics" | "healthz"]) | (_, _)
             if metrics_only && !matches!(segs.as_slice(), ["metrics" | "healthz"]) =>
@@ -454,37 +517,28 @@ async fn evacuate(
     }
 }
 
-/// A cross-tenant allowance as the API shows it.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PolicyBody {
-    from: corral_proto::TenantId,
-    to: corral_proto::TenantId,
-    /// Only this app of `to`; absent: all of its apps.
-    #[serde(default)]
-    app: Option<corral_proto::AppId>,
-    /// any (default), icmp, tcp, udp or sctp.
-    #[serde(default)]
-    protocol: Option<String>,
-    /// Destination port; 0 or absent: any.
-    #[serde(default)]
-    port: u16,
+/// The data plane's protocol for a rule's.
+fn protocol(p: corral_proto::policy::Protocol) -> corral_ebpf::Protocol {
+    use corral_ebpf::Protocol as E;
+    use corral_proto::policy::Protocol as W;
+    match p {
+        W::Any => E::Any,
+        W::Icmp => E::Icmp,
+        W::Tcp => E::Tcp,
+        W::Udp => E::Udp,
+        W::Sctp => E::Sctp,
+    }
 }
 
-fn protocol(name: Option<&str>) -> Result<corral_ebpf::Protocol, String> {
-    use corral_ebpf::Protocol as P;
-    Ok(match name.unwrap_or("any") {
-        "any" => P::Any,
-        "icmp" => P::Icmp,
-        "tcp" => P::Tcp,
-        "udp" => P::Udp,
-        "sctp" => P::Sctp,
-        other => {
-            return Err(format!(
-                "unknown protocol {other:?}: use any, icmp, tcp, udp or sctp"
-            ))
-        }
-    })
+/// A `PUT`/`DELETE /v1/policies` body: the brain's rule format, checked by
+/// the same `PolicyRule::validate`, before anything (not even a tenant's
+/// name) is remembered by the data plane.
+fn policy_body(body: &[u8]) -> Result<PolicyRule, (String, Vec<String>)> {
+    let rule: PolicyRule =
+        serde_json::from_slice(body).map_err(|e| (format!("invalid policy: {e}"), vec![]))?;
+    rule.validate()
+        .map_err(|problems| ("invalid policy".to_owned(), problems))?;
+    Ok(rule)
 }
 
 /// `GET/PUT/DELETE /v1/policies`: the cell's cross-tenant allowances (the
@@ -538,26 +592,16 @@ async fn policies(
             )
         }
     };
-    let b: PolicyBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("invalid policy: {e}"),
-                vec![],
-            )
-        }
-    };
-    let proto = match protocol(b.protocol.as_deref()) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e, vec![]),
+    let rule = match policy_body(&body) {
+        Ok(r) => r,
+        Err((msg, details)) => return error(StatusCode::BAD_REQUEST, msg, details),
     };
     let policy = corral_ebpf::Policy {
-        from: plane.remember_tenant(&b.from),
-        to: plane.remember_tenant(&b.to),
-        app: b.app.as_ref().map(|a| plane.remember_app(&b.to, a)),
-        protocol: proto,
-        port: b.port,
+        from: plane.remember_tenant(&rule.from),
+        to: plane.remember_tenant(&rule.to),
+        app: rule.app.as_ref().map(|a| plane.remember_app(&rule.to, a)),
+        protocol: protocol(rule.protocol),
+        port: rule.port,
     };
     if let Err(e) = policy.to_key() {
         return error(StatusCode::BAD_REQUEST, e.to_string(), vec![]);
@@ -570,7 +614,7 @@ async fn policies(
     match r {
         Ok(changed) => json(
             StatusCode::OK,
-            &serde_json::json!({ "policy": b, "changed": changed }),
+            &serde_json::json!({ "policy": rule, "changed": changed }),
         ),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string(), vec![]),
     }
@@ -603,7 +647,7 @@ pub fn tail_lines(mut data: Vec<u8>, n: usize) -> Vec<u8> {
 pub async fn serve_unix(state: Arc<ApiState>, listener: tokio::net::UnixListener) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => spawn_conn(state.clone(), false, stream),
+            Ok((stream, _)) => spawn_conn(state.clone(), Listener::Unix, stream),
             Err(e) => {
                 tracing::warn!("accept on unix socket: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -612,14 +656,10 @@ pub async fn serve_unix(state: Arc<ApiState>, listener: tokio::net::UnixListener
     }
 }
 
-pub async fn serve_tcp(
-    state: Arc<ApiState>,
-    listener: tokio::net::TcpListener,
-    metrics_only: bool,
-) {
+pub async fn serve_tcp(state: Arc<ApiState>, listener: tokio::net::TcpListener, kind: Listener) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => spawn_conn(state.clone(), metrics_only, stream),
+            Ok((stream, _)) => spawn_conn(state.clone(), kind, stream),
             Err(e) => {
                 tracing::warn!("accept on tcp: {e}");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -628,12 +668,12 @@ pub async fn serve_tcp(
     }
 }
 
-fn spawn_conn<S>(state: Arc<ApiState>, metrics_only: bool, stream: S)
+fn spawn_conn<S>(state: Arc<ApiState>, listener: Listener, stream: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
-        let svc = hyper::service::service_fn(move |req| handle(state.clone(), metrics_only, req));
+        let svc = hyper::service::service_fn(move |req| handle(state.clone(), listener, req));
         let io = hyper_util::rt::TokioIo::new(stream);
         if let Err(e) = hyper::server::conn::http1::Builder::new()
             .serve_connection(io, svc)
@@ -646,7 +686,85 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::tail_lines;
+    use super::*;
+
+    #[test]
+    fn the_tcp_api_asks_for_its_token_except_on_open_routes() {
+        let token = ApiToken::new("0123456789abcdef-agent".into()).unwrap();
+        let t = Some(&token);
+        let good: &[u8] = b"Bearer 0123456789abcdef-agent";
+        let check = |listener, path: &str, auth: Option<&[u8]>| {
+            let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+            check_token(t, listener, &segs, auth)
+        };
+        for path in [
+            "/v1/instances",
+            "/v1/instances/x",
+            "/v1/state",
+            "/v1/policies",
+            "/v1/evacuate",
+            "/nowhere",
+        ] {
+            assert!(check(Listener::Tcp, path, None).is_err(), "{path}");
+            for bad in [
+                &b"Bearer wrong"[..],
+                b"Bearer 0123456789abcdef-agen",
+                b"Basic 0123456789abcdef-agent",
+                b"0123456789abcdef-agent",
+                b"Bearer",
+                b"",
+            ] {
+                assert!(
+                    check(Listener::Tcp, path, Some(bad)).is_err(),
+                    "{path} {bad:?}"
+                );
+            }
+            assert_eq!(check(Listener::Tcp, path, Some(good)), Ok(()));
+            assert_eq!(
+                check(
+                    Listener::Tcp,
+                    path,
+                    Some(b"bearer  0123456789abcdef-agent ")
+                ),
+                Ok(())
+            );
+            // The unix socket is root's; it never asks.
+            assert_eq!(check(Listener::Unix, path, None), Ok(()));
+        }
+        for path in ["/healthz", "/readyz", "/metrics"] {
+            assert_eq!(check(Listener::Tcp, path, None), Ok(()), "{path}");
+        }
+        // Without a token nothing is asked (loopback only: the config refuses more).
+        assert_eq!(
+            check_token(None, Listener::Tcp, &["v1", "state"], None),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn policy_bodies_are_the_brains_rules_checked_before_use() {
+        let r =
+            policy_body(br#"{"from":"globex","to":"acme","protocol":"tcp","port":8080}"#).unwrap();
+        assert_eq!(r.to_string(), "globex -> acme tcp/8080");
+        assert_eq!(protocol(r.protocol), corral_ebpf::Protocol::Tcp);
+        for (bad, words) in [
+            (&br#"{"from":"acme","to":"acme"}"#[..], "to itself"),
+            (
+                br#"{"from":"acme","to":"globex","protocol":"icmp","port":80}"#,
+                "needs protocol",
+            ),
+            (
+                br#"{"from":"acme","to":"globex","protocol":"carrier-pigeon"}"#,
+                "unknown variant",
+            ),
+            (br#"{"from":"../x","to":"globex"}"#, "invalid policy"),
+            (br#"{"from":"a","to":"b","cell":"c"}"#, "unknown field"),
+        ] {
+            let (msg, details) = policy_body(bad).unwrap_err();
+            let all = format!("{msg} {details:?}");
+            assert!(all.contains(words), "{all}");
+        }
+    }
 
     #[test]
     fn tail() {

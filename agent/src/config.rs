@@ -72,6 +72,7 @@ struct RawDisk {
 struct RawApi {
     listen: Option<String>,
     socket: Option<PathBuf>,
+    token: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -136,8 +137,13 @@ pub struct Config {
     pub drain_on_stop: bool,
     /// Longest wait of a drain on stop. Default: 300.
     pub drain_timeout_secs: u64,
-    /// TCP address of the admin API; `None` disables it. Default: 127.0.0.1:7800.
+    /// TCP address of the admin API; `None` disables it. Default: off. A
+    /// non-loopback address needs `api_token`.
     pub api_listen: Option<SocketAddr>,
+    /// Bearer token the TCP API asks for on every route but `/healthz`,
+    /// `/readyz` and `/metrics` (the unix socket, root only, never asks).
+    /// Default: none (no token asked; allowed on loopback only).
+    pub api_token: Option<ApiToken>,
     /// Unix socket of the admin API. Default: `<run_dir>/agent.sock`.
     pub api_socket: PathBuf,
     /// TCP address of `/metrics`; `None` disables it. Default: 127.0.0.1:9800.
@@ -174,6 +180,52 @@ pub struct Config {
     /// `[brain]` table is present. Default: none (the cell is driven only
     /// through its local API).
     pub brain: Option<BrainConfig>,
+}
+
+/// Shortest accepted `[api] token`.
+pub const MIN_TOKEN_LEN: usize = 16;
+/// Longest accepted `[api] token` (it travels in a header).
+pub const MAX_TOKEN_LEN: usize = 4096;
+
+/// The TCP API's bearer token. Its `Debug` never shows the secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken(String);
+
+impl ApiToken {
+    /// Checks length and characters (visible ASCII: it goes in a header).
+    /// Errors never echo the value.
+    pub fn new(value: String) -> Result<Self, String> {
+        if value.len() < MIN_TOKEN_LEN {
+            return Err(format!(
+                "is {} characters long; it needs at least {MIN_TOKEN_LEN}",
+                value.len()
+            ));
+        }
+        if value.len() > MAX_TOKEN_LEN {
+            return Err(format!("is longer than {MAX_TOKEN_LEN} characters"));
+        }
+        if !value.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err("must be visible ASCII characters without spaces".into());
+        }
+        Ok(Self(value))
+    }
+
+    /// Compares in time independent of where the first difference is, so
+    /// response times do not reveal a prefix of the token.
+    pub fn matches(&self, presented: &[u8]) -> bool {
+        let mine = self.0.as_bytes();
+        let mut diff = mine.len() ^ presented.len();
+        for (i, b) in mine.iter().enumerate() {
+            diff |= usize::from(b ^ presented.get(i).copied().unwrap_or(0));
+        }
+        diff == 0
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiToken(<redacted>)")
+    }
 }
 
 /// The `[brain]` table: how the cell reaches the brain.
@@ -379,12 +431,23 @@ impl Config {
                     .to_owned(),
             );
         }
-        let api_listen = parse_addr(
-            "api.listen",
-            raw.api.listen.as_deref(),
-            "127.0.0.1:7800",
-            &mut p,
-        );
+        let api_listen = parse_addr("api.listen", raw.api.listen.as_deref(), "off", &mut p);
+        let api_token = match raw.api.token.map(ApiToken::new) {
+            None => None,
+            Some(Ok(t)) => Some(t),
+            Some(Err(e)) => {
+                p.push(format!("api.token {e}"));
+                None
+            }
+        };
+        match api_listen {
+            Some(addr) if !addr.ip().is_loopback() && api_token.is_none() => p.push(format!(
+                "api.listen {addr} is not a loopback address and api.token is not set: \
+                 anyone who reaches it could run containers on this cell; \
+                 set api.token to a long random string or listen on 127.0.0.1"
+            )),
+            _ => {}
+        }
         let api_socket = raw.api.socket.unwrap_or_else(|| run_dir.join("agent.sock"));
         check_abs("api.socket", &api_socket, &mut p);
         let metrics_listen = parse_addr(
@@ -486,6 +549,7 @@ impl Config {
                 drain_on_stop,
                 drain_timeout_secs,
                 api_listen,
+                api_token,
                 api_socket,
                 metrics_listen,
                 capacity,
@@ -620,7 +684,8 @@ mod tests {
         assert_eq!(c.cell_id.as_str(), "node-a");
         assert_eq!(c.data_dir, Path::new("/var/lib/corral"));
         assert_eq!(c.api_socket, Path::new("/run/corral/agent.sock"));
-        assert_eq!(c.api_listen, Some("127.0.0.1:7800".parse().unwrap()));
+        assert_eq!(c.api_listen, None, "the TCP API is off by default");
+        assert_eq!(c.api_token, None);
         assert_eq!(
             c.capacity,
             Capacity {
@@ -680,6 +745,45 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(problems.len(), 6, "{problems:#?}");
+    }
+
+    #[test]
+    fn the_tcp_api_beyond_loopback_needs_a_token() {
+        let on = |listen: &str, token: Option<&str>| {
+            let mut text = format!("[api]\nlisten = {listen:?}\n");
+            if let Some(t) = token {
+                text.push_str(&format!("token = {t:?}\n"));
+            }
+            Config::parse(&text, &host())
+        };
+        let c = on("127.0.0.1:7800", None).unwrap();
+        assert_eq!(c.api_listen, Some("127.0.0.1:7800".parse().unwrap()));
+        assert_eq!(c.api_token, None);
+        on("[::1]:7800", None).unwrap();
+        for addr in ["0.0.0.0:7800", "10.0.0.5:7800", "[::]:7800"] {
+            let problems = on(addr, None).unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(problems[0].contains("api.token"), "{problems:?}");
+        }
+        let c = on("0.0.0.0:7800", Some("0123456789abcdef-secret")).unwrap();
+        let token = c.api_token.unwrap();
+        assert!(token.matches(b"0123456789abcdef-secret"));
+        assert!(!token.matches(b"0123456789abcdef-secreT"));
+        assert!(!token.matches(b"0123456789abcdef-secre"));
+        assert!(!token.matches(b""));
+        assert_eq!(format!("{token:?}"), "ApiToken(<redacted>)");
+        // A bad token is refused without being echoed.
+        for bad in ["short", "has a space in it somewhere"] {
+            let problems = on("127.0.0.1:7800", Some(bad)).unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert!(!problems[0].contains(bad), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn the_shipped_config_parses_with_the_tcp_api_off() {
+        let c = Config::parse(include_str!("../../dist/etc/agent.toml"), &host()).unwrap();
+        assert_eq!((c.api_listen, c.api_token), (None, None));
     }
 
     #[test]

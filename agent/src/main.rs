@@ -316,6 +316,7 @@ async fn run(
         exec: exec.clone(),
         registry,
         ready: false.into(),
+        token: cfg.api_token.clone(),
     });
 
     if let Some(parent) = cfg.api_socket.parent() {
@@ -342,13 +343,13 @@ async fn run(
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding api.listen {addr}"))?;
-        tokio::spawn(api::serve_tcp(state.clone(), l, false));
+        tokio::spawn(api::serve_tcp(state.clone(), l, api::Listener::Tcp));
     }
     if let Some(addr) = cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding metrics.listen {addr}"))?;
-        tokio::spawn(api::serve_tcp(state.clone(), l, true));
+        tokio::spawn(api::serve_tcp(state.clone(), l, api::Listener::Metrics));
     }
 
     if !exec.disk_quota() {

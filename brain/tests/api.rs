@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 const ADMIN: &str = "admin-token-0123456789";
 const ACME: &str = "acme-token-0123456789";
 const BETA: &str = "beta-token-0123456789";
+const GAMMA: &str = "gamma-token-0123456789";
 const NOW: Timestamp = Timestamp(1_700_000_000_000_000_000);
 
 fn tokens() -> Tokens {
@@ -30,6 +31,7 @@ fn tokens() -> Tokens {
         vec![
             (t(ACME), TenantId::new("acme").unwrap()),
             (t(BETA), TenantId::new("beta").unwrap()),
+            (t(GAMMA), TenantId::new("gamma").unwrap()),
         ],
     )
     .unwrap()
@@ -557,9 +559,246 @@ fn every_route(task: &str) -> Vec<(&'static str, String, Option<Value>)> {
         ("POST", "/v1/tasks".into(), Some(task_body())),
         ("GET", format!("/v1/tasks/{task}"), None),
         ("GET", "/v1/cells".into(), None),
+        ("GET", "/v1/policies".into(), None),
+        (
+            "POST",
+            "/v1/policies".into(),
+            Some(json!({"from": "beta", "to": "acme"})),
+        ),
+        (
+            "DELETE",
+            "/v1/policies".into(),
+            Some(json!({"from": "beta", "to": "acme"})),
+        ),
         ("GET", "/v1/events".into(), None),
         ("GET", "/v1/nonexistent".into(), None),
     ]
+}
+
+/// A route's shape: the path without its query, with names as placeholders.
+fn route_of(method: &str, path: &str) -> String {
+    let path = path.split('?').next().unwrap();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let shape = match segs.as_slice() {
+        ["v1", "apps", _] => "/v1/apps/{app}".to_owned(),
+        ["v1", "apps", _, rest] => format!("/v1/apps/{{app}}/{rest}"),
+        ["v1", "tasks", _] => "/v1/tasks/{task}".to_owned(),
+        _ => path.to_owned(),
+    };
+    format!("{method} {shape}")
+}
+
+/// Tenant beta against everything tenant acme has, on every route of
+/// [`every_route`] (the test fails if a route there is left out here):
+/// acme's objects answer 404 (as if they did not exist) or 403, listings
+/// hold only beta's own, beta's event stream carries none of acme's
+/// changes, and the store is exactly as before.
+#[tokio::test]
+async fn tenant_b_cannot_read_change_or_delete_tenant_a_objects_on_any_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(&dir.path().join("brain.redb")).await;
+    // acme: apps "web" and "api", a task, a policy opening acme to gamma.
+    srv.send("POST", "/v1/apps", ACME, web(2)).await.expect(201);
+    let mut api = web(1);
+    api["name"] = "api".into();
+    srv.send("POST", "/v1/apps", ACME, api).await.expect(201);
+    let acme_task = srv
+        .send("POST", "/v1/tasks", ACME, task_body())
+        .await
+        .expect(201)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let gamma_to_acme = json!({"from": "gamma", "to": "acme", "protocol": "tcp", "port": 8080});
+    srv.send("POST", "/v1/policies", ACME, gamma_to_acme.clone())
+        .await
+        .expect(201);
+    // beta: its own "web" (the same name) and task, so listings are not
+    // trivially empty.
+    srv.send("POST", "/v1/apps", BETA, web(1)).await.expect(201);
+    let beta_task = srv
+        .send("POST", "/v1/tasks", BETA, task_body())
+        .await
+        .expect(201)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (mut beta_events, mut beta_buf) = subscribe(srv.addr, BETA).await;
+    let before = srv.snapshot();
+
+    let mut for_acme_app = web(1);
+    for_acme_app["tenant"] = "acme".into();
+    let mut for_acme_task = task_body();
+    for_acme_task["tenant"] = "acme".into();
+    let t = &acme_task;
+    // (method, path, body, status)
+    let cases: Vec<(&str, String, Option<Value>, u16)> = vec![
+        ("POST", "/v1/apps".into(), Some(for_acme_app), 403),
+        ("POST", "/v1/apps?tenant=acme".into(), Some(web(3)), 403),
+        ("GET", "/v1/apps/api".into(), None, 404),
+        ("GET", "/v1/apps/web?tenant=acme".into(), None, 404),
+        (
+            "PATCH",
+            "/v1/apps/api".into(),
+            Some(json!({"instances": 9})),
+            404,
+        ),
+        (
+            "PATCH",
+            "/v1/apps/web?tenant=acme".into(),
+            Some(json!({"instances": 0})),
+            404,
+        ),
+        ("DELETE", "/v1/apps/api".into(), None, 404),
+        ("DELETE", "/v1/apps/web?tenant=acme".into(), None, 404),
+        ("GET", "/v1/apps/api/instances".into(), None, 404),
+        (
+            "GET",
+            "/v1/apps/web/instances?tenant=acme".into(),
+            None,
+            404,
+        ),
+        ("POST", "/v1/tasks".into(), Some(for_acme_task), 403),
+        (
+            "POST",
+            "/v1/tasks?tenant=acme".into(),
+            Some(task_body()),
+            403,
+        ),
+        ("GET", format!("/v1/tasks/{t}"), None, 404),
+        ("GET", format!("/v1/tasks/{t}?tenant=acme"), None, 404),
+        ("GET", "/v1/cells".into(), None, 403),
+        // beta may open only itself: not acme to beta, not acme to gamma.
+        (
+            "POST",
+            "/v1/policies".into(),
+            Some(json!({"from": "beta", "to": "acme"})),
+            403,
+        ),
+        (
+            "POST",
+            "/v1/policies".into(),
+            Some(gamma_to_acme.clone()),
+            403,
+        ),
+        (
+            "DELETE",
+            "/v1/policies".into(),
+            Some(gamma_to_acme.clone()),
+            403,
+        ),
+        (
+            "DELETE",
+            "/v1/policies".into(),
+            Some(json!({"from": "beta", "to": "acme"})),
+            403,
+        ),
+        ("GET", "/v1/nonexistent".into(), None, 404),
+    ];
+    for (method, path, body, status) in &cases {
+        let r = srv
+            .call(
+                method,
+                path,
+                Some(BETA),
+                body.as_ref().map(|b| b.to_string()).as_deref(),
+            )
+            .await;
+        assert_eq!(
+            r.status,
+            *status,
+            "{method} {path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        // Only an error: nothing of acme's objects, not even acme's name.
+        let v = r.json();
+        assert!(v["error"].is_string(), "{method} {path}: {v}");
+        assert!(v.get("revision").is_none(), "{method} {path}: {v}");
+        assert!(
+            !v.to_string().contains("acme"),
+            "{method} {path} leaks: {v}"
+        );
+    }
+
+    // Listings: beta's own only, with or without naming acme.
+    let apps = srv.get("/v1/apps", BETA).await.expect(200);
+    let tenants: Vec<&Value> = apps["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["tenant"])
+        .collect();
+    assert_eq!(tenants, [&json!("beta")], "{apps}");
+    let own_web = srv.get("/v1/apps/web", BETA).await.expect(200);
+    assert_eq!(own_web["tenant"], "beta", "the name finds beta's own app");
+    let instances = srv.get("/v1/apps/web/instances", BETA).await.expect(200);
+    for i in instances["instances"].as_array().unwrap() {
+        assert_eq!(i["tenant"], "beta", "{instances}");
+    }
+    let tasks = srv.get("/v1/tasks", BETA).await.expect(200);
+    let ids: Vec<&Value> = tasks["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| &t["id"])
+        .collect();
+    assert_eq!(ids, [&json!(beta_task)], "{tasks}");
+    for path in ["/v1/apps?tenant=acme", "/v1/tasks?tenant=acme"] {
+        let v = srv.get(path, BETA).await.expect(200);
+        let list = v.as_object().unwrap().values().next().unwrap();
+        assert_eq!(list, &json!([]), "{path}: {v}");
+    }
+    // A policy between acme and gamma is none of beta's business.
+    let policies = srv.get("/v1/policies", BETA).await.expect(200);
+    assert_eq!(policies["policies"], json!([]), "{policies}");
+    assert_eq!(
+        srv.get("/v1/policies", GAMMA).await.expect(200)["policies"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Every route is in the table above (or a listing checked just now).
+    let mut covered: std::collections::BTreeSet<String> =
+        cases.iter().map(|(m, p, _, _)| route_of(m, p)).collect();
+    covered.extend(
+        [
+            "GET /v1/apps",
+            "GET /v1/tasks",
+            "GET /v1/policies",
+            "GET /v1/events",
+        ]
+        .map(String::from),
+    );
+    for (method, path, _) in every_route("t") {
+        let route = route_of(method, &path);
+        assert!(
+            covered.contains(&route),
+            "{route} is not tested across tenants"
+        );
+    }
+    assert_eq!(srv.snapshot(), before, "beta changed nothing of anyone's");
+
+    // The event stream: acme's changes do not reach beta; beta's own do.
+    srv.send("PATCH", "/v1/apps/api", ACME, json!({"instances": 3}))
+        .await
+        .expect(200);
+    srv.send("DELETE", "/v1/policies", ACME, gamma_to_acme)
+        .await
+        .expect(200);
+    srv.send("PATCH", "/v1/apps/web", BETA, json!({"instances": 2}))
+        .await
+        .expect(200);
+    read_until(&mut beta_events, &mut beta_buf, "event: app.updated").await;
+    let text = String::from_utf8_lossy(&beta_buf).into_owned();
+    assert!(!text.contains("acme"), "{text}");
+    assert!(!text.contains("policy."), "{text}");
+    assert_eq!(
+        event_data(&beta_buf, "app.updated")["app"]["tenant"],
+        "beta"
+    );
+    srv.shutdown().await;
 }
 
 #[tokio::test]

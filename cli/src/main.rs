@@ -43,6 +43,16 @@ struct Cli {
         env = "CORRAL_AGENT_ADDR"
     )]
     agent_addr: Option<std::net::SocketAddr>,
+    /// Bearer token for the agent's TCP API (its `[api] token`); the unix
+    /// socket needs none.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        env = "CORRAL_AGENT_TOKEN",
+        hide_env_values = true
+    )]
+    agent_token: Option<String>,
     /// The brain's management API (http://HOST:PORT).
     #[arg(
         long,
@@ -140,11 +150,11 @@ fn main() -> ExitCode {
         clap_complete::generate(shell, &mut cmd, "corral", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
-    let endpoint = match cli.agent_addr {
-        Some(a) => Endpoint::Tcp(a),
-        None => Endpoint::Unix(cli.agent.clone()),
+    let (endpoint, token) = match cli.agent_addr {
+        Some(a) => (Endpoint::Tcp(a), cli.agent_token.clone()),
+        None => (Endpoint::Unix(cli.agent.clone()), None),
     };
-    match run(&cli, Client::new(endpoint)) {
+    match run(&cli, Client::new(endpoint).with_token(token)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Fail::Usage(m)) => {
             eprintln!("corral: {m}");

@@ -5,7 +5,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 
 use crate::util::{self, cargo, fmt_duration, is_root, step, workspace_root};
-use crate::{deps, dist, rootfs};
+use crate::{deps, dist, fuzz, rootfs};
 
 pub fn run(args: &[String]) -> Result<()> {
     let (unit_only, extra) = parse_args(args);
@@ -45,6 +45,10 @@ pub fn run(args: &[String]) -> Result<()> {
             "corral-tests",
         ]))
     })?;
+    // Short: every seed and a few hundred thousand new inputs per target;
+    // `cargo xtask fuzz` runs longer.
+    step("cargo-fuzz", fuzz::ensure_cargo_fuzz)?;
+    step("fuzz (short)", || fuzz::run_all(fuzz::SHORT_SECONDS))?;
     let rootfs = step("rootfs", rootfs::ensure)?;
     // The package of the debug build: its units are verified here, its
     // contents and installation by the privileged `dist` tests.
