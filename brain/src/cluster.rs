@@ -333,6 +333,12 @@ fn crash_key(slot: &LrpKey) -> CrashKey {
     }
 }
 
+/// After a brain restart, how much longer than the lost-cell grace a cell
+/// that held placements has to come back: the QUIC idle timeout (4 s) in
+/// which it notices the old brain is gone, plus its longest reconnect
+/// backoff (10 s).
+pub const RESTART_RECONNECT_SLACK: std::time::Duration = std::time::Duration::from_secs(14);
+
 impl Cluster {
     /// The picture after a brain (re)start, from the store: desired state,
     /// crash history and placements. Every cell that holds a placement is
@@ -386,7 +392,13 @@ impl Cluster {
                 available: Capacity::default(),
                 subnet: None,
                 addresses: Vec::new(),
-                liveness: Liveness::Disconnected { last_seen: now },
+                // As if last heard a little in the future: a cell notices
+                // the old brain is gone only when its QUIC connection idles
+                // out, then reconnects with backoff; it must not be
+                // declared lost (and its instances duplicated) meanwhile.
+                liveness: Liveness::Disconnected {
+                    last_seen: now.plus(RESTART_RECONNECT_SLACK),
+                },
                 draining: false,
                 since: wall,
                 seq: None,
@@ -1454,7 +1466,7 @@ mod tests {
     }
 
     #[test]
-    fn after_a_restart_placed_instances_count_until_the_grace_ends() {
+    fn after_a_restart_placed_instances_count_until_the_grace_and_reconnect_slack_end() {
         let snap = Snapshot {
             revision: 5,
             apps: vec![app("web", 1)],
@@ -1466,7 +1478,11 @@ mod tests {
         let cfg = ConvergeConfig::default();
         let plan = converge(&cfg, &c.converge_state(), now);
         assert!(plan.actions.is_empty(), "{plan:?}");
-        let later = now.plus(cfg.lost_cell_grace);
+        // A cell needs up to the slack to notice the restart and reconnect.
+        let grace_only = now.plus(cfg.lost_cell_grace);
+        let plan = converge(&cfg, &c.converge_state(), grace_only);
+        assert!(plan.actions.is_empty(), "{plan:?}");
+        let later = grace_only.plus(RESTART_RECONNECT_SLACK);
         let plan = converge(&cfg, &c.converge_state(), later);
         assert!(
             matches!(plan.actions[0], Action::MarkCellLost { .. }),

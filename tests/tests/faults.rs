@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::cluster::{Fabric, BRAIN_IP};
+use common::cluster::{Cluster, Fabric, BRAIN_IP};
 use common::{lrp, Cell};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
@@ -663,20 +663,12 @@ fn connected(v: &Value) -> usize {
 
 /// A fabric with a brain and `n` cells (zones z1..zn), all connected.
 fn cluster(n: usize, extra: impl Fn(usize) -> String) -> (Fabric, Vec<Cell>) {
-    let names: Vec<String> = (0..n).map(|_| Cell::new_name()).collect();
-    let ids: Vec<&str> = names.iter().map(String::as_str).collect();
-    let mut fabric = Fabric::new(&ids);
-    fabric.start_brain();
-    let mut cells = Vec::new();
-    for (i, name) in names.iter().enumerate() {
+    let c = Cluster::start(n, |i, name, fabric| {
         let mut cfg = fabric.agent_config(name, &format!("z{}", i + 1));
         cfg.push_str(&extra(i));
-        let cell = Cell::start_named(name, &cfg);
-        fabric.attach(&cell);
-        cells.push(cell);
-    }
-    fabric.wait_json(&["cells"], "all cells connected", |v| connected(v) == n);
-    (fabric, cells)
+        cfg
+    });
+    (c.fabric, c.cells)
 }
 
 fn push_args(app: &str, count: usize, command: &[&str]) -> Vec<String> {
