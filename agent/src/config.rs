@@ -407,7 +407,7 @@ impl Config {
             ));
         }
         let log_level = raw.log_level.unwrap_or_else(|| "info".to_owned());
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log_level) {
+        if let Err(e) = check_log_directives(&log_level) {
             p.push(format!("log_level {log_level:?}: {e}"));
         }
         let log_json = match raw.log_format.as_deref() {
@@ -666,6 +666,31 @@ impl HostFacts {
     }
 }
 
+/// Checks `RUST_LOG`-style directives (`info`, `corral_agent=debug,warn`):
+/// comma-separated, each a level, a target, or `target=level`. Span and
+/// field filters (`target[span{field}]=level`) are not taken here.
+fn check_log_directives(s: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
+    let is_target = |t: &str| {
+        !t.is_empty()
+            && t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
+    };
+    for d in s.split(',').map(str::trim) {
+        let ok = match d.split_once('=') {
+            None => is_level(d) || is_target(d),
+            Some((target, level)) => is_target(target) && is_level(level),
+        };
+        if !ok {
+            return Err(format!(
+                "{d:?} is not LEVEL, TARGET or TARGET=LEVEL (levels: trace, debug, info, warn, error, off)"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -807,6 +832,17 @@ mod tests {
         let problems =
             Config::parse("log_level = \"=[\"\nlog_format = \"xml\"\n", &host()).unwrap_err();
         assert_eq!(problems.len(), 2, "{problems:#?}");
+        for good in [
+            "info",
+            "corral_agent=debug,info",
+            "corral_agent::shim=TRACE",
+            "warn, hyper=off",
+        ] {
+            assert!(check_log_directives(good).is_ok(), "{good}");
+        }
+        for bad in ["", "info,", "a=b=c", "x=loud", "a[span]=info", "a b"] {
+            assert!(check_log_directives(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
