@@ -106,11 +106,9 @@ fn scrapes_of_a_cell_and_a_brain_pass_promtool_and_are_documented() {
         ),
     );
     fabric.attach(&cell);
-    fabric.wait_json(&["cells"], "a connected cell", |v| {
-        v["cells"][0]["state"] == "connected"
-    });
+    fabric.wait_connected(1);
     let root = rootfs();
-    let out = fabric.cli(&[
+    fabric.cli_ok(&[
         "push",
         "web",
         "--tenant",
@@ -127,11 +125,6 @@ fn scrapes_of_a_cell_and_a_brain_pass_promtool_and_are_documented() {
         "/bin/sleep",
         "100000",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let app = fabric.wait_json(&["app", "web", "--tenant", "acme"], "running", |v| {
         v["instances"]
             .as_array()
@@ -184,11 +177,6 @@ fn scrapes_of_a_cell_and_a_brain_pass_promtool_and_are_documented() {
     assert_eq!(undocumented(&brain, &docs), Vec::<String>::new());
 
     cell.delete("t-0");
-    let out = fabric.cli(&["delete-app", "web", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&["delete-app", "web", "--tenant", "acme"]);
     fabric.detach(&cell);
 }

@@ -244,11 +244,9 @@ fn prometheus_scrapes_a_cell_and_a_brain() {
         ),
     );
     let cell_ip = fabric.attach(&cell);
-    fabric.wait_json(&["cells"], "a connected cell", |v| {
-        v["cells"][0]["state"] == "connected"
-    });
+    fabric.wait_connected(1);
     let root = rootfs();
-    let out = fabric.cli(&[
+    fabric.cli_ok(&[
         "push",
         "web",
         "--tenant",
@@ -265,11 +263,6 @@ fn prometheus_scrapes_a_cell_and_a_brain() {
         "/bin/sleep",
         "100000",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let app = fabric.wait_json(&["app", "web", "--tenant", "acme"], "running", |v| {
         v["instances"]
             .as_array()
@@ -338,11 +331,6 @@ fn prometheus_scrapes_a_cell_and_a_brain() {
     }
 
     drop(prom);
-    let out = fabric.cli(&["delete-app", "web", "--tenant", "acme"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fabric.cli_ok(&["delete-app", "web", "--tenant", "acme"]);
     fabric.detach(&cell);
 }

@@ -200,22 +200,12 @@ pub fn run(args: &[String]) -> Result<()> {
     // The load generator and the programming path are both measured: never
     // in a debug build. Only xtask is needed (no agent).
     if cfg!(debug_assertions) {
-        step("building xtask (release)", || {
-            util::run(util::cargo().args([
-                "build",
-                "--release",
-                "--package",
-                "xtask",
-                "--features",
-                "ebpf",
-            ]))
-        })?;
-        let release = target_dir().join("release/xtask");
-        let err = Command::new(&release)
-            .args(["bench", "lb"])
-            .args(args)
-            .exec();
-        return Err(err).with_context(|| format!("run {}", release.display()));
+        let args: Vec<String> = ["bench", "lb"]
+            .map(String::from)
+            .into_iter()
+            .chain(args.iter().cloned())
+            .collect();
+        return util::become_release_xtask(&["--package", "xtask", "--features", "ebpf"], &args);
     }
     step("checking dependencies", crate::deps::run)?;
     sandbox::install_signal_handler()?;
@@ -229,15 +219,6 @@ pub fn run(args: &[String]) -> Result<()> {
         println!("appended to {}", path.display());
     }
     Ok(())
-}
-
-/// `$CARGO_TARGET_DIR` (as cargo resolves it from the workspace root) or
-/// the workspace's `target`.
-fn target_dir() -> PathBuf {
-    match std::env::var_os("CARGO_TARGET_DIR") {
-        Some(dir) => workspace_root().join(dir),
-        None => workspace_root().join("target"),
-    }
 }
 
 // ---------------------------------------------------------------------------

@@ -185,21 +185,12 @@ pub fn run(args: &[String]) -> Result<()> {
     // same features, so the build inside finds nothing to do), then this
     // process becomes the release xtask.
     if cfg!(debug_assertions) {
-        step("building the workspace (release)", || {
-            util::run(util::cargo().args([
-                "build",
-                "--release",
-                "--bins",
-                "--features",
-                "xtask/ebpf",
-            ]))
-        })?;
-        let release = workspace_root().join("target/release/xtask");
-        let err = Command::new(&release)
-            .args(["bench", "net"])
-            .args(args)
-            .exec();
-        return Err(err).with_context(|| format!("run {}", release.display()));
+        let args: Vec<String> = ["bench", "net"]
+            .map(String::from)
+            .into_iter()
+            .chain(args.iter().cloned())
+            .collect();
+        return util::become_release_xtask(&["--bins", "--features", "xtask/ebpf"], &args);
     }
     let load_before = loadavg();
     let costs = if o.per_packet {

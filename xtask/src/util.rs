@@ -99,3 +99,25 @@ pub fn fmt_duration(d: Duration) -> String {
         format!("{}m{:02}s", d.as_secs() / 60, d.as_secs() % 60)
     }
 }
+
+/// Builds release binaries with `cargo build --release BUILD...` and then
+/// becomes the release xtask running `xtask ARGS...`: for benchmarks, whose
+/// own speed is part of every figure. Returns only if the exec failed.
+pub fn become_release_xtask(build: &[&str], args: &[String]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    step("building (release)", || {
+        run(cargo().args(["build", "--release"]).args(build))
+    })?;
+    let release = target_dir().join("release/xtask");
+    let err = Command::new(&release).args(args).exec();
+    Err(err).with_context(|| format!("run {}", release.display()))
+}
+
+/// `$CARGO_TARGET_DIR` (as cargo resolves it from the workspace root) or
+/// the workspace's `target`.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => workspace_root().join(dir),
+        None => workspace_root().join("target"),
+    }
+}
