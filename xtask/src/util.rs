@@ -103,6 +103,7 @@ pub fn fmt_duration(d: Duration) -> String {
 /// Builds release binaries with `cargo build --release BUILD...` and then
 /// becomes the release xtask running `xtask ARGS...`: for benchmarks, whose
 /// own speed is part of every figure. Returns only if the exec failed.
+#[cfg(feature = "ebpf")]
 pub fn become_release_xtask(build: &[&str], args: &[String]) -> Result<()> {
     use std::os::unix::process::CommandExt;
     step("building (release)", || {
@@ -115,6 +116,7 @@ pub fn become_release_xtask(build: &[&str], args: &[String]) -> Result<()> {
 
 /// `$CARGO_TARGET_DIR` (as cargo resolves it from the workspace root) or
 /// the workspace's `target`.
+#[cfg(feature = "ebpf")]
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => workspace_root().join(dir),
