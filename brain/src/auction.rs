@@ -117,6 +117,7 @@
 use crate::desired::AppKey;
 use corral_proto::wire::{Tag, WorkItem, Zone};
 use corral_proto::{AppId, Capacity, CellId, InstanceId, InstanceKind, TenantId};
+use std::borrow::Borrow;
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -346,13 +347,13 @@ fn is_lrp(item: &WorkItem) -> bool {
 /// The order in which a batch is placed: long-running instances before
 /// tasks, index 0 first, larger memory first, larger disk first, then
 /// tenant, app, index and id. Returns positions into `batch`.
-pub fn batch_order(batch: &[WorkItem]) -> Vec<usize> {
+pub fn batch_order<W: Borrow<WorkItem>>(batch: &[W]) -> Vec<usize> {
     fn rank(w: &WorkItem) -> (bool, bool) {
         (!is_lrp(w), !(is_lrp(w) && w.index == 0))
     }
     let mut order: Vec<usize> = (0..batch.len()).collect();
     order.sort_by(|&a, &b| {
-        let (x, y) = (&batch[a], &batch[b]);
+        let (x, y): (&WorkItem, &WorkItem) = (batch[a].borrow(), batch[b].borrow());
         rank(x)
             .cmp(&rank(y))
             .then(y.resources.memory_mb.cmp(&x.resources.memory_mb))
@@ -769,11 +770,39 @@ pub fn run_auction(
     cells: &mut [CellView],
     batch: &[WorkItem],
 ) -> AuctionOutcome {
+    let mut decided = Vec::with_capacity(batch.len());
+    auction_by_position(config, cells, batch, |i, at| decided.push((i, at)));
+    let mut outcome = AuctionOutcome::default();
+    for (i, at) in decided {
+        let id = batch[i].id.clone();
+        match at {
+            Ok(at) => outcome.placed.push(Placement {
+                id,
+                cell: cells[at].id.clone(),
+            }),
+            Err(error) => outcome.unplaced.push(Unplaced { id, error }),
+        }
+    }
+    outcome
+}
+
+/// [`run_auction`] without building its outcome: `decided(i, where)` is
+/// called for every item, in [`batch_order`], with its position in `batch`
+/// and the position in `cells` of the cell it was placed on, or why it fits
+/// nowhere. For a caller that keeps more than a [`WorkItem`] per item and
+/// would otherwise clone the batch and look its items up by id.
+pub fn auction_by_position<W: Borrow<WorkItem>>(
+    config: &AuctionConfig,
+    cells: &mut [CellView],
+    batch: &[W],
+    mut decided: impl FnMut(usize, Result<usize, PlacementError>),
+) {
     let mut work = Working::new(config, cells, batch.len());
     let mut classes: BTreeMap<(&BTreeSet<Tag>, &str), Vec<usize>> = BTreeMap::new();
     // Every app of the batch, counted once, numbered in key order.
     let mut app_index: BTreeMap<(&TenantId, &AppId), usize> = batch
         .iter()
+        .map(Borrow::borrow)
         .filter(|w| is_lrp(w))
         .map(|w| ((&w.tenant, &w.app), 0))
         .collect();
@@ -788,9 +817,8 @@ pub fn run_auction(
         *at = i;
     }
     let mut apps = work.count_apps(keys);
-    let mut outcome = AuctionOutcome::default();
     for i in batch_order(batch) {
-        let item = &batch[i];
+        let item: &WorkItem = batch[i].borrow();
         let class = (&item.tags, item.rootfs.as_str());
         let eligible = classes
             .entry(class)
@@ -804,18 +832,11 @@ pub fn run_auction(
         match work.best(eligible, req, app.map(|a| &apps[a])) {
             Some(pos) => {
                 work.place(pos, item, app.map(|a| &mut apps[a]));
-                outcome.placed.push(Placement {
-                    id: item.id.clone(),
-                    cell: work.cell(pos).id.clone(),
-                });
+                decided(i, Ok(work.by_id[pos]));
             }
-            None => outcome.unplaced.push(Unplaced {
-                id: item.id.clone(),
-                error: explain(work.cells, item),
-            }),
+            None => decided(i, Err(explain(work.cells, item))),
         }
     }
-    outcome
 }
 
 /// Diego's scheduling loop transcribed directly: for every item, count the

@@ -48,7 +48,7 @@
 //! millisecond, and doing them in order keeps "recorded before sent".
 
 use crate::api::{ActualView, ApiState, SharedView};
-use crate::auction::{run_auction, AuctionConfig, CellView as AuctionCell};
+use crate::auction::{AuctionConfig, CellView as AuctionCell};
 use crate::backoff::BackoffConfig;
 use crate::cluster::{Cluster, Effect, Pending};
 use crate::config::Config;
@@ -1362,20 +1362,18 @@ impl Loop {
         }
         let take = self.queue.len().min(ROUND_ITEMS);
         let batch: Vec<Queued> = self.queue.drain(..take).collect();
-        let apps: BTreeSet<AppKey> = batch
+        let apps: BTreeSet<&AppKey> = batch
             .iter()
-            .filter_map(|q| q.slot.as_ref().map(|(s, _)| s.app.clone()))
+            .filter_map(|q| q.slot.as_ref().map(|(s, _)| &s.app))
             .collect();
+        let apps: BTreeSet<AppKey> = apps.into_iter().cloned().collect();
         let mut cells = self.cluster.auction_cells(&apps);
         let (placed, unplaced) = place(&self.auction, &mut cells, batch);
         for (q, error) in unplaced {
             self.metrics.placement_failure(error.reason());
             self.unplaced(q, &error.to_string(), now, wall);
         }
-        let mut per_cell: BTreeMap<CellId, Vec<Queued>> = BTreeMap::new();
-        for (q, cell) in placed {
-            per_cell.entry(cell).or_default().push(q);
-        }
+        let per_cell = placed;
         if per_cell.is_empty() {
             return;
         }
@@ -1681,9 +1679,9 @@ impl Loop {
     }
 }
 
-/// Items placed (with their cell) and items that fit nowhere (with why).
+/// Items placed, by cell, and items that fit nowhere (with why).
 type Placed = (
-    Vec<(Queued, CellId)>,
+    BTreeMap<CellId, Vec<Queued>>,
     Vec<(Queued, crate::auction::PlacementError)>,
 );
 
@@ -1694,28 +1692,46 @@ type Placed = (
 fn place(config: &AuctionConfig, cells: &mut [AuctionCell], batch: Vec<Queued>) -> Placed {
     let mut groups: BTreeMap<BTreeSet<CellId>, Vec<Queued>> = BTreeMap::new();
     for q in batch {
-        groups.entry(q.refused_by.clone()).or_default().push(q);
+        match groups.get_mut(&q.refused_by) {
+            Some(group) => group.push(q),
+            None => {
+                groups.insert(q.refused_by.clone(), vec![q]);
+            }
+        }
     }
-    let mut placed = Vec::new();
+    let mut placed: BTreeMap<CellId, Vec<Queued>> = BTreeMap::new();
     let mut unplaced = Vec::new();
     for (excluded, group) in groups {
         // Allowed cells first; the auction sees only those.
-        cells.sort_by_key(|c| excluded.contains(&c.id));
+        if !excluded.is_empty() {
+            cells.sort_by_key(|c| excluded.contains(&c.id));
+        }
         let allowed = cells.iter().filter(|c| !excluded.contains(&c.id)).count();
-        let items: Vec<WorkItem> = group.iter().map(|q| q.item.clone()).collect();
-        let outcome = run_auction(config, &mut cells[..allowed], &items);
-        let mut by_id: BTreeMap<InstanceId, Queued> =
-            group.into_iter().map(|q| (q.item.id.clone(), q)).collect();
-        for p in outcome.placed {
-            if let Some(q) = by_id.remove(&p.id) {
-                placed.push((q, p.cell));
+        let mut on: Vec<Vec<usize>> = vec![Vec::new(); allowed];
+        let mut nowhere = Vec::new();
+        let items: Vec<&WorkItem> = group.iter().map(|q| &q.item).collect();
+        crate::auction::auction_by_position(
+            config,
+            &mut cells[..allowed],
+            &items,
+            |i, at| match at {
+                Ok(at) => on[at].push(i),
+                Err(error) => nowhere.push((i, error)),
+            },
+        );
+        let mut group: Vec<Option<Queued>> = group.into_iter().map(Some).collect();
+        for (at, items) in on.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
             }
+            let list = placed.entry(cells[at].id.clone()).or_default();
+            list.extend(items.into_iter().filter_map(|i| group[i].take()));
         }
-        for u in outcome.unplaced {
-            if let Some(q) = by_id.remove(&u.id) {
-                unplaced.push((q, u.error));
-            }
-        }
+        unplaced.extend(
+            nowhere
+                .into_iter()
+                .filter_map(|(i, error)| group[i].take().map(|q| (q, error))),
+        );
     }
     (placed, unplaced)
 }
