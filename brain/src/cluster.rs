@@ -187,6 +187,12 @@ fn is_live_lrp(info: &InstanceInfo) -> bool {
         && matches!(info.state, InstanceState::Starting | InstanceState::Running)
 }
 
+/// Whether two records of an instance are of the same kind and slot (only
+/// its state and details differ).
+fn same_slot(a: &InstanceInfo, b: &InstanceInfo) -> bool {
+    a.kind == b.kind && a.index == b.index && a.app == b.app && a.tenant == b.tenant
+}
+
 /// Counts an instance record coming onto (`true`) or leaving a cell.
 fn tally(apps: &mut AppTally, cell: &mut Cell, info: &InstanceInfo, coming: bool) {
     let starting = info.state == InstanceState::Starting;
@@ -649,41 +655,74 @@ impl Cluster {
         let Some(cell) = self.cells.get_mut(cell_id) else {
             return;
         };
-        let old_state = cell.instances.get(&info.id).map(|o| o.info.state);
-        let changed = old_state != Some(info.state);
-        let (since, since_wall) = match cell.instances.get(&info.id) {
-            Some(o) if !changed => (o.since, o.since_wall),
-            _ => (now, wall),
-        };
         let id = info.id.clone();
         let state = info.state;
         let kind = info.kind;
-        let slot = lrp_key(&info);
         let exit_code = info.exit_code;
-        let reason = info.reason.clone();
         // Reported: its capacity is in the cell's `available` now.
         release(&mut self.tally, cell, &id);
-        tally(&mut self.tally, cell, &info, true);
-        if changed {
-            if let Some(o) = cell.instances.get(&id) {
-                self.by_slot.remove(&o.info, cell_id);
+        let (old_state, changed) = match cell.instances.get_mut(&id) {
+            // The same instance in a new state, or reported again: the
+            // common case (starting, then running), updated in place.
+            Some(o) if same_slot(&o.info, &info) => {
+                let old_state = o.info.state;
+                let changed = old_state != state;
+                if changed {
+                    o.since = now;
+                    o.since_wall = wall;
+                    let (was, is) = (is_live_lrp(&o.info), is_live_lrp(&info));
+                    if was != is {
+                        let key = lrp_key(&info).app;
+                        if is {
+                            self.tally.add(&key, &cell.id);
+                        } else {
+                            self.tally.remove(&key, &cell.id);
+                        }
+                    }
+                    if old_state == InstanceState::Starting {
+                        cell.starting = cell.starting.saturating_sub(1);
+                    }
+                    if state == InstanceState::Starting {
+                        cell.starting = cell.starting.saturating_add(1);
+                    }
+                }
+                let reason = info.reason.clone();
+                o.info = info;
+                (Some(old_state), changed.then_some(reason))
             }
-            self.by_slot.add(&info, cell_id);
-        }
-        let old = cell.instances.insert(
-            id.clone(),
-            Observed {
-                info,
-                since,
-                since_wall,
-            },
-        );
-        if let Some(old) = old {
-            tally(&mut self.tally, cell, &old.info, false);
-        }
-        if !changed {
+            _ => {
+                let old = cell.instances.get(&id);
+                let old_state = old.map(|o| o.info.state);
+                let (since, since_wall) = match old {
+                    Some(o) if o.info.state == state => (o.since, o.since_wall),
+                    _ => (now, wall),
+                };
+                let reason = info.reason.clone();
+                tally(&mut self.tally, cell, &info, true);
+                if let Some(o) = cell.instances.get(&id) {
+                    self.by_slot.remove(&o.info, cell_id);
+                }
+                self.by_slot.add(&info, cell_id);
+                let old = cell.instances.insert(
+                    id.clone(),
+                    Observed {
+                        info,
+                        since,
+                        since_wall,
+                    },
+                );
+                if let Some(old) = old {
+                    tally(&mut self.tally, cell, &old.info, false);
+                }
+                (old_state, (old_state != Some(state)).then_some(reason))
+            }
+        };
+        let Some(reason) = changed else {
             return;
-        }
+        };
+        let Some(slot) = cell.instances.get(&id).map(|o| lrp_key(&o.info)) else {
+            return;
+        };
         match kind {
             InstanceKind::Lrp => {
                 // The slot's only instance going from starting to running
@@ -1357,6 +1396,116 @@ mod tests {
             | Action::Stop { slot, .. }
             | Action::RestartAt { slot, .. } => Some(slot),
             Action::MarkCellLost { .. } => None,
+        }
+    }
+
+    /// The counts `Cluster` keeps as reports come (live instances per app
+    /// and cell, starts per cell, instances per slot), recomputed from
+    /// scratch.
+    fn recount(c: &Cluster) -> (AppTally, BTreeMap<CellId, u32>, BySlot) {
+        let mut tally = AppTally::default();
+        let mut starting = BTreeMap::new();
+        let mut by_slot = BySlot::default();
+        for (id, cell) in &c.cells {
+            let mut n = 0;
+            for o in cell.instances.values() {
+                if is_live_lrp(&o.info) {
+                    tally.add(&lrp_key(&o.info).app, id);
+                }
+                if o.info.state == InstanceState::Starting {
+                    n += 1;
+                }
+                by_slot.add(&o.info, id);
+            }
+            for r in cell.reserved.values() {
+                if let Some(app) = &r.app {
+                    tally.add(app, id);
+                }
+            }
+            starting.insert(id.clone(), n);
+        }
+        (tally, starting, by_slot)
+    }
+
+    #[test]
+    fn counts_kept_as_reports_come_equal_counts_made_from_scratch() {
+        let states = [
+            InstanceState::Starting,
+            InstanceState::Running,
+            InstanceState::Stopping,
+            InstanceState::Crashed,
+            InstanceState::Exited,
+        ];
+        for seed in 0..300u64 {
+            let mut rng = seed;
+            let mut next = |n: u64| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (rng >> 33) % n
+            };
+            let mut c = Cluster::restore(
+                BackoffConfig::default(),
+                Snapshot {
+                    apps: vec![app("a0", 3), app("a1", 2)],
+                    ..Snapshot::default()
+                },
+                Time::ZERO,
+                Timestamp(1),
+            );
+            let cells: Vec<CellId> = (0..3).map(|i| cell_id(&format!("c{i}"))).collect();
+            for (i, cell) in cells.iter().enumerate() {
+                let subnet = format!("10.244.{i}.0/24");
+                c.connect(&hello(cell.as_str(), &subnet, "10.99.0.2"), Timestamp(1));
+                c.apply_snapshot(cell, snapshot(0, vec![]), Time::ZERO, Timestamp(1))
+                    .unwrap();
+            }
+            let mut seq = [0u64; 3];
+            for step in 0..60 {
+                let at = next(3) as usize;
+                let cell = &cells[at];
+                // Ids are per cell, so that no id is on two cells at once.
+                let id = format!("i{}-c{at}", next(6));
+                let (a, index) = (format!("a{}", next(3)), next(3) as u32);
+                let now = Time::from_secs(step);
+                match next(5) {
+                    0 => c.reserve(
+                        cell,
+                        &InstanceId::new(&id).unwrap(),
+                        Capacity::default(),
+                        Some(app(&a, 1).key()),
+                        now,
+                    ),
+                    1 => c.release(cell, &InstanceId::new(&id).unwrap()),
+                    kind => {
+                        let change = if kind == 2 {
+                            StateChange::Removed {
+                                id: InstanceId::new(&id).unwrap(),
+                            }
+                        } else {
+                            let state = states[next(states.len() as u64) as usize];
+                            let mut i = info(&id, &a, index, state, None);
+                            if next(4) == 0 {
+                                i.kind = InstanceKind::Task;
+                            }
+                            StateChange::Upsert { instance: i }
+                        };
+                        seq[at] += 1;
+                        let delta = StateDelta {
+                            seq: seq[at],
+                            available: Capacity::default(),
+                            changes: vec![change],
+                        };
+                        c.apply_delta(cell, delta, now, Timestamp(2)).unwrap();
+                    }
+                }
+                let (tally, starting, by_slot) = recount(&c);
+                assert_eq!(c.tally.0, tally.0, "seed {seed}, step {step}: live per app");
+                for (id, n) in starting {
+                    assert_eq!(c.cells[&id].starting, n, "seed {seed}, step {step}: {id}");
+                }
+                assert_eq!(c.by_slot.0, by_slot.0, "seed {seed}, step {step}: by slot");
+            }
         }
     }
 

@@ -72,7 +72,7 @@ use corral_proto::wire::{
     MAX_SERVICES,
 };
 use corral_proto::{CellId, InstanceId, InstanceKind, Timestamp};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -301,7 +301,7 @@ pub async fn run(
         auction: AuctionConfig::default(),
         next_request: 1,
         requests: BTreeMap::new(),
-        queue: Vec::new(),
+        queue: VecDeque::new(),
         offers: BTreeMap::new(),
         rounds: BTreeMap::new(),
         next_round: 0,
@@ -597,7 +597,7 @@ struct Loop {
     auction: AuctionConfig,
     next_request: u64,
     requests: BTreeMap<RequestId, Request>,
-    queue: Vec<Queued>,
+    queue: VecDeque<Queued>,
     /// Per bid request sent: what it offered.
     offers: BTreeMap<RequestId, Offer>,
     /// Rounds waiting for bids, by number.
@@ -1323,7 +1323,7 @@ impl Loop {
                 since: now,
             },
         );
-        self.queue.push(Queued {
+        self.queue.push_back(Queued {
             item,
             spec,
             slot: Some((slot, version)),
@@ -1341,7 +1341,7 @@ impl Loop {
         for (task, spec, tags) in tasks {
             let item = WorkItem::new(task.instance_id().clone(), &spec, tags);
             self.cluster.pending_tasks.insert(task, now);
-            self.queue.push(Queued {
+            self.queue.push_back(Queued {
                 item,
                 spec,
                 slot: None,
@@ -1406,7 +1406,7 @@ impl Loop {
                 } else {
                     for mut q in chunk {
                         q.refused_by.insert(cell.clone());
-                        self.queue.push(q);
+                        self.queue.push_back(q);
                     }
                 }
             }
@@ -1454,7 +1454,7 @@ impl Loop {
             for mut q in offer.items {
                 self.cluster.release(&cell, &q.item.id);
                 q.refused_by.insert(cell.clone());
-                self.queue.push(q);
+                self.queue.push_back(q);
             }
         }
         for n in ended {
@@ -1535,7 +1535,7 @@ impl Loop {
                 self.cluster.release(cell, &q.item.id);
                 self.apply_refusal(cell, r);
                 q.refused_by.insert(cell.clone());
-                self.queue.push(q);
+                self.queue.push_back(q);
             } else {
                 accepted.push(q);
             }
@@ -1556,10 +1556,11 @@ impl Loop {
         }
         let wall = self.clock.wall();
         let batches = std::mem::take(&mut self.accepted);
-        let accepted: Vec<(CellId, Queued)> = batches
-            .into_iter()
-            .flat_map(|(cell, items)| items.into_iter().map(move |q| (cell.clone(), q)))
-            .collect();
+        let mut accepted: Vec<(CellId, Queued)> =
+            Vec::with_capacity(batches.iter().map(|(_, items)| items.len()).sum());
+        for (cell, items) in batches {
+            accepted.extend(items.into_iter().map(|q| (cell.clone(), q)));
+        }
         let placements: Vec<Placement> = accepted
             .iter()
             .map(|(cell, q)| Placement {
@@ -1612,7 +1613,7 @@ impl Loop {
                 tracing::error!("recording placements: {e}; they are auctioned again");
                 for (cell, q) in accepted {
                     self.cluster.release(&cell, &q.item.id);
-                    self.queue.push(q);
+                    self.queue.push_back(q);
                 }
                 return;
             }
