@@ -38,6 +38,11 @@
 //!   replacement that is not running.
 //! - Nothing is ever stopped on a cell that is not connected; it is dealt
 //!   with when it comes back (or forgotten when it is lost).
+//! - A cell that is connected but has not yet reported what it runs on
+//!   this connection counts as away within its grace: the brain's picture
+//!   of it may be stale (after a brain restart it is only the store's
+//!   placements, each assumed running), so its instances count, but none
+//!   of them is stopped or preferred until its report arrives.
 //!
 //! The property tests below replay random clusters and random event
 //! sequences (crashes, cells lost and returning, drains, scaling, updates)
@@ -143,6 +148,9 @@ pub struct CellStatus {
     pub liveness: Liveness,
     /// The cell is being evacuated: its instances are replaced elsewhere.
     pub draining: bool,
+    /// What it runs has been reported on its current connection. Until
+    /// then, a connected cell is treated as away (see the module docs).
+    pub reported: bool,
 }
 
 /// A start the brain asked for (auction queued or work sent) that no cell
@@ -238,7 +246,8 @@ enum Reach {
     Connected {
         draining: bool,
     },
-    /// Disconnected, within the grace: its instances still count.
+    /// Disconnected, within the grace, or connected and not yet reported:
+    /// its instances still count, and none is stopped or preferred.
     Away {
         draining: bool,
     },
@@ -391,7 +400,10 @@ fn cell_reach<'a>(
     cells.sort_by(|a, b| a.id.cmp(&b.id));
     for cell in cells {
         let r = match cell.liveness {
-            Liveness::Connected => Reach::Connected {
+            Liveness::Connected if cell.reported => Reach::Connected {
+                draining: cell.draining,
+            },
+            Liveness::Connected => Reach::Away {
                 draining: cell.draining,
             },
             Liveness::Lost => Reach::Gone,
@@ -545,6 +557,7 @@ mod tests {
             id: cell_id(id),
             liveness: Liveness::Connected,
             draining: false,
+            reported: true,
         }
     }
 
@@ -693,11 +706,10 @@ mod tests {
             cells: vec![
                 connected("c1"),
                 CellStatus {
-                    id: cell_id("c2"),
                     liveness: Liveness::Disconnected {
                         last_seen: secs(100),
                     },
-                    draining: false,
+                    ..connected("c2")
                 },
             ],
             ..ClusterState::default()
@@ -843,11 +855,10 @@ mod tests {
             cells: vec![
                 connected("c1"),
                 CellStatus {
-                    id: cell_id("c2"),
                     liveness: Liveness::Disconnected {
                         last_seen: secs(50),
                     },
-                    draining: false,
+                    ..connected("c2")
                 },
             ],
             ..ClusterState::default()
@@ -855,6 +866,56 @@ mod tests {
         let p = plan(&state, secs(55));
         assert!(p.actions.is_empty(), "{p:?}");
         assert_eq!(p.wake_at, Some(secs(60)));
+    }
+
+    /// After a brain restart, a cell's instances are the store's
+    /// placements, assumed running, until the cell reports: a placement
+    /// recorded just before the brain died may never have reached the cell,
+    /// and a copy stopped just before may still be stopping. Deciding on
+    /// them as soon as the cell connects stopped the slot's real copy as a
+    /// duplicate of the phantom one (the brain kill -9 fault test).
+    #[test]
+    fn nothing_is_stopped_or_preferred_on_a_cell_until_it_has_reported() {
+        let real = inst("w0-real", "c1", "web", 0, 3);
+        let later = inst("w0-later", "c2", "web", 0, 9);
+        let scaled = inst("w1", "c2", "web", 1, 4);
+        let mut state = ClusterState {
+            desired: vec![desired("web", 1)],
+            actual: vec![real.clone(), later.clone(), scaled.clone()],
+            cells: vec![
+                connected("c1"),
+                CellStatus {
+                    reported: false,
+                    ..connected("c2")
+                },
+            ],
+            ..ClusterState::default()
+        };
+        let p = plan(&state, secs(100));
+        assert!(p.actions.is_empty(), "{p:?}");
+        assert_eq!(p.wake_at, None, "a connected cell has no grace to end");
+        // Its report: the later placement never arrived; the scaled-down
+        // copy runs. The real copy is kept, the extra one stopped.
+        state.cells[1].reported = true;
+        state.actual.retain(|i| i.id != later.id);
+        assert_eq!(
+            plan(&state, secs(101)).actions,
+            [stop_of(&scaled, StopReason::ScaledDown)]
+        );
+        // Had the later placement arrived and run, it would be the one kept.
+        state.actual.push(later);
+        assert_eq!(
+            plan(&state, secs(102)).actions,
+            [
+                stop_of(
+                    &real,
+                    StopReason::Duplicate {
+                        kept: id("w0-later")
+                    }
+                ),
+                stop_of(&scaled, StopReason::ScaledDown),
+            ]
+        );
     }
 
     #[test]
@@ -937,8 +998,14 @@ mod tests {
     }
 
     fn arb_state() -> impl Strategy<Value = ClusterState> {
-        let cells =
-            proptest::collection::vec((arb_liveness(), proptest::bool::weighted(0.25)), CELLS - 1);
+        let cells = proptest::collection::vec(
+            (
+                arb_liveness(),
+                proptest::bool::weighted(0.25),
+                proptest::bool::weighted(0.8),
+            ),
+            CELLS - 1,
+        );
         let desired = proptest::collection::vec((any::<bool>(), 0u32..5, 1u64..3), APPS.len());
         let states = proptest::sample::select(InstanceState::ALL.to_vec());
         let actual = proptest::collection::vec(
@@ -961,11 +1028,12 @@ mod tests {
                 let mut state = ClusterState::default();
                 // c0 is always connected and open, so starts can land.
                 state.cells.push(connected("c0"));
-                for (i, (liveness, draining)) in cells.into_iter().enumerate() {
+                for (i, (liveness, draining, reported)) in cells.into_iter().enumerate() {
                     state.cells.push(CellStatus {
                         id: cell_id(&format!("c{}", i + 1)),
                         liveness,
                         draining,
+                        reported,
                     });
                 }
                 for (i, (on, instances, version)) in desired.into_iter().enumerate() {
@@ -1023,8 +1091,9 @@ mod tests {
         state.cells.iter().find(|c| c.id == *id)
     }
 
+    /// Connected and reported: a cell the brain acts on.
     fn is_connected(state: &ClusterState, id: &CellId) -> bool {
-        cell_of(state, id).is_some_and(|c| c.liveness == Liveness::Connected)
+        cell_of(state, id).is_some_and(|c| c.liveness == Liveness::Connected && c.reported)
     }
 
     fn not_gone(state: &ClusterState, id: &CellId, now: Time) -> bool {
@@ -1160,7 +1229,10 @@ mod tests {
     enum Ev {
         Crash(usize),
         Disconnect(usize),
+        /// Connects again; what it runs is reported later.
         Reconnect(usize),
+        /// A connected cell reports what it runs (its snapshot).
+        Report(usize),
         ToggleDrain(usize),
         Scale(usize, u32),
         Update(usize),
@@ -1175,6 +1247,7 @@ mod tests {
             3 => (0usize..64).prop_map(Ev::Crash),
             1 => (1usize..CELLS).prop_map(Ev::Disconnect),
             1 => (1usize..CELLS).prop_map(Ev::Reconnect),
+            1 => (1usize..CELLS).prop_map(Ev::Report),
             1 => (1usize..CELLS).prop_map(Ev::ToggleDrain),
             2 => (0usize..3, 0u32..6).prop_map(|(a, n)| Ev::Scale(a, n)),
             1 => (0usize..3).prop_map(Ev::Update),
@@ -1237,7 +1310,17 @@ mod tests {
                         c.liveness = Liveness::Disconnected { last_seen: now };
                     }
                 }
-                Ev::Reconnect(n) => self.cell_mut(n).liveness = Liveness::Connected,
+                Ev::Reconnect(n) => {
+                    let c = self.cell_mut(n);
+                    c.liveness = Liveness::Connected;
+                    c.reported = false;
+                }
+                Ev::Report(n) => {
+                    let c = self.cell_mut(n);
+                    if c.liveness == Liveness::Connected {
+                        c.reported = true;
+                    }
+                }
                 Ev::ToggleDrain(n) => {
                     let c = self.cell_mut(n);
                     c.draining = !c.draining;
@@ -1521,6 +1604,12 @@ mod tests {
         sim.quiesce()?;
         sim.check_converged()?;
         sim.event(&Ev::Reconnect(1));
+        let p = sim.round()?;
+        assert!(
+            !p.actions.iter().any(|a| matches!(a, Action::Stop { .. })),
+            "stopped before c1 reported: {p:?}"
+        );
+        sim.event(&Ev::Report(1));
         sim.quiesce()?;
         sim.check_converged()?;
         for id in &on_c1 {
@@ -1577,6 +1666,10 @@ mod tests {
                 for c in &mut sim.state.cells {
                     c.liveness = Liveness::Connected;
                 }
+            }
+            // Every connected cell's report arrives.
+            for c in &mut sim.state.cells {
+                c.reported |= c.liveness == Liveness::Connected;
             }
             sim.quiesce()?;
             sim.check_converged()?;
