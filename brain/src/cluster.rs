@@ -674,8 +674,9 @@ impl Cluster {
         let state = info.state;
         let kind = info.kind;
         let exit_code = info.exit_code;
-        // Reported: its capacity is in the cell's `available` now.
-        release(&mut self.tally, cell, &id);
+        // Reported: its capacity is in the cell's `available` now, so its
+        // hold is released (after counting the instance itself, so that
+        // the app's count on the cell does not drop to zero and come back).
         let (old_state, changed) = match cell.instances.get_mut(&id) {
             // The same instance in a new state, or reported again: the
             // common case (starting, then running), updated in place.
@@ -703,6 +704,7 @@ impl Cluster {
                 }
                 let reason = info.reason.clone();
                 o.info = info;
+                release(&mut self.tally, cell, &id);
                 (Some(old_state), changed.then_some(reason))
             }
             _ => {
@@ -714,6 +716,7 @@ impl Cluster {
                 };
                 let reason = info.reason.clone();
                 tally(&mut self.tally, cell, &info, true);
+                release(&mut self.tally, cell, &id);
                 if let Some(o) = cell.instances.get(&id) {
                     self.by_slot.remove(&o.info, cell_id);
                 }

@@ -549,7 +549,9 @@ impl Changed {
 /// An item waiting for an auction, and the cells that refused it.
 struct Queued {
     item: WorkItem,
-    spec: corral_proto::InstanceSpec,
+    /// Boxed: a queued start is moved several times on its way to a cell
+    /// (queue, round, offer, acceptance), and the spec is most of its size.
+    spec: Box<corral_proto::InstanceSpec>,
     slot: Option<(LrpKey, u64)>,
     refused_by: BTreeSet<CellId>,
 }
@@ -1325,7 +1327,7 @@ impl Loop {
         );
         self.queue.push_back(Queued {
             item,
-            spec,
+            spec: Box::new(spec),
             slot: Some((slot, version)),
             refused_by: BTreeSet::new(),
         });
@@ -1343,7 +1345,7 @@ impl Loop {
             self.cluster.pending_tasks.insert(task, now);
             self.queue.push_back(Queued {
                 item,
-                spec,
+                spec: Box::new(spec),
                 slot: None,
                 refused_by: BTreeSet::new(),
             });
@@ -1653,7 +1655,7 @@ impl Loop {
                 Message::StartWork(StartWork {
                     request,
                     id: q.item.id,
-                    spec: q.spec,
+                    spec: *q.spec,
                 }),
             );
         }
