@@ -743,14 +743,30 @@ impl Cluster {
         };
         match kind {
             InstanceKind::Lrp => {
-                // The slot's only instance going from starting to running
-                // changes no decision (both are live; with no other copy,
-                // there is nothing to stop): convergence saw the slot when
-                // the instance appeared.
+                // Two reports change no decision when the instance is the
+                // slot's only one (both states are live; with no other
+                // copy, there is nothing to stop or prefer):
+                // - it goes from starting to running;
+                // - it is the start the brain asked for, of the version
+                //   the app wants, for a slot the app still has, arriving
+                //   live on a cell that is not draining.
+                // Convergence would plan nothing for the slot (its safety
+                // sweep still looks at every slot).
                 let alone = self.by_slot.0.get(&slot).is_some_and(|ids| ids.len() == 1);
                 let started =
                     old_state == Some(InstanceState::Starting) && state == InstanceState::Running;
-                if !(alone && started) {
+                let live = matches!(state, InstanceState::Starting | InstanceState::Running);
+                let arrived = old_state.is_none()
+                    && live
+                    && self.pending.get(&slot).is_some_and(|p| {
+                        p.id == id
+                            && self
+                                .apps
+                                .get(&slot.app)
+                                .is_some_and(|a| slot.index < a.instances && a.version == p.version)
+                    })
+                    && self.cells.get(cell_id).is_some_and(|c| !c.draining);
+                if !(alone && (started || arrived)) {
                     self.touched.slots.insert(slot.clone());
                 }
                 if self.pending.get(&slot).is_some_and(|p| p.id == id) {
@@ -1431,6 +1447,69 @@ mod tests {
             starting.insert(id.clone(), n);
         }
         (tally, starting, by_slot)
+    }
+
+    #[test]
+    fn the_start_asked_for_arriving_as_asked_touches_nothing_and_anything_else_does() {
+        let cfg = ConvergeConfig::default();
+        // (pending id matches, app instances, pending version offset, draining)
+        let cases = [
+            (true, 2, 0, false, false),
+            (false, 2, 0, false, true),
+            (true, 1, 0, false, true),
+            (true, 2, 1, false, true),
+            (true, 2, 0, true, true),
+        ];
+        for (same_id, instances, stale, draining, touched) in cases {
+            let mut c = Cluster::restore(
+                BackoffConfig::default(),
+                Snapshot {
+                    apps: vec![app("a0", instances)],
+                    ..Snapshot::default()
+                },
+                Time::ZERO,
+                Timestamp(1),
+            );
+            let cell = cell_id("c0");
+            c.connect(&hello("c0", "10.244.0.0/24", "10.99.0.2"), Timestamp(1));
+            c.apply_snapshot(&cell, snapshot(0, vec![]), Time::ZERO, Timestamp(1))
+                .unwrap();
+            c.set_draining(&cell, draining);
+            let key = app("a0", 1).key();
+            let slot = LrpKey::new(key.clone(), 1);
+            let version = c.apps[&key].version + stale;
+            let asked = if same_id { "a0-1-x" } else { "a0-1-y" };
+            c.pending.insert(
+                slot.clone(),
+                Pending {
+                    id: InstanceId::new(asked).unwrap(),
+                    version,
+                    since: Time::ZERO,
+                },
+            );
+            c.placements.insert(
+                InstanceId::new("a0-1-x").unwrap(),
+                placement("a0-1-x", "c0", "a0", 1, 1),
+            );
+            c.take_touched();
+            let delta = StateDelta {
+                seq: 1,
+                available: Capacity::default(),
+                changes: vec![StateChange::Upsert {
+                    instance: info("a0-1-x", "a0", 1, InstanceState::Starting, None),
+                }],
+            };
+            let now = Time::from_secs(1);
+            c.apply_delta(&cell, delta, now, Timestamp(2)).unwrap();
+            let case = (same_id, instances, stale, draining);
+            assert_eq!(c.take_touched().slots.contains(&slot), touched, "{case:?}");
+            if !touched {
+                // What a pass over the slot would have planned: nothing.
+                let slots = [slot.clone()].into();
+                let plan = converge_slots(&cfg, &c.converge_state_for(&slots), now, Some(&slots));
+                assert!(plan.actions.is_empty(), "{case:?}: {:?}", plan.actions);
+            }
+        }
     }
 
     #[test]
