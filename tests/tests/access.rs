@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::Cell;
+use common::{in_netns, Cell};
 use corral_cli::client::{Client, Endpoint};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -21,23 +21,6 @@ fn cli_bin() -> PathBuf {
     std::env::var_os("CORRAL_CLI_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| common::workspace().join("target/debug/corral"))
-}
-
-/// Runs `f` on a thread that entered the network namespace `netns`, so
-/// that sockets it opens live there (the agent's 127.0.0.1).
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let ns = std::fs::File::open(format!("/run/netns/{netns}")).unwrap();
-    std::thread::spawn(move || {
-        use std::os::fd::AsRawFd;
-        // SAFETY: setns on a valid namespace fd; it changes only this
-        // thread, which ends after `f`.
-        #[allow(unsafe_code)]
-        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// The CLI as uid/gid 65534 without supplementary groups.

@@ -1,9 +1,11 @@
 //! `cargo xtask bench scrape`: what a Prometheus scrape of a busy cell
-//! costs. One cell agent (the sandbox of `bench start`) runs 250
-//! long-running instances; `/metrics` is fetched over TCP from its metrics
-//! listener, as Prometheus does, and timed; the agent's memory and CPU are
-//! read from /proc while it idles and while it is scraped. Reports numbers;
-//! asserts nothing about them.
+//! costs, and what the agent's API answers cost beside it. One cell agent
+//! (the sandbox of `bench start`) runs 250 long-running instances;
+//! `/metrics` is fetched over TCP from its metrics listener, as Prometheus
+//! does, the instance list and single instances over the API's unix
+//! socket, as the CLI does, each timed; the agent's memory and CPU are read
+//! from /proc while it idles and while it answers. Reports numbers; asserts
+//! nothing about them (`tests/tests/scale.rs` checks the answers).
 
 use std::fs;
 use std::io::{Read, Write};
@@ -15,6 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::bench::{self, Timings};
+use crate::http::{Client, Response};
 use crate::sandbox::{self, Capacity, Sandbox, Spec};
 use crate::util::{is_root, step, workspace_root};
 use crate::{deps, rootfs};
@@ -22,6 +25,11 @@ use crate::{deps, rootfs};
 const INSTANCES: usize = 250;
 const SCRAPES: usize = 200;
 const BASELINE_SCRAPES: usize = 50;
+/// `GET /v1/instances` requests with 250 instances (and with none).
+const LISTS: usize = 200;
+/// `GET /v1/instances/{id}` requests, over the instances in turn (enough
+/// for the agent's CPU time, counted in 10 ms ticks, to say something).
+const GETS: usize = 2500;
 const IDLE: Duration = Duration::from_secs(10);
 const CLIENTS: usize = 8;
 /// The sandbox agent's `[metrics] listen`, inside its network namespace.
@@ -62,6 +70,15 @@ pub fn run() -> Result<()> {
         &format!("{BASELINE_SCRAPES} scrapes with no instances"),
         || scrapes(&sandbox, pid, BASELINE_SCRAPES),
     )?;
+    let empty_list = step(
+        &format!("{BASELINE_SCRAPES} GET /v1/instances with no instances"),
+        || {
+            let list = |_| "/v1/instances".to_owned();
+            requests(&sandbox.client, pid, BASELINE_SCRAPES, list, |r| {
+                listed(r, 0)
+            })
+        },
+    )?;
 
     let api = &sandbox.client;
     let (ids, started) = step(&format!("starting {INSTANCES} LRPs"), || {
@@ -82,15 +99,39 @@ pub fn run() -> Result<()> {
         let busy = step(&format!("{SCRAPES} scrapes with {INSTANCES} LRPs"), || {
             scrapes(&sandbox, pid, SCRAPES)
         })?;
-        Ok((idle, busy))
+        let lists = step(
+            &format!("{LISTS} GET /v1/instances with {INSTANCES} LRPs"),
+            || {
+                let list = |_| "/v1/instances".to_owned();
+                requests(api, pid, LISTS, list, |r| listed(r, INSTANCES))
+            },
+        )?;
+        let gets = step(
+            &format!("{GETS} GET /v1/instances/{{id}} with {INSTANCES} LRPs"),
+            || {
+                let one = |i: usize| format!("/v1/instances/{}", ids[i % ids.len()]);
+                requests(api, pid, GETS, one, running)
+            },
+        )?;
+        Ok(Measured {
+            starts: t,
+            idle,
+            scrapes: busy,
+            lists,
+            gets,
+            delete_wall: Duration::ZERO,
+        })
     });
     println!("deleting {INSTANCES} LRPs (each waits out the 1 s stop grace period)");
+    let t = Instant::now();
     let deleted = bench::delete_all(api, &ids);
-    let (idle, busy) = measured?;
+    let delete_wall = t.elapsed();
+    let mut measured = measured?;
     deleted?;
     drop(sandbox);
 
-    let report = report(&agent_bin, &baseline, &busy, &idle);
+    measured.delete_wall = delete_wall;
+    let report = report(&agent_bin, &baseline, &empty_list, &measured);
     println!("\n{report}");
     let path = workspace_root().join("docs/benchmarks.md");
     bench::append_report(&path, &report)?;
@@ -105,6 +146,85 @@ struct Scrapes {
     bytes: usize,
     instance_series: usize,
     agent_cpu: Duration,
+}
+
+/// Everything measured with the instances running.
+struct Measured {
+    starts: Timings,
+    idle: Idle,
+    scrapes: Scrapes,
+    lists: Requests,
+    gets: Requests,
+    /// How long deleting them all took (filled in once done).
+    delete_wall: Duration,
+}
+
+/// A series of API requests: latencies, the last body's size and the
+/// agent's CPU time over them.
+struct Requests {
+    timings: Timings,
+    bytes: usize,
+    agent_cpu: Duration,
+}
+
+/// `n` requests `GET path(i)`, one after the other, each on a new
+/// connection and timed to its last byte; `check` then looks at the answer
+/// (untimed).
+fn requests(
+    api: &Client,
+    pid: i32,
+    n: usize,
+    path: impl Fn(usize) -> String,
+    check: impl Fn(&Response) -> Result<()>,
+) -> Result<Requests> {
+    let before = cpu_time(pid)?;
+    let start = Instant::now();
+    let mut latencies = Vec::with_capacity(n);
+    let mut bytes = 0;
+    for i in 0..n {
+        let t = Instant::now();
+        let r = api.get(&path(i))?;
+        latencies.push(t.elapsed());
+        let r = r.ok()?;
+        check(&r)?;
+        bytes = r.body.len();
+    }
+    let timings = Timings::new(latencies, start.elapsed());
+    let agent_cpu = cpu_time(pid)?.saturating_sub(before);
+    println!(
+        "p50 {}, p99 {}, {bytes} bytes, agent CPU {} per request",
+        ms2(timings.percentile(50.0)),
+        ms2(timings.percentile(99.0)),
+        ms2(agent_cpu / u32::try_from(n.max(1))?),
+    );
+    Ok(Requests {
+        timings,
+        bytes,
+        agent_cpu,
+    })
+}
+
+/// API answers take tenths of a millisecond: two decimals.
+fn ms2(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// An instance list that holds `expected` instances.
+fn listed(r: &Response, expected: usize) -> Result<()> {
+    let n = r.json()?["instances"].as_array().map_or(0, Vec::len);
+    if n != expected {
+        bail!("{} listed {n} instances, not {expected}", r.request);
+    }
+    Ok(())
+}
+
+/// An instance that is running.
+fn running(r: &Response) -> Result<()> {
+    let state = r.json()?["state"].clone();
+    if state != "running" {
+        bail!("{}: the instance is {state}, not running", r.request);
+    }
+    Ok(())
 }
 
 /// The agent's resident memory and CPU use over [`IDLE`].
@@ -226,7 +346,13 @@ fn parse_cpu_ticks(stat: &str) -> Option<u64> {
     Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
-fn report(agent_bin: &Path, baseline: &Scrapes, busy: &Scrapes, idle: &Idle) -> String {
+fn report(
+    agent_bin: &Path,
+    baseline: &Scrapes,
+    empty_list: &Requests,
+    measured: &Measured,
+) -> String {
+    let (busy, idle) = (&measured.scrapes, &measured.idle);
     let m = bench::machine();
     let root = workspace_root();
     let agent = agent_bin.strip_prefix(&root).unwrap_or(agent_bin).display();
@@ -265,6 +391,46 @@ fn report(agent_bin: &Path, baseline: &Scrapes, busy: &Scrapes, idle: &Idle) -> 
             bench::ms(s.agent_cpu / n),
         ));
     }
+    out.push_str(
+        "\nThe agent's API over its unix socket (as the CLI uses it), one request \
+         at a time, each a new connection:\n\n\
+         | request | p50 | p99 | max | mean | size | agent CPU per request |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n",
+    );
+    let rows = [
+        (
+            format!("`GET /v1/instances`, no instances ({BASELINE_SCRAPES} requests)"),
+            empty_list,
+        ),
+        (
+            format!("`GET /v1/instances`, {INSTANCES} instances ({LISTS} requests)"),
+            &measured.lists,
+        ),
+        (
+            format!("`GET /v1/instances/{{id}}`, {INSTANCES} instances ({GETS} requests)"),
+            &measured.gets,
+        ),
+    ];
+    for (label, r) in rows {
+        let n = u32::try_from(r.timings.latencies.len().max(1)).unwrap_or(u32::MAX);
+        out.push_str(&format!(
+            "| {label} | {} | {} | {} | {} | {:.1} KiB | {} |\n",
+            ms2(r.timings.percentile(50.0)),
+            ms2(r.timings.percentile(99.0)),
+            ms2(r.timings.percentile(100.0)),
+            ms2(r.timings.mean()),
+            r.bytes as f64 / 1024.0,
+            ms2(r.agent_cpu / n),
+        ));
+    }
+    out.push_str(&format!(
+        "\n{INSTANCES} LRPs started in {:.1} s from {CLIENTS} clients (PUT p50 {}, p99 {}); \
+         deleted in {:.1} s.\n",
+        measured.starts.wall.as_secs_f64(),
+        bench::ms(measured.starts.percentile(50.0)),
+        bench::ms(measured.starts.percentile(99.0)),
+        measured.delete_wall.as_secs_f64(),
+    ));
     out.push_str(&format!(
         "\n| corral-agent with {INSTANCES} instances, idle for {} s (no scrapes) | |\n\
          |---|---:|\n\

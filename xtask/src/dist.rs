@@ -96,11 +96,12 @@ pub fn run(args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Stages and builds the package from `target/<profile>`; returns its path
+/// Stages and builds the package from `target/<profile>` (the target
+/// directory cargo uses: `$CARGO_TARGET_DIR` when set); returns its path
 /// (`target/corral_<version>_<arch>.deb`, `-debug` added for a debug build).
 pub fn package(profile: &str) -> Result<PathBuf> {
     let root = workspace_root();
-    let target = root.join("target");
+    let target = util::target_dir();
     let version = env!("CARGO_PKG_VERSION");
     let arch = util::output(Command::new("dpkg").arg("--print-architecture"))?
         .trim()

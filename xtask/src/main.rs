@@ -40,9 +40,9 @@ commands:
                        show what it does (root)
   bench start          benchmark instance start latency against runc and
                        measure memory; appends to docs/benchmarks.md (root)
-  bench scrape         time GET /metrics of a cell running 250 instances, and
-                       the agent's memory and CPU with them; appends to
-                       docs/benchmarks.md (root)
+  bench scrape         time GET /metrics and the instance API (list, one) of
+                       a cell running 250 instances, and the agent's memory
+                       and CPU with them; appends to docs/benchmarks.md (root)
   bench auction [OPTS] the brain's auction core in process: 100,000 instances
                        on 1,000 simulated cells (--cells --instances --batch
                        --seed --starting-weight --app-penalty --no-round-share

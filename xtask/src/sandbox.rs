@@ -46,7 +46,8 @@ pub struct Spec {
 }
 
 /// The agent binary to run: `$CORRAL_AGENT_BIN` (as for the privileged
-/// tests), used as it is, or the workspace's own build for `profile`, built
+/// tests), used as it is, or the workspace's own build for `profile` (in
+/// `$CARGO_TARGET_DIR` when set, as cargo builds it), built
 /// first with `cargo build <build_args>`.
 pub fn build_agent(profile: &str, build_args: &[&str]) -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("CORRAL_AGENT_BIN") {
@@ -60,10 +61,7 @@ pub fn build_agent(profile: &str, build_args: &[&str]) -> Result<PathBuf> {
     util::step(&format!("building the workspace ({profile})"), || {
         util::run(util::cargo().arg("build").args(build_args))
     })?;
-    Ok(util::workspace_root()
-        .join("target")
-        .join(profile)
-        .join("corral-agent"))
+    Ok(util::target_dir().join(profile).join("corral-agent"))
 }
 
 pub struct Sandbox {

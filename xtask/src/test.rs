@@ -56,7 +56,7 @@ pub fn run(args: &[String]) -> Result<()> {
     if unit_only {
         println!("\n--unit: skipped the privileged end-to-end tests");
     } else {
-        let target = workspace_root().join("target/debug");
+        let target = util::target_dir().join("debug");
         let tests_dir = workspace_root().join("tests/tests");
         let (file, extra) = test_file(extra, |name| tests_dir.join(format!("{name}.rs")).is_file());
         step("privileged end-to-end tests", || {

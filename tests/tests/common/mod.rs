@@ -76,6 +76,31 @@ pub fn wait_with_timeout(mut child: Child, limit: Duration) -> std::process::Out
     child.wait_with_output().unwrap()
 }
 
+/// Runs `f` on a thread of its own that entered the network namespace
+/// `netns` (a name under /run/netns), so that the sockets it opens live
+/// there (a cell's 127.0.0.1). Only that thread changes namespace.
+pub fn spawn_in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    let ns = std::fs::File::open(format!("/run/netns/{netns}"))
+        .unwrap_or_else(|e| panic!("open /run/netns/{netns}: {e}"));
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid namespace fd; it changes only this
+        // thread, which ends after `f`.
+        #[allow(unsafe_code)]
+        let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// [`spawn_in_netns`], waiting for its result.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    spawn_in_netns(netns, f).join().unwrap()
+}
+
 /// An instance spec with the busybox rootfs.
 pub fn spec(kind: &str, command: &[&str]) -> Value {
     json!({
