@@ -116,7 +116,6 @@ pub fn become_release_xtask(build: &[&str], args: &[String]) -> Result<()> {
 
 /// `$CARGO_TARGET_DIR` (as cargo resolves it from the workspace root) or
 /// the workspace's `target`.
-#[cfg(feature = "ebpf")]
 pub fn target_dir() -> PathBuf {
     match std::env::var_os("CARGO_TARGET_DIR") {
         Some(dir) => workspace_root().join(dir),
