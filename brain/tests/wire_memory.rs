@@ -130,6 +130,37 @@ fn a_lying_length_prefix_costs_only_the_bytes_that_arrived() {
     assert!(peak <= 256, "peak {peak} bytes");
 }
 
+/// A list inside a message whose length prefix lies: 600 arguments
+/// claimed, with as many bytes after it (the decoder believes a length only
+/// when that many bytes remain), but the first argument is longer than the
+/// frame. serde's own `Vec` preallocated the 600 `String`s (14 KiB) on the
+/// word of the prefix, found by the property test below (13.5 KiB for a
+/// 318-byte input); the decoder's lists preallocate at most 64 elements.
+#[test]
+fn a_lying_list_length_inside_a_message_preallocates_little() {
+    let msg = Message::StartWork(StartWork {
+        request: RequestId(1),
+        id: InstanceId::new("i").unwrap(),
+        spec: spec(),
+    });
+    let frame = encode(&msg).unwrap();
+    let payload = &frame[LEN_PREFIX..];
+    // rootfs "/r", then the command: one argument, "x".
+    let at = payload
+        .windows(6)
+        .position(|w| w == [2, b'/', b'r', 1, 1, b'x'])
+        .expect("the command follows the rootfs");
+    let mut lying = payload[..at + 3].to_vec();
+    lying.extend_from_slice(&[0xd8, 0x04]); // varint 600
+    lying.extend_from_slice(&[0xff, 0xff, 0x03]); // an argument of 65,535 bytes
+    lying.extend_from_slice(&[b'y'; 600]);
+    let mut bytes = (lying.len() as u32).to_be_bytes().to_vec();
+    bytes.extend_from_slice(&lying);
+    let (n, peak) = peak_during(|| drain(&bytes, bytes.len()));
+    assert_eq!(n, 0, "the frame cannot decode");
+    assert!(peak <= 4096, "peak {peak} bytes for {} bytes", bytes.len());
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: 512,

@@ -65,11 +65,12 @@ pub struct InstanceSpec {
     pub kind: InstanceKind,
     /// Absolute path of a root filesystem directory on the cell, used read-only.
     pub rootfs: String,
+    #[serde(deserialize_with = "crate::wire::serde_util::capped_vec")]
     pub command: Vec<String>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     pub resources: Resources,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::wire::serde_util::capped_vec")]
     pub ports: Vec<u16>,
     /// What makes the instance ready for traffic; absent: running is ready.
     #[serde(default)]
@@ -367,6 +368,7 @@ pub struct InstanceInfo {
     pub finished_at: Option<Timestamp>,
     pub reason: Option<String>,
     pub resources: Resources,
+    #[serde(deserialize_with = "crate::wire::serde_util::capped_vec")]
     pub ports: Vec<u16>,
     /// The instance's IPv4 address on the cell network, once wired up.
     #[serde(default)]

@@ -159,9 +159,11 @@ pub struct Service {
     pub vip: Ipv4Addr,
     pub tenant: TenantId,
     pub app: AppId,
+    #[serde(deserialize_with = "crate::wire::serde_util::capped_vec")]
     pub ports: Vec<PortSpec>,
     /// The addresses of the app's ready instances, anywhere in the cluster,
     /// sorted; each listens on every port of `ports`.
+    #[serde(deserialize_with = "crate::wire::serde_util::capped_vec")]
     pub backends: Vec<Ipv4Addr>,
 }
 

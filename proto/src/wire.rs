@@ -63,7 +63,7 @@ use std::time::Duration;
 #[path = "wire_codec.rs"]
 mod codec;
 #[path = "wire_serde.rs"]
-mod serde_util;
+pub(crate) mod serde_util;
 
 pub use codec::{
     check_chosen_version, encode, encode_into, negotiate, FrameDecoder, WireError, LEN_PREFIX,

@@ -49,6 +49,21 @@ where
     d.deserialize_seq(Bounded::<T, N>(PhantomData))
 }
 
+/// A `Vec` of any length, preallocated no more than [`bounded_vec`]'s: for
+/// lists whose bound is checked after decoding (an instance spec's
+/// `validate` reports every problem at once), so that a length prefix
+/// lying inside a small frame costs no more memory than the elements that
+/// actually arrive. serde's own `Vec` preallocates up to 1 MiB on the word
+/// of the prefix (found by the decoder's memory test: 13.5 KiB for a
+/// 124-byte frame).
+pub(crate) fn capped_vec<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    bounded_vec::<D, T, { usize::MAX }>(d)
+}
+
 /// A set of at most `N` elements (duplicates on the wire count).
 pub(super) fn bounded_set<'de, D, T, const N: usize>(d: D) -> Result<BTreeSet<T>, D::Error>
 where
@@ -114,7 +129,9 @@ struct Record {
     reason: Option<String>,
     resources: Resources,
     // Each port is at least one byte on the wire and two in memory: no
-    // amplification worth a bound beyond the frame's.
+    // amplification worth a bound beyond the frame's, once the
+    // preallocation is capped.
+    #[serde(deserialize_with = "capped_vec")]
     ports: Vec<u16>,
     address: Option<Ipv4Addr>,
     ready: bool,

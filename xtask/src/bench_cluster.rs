@@ -565,9 +565,7 @@ fn brain_binary() -> Result<PathBuf> {
         "--bin",
         "corral-brain",
     ]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| util::workspace_root().join("target"), PathBuf::from);
-    Ok(target.join("release/corral-brain"))
+    Ok(util::target_dir().join("release/corral-brain"))
 }
 
 // ---------------------------------------------------------------------------
