@@ -1411,6 +1411,17 @@ mod tests {
         }
     }
 
+    /// A small seeded generator: `next(n)` is below `n`.
+    fn below(seed: u64) -> impl FnMut(u64) -> u64 {
+        let mut rng = seed;
+        move |n| {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (rng >> 33) % n
+        }
+    }
+
     /// The slot an action is about, if any.
     fn action_slot(a: &Action) -> Option<&LrpKey> {
         match a {
@@ -1522,13 +1533,7 @@ mod tests {
             InstanceState::Exited,
         ];
         for seed in 0..300u64 {
-            let mut rng = seed;
-            let mut next = |n: u64| {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (rng >> 33) % n
-            };
+            let mut next = below(seed);
             let mut c = Cluster::restore(
                 BackoffConfig::default(),
                 Snapshot {
@@ -1605,13 +1610,7 @@ mod tests {
             InstanceState::Exited,
         ];
         for seed in 0..200u64 {
-            let mut rng = seed;
-            let mut next = |n: u64| {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                (rng >> 33) % n
-            };
+            let mut next = below(seed);
             let mut apps = Vec::new();
             for a in 0..4 {
                 if next(5) > 0 {
