@@ -1529,7 +1529,6 @@ impl Loop {
                 BidOutcome::Score(_) => None,
             })
             .collect();
-        let wall = self.clock.wall();
         let mut accepted = Vec::new();
         for mut q in items {
             if let Some(r) = refusals.get(&q.item.id) {
@@ -1542,7 +1541,6 @@ impl Loop {
                 accepted.push(q);
             }
         }
-        let _ = wall;
         if !accepted.is_empty() {
             self.accepted.push((cell.clone(), accepted));
         }
