@@ -3,7 +3,8 @@
 //! nothing); `corral-brain certs` makes the cluster CA and issues cell and
 //! brain certificates.
 //!
-//! Exit codes: 0 success, 1 failure, 2 bad usage.
+//! Exit codes: 0 success, 1 failure, 2 bad usage or a configuration that
+//! cannot work (the file, its certificates, the unit's settings).
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
@@ -124,9 +125,31 @@ fn main() -> ExitCode {
         Err(e) => {
             // Our errors carry their causes in their messages already.
             eprintln!("corral-brain: {e}");
-            ExitCode::FAILURE
+            if e.downcast_ref::<BadConfig>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
+}
+
+/// A configuration (the file, its certificates, or the unit's settings)
+/// that cannot work: exit code 2, which the systemd unit does not restart
+/// (`RestartPreventExitStatus=2`), as for the agent.
+#[derive(Debug)]
+struct BadConfig(anyhow::Error);
+
+impl std::fmt::Display for BadConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BadConfig {}
+
+fn bad_config(e: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::Error::new(BadConfig(e.into()))
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -160,21 +183,22 @@ fn init_tracing() {
 fn run_brain(path: &Path, check: bool) -> Result<()> {
     // Read (and removed from the environment) while single-threaded; a
     // unit that asks for something impossible stops the start here.
-    let notifier = Notifier::take_from_env("corral-brain", MIN_WATCHDOG)?;
-    let config = Config::load(path, &hostname())?;
+    let notifier = Notifier::take_from_env("corral-brain", MIN_WATCHDOG).map_err(bad_config)?;
+    let config = Config::load(path, &hostname()).map_err(bad_config)?;
     if check {
         let creds = corral_brain::tls::Credentials::from_files(
             &config.tls.ca,
             &config.tls.cert,
             &config.tls.key,
-        )?;
+        )
+        .map_err(bad_config)?;
         let me = PeerIdentity::Brain(config.brain_id.clone());
         if creds.identity() != &me {
-            bail!(
+            return Err(bad_config(anyhow::anyhow!(
                 "{} is a certificate for {}, not for {me}",
                 config.tls.cert.display(),
                 creds.identity()
-            );
+            )));
         }
         println!(
             "{}: configuration and certificates are valid",

@@ -102,8 +102,9 @@ fn the_brain_checks_its_configuration_before_running() {
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("--config"), "{}", stderr(&o));
 
+    // A configuration that cannot work exits 2 (the unit does not restart).
     let o = brain(&["--config", "/nonexistent/brain.toml", "--check"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(
         stderr(&o).contains("/nonexistent/brain.toml"),
         "{}",
@@ -141,12 +142,17 @@ fn the_brain_checks_its_configuration_before_running() {
     // Another brain's certificate.
     let wrong = config("b2", "");
     let o = brain(&["--config", wrong.to_str().unwrap(), "--check"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("not for brain b1"), "{}", stderr(&o));
 
     // Unknown keys and bad values, all reported at once.
     let bad = config("b1", "cell_lost_grace = 3\n[quic]\nlisten = \"nowhere\"");
     let o = brain(&["--config", bad.to_str().unwrap(), "--check"]);
-    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("cell_lost_grace"), "{}", stderr(&o));
+    // Started for real (as systemd does), the same: exit 2, nothing made.
+    let o = brain(&["--config", bad.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("cell_lost_grace"), "{}", stderr(&o));
+    assert!(!d.join("data").exists());
 }
