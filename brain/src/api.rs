@@ -556,6 +556,14 @@ fn visible(principal: &Principal, tenant: &TenantId) -> bool {
     }
 }
 
+/// Whether the principal may see a change on the event stream.
+fn sees(principal: &Principal, change: &ChangeEvent) -> bool {
+    match principal {
+        Principal::Admin => true,
+        Principal::Tenant(own) => change.concerns(own),
+    }
+}
+
 /// Finds the app `name` the principal may see. Whether it is missing or
 /// belongs to another tenant, a tenant token gets the same 404.
 async fn find_app(
@@ -1087,7 +1095,7 @@ fn events(
             }
             let frame = tokio::select! {
                 r = rx.recv() => match r {
-                    Ok(ev) if visible(&who, ev.tenant()) => sse_frame(&ev),
+                    Ok(ev) if sees(&who, &ev) => sse_frame(&ev),
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Lagged(n)) => Bytes::from(format!(
                         "event: lagged\ndata: {{\"missed\":{n}}}\n\n"

@@ -670,16 +670,28 @@ impl ChangeEvent {
         }
     }
 
-    /// The tenant the change belongs to (who may see it).
+    /// The tenant the change belongs to: the app's or task's, or for a
+    /// policy the tenant whose instances it opens.
     pub fn tenant(&self) -> &TenantId {
         match self {
             Self::AppCreated { app, .. } | Self::AppUpdated { app, .. } => &app.tenant,
             Self::AppDeleted { tenant, .. } => tenant,
             Self::TaskCreated { task, .. } | Self::TaskUpdated { task, .. } => &task.tenant,
-            // The tenant whose instances the policy opens.
             Self::PolicyCreated { policy, .. } | Self::PolicyDeleted { policy, .. } => {
                 &policy.rule.to
             }
+        }
+    }
+
+    /// Whether `tenant` may see the change: its own apps and tasks, and
+    /// the policies that name it on either side (as `GET /v1/policies`
+    /// lists them).
+    pub fn concerns(&self, tenant: &TenantId) -> bool {
+        match self {
+            Self::PolicyCreated { policy, .. } | Self::PolicyDeleted { policy, .. } => {
+                &policy.rule.from == tenant || &policy.rule.to == tenant
+            }
+            _ => self.tenant() == tenant,
         }
     }
 }

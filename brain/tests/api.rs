@@ -624,6 +624,7 @@ async fn tenant_b_cannot_read_change_or_delete_tenant_a_objects_on_any_route() {
         .unwrap()
         .to_owned();
     let (mut beta_events, mut beta_buf) = subscribe(srv.addr, BETA).await;
+    let (mut gamma_events, mut gamma_buf) = subscribe(srv.addr, GAMMA).await;
     let before = srv.snapshot();
 
     let mut for_acme_app = web(1);
@@ -798,6 +799,13 @@ async fn tenant_b_cannot_read_change_or_delete_tenant_a_objects_on_any_route() {
         event_data(&beta_buf, "app.updated")["app"]["tenant"],
         "beta"
     );
+    // Gamma, the policy's `from`, lists it and so sees it go.
+    read_until(&mut gamma_events, &mut gamma_buf, "event: policy.deleted").await;
+    assert_eq!(
+        event_data(&gamma_buf, "policy.deleted")["policy"]["from"],
+        "gamma"
+    );
+    assert!(!String::from_utf8_lossy(&gamma_buf).contains("app."));
     srv.shutdown().await;
 }
 
