@@ -222,6 +222,17 @@ pub async fn run(
         });
     }
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.store_path())?);
+    if let Some(range) = config.vip_range {
+        match crate::store::give_missing_vips(&*store, range) {
+            Ok(given) => {
+                for app in given {
+                    let vip = app.vip.map(|v| v.to_string()).unwrap_or_default();
+                    tracing::info!(app = %app.key(), %vip, "app without a VIP given one");
+                }
+            }
+            Err(e) => tracing::warn!("giving VIPs to apps created without one: {e}"),
+        }
+    }
     let clock = Clock::new();
     let snapshot = store.snapshot()?;
     let backoff = BackoffConfig::default();

@@ -375,6 +375,24 @@ pub trait Store: Send + Sync {
 /// Checked against the claims as read: a claim another app holds is
 /// refused here; one taken between this read and the commit fails the
 /// commit (`Exists`), and [`claiming`] reads again.
+/// Gives every app with ports but no VIP one from `range`: apps created
+/// before `[network] vip_range` was set (or while it was not). Each app is
+/// its own commit, as a patch that changes nothing else would be (its
+/// version stays, so no instance is replaced). Returns the apps given a
+/// VIP; stops at the first error (a full range), keeping what was given.
+/// A VIP outside a changed `range` is kept: clients may hold it.
+pub fn give_missing_vips(store: &dyn Store, range: Ipv4Net) -> Result<Vec<App>, StoreError> {
+    let mut given = Vec::new();
+    for app in store.apps(None)? {
+        if app.vip.is_some() || app.ports.is_empty() {
+            continue;
+        }
+        let revision = app.revision;
+        given.push(store.replace_app(app, revision, Some(range))?);
+    }
+    Ok(given)
+}
+
 fn claim_ops<S: Store + ?Sized>(
     store: &S,
     old: Option<&App>,

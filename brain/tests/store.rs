@@ -5,7 +5,9 @@
 use corral_brain::desired::{
     App, AppKey, CrashKey, NewApp, NewTask, Placement, Task, TaskId, TaskState, Workload,
 };
-use corral_brain::store::{Expect, Op, RedbStore, Store, StoreError, SCHEMA_VERSION};
+use corral_brain::store::{
+    give_missing_vips, Expect, Op, RedbStore, Store, StoreError, SCHEMA_VERSION,
+};
 use corral_proto::{AppId, CellId, InstanceId, TenantId, Timestamp};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -527,6 +529,43 @@ fn apps_with_ports_get_the_lowest_free_vip_released_on_delete() {
     assert_eq!(kept.vip, patched.vip);
     let e = s.create_app(app("acme", "c"), range).unwrap_err();
     assert!(matches!(e, StoreError::VipsExhausted { .. }), "{e}");
+}
+
+#[test]
+fn apps_created_without_a_range_get_a_vip_once_there_is_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = RedbStore::open(&dir.path().join("s.redb")).unwrap();
+    let web = s.create_app(app("acme", "web"), None).unwrap();
+    let quiet = s
+        .create_app(with_ports("acme", "quiet", serde_json::json!([])), None)
+        .unwrap();
+    assert_eq!(web.vip, None);
+    let range = vips("10.96.0.0/30").unwrap();
+    let taken = s.create_app(app("beta", "b"), Some(range)).unwrap();
+    assert_eq!(taken.vip, Some("10.96.0.1".parse().unwrap()));
+
+    let given = give_missing_vips(&s, range).unwrap();
+    assert_eq!(given.len(), 1, "{given:?}");
+    let now = s.app(&key("acme", "web")).unwrap().unwrap();
+    assert_eq!(
+        now.vip,
+        Some("10.96.0.2".parse().unwrap()),
+        "the lowest free"
+    );
+    assert_eq!(now.version, web.version, "no instance is replaced");
+    assert!(now.revision > web.revision);
+    assert_eq!(s.claims().unwrap().len(), 2);
+    assert_eq!(s.app(&key("acme", "quiet")).unwrap().unwrap(), quiet);
+    // Nothing left to give: nothing changes.
+    let before = s.snapshot().unwrap();
+    assert!(give_missing_vips(&s, range).unwrap().is_empty());
+    assert_eq!(s.snapshot().unwrap(), before);
+
+    // A full range: refused with what was given kept, naming the range.
+    let late = s.create_app(app("acme", "late"), None).unwrap();
+    let e = give_missing_vips(&s, range).unwrap_err();
+    assert!(matches!(e, StoreError::VipsExhausted { .. }), "{e}");
+    assert_eq!(s.app(&key("acme", "late")).unwrap().unwrap(), late);
 }
 
 #[test]
