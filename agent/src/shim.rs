@@ -419,7 +419,15 @@ impl Shim {
                             .unwrap_or(self.launch.stop_grace_secs);
                         self.apply(Event::StopRequested);
                         let _ = kill(r.init, Signal::SIGTERM);
-                        kill_at = Some(Instant::now() + Duration::from_secs(grace));
+                        // An init that does not handle SIGTERM never sees
+                        // it: waiting the grace would be waiting for nothing.
+                        let deaf = std::fs::read_to_string(format!("/proc/{}/status", r.init))
+                            .is_ok_and(|s| sigterm_is_dropped(&s));
+                        kill_at = Some(if deaf {
+                            Instant::now()
+                        } else {
+                            Instant::now() + Duration::from_secs(grace)
+                        });
                     }
                 }
             }
@@ -560,6 +568,28 @@ pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
 }
 
 /// The signals the supervisor reads through its signalfd.
+/// Whether the kernel throws a SIGTERM to this process away: it is its pid
+/// namespace's init (every instance's first process is) and neither
+/// handles SIGTERM nor ignores it on purpose, so the default action
+/// applies, which an init is spared. `status` is its `/proc/PID/status`.
+/// Outside a container the default action would have ended it at once, so
+/// a stop kills it at once instead of waiting out the grace (as an init
+/// like `docker --init` would, by passing the signal on). Unknown (the
+/// masks unreadable): false, and the grace is waited.
+fn sigterm_is_dropped(status: &str) -> bool {
+    let mask = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    let bit = 1u64 << (libc::SIGTERM - 1);
+    match (mask("SigCgt:"), mask("SigIgn:")) {
+        (Some(caught), Some(ignored)) => (caught | ignored) & bit == 0,
+        _ => false,
+    }
+}
+
 fn supervised_signals() -> SigSet {
     let mut mask = SigSet::empty();
     for s in [
@@ -700,5 +730,49 @@ pub fn cleanup(id: &InstanceId, p: &InstancePaths, cgroup2: bool) {
     }
     for d in [p.rootfs_mount(), p.bundle(), p.container_state()] {
         let _ = std::fs::remove_dir_all(&d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(caught: &str, ignored: &str) -> String {
+        format!(
+            "Name:\tsleep\nPid:\t42\nSigQ:\t0/95446\nSigPnd:\t0000000000000000\n\
+             SigBlk:\t0000000000000000\nSigIgn:\t{ignored}\nSigCgt:\t{caught}\n\
+             CapInh:\t0000000000000000\n"
+        )
+    }
+
+    #[test]
+    fn a_sigterm_is_dropped_only_for_an_init_with_the_default_action() {
+        // `sleep`: no handler, nothing ignored.
+        assert!(sigterm_is_dropped(&status(
+            "0000000000000000",
+            "0000000000000000"
+        )));
+        // Other signals handled or ignored do not matter.
+        assert!(sigterm_is_dropped(&status(
+            "0000000000010002",
+            "0000000000000004"
+        )));
+        // `trap ... TERM`, or a server with a handler: it gets the grace.
+        assert!(!sigterm_is_dropped(&status(
+            "0000000000004000",
+            "0000000000000000"
+        )));
+        assert!(!sigterm_is_dropped(&status(
+            "0000000180014002",
+            "0000000000000000"
+        )));
+        // Ignored on purpose (`trap '' TERM`): the grace too.
+        assert!(!sigterm_is_dropped(&status(
+            "0000000000000000",
+            "0000000000004000"
+        )));
+        // Unreadable masks: unknown, so the grace.
+        assert!(!sigterm_is_dropped("Name:\tx\n"));
+        assert!(!sigterm_is_dropped(&status("zz", "0")));
     }
 }

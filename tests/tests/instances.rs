@@ -480,6 +480,49 @@ fn metrics_expose_instances_and_capacity() {
 }
 
 #[test]
+fn a_stop_gives_a_sigterm_handler_its_grace_and_does_not_wait_for_an_init_without_one() {
+    let cell = Cell::start();
+    // A handler: it gets SIGTERM and ends on its own, with its own status.
+    cell.put_ok(
+        "polite",
+        &lrp("trap 'exit 7' TERM; echo armed; while true; do sleep 0.1; done"),
+    );
+    cell.wait_state("polite", "running");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cell.logs("polite").contains("armed") {
+        assert!(Instant::now() < deadline, "the trap was never set");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = cell
+        .client
+        .delete("/v1/instances/polite?grace_secs=600")
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let gone: serde_json::Value = r.json().unwrap();
+    // Its own exit status: the trap ran.
+    assert_eq!(gone["exit_code"], 7, "{gone:#}");
+
+    // No handler (`sleep` as the container's init): the kernel drops the
+    // SIGTERM, so the stop kills it at once instead of waiting out a grace
+    // of 600 s (the client gives up after 90 s).
+    cell.put_ok("deaf", &lrp("exec sleep 100000"));
+    cell.wait_state("deaf", "running");
+    let started = Instant::now();
+    let r = cell
+        .client
+        .delete("/v1/instances/deaf?grace_secs=600")
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let gone: serde_json::Value = r.json().unwrap();
+    assert_eq!(gone["signal"], 9, "{gone:#}");
+    eprintln!(
+        "an init without a SIGTERM handler stopped in {:?}",
+        started.elapsed()
+    );
+    cell.assert_clean();
+}
+
+#[test]
 fn a_stop_right_after_the_start_is_never_lost() {
     // The shim hands over to its monitor just after reporting the start; a
     // SIGTERM in that window must be carried out, not kill the shim.
