@@ -93,10 +93,19 @@ fn parse_args(args: &[String]) -> (bool, &[String]) {
 }
 
 /// A first argument that names a file of `tests/tests` (`network` for
-/// `network.rs`) selects that file; anything else filters test names.
+/// `network.rs`) selects that file; anything else filters test names. A
+/// `--` right after the file is dropped (`test scale -- --nocapture`):
+/// passed on, it would make libtest take `--nocapture` for a name filter
+/// and run nothing.
 fn test_file(extra: &[String], is_file: impl Fn(&str) -> bool) -> (Option<&str>, &[String]) {
     match extra.split_first() {
-        Some((first, rest)) if !first.starts_with('-') && is_file(first) => (Some(first), rest),
+        Some((first, rest)) if !first.starts_with('-') && is_file(first) => {
+            let rest = match rest.split_first() {
+                Some((dashes, after)) if dashes == "--" => after,
+                _ => rest,
+            };
+            (Some(first), rest)
+        }
         _ => (None, extra),
     }
 }
@@ -126,6 +135,8 @@ mod tests {
         let files = |n: &str| ["network", "ebpf"].contains(&n);
         let a = strings(&["network", "--nocapture"]);
         assert_eq!(test_file(&a, files), (Some("network"), &a[1..]));
+        let a = strings(&["network", "--", "--nocapture"]);
+        assert_eq!(test_file(&a, files), (Some("network"), &a[2..]));
         let a = strings(&["spoof"]);
         assert_eq!(test_file(&a, files), (None, &a[..]));
         let a = strings(&["--nocapture", "ebpf"]);
