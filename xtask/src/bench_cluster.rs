@@ -568,6 +568,54 @@ fn brain_binary() -> Result<PathBuf> {
     Ok(util::target_dir().join("release/corral-brain"))
 }
 
+/// The least and the most used cells by memory, and how many stand more
+/// than 2.5 points off the mean either way: one cell left behind and a
+/// wide spread read differently.
+fn extremes(cells: &[CellView], mean: f64) -> String {
+    let used = |c: &CellView| {
+        let total = c.total.memory_mb.max(1) as f64;
+        1.0 - c.available.memory_mb as f64 / total
+    };
+    let mut connected: Vec<&CellView> = cells
+        .iter()
+        .filter(|c| c.state == CellState::Connected)
+        .collect();
+    if connected.is_empty() {
+        return String::new();
+    }
+    connected.sort_by(|a, b| used(a).total_cmp(&used(b)));
+    let show = |c: &CellView| {
+        format!(
+            "{} (zone {}, {} instances, {:.1} %)",
+            c.id,
+            c.zone,
+            c.instances,
+            used(c) * 100.0
+        )
+    };
+    let off = |far: &dyn Fn(f64) -> bool| {
+        let ids: Vec<String> = connected
+            .iter()
+            .filter(|c| far(used(c)))
+            .map(|c| c.id.to_string())
+            .collect();
+        let listed = ids.iter().take(12).cloned().collect::<Vec<_>>().join(" ");
+        let more = if ids.len() > 12 { " …" } else { "" };
+        (ids.len(), format!("{listed}{more}"))
+    };
+    let (below, below_ids) = off(&|u| u < mean - 0.025);
+    let (above, above_ids) = off(&|u| u > mean + 0.025);
+    let n = connected.len();
+    format!(
+        "Memory extremes: least used {}, {}; most used {}, {}; {below} cells more than 2.5 \
+         points below the mean ({below_ids}), {above} more than 2.5 above ({above_ids}).\n\n",
+        show(connected[0]),
+        show(connected[1.min(n - 1)]),
+        show(connected[n - 1]),
+        show(connected[n.saturating_sub(2)]),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // The load generator (`bench auction-loadgen`, run by `run` below).
 
@@ -1429,6 +1477,7 @@ fn report(r: &Report<'_>) -> String {
         sp.containers * 100.0,
         caps.len(),
     );
+    s += &extremes(&r.cells, sp.mean_memory);
     let secs = t.end.as_secs_f64().max(1e-9);
     s += &format!(
         "Memory: brain VmHWM {} (VmRSS {} at the end, {} with the cells connected and nothing placed); \
