@@ -1477,7 +1477,7 @@ fn report(r: &Report<'_>) -> String {
         sp.containers * 100.0,
         caps.len(),
     );
-    s += &extremes(&r.cells, sp.mean_memory);
+    s += &extremes(r.cells, sp.mean_memory);
     let secs = t.end.as_secs_f64().max(1e-9);
     s += &format!(
         "Memory: brain VmHWM {} (VmRSS {} at the end, {} with the cells connected and nothing placed); \
