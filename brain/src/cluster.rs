@@ -674,9 +674,11 @@ impl Cluster {
         let state = info.state;
         let kind = info.kind;
         let exit_code = info.exit_code;
+        let reason = info.reason.clone();
         // Reported: its capacity is in the cell's `available` now, so its
         // hold is released (after counting the instance itself, so that
         // the app's count on the cell does not drop to zero and come back).
+        // Returned: the state before, and the slot when the state changed.
         let (old_state, changed) = match cell.instances.get_mut(&id) {
             // The same instance in a new state, or reported again: the
             // common case (starting, then running), updated in place.
@@ -702,10 +704,10 @@ impl Cluster {
                         cell.starting = cell.starting.saturating_add(1);
                     }
                 }
-                let reason = info.reason.clone();
+                let slot = changed.then(|| lrp_key(&info));
                 o.info = info;
                 release(&mut self.tally, cell, &id);
-                (Some(old_state), changed.then_some(reason))
+                (Some(old_state), slot)
             }
             _ => {
                 let old = cell.instances.get(&id);
@@ -714,7 +716,7 @@ impl Cluster {
                     Some(o) if o.info.state == state => (o.since, o.since_wall),
                     _ => (now, wall),
                 };
-                let reason = info.reason.clone();
+                let slot = (old_state != Some(state)).then(|| lrp_key(&info));
                 tally(&mut self.tally, cell, &info, true);
                 release(&mut self.tally, cell, &id);
                 if let Some(o) = cell.instances.get(&id) {
@@ -732,13 +734,10 @@ impl Cluster {
                 if let Some(old) = old {
                     tally(&mut self.tally, cell, &old.info, false);
                 }
-                (old_state, (old_state != Some(state)).then_some(reason))
+                (old_state, slot)
             }
         };
-        let Some(reason) = changed else {
-            return;
-        };
-        let Some(slot) = cell.instances.get(&id).map(|o| lrp_key(&o.info)) else {
+        let Some(slot) = changed else {
             return;
         };
         match kind {
@@ -1022,7 +1021,10 @@ impl Cluster {
     /// what is reserved on them, with the starts they report and the live
     /// (or reserved) instances of `apps` (the apps of the batch; others do not matter to
     /// the auction).
-    pub fn auction_cells(&self, apps: &BTreeSet<AppKey>) -> Vec<AuctionCell> {
+    pub fn auction_cells<'a>(
+        &self,
+        apps: impl IntoIterator<Item = &'a AppKey>,
+    ) -> Vec<AuctionCell> {
         let mut at: BTreeMap<&CellId, usize> = BTreeMap::new();
         let mut views: Vec<AuctionCell> = Vec::new();
         for c in self
@@ -2060,7 +2062,7 @@ mod tests {
         // Held work is starting on the cell, for the starting weight.
         assert_eq!(view.starting, 2);
         // Only the batch's apps are counted.
-        assert!(c.auction_cells(&BTreeSet::new())[0]
+        assert!(c.auction_cells(&BTreeSet::<AppKey>::new())[0]
             .app_instances
             .is_empty());
 

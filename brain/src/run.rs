@@ -222,19 +222,24 @@ pub async fn run(
         });
     }
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&config.store_path())?);
+    let clock = Clock::new();
+    let mut snapshot = store.snapshot()?;
     if let Some(range) = config.vip_range {
-        match crate::store::give_missing_vips(&*store, range) {
-            Ok(given) => {
-                for app in given {
+        let given = crate::store::give_missing_vips(&*store, &snapshot.apps, range);
+        match &given {
+            Ok(apps) => {
+                for app in apps {
                     let vip = app.vip.map(|v| v.to_string()).unwrap_or_default();
                     tracing::info!(app = %app.key(), %vip, "app without a VIP given one");
                 }
             }
             Err(e) => tracing::warn!("giving VIPs to apps created without one: {e}"),
         }
+        // Read again only when something was written (or may have been).
+        if !matches!(&given, Ok(apps) if apps.is_empty()) {
+            snapshot = store.snapshot()?;
+        }
     }
-    let clock = Clock::new();
-    let snapshot = store.snapshot()?;
     let backoff = BackoffConfig::default();
     let cluster = Cluster::restore(backoff, snapshot, clock.now(), clock.wall());
     tracing::info!(
@@ -1379,8 +1384,7 @@ impl Loop {
             .iter()
             .filter_map(|q| q.slot.as_ref().map(|(s, _)| &s.app))
             .collect();
-        let apps: BTreeSet<AppKey> = apps.into_iter().cloned().collect();
-        let mut cells = self.cluster.auction_cells(&apps);
+        let mut cells = self.cluster.auction_cells(apps);
         let (placed, unplaced) = place(&self.auction, &mut cells, batch);
         for (q, error) in unplaced {
             self.metrics.placement_failure(error.reason());

@@ -380,15 +380,20 @@ pub trait Store: Send + Sync {
 /// its own commit, as a patch that changes nothing else would be (its
 /// version stays, so no instance is replaced). Returns the apps given a
 /// VIP; stops at the first error (a full range), keeping what was given.
-/// A VIP outside a changed `range` is kept: clients may hold it.
-pub fn give_missing_vips(store: &dyn Store, range: Ipv4Net) -> Result<Vec<App>, StoreError> {
+/// A VIP outside a changed `range` is kept: clients may hold it. `apps`
+/// are the stored apps as last read (the brain's start-up snapshot); one
+/// changed since is refused as changed concurrently.
+pub fn give_missing_vips(
+    store: &dyn Store,
+    apps: &[App],
+    range: Ipv4Net,
+) -> Result<Vec<App>, StoreError> {
     let mut given = Vec::new();
-    for app in store.apps(None)? {
+    for app in apps {
         if app.vip.is_some() || app.ports.is_empty() {
             continue;
         }
-        let revision = app.revision;
-        given.push(store.replace_app(app, revision, Some(range))?);
+        given.push(store.replace_app(app.clone(), app.revision, Some(range))?);
     }
     Ok(given)
 }

@@ -544,7 +544,7 @@ fn apps_created_without_a_range_get_a_vip_once_there_is_one() {
     let taken = s.create_app(app("beta", "b"), Some(range)).unwrap();
     assert_eq!(taken.vip, Some("10.96.0.1".parse().unwrap()));
 
-    let given = give_missing_vips(&s, range).unwrap();
+    let given = give_missing_vips(&s, &s.apps(None).unwrap(), range).unwrap();
     assert_eq!(given.len(), 1, "{given:?}");
     let now = s.app(&key("acme", "web")).unwrap().unwrap();
     assert_eq!(
@@ -558,12 +558,14 @@ fn apps_created_without_a_range_get_a_vip_once_there_is_one() {
     assert_eq!(s.app(&key("acme", "quiet")).unwrap().unwrap(), quiet);
     // Nothing left to give: nothing changes.
     let before = s.snapshot().unwrap();
-    assert!(give_missing_vips(&s, range).unwrap().is_empty());
+    assert!(give_missing_vips(&s, &s.apps(None).unwrap(), range)
+        .unwrap()
+        .is_empty());
     assert_eq!(s.snapshot().unwrap(), before);
 
     // A full range: refused with what was given kept, naming the range.
     let late = s.create_app(app("acme", "late"), None).unwrap();
-    let e = give_missing_vips(&s, range).unwrap_err();
+    let e = give_missing_vips(&s, &s.apps(None).unwrap(), range).unwrap_err();
     assert!(matches!(e, StoreError::VipsExhausted { .. }), "{e}");
     assert_eq!(s.app(&key("acme", "late")).unwrap().unwrap(), late);
 }
