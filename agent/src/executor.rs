@@ -32,6 +32,9 @@ use tracing::Instrument;
 
 /// How long a shim may take to report that its container started.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an agent adopting its instances waits for a shim that holds its
+/// lock to write its first record (its first step after taking the lock).
+const LAUNCH_WAIT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExecError {
@@ -727,6 +730,9 @@ impl Executor {
             cgroup2_root: self.cgroup2_root.clone(),
             disk_quota: self.disk_quota,
             netns,
+            issued_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
         };
         let launch_json = serde_json::to_vec_pretty(&launch)
             .map_err(|e| io("encoding launch")(std::io::Error::other(e)))?;
@@ -771,6 +777,9 @@ impl Executor {
         if let Some(e) = self.table().get_mut(id) {
             e.cpu_ns = rec.cpu_ns;
             e.oom_kills = rec.oom_kills;
+            if e.init.is_none() {
+                e.init = rec.init_pid.zip(rec.init_start);
+            }
             e.status.send_replace(rec.status.clone());
             self.changed();
         }
@@ -805,6 +814,59 @@ impl Executor {
             this.shim_gone(&id, rec);
             if !recorded_end {
                 this.release_network(&id).await;
+            }
+        });
+    }
+
+    /// Follows the start of an instance adopted while its shim was still
+    /// starting it: the shim's report went to the agent that died, so its
+    /// record is read until the start is decided (the shim's exit is the
+    /// watcher's), or [`START_TIMEOUT`] passes, as for a start of its own.
+    fn follow_start(self: &Arc<Self>, id: InstanceId) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let p = this.layout.instance(&id);
+            let deadline = Instant::now() + START_TIMEOUT;
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let starting = this
+                    .table()
+                    .get(&id)
+                    .is_some_and(|e| e.status.borrow().state == InstanceState::Starting);
+                if !starting {
+                    return;
+                }
+                if let Ok(rec) = shim::read_record(&p.record()) {
+                    if rec.status.state != InstanceState::Starting {
+                        this.apply_record(&id, &rec);
+                        this.count_end(&id);
+                        return;
+                    }
+                }
+                if Instant::now() >= deadline {
+                    let reason = format!(
+                        "the shim did not finish the start within {} s",
+                        START_TIMEOUT.as_secs()
+                    );
+                    this.span(&id).in_scope(|| tracing::error!(%reason));
+                    if let Some(e) = this.table().get(&id) {
+                        let kind = e.spec.kind;
+                        e.status.send_modify(|s| {
+                            let _ = s.apply(
+                                kind,
+                                Event::StartFailed {
+                                    reason,
+                                    at: shim::now(),
+                                },
+                            );
+                        });
+                    }
+                    this.changed();
+                    this.cleanup_orphan(&id, &p);
+                    this.release_network(&id).await;
+                    this.count_end(&id);
+                    return;
+                }
             }
         });
     }
@@ -978,6 +1040,61 @@ impl Executor {
         Ok(info)
     }
 
+    /// An instance with a spec and no shim record: the agent died between
+    /// writing the one and its shim writing the other. The shim lock tells
+    /// which way it went: held, a shim is alive and about to write its
+    /// record (waited for, up to [`LAUNCH_WAIT`]); free, no shim got that
+    /// far, and the start is called off (its launch file removed while the
+    /// lock is held) so that a shim still on its way stops at its first
+    /// step instead of running an instance nobody tracks.
+    async fn interrupted_launch(&self, id: &InstanceId, p: &InstancePaths) -> Option<shim::Record> {
+        let deadline = Instant::now() + LAUNCH_WAIT;
+        loop {
+            match shim::try_lock(p) {
+                Ok(shim::ShimLock::Taken(_held)) => {
+                    // A shim may have written its record and exited since.
+                    if let Ok(r) = shim::read_record(&p.record()) {
+                        return Some(r);
+                    }
+                    match std::fs::remove_file(p.launch()) {
+                        Ok(()) => self.span(id).in_scope(|| {
+                            tracing::info!("interrupted start called off: no shim had begun it")
+                        }),
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => self.span(id).in_scope(|| {
+                            tracing::error!("cannot call off the interrupted start: {e}")
+                        }),
+                    }
+                    return None;
+                }
+                Ok(shim::ShimLock::Absent) => return None,
+                Ok(shim::ShimLock::Held) => {
+                    if let Ok(r) = shim::read_record(&p.record()) {
+                        self.span(id).in_scope(|| {
+                            tracing::info!("a shim was still starting the instance: adopting it")
+                        });
+                        return Some(r);
+                    }
+                    if Instant::now() >= deadline {
+                        self.span(id).in_scope(|| {
+                            tracing::warn!(
+                                "a shim holds the instance's lock but wrote no record within {} s",
+                                LAUNCH_WAIT.as_secs()
+                            )
+                        });
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => {
+                    self.span(id)
+                        .in_scope(|| tracing::error!("cannot take the shim lock: {e}"));
+                    return None;
+                }
+            }
+        }
+    }
+
     /// Rebuilds the table from disk after an agent (re)start: running
     /// instances are re-adopted through their shims, ended ones keep their
     /// exit status, and ones whose shim vanished are marked crashed. An
@@ -1008,7 +1125,10 @@ impl Executor {
                     continue;
                 }
             };
-            let rec = shim::read_record(&p.record()).ok();
+            let rec = match shim::read_record(&p.record()) {
+                Ok(r) => Some(r),
+                Err(_) => self.interrupted_launch(&id, &p).await,
+            };
             let (tx, _) =
                 watch::channel(rec.as_ref().map_or_else(Status::new, |r| r.status.clone()));
             self.table().insert(
@@ -1040,6 +1160,9 @@ impl Executor {
                         adopted += 1;
                         self.readopt_network(&id);
                         self.spawn_watcher(id.clone(), r.shim_pid, r.shim_start);
+                        if r.status.state == InstanceState::Starting {
+                            self.follow_start(id.clone());
+                        }
                     }
                     _ => {
                         // Read again: the shim may have finished its record

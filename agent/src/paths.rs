@@ -93,6 +93,13 @@ impl InstancePaths {
     pub fn launch(&self) -> PathBuf {
         self.run.join("launch.json")
     }
+    /// Locked (`flock`) by the instance's shim from before its first
+    /// record until it exits, and briefly by an agent that finds no record:
+    /// so a start still under way is told from one that died, and a shim
+    /// that comes late finds its start called off.
+    pub fn shim_lock(&self) -> PathBuf {
+        self.run.join("shim.lock")
+    }
     /// What the shim records: its pid, the container's pid, the status.
     pub fn record(&self) -> PathBuf {
         self.run.join("record.json")

@@ -21,7 +21,7 @@ use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::syscall::syscall::SyscallType;
 use libcontainer::workload::default::DefaultExecutor;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::fcntl::{fcntl, FcntlArg, Flock, FlockArg, OFlag};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -29,7 +29,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -49,6 +49,11 @@ pub struct Launch {
     pub disk_quota: bool,
     /// The network namespace the agent prepared (None: a new, empty one).
     pub netns: Option<PathBuf>,
+    /// Tells this launch from any other of the same instance id (the wall
+    /// clock in nanoseconds when the agent wrote it): a shim checks, once it
+    /// holds the lock, that the launch file is still the one it read.
+    #[serde(default)]
+    pub issued_ns: u64,
 }
 
 /// What the shim records about its instance; the agent's source of truth.
@@ -107,10 +112,14 @@ fn container_id(id: &InstanceId) -> String {
 
 /// Entry point of `corral-agent shim`. Never returns.
 pub fn main(launch_path: &Path) -> ! {
-    let launch: Launch = match std::fs::read(launch_path)
+    let launch = std::fs::read(launch_path)
         .map_err(|e| e.to_string())
-        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
-    {
+        .and_then(|b| {
+            serde_json::from_slice::<Launch>(&b)
+                .map(|l| (b, l))
+                .map_err(|e| e.to_string())
+        });
+    let (launch_bytes, launch) = match launch {
         Ok(l) => l,
         Err(e) => {
             report(&StartReport::Failed {
@@ -136,9 +145,79 @@ pub fn main(launch_path: &Path) -> ! {
         }
     }
     let _ = nix::unistd::setsid();
+    let lock = match claim(&launch.paths, launch_path, &launch_bytes) {
+        Ok(l) => l,
+        Err(reason) => {
+            report(&StartReport::Failed {
+                reason,
+                shim_pid: std::process::id(),
+            });
+            std::process::exit(1);
+        }
+    };
     redirect_stderr(&launch.paths.shim_log());
-    let code = Shim::new(launch, launch_path.to_owned()).run();
+    let mut shim = Shim::new(launch, launch_path.to_owned());
+    shim.lock = Some(lock);
+    let code = shim.run();
     std::process::exit(code)
+}
+
+/// What [`try_lock`] found.
+#[derive(Debug)]
+pub enum ShimLock {
+    /// Another process holds the lock: a shim is alive (or an agent is
+    /// looking at the instance).
+    Held,
+    /// Nobody held it; the caller does now, until the value is dropped.
+    Taken(Flock<std::fs::File>),
+    /// The instance's runtime directory is gone (deleted, or the node
+    /// restarted): no shim can hold or take it.
+    Absent,
+}
+
+/// Tries to take the instance's shim lock ([`InstancePaths::shim_lock`])
+/// without waiting. The file is created in the runtime directory if
+/// missing; the directory never is.
+pub fn try_lock(p: &InstancePaths) -> std::io::Result<ShimLock> {
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p.shim_lock())
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ShimLock::Absent),
+        Err(e) => return Err(e),
+    };
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(ShimLock::Taken(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(ShimLock::Held),
+        Err((_, e)) => Err(e.into()),
+    }
+}
+
+/// A shim's first step: take the instance's lock for the rest of its life,
+/// then check that its start still stands: the launch file it read is
+/// still there, unchanged (each launch says when it was issued). An agent that restarted and found no
+/// record calls a start off by removing the launch file while it holds
+/// the lock, so a shim that comes after that stops here instead of running
+/// an instance nobody tracks.
+fn claim(
+    p: &InstancePaths,
+    launch_path: &Path,
+    read: &[u8],
+) -> Result<Flock<std::fs::File>, String> {
+    let lock = match try_lock(p) {
+        Ok(ShimLock::Taken(l)) => l,
+        Ok(ShimLock::Held) => return Err("another process holds the instance's shim lock".into()),
+        Ok(ShimLock::Absent) => return Err("the instance's runtime directory is gone".into()),
+        Err(e) => return Err(format!("cannot lock {}: {e}", p.shim_lock().display())),
+    };
+    match std::fs::read(launch_path) {
+        Ok(now) if now == read => Ok(lock),
+        _ => Err("the start was called off (the launch file is gone or replaced)".into()),
+    }
 }
 
 fn report(r: &StartReport) {
@@ -170,6 +249,9 @@ struct Shim {
     record: Record,
     /// The container's last stderr line, quoted in a crash reason.
     last_err: Option<String>,
+    /// The instance's shim lock, held for the shim's life (through the
+    /// handover to the monitor).
+    lock: Option<Flock<std::fs::File>>,
 }
 
 struct Running {
@@ -196,6 +278,7 @@ impl Shim {
                 logs_dropped: 0,
             },
             last_err: None,
+            lock: None,
         }
     }
 
@@ -240,7 +323,8 @@ impl Shim {
         // Shed what the set-up used (libcontainer and its allocations):
         // supervise from a fresh image of this binary. The child-subreaper
         // flag, the container (our child) and the pipes survive execve.
-        let e = exec_monitor(&self.launch_path, &running);
+        let lock = self.lock.as_ref().map(|l| l.as_raw_fd());
+        let e = exec_monitor(&self.launch_path, &running, lock);
         tracing::error!("cannot re-exec as monitor ({e}); supervising in place");
         let exit = self.supervise(running);
         self.finish(exit);
@@ -483,15 +567,16 @@ impl Shim {
 
 /// Replaces the shim's image with `corral-agent shim-monitor`, handing over
 /// the container's pid and output pipes. Returns only on failure.
-fn exec_monitor(launch_path: &Path, r: &Running) -> std::io::Error {
+fn exec_monitor(launch_path: &Path, r: &Running, lock: Option<RawFd>) -> std::io::Error {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let fd = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
-    for f in [&r.out, &r.err].into_iter().flatten() {
-        if let Err(e) = fcntl(
-            f.as_raw_fd(),
-            FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        ) {
+    let handed = [&r.out, &r.err]
+        .into_iter()
+        .flatten()
+        .map(|f| f.as_raw_fd());
+    for f in handed.chain(lock) {
+        if let Err(e) = fcntl(f, FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty())) {
             return e.into();
         }
     }
@@ -507,6 +592,7 @@ fn exec_monitor(launch_path: &Path, r: &Running) -> std::io::Error {
         r.init.as_raw().to_string().into_bytes(),
         fd(&r.out).to_string().into_bytes(),
         fd(&r.err).to_string().into_bytes(),
+        lock.unwrap_or(-1).to_string().into_bytes(),
     ]
     .into_iter()
     .map(CString::new)
@@ -524,7 +610,8 @@ fn exec_monitor(launch_path: &Path, r: &Running) -> std::io::Error {
     }
 }
 
-/// Entry point of `corral-agent shim-monitor LAUNCH INIT_PID OUT_FD ERR_FD`:
+/// Entry point of `corral-agent shim-monitor LAUNCH INIT_PID OUT_FD ERR_FD
+/// LOCK_FD` (-1: none):
 /// the second half of a shim's life, after the container started.
 pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
     let parse = |i: usize| {
@@ -554,6 +641,18 @@ pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
         }
     };
     let mut shim = Shim::new(launch, launch_path);
+    // The lock came through the exec still held (same open file): wrapping
+    // it again takes nothing new, and closes it on exec from here on.
+    shim.lock = parse(4)
+        .and_then(sys::owned_fd)
+        .map(std::fs::File::from)
+        .and_then(|f| Flock::lock(f, FlockArg::LockExclusiveNonblock).ok());
+    if let Some(l) = &shim.lock {
+        let _ = fcntl(
+            l.as_raw_fd(),
+            FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
     if let Ok(rec) = read_record(&shim.launch.paths.record()) {
         shim.record = rec;
     }
@@ -774,5 +873,66 @@ mod tests {
         // Unreadable masks: unknown, so the grace.
         assert!(!sigterm_is_dropped("Name:\tx\n"));
         assert!(!sigterm_is_dropped(&status("zz", "0")));
+    }
+
+    fn paths(dir: &Path) -> InstancePaths {
+        InstancePaths {
+            data: dir.join("data"),
+            run: dir.join("run"),
+            layer: dir.join("layer"),
+            cgroup: "/corral-test/x".into(),
+        }
+    }
+
+    #[test]
+    fn the_shim_lock_tells_a_live_shim_from_none_and_a_gone_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        // No runtime directory: nothing can hold it, and it is not made.
+        assert!(matches!(try_lock(&p).unwrap(), ShimLock::Absent));
+        assert!(!p.run.exists());
+        std::fs::create_dir_all(&p.run).unwrap();
+        let held = match try_lock(&p).unwrap() {
+            ShimLock::Taken(l) => l,
+            other => panic!("{other:?}"),
+        };
+        // Another open file (another process, as far as flock goes) is refused.
+        assert!(matches!(try_lock(&p).unwrap(), ShimLock::Held));
+        drop(held);
+        assert!(matches!(try_lock(&p).unwrap(), ShimLock::Taken(_)));
+    }
+
+    #[test]
+    fn a_late_shim_stops_when_its_start_was_called_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = paths(dir.path());
+        std::fs::create_dir_all(&p.run).unwrap();
+        let launch = p.launch();
+        let read = br#"{"issued_ns":1}"#;
+        std::fs::write(&launch, read).unwrap();
+
+        // The start stands: the lock is the shim's for as long as it lives.
+        let lock = claim(&p, &launch, read).unwrap();
+        assert!(matches!(try_lock(&p).unwrap(), ShimLock::Held));
+        let err = claim(&p, &launch, read).unwrap_err();
+        assert!(err.contains("holds the instance's shim lock"), "{err}");
+        drop(lock);
+
+        // An agent called it off while holding the lock.
+        let agent = try_lock(&p).unwrap();
+        assert!(matches!(agent, ShimLock::Taken(_)));
+        std::fs::remove_file(&launch).unwrap();
+        drop(agent);
+        let err = claim(&p, &launch, read).unwrap_err();
+        assert!(err.contains("called off"), "{err}");
+
+        // A new start of the same id wrote a new launch file: not this shim's.
+        std::fs::write(&launch, br#"{"issued_ns":2}"#).unwrap();
+        assert!(claim(&p, &launch, read).is_err());
+
+        // The instance was deleted: its runtime directory is gone.
+        std::fs::remove_dir_all(&p.run).unwrap();
+        let err = claim(&p, &launch, read).unwrap_err();
+        assert!(err.contains("gone"), "{err}");
     }
 }

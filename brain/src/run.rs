@@ -1385,7 +1385,19 @@ impl Loop {
             .filter_map(|q| q.slot.as_ref().map(|(s, _)| &s.app))
             .collect();
         let mut cells = self.cluster.auction_cells(apps);
+        // For diagnosing balance (`RUST_LOG=corral_brain::round=debug`):
+        // each cell's view as the round found it.
+        let before: Option<Vec<(CellId, u32, u64)>> =
+            tracing::enabled!(target: "corral_brain::round", tracing::Level::DEBUG).then(|| {
+                cells
+                    .iter()
+                    .map(|c| (c.id.clone(), c.starting, c.available.memory_mb))
+                    .collect()
+            });
         let (placed, unplaced) = place(&self.auction, &mut cells, batch);
+        if let Some(before) = before {
+            log_round(self.next_round, &before, &placed);
+        }
         for (q, error) in unplaced {
             self.metrics.placement_failure(error.reason());
             self.unplaced(q, &error.to_string(), now, wall);
@@ -1705,6 +1717,19 @@ type Placed = (
 /// refused it: items are grouped by the set of cells they exclude, and each
 /// group is placed on the remaining cells in turn, all on one working view so
 /// that capacity taken by one group is seen by the next.
+/// One debug line per round: per cell, `id:starting:free memory MB:placed:
+/// their memory MB`, as the round found it and what it placed there.
+fn log_round(round: u64, before: &[(CellId, u32, u64)], placed: &BTreeMap<CellId, Vec<Queued>>) {
+    use std::fmt::Write;
+    let mut line = String::with_capacity(before.len() * 20);
+    for (id, starting, free) in before {
+        let on = placed.get(id).map_or(&[][..], Vec::as_slice);
+        let mem: u64 = on.iter().map(|q| q.item.resources.memory_mb).sum();
+        let _ = write!(line, " {id}:{starting}:{free}:{}:{mem}", on.len());
+    }
+    tracing::debug!(target: "corral_brain::round", round, "view{line}");
+}
+
 fn place(config: &AuctionConfig, cells: &mut [AuctionCell], batch: Vec<Queued>) -> Placed {
     let mut groups: BTreeMap<BTreeSet<CellId>, Vec<Queued>> = BTreeMap::new();
     for q in batch {

@@ -170,7 +170,7 @@ fn settled(cell: &Cell) -> BTreeMap<String, Value> {
 fn shims_by_id(cell: &Cell) -> BTreeMap<String, Vec<u32>> {
     let mut by: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     for pid in cell.shim_pids() {
-        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        let Some(cmd) = common::cmdline(pid) else {
             continue;
         };
         let args: Vec<String> = cmd

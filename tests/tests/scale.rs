@@ -185,7 +185,16 @@ fn check_process(cell: &Cell, id: &str, pid: u64) {
         .split_whitespace()
         .next();
     assert_ne!(state, Some("Z"), "{id}: process {pid} is a zombie");
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap();
+    // Answered "running", the container's init may still be on its way
+    // into `sleep` (its execve under way): give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cmdline = loop {
+        let cmd = common::cmdline(pid as u32).unwrap_or_default();
+        if cmd.starts_with(b"/bin/sleep\0") || Instant::now() >= deadline {
+            break cmd;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(
         String::from_utf8_lossy(&cmdline).starts_with("/bin/sleep\0"),
         "{id}: process {pid} runs {:?}",

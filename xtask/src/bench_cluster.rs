@@ -109,7 +109,10 @@ brain's RSS.
   --start-delay-ms D a simulated cell reports an instance running D ms after
                      accepting it (default 10)
   --timeout SECS     give up waiting for everything to run (default 600)
-  --keep             keep the temporary directory (certificates, store, logs)
+  --keep             keep the temporary directory (certificates, store, logs,
+                     the cells as the balance was read); with
+                     CORRAL_BENCH_BRAIN_LOG=warn,corral_brain::round=debug the
+                     brain logs every round's view of every cell
 
 Smoke test: cargo xtask bench auction --quic --cells 50 --instances 2000";
 
@@ -818,7 +821,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let result = run_in(&o, &brain_bin, &dir);
     if o.keep || result.is_err() {
         println!(
-            "kept {} (certificates, store, brain.log, loadgen.log)",
+            "kept {} (certificates, store, brain.log, loadgen.log, cells.json)",
             dir.display()
         );
     } else {
@@ -884,7 +887,10 @@ fn run_in(o: &Options, brain_bin: &Path, dir: &Path) -> Result<()> {
         Command::new(brain_bin)
             .arg("--config")
             .arg(&config_path)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("CORRAL_BENCH_BRAIN_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(dir.join("brain.stdout"))?)
@@ -1006,6 +1012,8 @@ fn run_in(o: &Options, brain_bin: &Path, dir: &Path) -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
     };
     let settled = (settle_start.elapsed(), on_cells_at_end);
+    // The cells as the balance was read (kept with --keep).
+    std::fs::write(dir.join("cells.json"), serde_json::to_vec_pretty(&cells)?)?;
     let brain_mem = (
         status_kib(brain.pid(), "VmHWM:"),
         status_kib(brain.pid(), "VmRSS:"),

@@ -32,6 +32,23 @@ pub fn rootfs() -> PathBuf {
         .unwrap_or_else(|| workspace().join("target/rootfs/busybox"))
 }
 
+/// A process's command line, read again while it is in the middle of an
+/// execve: between the kernel installing the new image and laying out its
+/// arguments, `cmdline` reads empty (a shim re-executing itself as its
+/// monitor right after it reported the container running). Kernel threads
+/// (no `exe`) and zombies read empty for good and are returned as such.
+pub fn cmdline(pid: u32) -> Option<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let in_exec = cmd.is_empty() && std::fs::read_link(format!("/proc/{pid}/exe")).is_ok();
+        if !in_exec || Instant::now() >= deadline {
+            return Some(cmd);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     #[allow(unsafe_code)]
@@ -466,7 +483,7 @@ impl Cell {
             if Some(pid) == agent {
                 continue;
             }
-            if let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) {
+            if let Some(cmd) = cmdline(pid) {
                 if String::from_utf8_lossy(&cmd).contains(&needle) {
                     pids.push(pid);
                 }
