@@ -76,6 +76,28 @@
 //! each dimension stays level on its own. It is the default; `Scoring::Mean`
 //! keeps Diego's.
 //!
+//! *Memory first*: the squares are weighted, memory's three times
+//! ([`AuctionConfig::memory_weight`]): `(3m² + d² + c²) / 5`. Memory is what
+//! a PaaS cell runs out of first and what quotas count, and a level memory
+//! floor is what the last starts of a push need. Those come in a round of
+//! their own, and its largest items (a 4 GB instance is 5 % of an 80 GiB
+//! cell) land on the emptiest cells; a cell that then gets one ends about
+//! that much above one that does not. The final spread is therefore
+//! roughly the floor's unevenness plus that step, so the floor has to be
+//! as level as it can be. With even weights the
+//! three dimensions were traded against each other, and small items (most
+//! of them, where disk and container slots outweigh their memory) were
+//! placed by disk and slots: memory drifted to a 3.4-4.1 % spread before
+//! the last round. Measured in process (`cargo xtask bench auction --half
+//! --batch 16384 --trace`, the end-to-end run's sizes, seeds 0xc077a1 and
+//! 1-3), memory / disk / slot spread before the last batch: weight 1: 3.4-4.1
+//! / 4.2-6.2 / 4.0-4.4 %; weight 3: 1.4-1.9 / 5.5-5.9 / 4.0-4.8 %; weight 5:
+//! 0.9-1.1 / 7.4-8.1 / 4.4-5.6 % (disk pays, so 3). After the last batch
+//! (1,696 items, under two per cell) 4.5-5.5 % whatever the weight: that
+//! step. End to end (`bench auction --quic`, whose last round is larger),
+//! 4 interleaved runs each: weight 1 4.4 / 5.3 / 6.1 / 10.0 %, weight 3
+//! 1.7-2.2 % (docs/benchmarks.md).
+//!
 //! # Measured
 //!
 //! `xtask/src/bench_auction.rs`: this core alone, in process (no QUIC), 1,000
@@ -112,7 +134,11 @@
 //! load, not the start count, deal out a batch. Same benchmark: memory /
 //! disk / slot spread 6.2 % / 5.1 % / 4.8 % in batches of 1,000, and
 //! 2.3 % / 4.6 % / 3.6 % in batches of 8,192 (19.8 % / 8.0 % / 2.0 % with
-//! every start charged), which is why the brain's rounds are large.
+//! every start charged), which is why the brain's rounds are large. With
+//! memory weighted three times (now the default): 5.5 % / 6.3 % / 6.4 %
+//! in batches of 1,000, 1.3 % / 7.4 % / 4.0 % in batches of 8,192 and
+//! 0.8 % / 5.7 % / 3.2 % in batches of 16,384 (1.7 % / 4.0 % / 2.4 % at
+//! even weights).
 
 use crate::desired::AppKey;
 use corral_proto::wire::{Tag, WorkItem, Zone};
@@ -224,6 +250,14 @@ pub struct AuctionConfig {
     /// beyond it the weight still keeps a fresh empty cell from taking the
     /// round. Default on; Diego's auction charges every start.
     pub round_share: bool,
+    /// How many times the memory term counts against disk's and container
+    /// slots' in [`Scoring::Balanced`] (ignored by [`Scoring::Mean`]):
+    /// `(w·m² + d² + c²) / (w + 2)`. Default 3: memory is what a PaaS cell
+    /// runs out of first and what quotas are made of, and an even memory
+    /// level before the last starts of a push arrive is what keeps its
+    /// largest instances from leaving the spread wide (see the module
+    /// documentation, "Memory first").
+    pub memory_weight: f64,
 }
 
 impl AuctionConfig {
@@ -234,6 +268,7 @@ impl AuctionConfig {
             starting_weight: 0.25,
             app_penalty: 1000.0,
             round_share: false,
+            memory_weight: 1.0,
         }
     }
 }
@@ -243,6 +278,7 @@ impl Default for AuctionConfig {
         Self {
             scoring: Scoring::Balanced,
             round_share: true,
+            memory_weight: 3.0,
             ..Self::diego()
         }
     }
@@ -433,7 +469,10 @@ fn score(
     let c = used_after(total.containers, available.containers, 1);
     let resources = match config.scoring {
         Scoring::Mean => (m + d + c) / 3.0,
-        Scoring::Balanced => (m * m + d * d + c * c) / 3.0,
+        Scoring::Balanced => {
+            let w = config.memory_weight;
+            (w * m * m + d * d + c * c) / (w + 2.0)
+        }
     };
     resources
         + config.starting_weight * f64::from(starting)
@@ -1141,7 +1180,14 @@ mod tests {
         assert!((mean - (0.5 + 0.75 + 0.6) / 3.0).abs() < 1e-12, "{mean}");
         let with_extras = score(&AuctionConfig::diego(), total, available, req, 2, 1);
         assert!((with_extras - (mean + 2.0 * 0.25 + 1000.0)).abs() < 1e-9);
+        // Balanced: memory's square counts three times.
         let balanced = score(&AuctionConfig::default(), total, available, req, 0, 0);
+        assert!((balanced - (3.0 * 0.25 + 0.5625 + 0.36) / 5.0).abs() < 1e-12);
+        let even = AuctionConfig {
+            memory_weight: 1.0,
+            ..AuctionConfig::default()
+        };
+        let balanced = score(&even, total, available, req, 0, 0);
         assert!((balanced - (0.25 + 0.5625 + 0.36) / 3.0).abs() < 1e-12);
         // A dimension without capacity counts as full.
         let none = score(
@@ -1476,8 +1522,8 @@ mod tests {
     }
 
     fn arb_config() -> impl Strategy<Value = AuctionConfig> {
-        (any::<bool>(), 0u8..3, 0u8..3, any::<bool>()).prop_map(|(diego, sw, ap, share)| {
-            AuctionConfig {
+        (any::<bool>(), 0u8..3, 0u8..3, any::<bool>(), 0u8..3).prop_map(
+            |(diego, sw, ap, share, mw)| AuctionConfig {
                 scoring: if diego {
                     Scoring::Mean
                 } else {
@@ -1486,8 +1532,9 @@ mod tests {
                 starting_weight: [0.0, 0.25, 2.0][sw as usize],
                 app_penalty: [0.0, 1000.0, 0.1][ap as usize],
                 round_share: share,
-            }
-        })
+                memory_weight: [1.0, 3.0, 0.0][mw as usize],
+            },
+        )
     }
 
     fn no_persistence() -> ProptestConfig {

@@ -49,7 +49,13 @@ struct Options {
     /// Overrides of the default auction's weights, to explore them.
     starting_weight: Option<f64>,
     app_penalty: Option<f64>,
+    memory_weight: Option<f64>,
     round_share: bool,
+    /// Print the spread after every batch.
+    trace: bool,
+    /// The end-to-end benchmark's memory sizes (`bench auction --quic`):
+    /// scaled so that all the instances ask for half the cells' memory.
+    half: bool,
 }
 
 impl Default for Options {
@@ -62,7 +68,10 @@ impl Default for Options {
             reference: true,
             starting_weight: None,
             app_penalty: None,
+            memory_weight: None,
             round_share: true,
+            half: false,
+            trace: false,
         }
     }
 }
@@ -87,11 +96,14 @@ fn parse(args: &[String]) -> Result<Options> {
             "--seed" => o.seed = value(name, it.next())?,
             "--starting-weight" => o.starting_weight = Some(value(name, it.next())?),
             "--app-penalty" => o.app_penalty = Some(value(name, it.next())?),
+            "--memory-weight" => o.memory_weight = Some(value(name, it.next())?),
             "--no-round-share" => o.round_share = false,
+            "--half" => o.half = true,
+            "--trace" => o.trace = true,
             "--no-reference" => o.reference = false,
             other => bail!(
                 "unknown argument {other:?}; expected --cells N, --instances N, --batch N, --seed N, \
-                 --starting-weight X, --app-penalty X, --no-round-share, \
+                 --starting-weight X, --app-penalty X, --memory-weight X, --no-round-share, --half, --trace, \
                  --no-reference"
             ),
         }
@@ -156,14 +168,20 @@ fn workload(o: &Options) -> Result<Vec<WorkItem>> {
             60..=89 => rng.range(4, 20),
             _ => rng.range(21, 100),
         };
-        let memory_mb = rng.weighted(&[
-            (20, 128),
-            (25, 256),
-            (25, 512),
-            (18, 1024),
-            (9, 2048),
-            (3, 4096),
-        ]);
+        let memory_mb = if o.half {
+            let mean = CELL.memory_mb as f64 * o.cells as f64 / 2.0 / o.instances as f64;
+            let scale = mean / crate::bench_cluster::MEMORY_MEAN;
+            ((rng.weighted(&crate::bench_cluster::MEMORY) as f64 * scale).round() as u64).max(16)
+        } else {
+            rng.weighted(&[
+                (20, 128),
+                (25, 256),
+                (25, 512),
+                (18, 1024),
+                (9, 2048),
+                (3, 4096),
+            ])
+        };
         let disk_mb = rng.weighted(&[(30, 256), (30, 512), (25, 1024), (10, 2048), (5, 4096)]);
         let app = AppId::new(format!("app-{app_no:06}"))?;
         for index in 0..count {
@@ -294,6 +312,17 @@ fn run_one(
         for c in &mut view {
             c.starting = 0;
         }
+        if o.trace {
+            let s = spread(&view);
+            eprintln!(
+                "{name}: batch {} ({} items): spread mem {:.1} % / disk {:.1} % / slots {:.1} %",
+                run.batches.len(),
+                batch.len(),
+                s.memory * 100.0,
+                s.disk * 100.0,
+                s.containers * 100.0
+            );
+        }
         if run.at_half.is_none() && placed_mb >= capacity / 2.0 {
             run.at_half = Some(spread(&view));
         }
@@ -372,6 +401,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let balanced = AuctionConfig {
         starting_weight: o.starting_weight.unwrap_or(defaults.starting_weight),
         app_penalty: o.app_penalty.unwrap_or(defaults.app_penalty),
+        memory_weight: o.memory_weight.unwrap_or(defaults.memory_weight),
         round_share: o.round_share,
         ..defaults
     };

@@ -68,7 +68,7 @@ const ADMIN: &str = "bench-admin-token-0123456789";
 const TENANT: &str = "bench";
 const BRAIN_ID: &str = "bench";
 /// Per-instance memory (MB) by weight: mean 409.6 MB.
-const MEMORY: [(u64, u64); 6] = [
+pub(crate) const MEMORY: [(u64, u64); 6] = [
     (40, 128),
     (30, 256),
     (17, 512),
@@ -76,7 +76,7 @@ const MEMORY: [(u64, u64); 6] = [
     (3, 2048),
     (1, 4096),
 ];
-const MEMORY_MEAN: f64 = 409.6;
+pub(crate) const MEMORY_MEAN: f64 = 409.6;
 const DISK: [(u64, u64); 5] = [(30, 256), (30, 512), (25, 1024), (10, 2048), (5, 4096)];
 const POLL: Duration = Duration::from_millis(100);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);

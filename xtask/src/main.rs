@@ -45,8 +45,10 @@ commands:
                        and CPU with them; appends to docs/benchmarks.md (root)
   bench auction [OPTS] the brain's auction core in process: 100,000 instances
                        on 1,000 simulated cells (--cells --instances --batch
-                       --seed --starting-weight --app-penalty --no-round-share
-                       --no-reference)
+                       --seed --starting-weight --app-penalty --memory-weight
+                       --no-round-share --no-reference --trace; --half: the
+                       --quic run's memory sizes, asking for half the cells'
+                       memory)
   bench auction --quic [OPTS]
                        the auction end to end: the release corral-brain, a
                        load generator holding 1,000 simulated cells over real
