@@ -1045,8 +1045,8 @@ impl Cluster {
             // starting weight does not depend on how soon the brain reads
             // a cell's report (counting only reported starts, the memory
             // spread of `bench auction --quic` was 5.0-6.3 % in three runs;
-            // with held work counted, a median of 4.2 % in thirteen, two of
-            // them outliers at 7.2 and 10.3 %: docs/benchmarks.md).
+            // with held work counted, a median of 4.2 % in thirteen, before
+            // memory counted three times in the score: docs/benchmarks.md).
             let held = u32::try_from(c.reserved.len()).unwrap_or(u32::MAX);
             view.starting = c.starting.saturating_add(held);
             at.insert(&c.id, views.len());

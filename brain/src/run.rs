@@ -95,7 +95,8 @@ pub const MAX_CONVERGE_INTERVAL: Duration = Duration::from_secs(1);
 /// out largest first by load (in process, 1,000 cells: 2.3 % memory spread
 /// at 8,192 per round, 6.2 % at 1,000; end to end, `bench auction --quic`
 /// with every app posted within a second: 4.4–4.5 % at 16,384 in two runs,
-/// 5.6 % at 8,192 in one).
+/// 5.6 % at 8,192 in one; both before memory counted three times in the
+/// score, which brought 16,384 to a median of ~2 %).
 pub const ROUND_ITEMS: usize = 16384;
 /// Rounds waiting for bids at once. Capacity offered in a round is held
 /// (reserved) on its cell until the cell reports the instance, so the next
