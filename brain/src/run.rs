@@ -191,6 +191,8 @@ enum Input {
         cell: CellId,
         conn: u64,
         msg: Message,
+        /// When its connection task read it.
+        read_at: Instant,
     },
     Disconnected {
         cell: CellId,
@@ -322,6 +324,8 @@ pub async fn run(
         offers: BTreeMap::new(),
         rounds: BTreeMap::new(),
         next_round: 0,
+        input_lag: tracing::enabled!(target: "corral_brain::round", tracing::Level::DEBUG)
+            .then(BTreeMap::new),
         accepted: Vec::new(),
         last_converge: None,
         last_full: None,
@@ -479,6 +483,7 @@ async fn serve_cell(
                         cell: cell.clone(),
                         conn,
                         msg,
+                        read_at: Instant::now(),
                     };
                     if input.send(msg).await.is_err() {
                         break "the brain is stopping".to_owned();
@@ -622,6 +627,10 @@ struct Loop {
     /// Rounds waiting for bids, by number.
     rounds: BTreeMap<u64, Round>,
     next_round: u64,
+    /// With the round log on (`corral_brain::round` at debug): per cell,
+    /// the longest a state delta waited between its connection task
+    /// reading it and the loop applying it, since the last round.
+    input_lag: Option<BTreeMap<CellId, Duration>>,
     /// Bids accepted and not yet recorded (see `start_accepted`).
     accepted: Vec<(CellId, Vec<Queued>)>,
     /// When convergence last ran, to bound its cost under a storm of reports.
@@ -841,9 +850,21 @@ impl Loop {
                     tracing::warn!(%cell, "cell disconnected: {reason}");
                 }
             }
-            Input::Message { cell, conn, msg } => {
+            Input::Message {
+                cell,
+                conn,
+                msg,
+                read_at,
+            } => {
                 if self.conns.get(&cell).is_none_or(|c| c.id != conn) {
                     return; // From a connection already replaced.
+                }
+                if let Some(lag) = self.input_lag.as_mut() {
+                    if matches!(msg, Message::StateDelta(_)) {
+                        let waited = read_at.elapsed();
+                        let worst = lag.entry(cell.clone()).or_default();
+                        *worst = (*worst).max(waited);
+                    }
                 }
                 self.on_message(&cell, msg, now, wall);
             }
@@ -1397,7 +1418,12 @@ impl Loop {
             });
         let (placed, unplaced) = place(&self.auction, &mut cells, batch);
         if let Some(before) = before {
-            log_round(self.next_round, &before, &placed);
+            let lag = self
+                .input_lag
+                .as_mut()
+                .map(std::mem::take)
+                .unwrap_or_default();
+            log_round(self.next_round, &before, &placed, &lag);
         }
         for (q, error) in unplaced {
             self.metrics.placement_failure(error.reason());
@@ -1719,14 +1745,22 @@ type Placed = (
 /// group is placed on the remaining cells in turn, all on one working view so
 /// that capacity taken by one group is seen by the next.
 /// One debug line per round: per cell, `id:starting:free memory MB:placed:
-/// their memory MB`, as the round found it and what it placed there.
-fn log_round(round: u64, before: &[(CellId, u32, u64)], placed: &BTreeMap<CellId, Vec<Queued>>) {
+/// their memory MB:input lag ms`, as the round found it, what it placed
+/// there, and the longest one of the cell's state deltas waited for the
+/// loop since the last round.
+fn log_round(
+    round: u64,
+    before: &[(CellId, u32, u64)],
+    placed: &BTreeMap<CellId, Vec<Queued>>,
+    lag: &BTreeMap<CellId, Duration>,
+) {
     use std::fmt::Write;
-    let mut line = String::with_capacity(before.len() * 20);
+    let mut line = String::with_capacity(before.len() * 24);
     for (id, starting, free) in before {
         let on = placed.get(id).map_or(&[][..], Vec::as_slice);
         let mem: u64 = on.iter().map(|q| q.item.resources.memory_mb).sum();
-        let _ = write!(line, " {id}:{starting}:{free}:{}:{mem}", on.len());
+        let ms = lag.get(id).map_or(0, Duration::as_millis);
+        let _ = write!(line, " {id}:{starting}:{free}:{}:{mem}:{ms}", on.len());
     }
     tracing::debug!(target: "corral_brain::round", round, "view{line}");
 }
