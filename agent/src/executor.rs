@@ -681,21 +681,7 @@ impl Executor {
             Err(reason) => {
                 tracing::error!(%reason, "shim did not report");
                 self.refresh_from_record(&id, &paths);
-                if tx.borrow().state == InstanceState::Starting {
-                    tx.send_modify(|s| {
-                        let _ = s.apply(
-                            spec.kind,
-                            Event::StartFailed {
-                                reason,
-                                at: shim::now(),
-                            },
-                        );
-                    });
-                    self.changed();
-                    self.cleanup_orphan(&id, &paths);
-                }
-                self.release_network(&id).await;
-                self.count_end(&id);
+                self.start_unreported(&id, &paths, reason).await;
             }
         }
         let info = self
@@ -818,6 +804,34 @@ impl Executor {
         });
     }
 
+    /// A start whose shim never said how it went: still starting, it fails
+    /// with `reason` and whatever the shim made is cleaned up; either way
+    /// its network is given back and its end counted.
+    async fn start_unreported(&self, id: &InstanceId, p: &InstancePaths, reason: String) {
+        let failed = match self.table().get(id) {
+            Some(e) if e.status.borrow().state == InstanceState::Starting => {
+                let kind = e.spec.kind;
+                e.status.send_modify(|s| {
+                    let _ = s.apply(
+                        kind,
+                        Event::StartFailed {
+                            reason,
+                            at: shim::now(),
+                        },
+                    );
+                });
+                true
+            }
+            _ => false,
+        };
+        if failed {
+            self.changed();
+            self.cleanup_orphan(id, p);
+        }
+        self.release_network(id).await;
+        self.count_end(id);
+    }
+
     /// Follows the start of an instance adopted while its shim was still
     /// starting it: the shim's report went to the agent that died, so its
     /// record is read until the start is decided (the shim's exit is the
@@ -849,22 +863,7 @@ impl Executor {
                         START_TIMEOUT.as_secs()
                     );
                     this.span(&id).in_scope(|| tracing::error!(%reason));
-                    if let Some(e) = this.table().get(&id) {
-                        let kind = e.spec.kind;
-                        e.status.send_modify(|s| {
-                            let _ = s.apply(
-                                kind,
-                                Event::StartFailed {
-                                    reason,
-                                    at: shim::now(),
-                                },
-                            );
-                        });
-                    }
-                    this.changed();
-                    this.cleanup_orphan(&id, &p);
-                    this.release_network(&id).await;
-                    this.count_end(&id);
+                    this.start_unreported(&id, &p, reason).await;
                     return;
                 }
             }

@@ -199,10 +199,10 @@ pub fn try_lock(p: &InstancePaths) -> std::io::Result<ShimLock> {
 
 /// A shim's first step: take the instance's lock for the rest of its life,
 /// then check that its start still stands: the launch file it read is
-/// still there, unchanged (each launch says when it was issued). An agent that restarted and found no
-/// record calls a start off by removing the launch file while it holds
-/// the lock, so a shim that comes after that stops here instead of running
-/// an instance nobody tracks.
+/// still there, unchanged (each launch says when it was issued). An agent
+/// that restarted and found no record calls a start off by removing the
+/// launch file while it holds the lock, so a shim that comes after that
+/// stops here instead of running an instance nobody tracks.
 fn claim(
     p: &InstancePaths,
     launch_path: &Path,
@@ -666,7 +666,6 @@ pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
     std::process::exit(0)
 }
 
-/// The signals the supervisor reads through its signalfd.
 /// Whether the kernel throws a SIGTERM to this process away: it is its pid
 /// namespace's init (every instance's first process is) and neither
 /// handles SIGTERM nor ignores it on purpose, so the default action
@@ -689,6 +688,7 @@ fn sigterm_is_dropped(status: &str) -> bool {
     }
 }
 
+/// The signals the supervisor reads through its signalfd.
 fn supervised_signals() -> SigSet {
     let mut mask = SigSet::empty();
     for s in [

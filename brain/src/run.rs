@@ -27,8 +27,9 @@
 //! capacity taken. A round:
 //!
 //! 1. the brain scores every connected cell centrally from the state the
-//!    cells report ([`run_auction`]; Diego's auctioneer likewise fetches its
-//!    cells' state and scores centrally), which sees the whole batch and
+//!    cells report ([`run_auction`](crate::auction::run_auction); Diego's
+//!    auctioneer likewise fetches its cells' state and scores centrally),
+//!    which sees the whole batch and
 //!    spreads it;
 //! 2. each chosen cell is sent a [`BidRequest`] holding only the items
 //!    placed on it, and answers with a bid or a refusal per item from its
@@ -627,9 +628,9 @@ struct Loop {
     /// Rounds waiting for bids, by number.
     rounds: BTreeMap<u64, Round>,
     next_round: u64,
-    /// With the round log on (`corral_brain::round` at debug): per cell,
-    /// the longest a state delta waited between its connection task
-    /// reading it and the loop applying it, since the last round.
+    /// With the round log on (`corral_brain::round` at debug; `None`: off):
+    /// per cell, the longest a state delta waited between its connection
+    /// task reading it and the loop applying it, since the last round.
     input_lag: Option<BTreeMap<CellId, Duration>>,
     /// Bids accepted and not yet recorded (see `start_accepted`).
     accepted: Vec<(CellId, Vec<Queued>)>,
@@ -1407,15 +1408,15 @@ impl Loop {
             .filter_map(|q| q.slot.as_ref().map(|(s, _)| &s.app))
             .collect();
         let mut cells = self.cluster.auction_cells(apps);
-        // For diagnosing balance (`RUST_LOG=corral_brain::round=debug`):
-        // each cell's view as the round found it.
-        let before: Option<Vec<(CellId, u32, u64)>> =
-            tracing::enabled!(target: "corral_brain::round", tracing::Level::DEBUG).then(|| {
-                cells
-                    .iter()
-                    .map(|c| (c.id.clone(), c.starting, c.available.memory_mb))
-                    .collect()
-            });
+        // For diagnosing balance (`RUST_LOG=corral_brain::round=debug`,
+        // which `input_lag` is kept for): each cell's view as the round
+        // found it.
+        let before: Option<Vec<(CellId, u32, u64)>> = self.input_lag.is_some().then(|| {
+            cells
+                .iter()
+                .map(|c| (c.id.clone(), c.starting, c.available.memory_mb))
+                .collect()
+        });
         let (placed, unplaced) = place(&self.auction, &mut cells, batch);
         if let Some(before) = before {
             let lag = self
@@ -1740,10 +1741,6 @@ type Placed = (
     Vec<(Queued, crate::auction::PlacementError)>,
 );
 
-/// Runs the auction over a batch, excluding for each item the cells that
-/// refused it: items are grouped by the set of cells they exclude, and each
-/// group is placed on the remaining cells in turn, all on one working view so
-/// that capacity taken by one group is seen by the next.
 /// One debug line per round: per cell, `id:starting:free memory MB:placed:
 /// their memory MB:input lag ms`, as the round found it, what it placed
 /// there, and the longest one of the cell's state deltas waited for the
@@ -1765,6 +1762,10 @@ fn log_round(
     tracing::debug!(target: "corral_brain::round", round, "view{line}");
 }
 
+/// Runs the auction over a batch, excluding for each item the cells that
+/// refused it: items are grouped by the set of cells they exclude, and each
+/// group is placed on the remaining cells in turn, all on one working view so
+/// that capacity taken by one group is seen by the next.
 fn place(config: &AuctionConfig, cells: &mut [AuctionCell], batch: Vec<Queued>) -> Placed {
     let mut groups: BTreeMap<BTreeSet<CellId>, Vec<Queued>> = BTreeMap::new();
     for q in batch {

@@ -370,11 +370,6 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// The claim writes that take `app` from holding what `old` held to what
-/// it needs now, giving it a VIP first if it has ports and none yet.
-/// Checked against the claims as read: a claim another app holds is
-/// refused here; one taken between this read and the commit fails the
-/// commit (`Exists`), and [`claiming`] reads again.
 /// Gives every app with ports but no VIP one from `range`: apps created
 /// before `[network] vip_range` was set (or while it was not). Each app is
 /// its own commit, as a patch that changes nothing else would be (its
@@ -398,6 +393,11 @@ pub fn give_missing_vips(
     Ok(given)
 }
 
+/// The claim writes that take `app` from holding what `old` held to what
+/// it needs now, giving it a VIP first if it has ports and none yet.
+/// Checked against the claims as read: a claim another app holds is
+/// refused here; one taken between this read and the commit fails the
+/// commit (`Exists`), and [`claiming`] reads again.
 fn claim_ops<S: Store + ?Sized>(
     store: &S,
     old: Option<&App>,

@@ -159,6 +159,7 @@ fn cells(n: usize) -> Result<Vec<CellView>> {
 
 fn workload(o: &Options) -> Result<Vec<WorkItem>> {
     let mut rng = Rng(o.seed);
+    let half_scale = crate::bench_cluster::half_memory_scale(o.cells, o.instances);
     let tenant = TenantId::new("bench")?;
     let mut items = Vec::with_capacity(o.instances);
     let mut app_no = 0u64;
@@ -169,9 +170,7 @@ fn workload(o: &Options) -> Result<Vec<WorkItem>> {
             _ => rng.range(21, 100),
         };
         let memory_mb = if o.half {
-            let mean = CELL.memory_mb as f64 * o.cells as f64 / 2.0 / o.instances as f64;
-            let scale = mean / crate::bench_cluster::MEMORY_MEAN;
-            ((rng.weighted(&crate::bench_cluster::MEMORY) as f64 * scale).round() as u64).max(16)
+            crate::bench_cluster::draw_memory_mb(&mut rng, half_scale)
         } else {
             rng.weighted(&[
                 (20, 128),

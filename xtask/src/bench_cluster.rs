@@ -68,7 +68,7 @@ const ADMIN: &str = "bench-admin-token-0123456789";
 const TENANT: &str = "bench";
 const BRAIN_ID: &str = "bench";
 /// Per-instance memory (MB) by weight: mean 409.6 MB.
-pub(crate) const MEMORY: [(u64, u64); 6] = [
+const MEMORY: [(u64, u64); 6] = [
     (40, 128),
     (30, 256),
     (17, 512),
@@ -76,7 +76,7 @@ pub(crate) const MEMORY: [(u64, u64); 6] = [
     (3, 2048),
     (1, 4096),
 ];
-pub(crate) const MEMORY_MEAN: f64 = 409.6;
+const MEMORY_MEAN: f64 = 409.6;
 const DISK: [(u64, u64); 5] = [(30, 256), (30, 512), (25, 1024), (10, 2048), (5, 4096)];
 const POLL: Duration = Duration::from_millis(100);
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
@@ -200,10 +200,21 @@ struct AppSpec {
     disk_mb: u64,
 }
 
+/// How much [`MEMORY`] is scaled by so that `instances` instances ask for
+/// half the memory of `cells` cells.
+pub(crate) fn half_memory_scale(cells: usize, instances: usize) -> f64 {
+    let target_mean = CELL.memory_mb as f64 * cells as f64 / 2.0 / instances as f64;
+    target_mean / MEMORY_MEAN
+}
+
+/// One instance's memory (MB): drawn from [`MEMORY`], scaled.
+pub(crate) fn draw_memory_mb(rng: &mut Rng, scale: f64) -> u64 {
+    ((rng.weighted(&MEMORY) as f64 * scale).round() as u64).max(16)
+}
+
 fn workload(o: &Options) -> Vec<AppSpec> {
     let mut rng = Rng(o.seed);
-    let target_mean = CELL.memory_mb as f64 * o.cells as f64 / 2.0 / o.instances as f64;
-    let scale = target_mean / MEMORY_MEAN;
+    let scale = half_memory_scale(o.cells, o.instances);
     let mut apps = Vec::new();
     let mut left = o.instances as u64;
     while left > 0 {
@@ -213,7 +224,7 @@ fn workload(o: &Options) -> Vec<AppSpec> {
             _ => rng.range(21, 100),
         }
         .min(left);
-        let memory_mb = ((rng.weighted(&MEMORY) as f64 * scale).round() as u64).max(16);
+        let memory_mb = draw_memory_mb(&mut rng, scale);
         let disk_mb = rng.weighted(&DISK);
         apps.push(AppSpec {
             name: format!("app-{:06}", apps.len()),
