@@ -97,9 +97,11 @@
 //! step. End to end (`bench auction --quic`), 10 interleaved pairs: weight
 //! 1 3.9-10.0 % (over 5 % in 6), weight 3 1.7-2.8 % in 9 and 5.2 % in one;
 //! over 39 runs of weight 3 a median of ~2.2 %, over 5 % in 6, when cells
-//! whose reports lag are shut out of rounds by the starting weight
-//! (docs/benchmarks.md says how, and what [`AuctionConfig::round_share`]'s
-//! median slack does about it).
+//! whose reports lag are shut out of rounds by the starting weight. Their
+//! lag is the brain loop's cadence: a cell whose bids just miss a loop pass
+//! gets its work a pass later, and reports a round or two behind its peers.
+//! [`AuctionConfig::pipeline_items`] gives the last two rounds' even share
+//! as slack against that (docs/benchmarks.md, "2026-12-06 20:10 UTC").
 //!
 //! # Measured
 //!
@@ -244,9 +246,11 @@ pub struct AuctionConfig {
     /// enough that spreading an app over cells beats any load difference.
     pub app_penalty: f64,
     /// Each cell's even share of the starts in flight plus slack (the
-    /// round's share again, or the median open cell's starts in flight if
-    /// larger), `⌈(starting on the open cells + batch) / open cells⌉ +
-    /// max(⌈batch / open cells⌉, median)`, is not charged the starting
+    /// round's share again, the median open cell's starts in flight, or
+    /// the even share of the last rounds' starts, whichever is largest),
+    /// `⌈(starting on the open cells + batch) / open cells⌉ +
+    /// max(⌈batch / open cells⌉, median, min(⌈pipeline_items / open
+    /// cells⌉, busiest))`, is not charged the starting
     /// weight: only starts beyond it are (a start is charged for the cell's
     /// total including itself). Within its share a cell is chosen by its
     /// load alone, so a large round (or several rounds in flight) is dealt
@@ -254,6 +258,14 @@ pub struct AuctionConfig {
     /// weight still keeps a fresh empty cell from taking the round. Default
     /// on; Diego's auction charges every start.
     pub round_share: bool,
+    /// Starts placed by the auctioneer's last rounds before this one
+    /// (the brain's last two), whose reports may still be on their way.
+    /// Part of [`AuctionConfig::round_share`]'s slack: a cell may have
+    /// their even share in flight uncharged (no more than some open cell
+    /// has in flight), because cells report their starts one by one, and a
+    /// cell whose reports lag a round or two behind its peers' looks busier
+    /// than it is. 0 (the default) outside a pipeline of rounds.
+    pub pipeline_items: u64,
     /// How many times the memory term counts against disk's and container
     /// slots' in [`Scoring::Balanced`] (ignored by [`Scoring::Mean`]):
     /// `(w·m² + d² + c²) / (w + 2)`. Default 3: memory is what a PaaS cell
@@ -273,6 +285,7 @@ impl AuctionConfig {
             app_penalty: 1000.0,
             round_share: false,
             memory_weight: 1.0,
+            pipeline_items: 0,
         }
     }
 }
@@ -492,8 +505,12 @@ fn score(
 /// (its bids late, say) catches up within a round or two; and a cell whose
 /// last round is not reported running yet (reports arrive cell by cell,
 /// about one round's share apart) is not shut out of a small round, the
-/// last of a push, for that alone. A cell holding more starts than that,
-/// more than its peers, is still charged.
+/// last of a push, for that alone; nor is a group of cells whose reports
+/// lag a round or two behind their peers' (the even share of the last
+/// rounds' items, [`AuctionConfig::pipeline_items`], though never more than
+/// the busiest open cell has in flight: without starts in flight there is
+/// no pipeline to lag behind). A cell holding more starts than that is
+/// still charged.
 /// `None` when every start is charged.
 fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> Option<u32> {
     if !config.round_share {
@@ -514,7 +531,9 @@ fn round_share(config: &AuctionConfig, cells: &[CellView], batch: usize) -> Opti
         let mid = (open.len() - 1) / 2;
         *open.select_nth_unstable(mid).1
     };
-    let slack = batch.div_ceil(n).max(u64::from(median));
+    let busiest = open.iter().copied().max().unwrap_or(0);
+    let pipeline = config.pipeline_items.div_ceil(n).min(u64::from(busiest));
+    let slack = batch.div_ceil(n).max(u64::from(median)).max(pipeline);
     let share = starting
         .saturating_add(batch)
         .div_ceil(n)
@@ -1273,6 +1292,50 @@ mod tests {
     }
 
     #[test]
+    fn a_cell_whose_reports_lag_rounds_behind_is_not_charged_within_the_pipeline() {
+        // Three cells have not reported the 34 starts of the last two
+        // rounds (170 items each over ten cells) as running yet; their
+        // seven peers have reported everything. All are equally loaded.
+        let cells: Vec<_> = (0..10)
+            .map(|i| {
+                let mut c = cell(&format!("c{i}"), "z", 8192);
+                c.available.memory_mb = 4096;
+                c.starting = if i < 3 { 34 } else { 0 };
+                c
+            })
+            .collect();
+        let batch: Vec<_> = (0..20).map(|i| task(&format!("t{i}"), 128)).collect();
+        let on_late = |pipeline_items: u64| {
+            let config = AuctionConfig {
+                pipeline_items,
+                ..AuctionConfig::default()
+            };
+            let out = auction(&config, &mut cells.clone(), &batch);
+            out.placed.iter().filter(|p| p.cell.as_str() < "c3").count()
+        };
+        // Without the pipeline's slack they are charged 20 starts and get
+        // nothing: they end a round's worth below their peers.
+        assert_eq!(on_late(0), 0);
+        // Within it, load decides: two each, as everyone.
+        assert_eq!(on_late(340), 6);
+        // The slack is the pipeline's even share (with the mean in flight),
+        // no more: cells six rounds behind are charged.
+        let mut deeper = cells.clone();
+        for c in &mut deeper[..3] {
+            c.starting = 102;
+        }
+        let config = AuctionConfig {
+            pipeline_items: 340,
+            ..AuctionConfig::default()
+        };
+        let out = auction(&config, &mut deeper, &batch);
+        assert!(
+            out.placed.iter().all(|p| p.cell.as_str() >= "c3"),
+            "{out:?}"
+        );
+    }
+
+    #[test]
     fn a_fresh_empty_cell_does_not_receive_a_whole_batch() {
         // Ten cells half full and one empty: without the starting weight,
         // the empty cell would take every start of the batch at once.
@@ -1302,6 +1365,14 @@ mod tests {
         };
         assert!(on_fresh(&every_start) <= 2);
         assert!(on_fresh(&AuctionConfig::default()) <= 4);
+        // A pipeline of rounds in flight adds no slack when no cell has
+        // anything in flight: the slack is never more than the busiest
+        // cell's starts.
+        let after_a_push = AuctionConfig {
+            pipeline_items: 100_000,
+            ..AuctionConfig::default()
+        };
+        assert!(on_fresh(&after_a_push) <= 4);
         let storm = AuctionConfig {
             starting_weight: 0.0,
             ..AuctionConfig::default()
@@ -1577,8 +1648,8 @@ mod tests {
     }
 
     fn arb_config() -> impl Strategy<Value = AuctionConfig> {
-        (any::<bool>(), 0u8..3, 0u8..3, any::<bool>(), 0u8..3).prop_map(
-            |(diego, sw, ap, share, mw)| AuctionConfig {
+        (any::<bool>(), 0u8..3, 0u8..3, any::<bool>(), 0u8..3, 0u8..3).prop_map(
+            |(diego, sw, ap, share, mw, pipe)| AuctionConfig {
                 scoring: if diego {
                     Scoring::Mean
                 } else {
@@ -1588,6 +1659,7 @@ mod tests {
                 app_penalty: [0.0, 1000.0, 0.1][ap as usize],
                 round_share: share,
                 memory_weight: [1.0, 3.0, 0.0][mw as usize],
+                pipeline_items: [0, 7, 40][pipe as usize],
             },
         )
     }

@@ -104,6 +104,11 @@ pub const ROUND_ITEMS: usize = 16384;
 /// round sees it taken; a new round starts while others wait only when a
 /// whole round's worth of items is queued.
 pub const ROUNDS_IN_FLIGHT: usize = 4;
+/// The rounds whose starts a cell may still be reporting when the next
+/// round is placed ([`AuctionConfig::pipeline_items`]): in `cargo xtask
+/// bench auction --quic`, groups of cells reported running up to two
+/// rounds after their peers (docs/benchmarks.md).
+pub const RECENT_ROUNDS: usize = 2;
 /// How long a cell has to answer a bid request.
 pub const BID_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a cell has to say hello after connecting.
@@ -325,6 +330,7 @@ pub async fn run(
         offers: BTreeMap::new(),
         rounds: BTreeMap::new(),
         next_round: 0,
+        recent_rounds: VecDeque::with_capacity(RECENT_ROUNDS),
         input_lag: tracing::enabled!(target: "corral_brain::round", tracing::Level::DEBUG)
             .then(BTreeMap::new),
         accepted: Vec::new(),
@@ -628,6 +634,9 @@ struct Loop {
     /// Rounds waiting for bids, by number.
     rounds: BTreeMap<u64, Round>,
     next_round: u64,
+    /// Items placed by the last [`RECENT_ROUNDS`] rounds, oldest first
+    /// ([`AuctionConfig::pipeline_items`]).
+    recent_rounds: VecDeque<u64>,
     /// With the round log on (`corral_brain::round` at debug; `None`: off):
     /// per cell, the longest a state delta waited between its connection
     /// task reading it and the loop applying it, since the last round.
@@ -1417,7 +1426,17 @@ impl Loop {
                 .map(|c| (c.id.clone(), c.starting, c.available.memory_mb))
                 .collect()
         });
-        let (placed, unplaced) = place(&self.auction, &mut cells, batch);
+        let config = AuctionConfig {
+            pipeline_items: self.recent_rounds.iter().sum(),
+            ..self.auction
+        };
+        let (placed, unplaced) = place(&config, &mut cells, batch);
+        let placed_items: usize = placed.values().map(Vec::len).sum();
+        if self.recent_rounds.len() == RECENT_ROUNDS {
+            self.recent_rounds.pop_front();
+        }
+        self.recent_rounds
+            .push_back(u64::try_from(placed_items).unwrap_or(u64::MAX));
         if let Some(before) = before {
             let lag = self
                 .input_lag

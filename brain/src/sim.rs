@@ -59,6 +59,60 @@ struct Shared {
     services: BTreeMap<Ipv4Addr, Service>,
     /// The last [`SERVICES_KEPT`] services messages received.
     services_log: Vec<Services>,
+    /// What happened when, if asked for ([`SimHandle::record_timeline`]).
+    timeline: Option<Vec<Moment>>,
+}
+
+/// One step of a simulated cell's work, for finding out where time goes
+/// (`cargo xtask bench auction --quic --keep`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// A bid request for `n` items arrived.
+    BidRequest,
+    /// The bids for `n` items were sent.
+    Bids,
+    /// A StartWork arrived.
+    StartWork,
+    /// `n` instances were marked running by their timers.
+    Running,
+    /// A state delta with `n` instances running was sent.
+    Delta,
+}
+
+impl Mark {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BidRequest => "bid-request",
+            Self::Bids => "bids",
+            Self::StartWork => "start-work",
+            Self::Running => "running",
+            Self::Delta => "delta",
+        }
+    }
+}
+
+/// When (microseconds of wall-clock time since the Unix epoch) a [`Mark`]
+/// happened, and for how many items.
+#[derive(Debug, Clone, Copy)]
+pub struct Moment {
+    pub at_us: u64,
+    pub mark: Mark,
+    pub n: u32,
+}
+
+impl Shared {
+    fn note(&mut self, mark: Mark, n: usize) {
+        if let Some(t) = &mut self.timeline {
+            let at_us = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+            t.push(Moment {
+                at_us,
+                mark,
+                n: u32::try_from(n).unwrap_or(u32::MAX),
+            });
+        }
+    }
 }
 
 /// Services messages a simulated cell keeps for its test to read.
@@ -143,6 +197,16 @@ impl SimHandle {
 
     pub fn connected(&self) -> bool {
         self.lock().connected
+    }
+
+    /// From now on, note when each step of the work happens.
+    pub fn record_timeline(&self) {
+        self.lock().timeline.get_or_insert_with(Vec::new);
+    }
+
+    /// What was noted since [`SimHandle::record_timeline`].
+    pub fn timeline(&self) -> Vec<Moment> {
+        self.lock().timeline.clone().unwrap_or_default()
     }
 
     /// The services the brain has told this cell, by VIP.
@@ -363,9 +427,10 @@ async fn session(
                     }
                     Message::BidRequest(req) => {
                         let (mut free, evacuating) = {
-                    let s = lock();
-                    (available(sim, &s), s.evacuating)
-                };
+                            let mut s = lock();
+                            s.note(Mark::BidRequest, req.items.len());
+                            (available(sim, &s), s.evacuating)
+                        };
                         let bids = req.items.iter().map(|item| {
                             let outcome = if evacuating {
                                 BidOutcome::Refused(Refusal::Evacuating)
@@ -392,10 +457,12 @@ async fn session(
                             Bid { id: item.id.clone(), outcome }
                         }).collect();
                         w.send(&Message::Bids(Bids { request: req.request, bids })).await?;
+                        lock().note(Mark::Bids, req.items.len());
                     }
                     Message::StartWork(work) => {
                         let outcome = {
                         let mut s = lock();
+                        s.note(Mark::StartWork, 1);
                         match s.instances.get(&work.id) {
                             Some((spec, _)) if *spec == work.spec => AckOutcome::Done,
                             Some(_) => AckOutcome::Refused(Refusal::Duplicate { id: work.id.clone() }),
@@ -441,6 +508,7 @@ async fn session(
                         if st.state == InstanceState::Starting {
                             let _ = st.apply(spec.kind, Event::Started { pid: 1, at: corral_proto::Timestamp(1) });
                             s.changed.insert(id);
+                            s.note(Mark::Running, 1);
                             wake.notify_one();
                         }
                     }
@@ -452,7 +520,7 @@ async fn session(
                     w.send(&snapshot(seq)).await?;
                     continue;
                 }
-                let (changes, avail) = {
+                let (changes, avail, running) = {
                 let mut s = lock();
                 let mut changes: Vec<StateChange> = s.removed.iter().map(|id| StateChange::Removed { id: id.clone() }).collect();
                 for id in std::mem::take(&mut s.changed) {
@@ -461,7 +529,12 @@ async fn session(
                     }
                 }
                 s.removed.clear();
-                (changes, available(sim, &s))
+                let running = if s.timeline.is_some() {
+                    changes.iter().filter(|c| matches!(c, StateChange::Upsert { instance } if instance.state == InstanceState::Running)).count()
+                } else {
+                    0
+                };
+                (changes, available(sim, &s), running)
                 };
                 if changes.is_empty() {
                     continue;
@@ -469,6 +542,9 @@ async fn session(
                 for chunk in changes.chunks(corral_proto::wire::MAX_DELTA_CHANGES) {
                     seq += 1;
                     w.send(&Message::StateDelta(StateDelta { seq, available: avail, changes: chunk.to_vec() })).await?;
+                }
+                if running > 0 {
+                    lock().note(Mark::Delta, running);
                 }
             }
             cmd = commands.recv() => match cmd {

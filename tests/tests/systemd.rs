@@ -84,11 +84,13 @@ fn ready_only_after_readoption_then_keepalives_then_stopping() {
             pings += 1;
         }
     }
-    // The first is due at once, then one every 2 s.
+    // The first is due at once, then one every 2 s: paced, not sent in a
+    // burst. (That each one comes at all is the 10 s wait above; how soon
+    // is not asserted, since a busy machine delays them.)
     let took = t.elapsed();
     assert!(
-        took >= Duration::from_millis(3500) && took < Duration::from_secs(8),
-        "3 keep-alives in {took:?}"
+        took >= Duration::from_millis(3500),
+        "3 keep-alives in {took:?}, expected one every 2 s"
     );
 
     // A shim started by this agent does not inherit the notification socket.

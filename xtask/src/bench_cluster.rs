@@ -110,7 +110,9 @@ brain's RSS.
                      accepting it (default 10)
   --timeout SECS     give up waiting for everything to run (default 600)
   --keep             keep the temporary directory (certificates, store, logs,
-                     the cells as the balance was read); with
+                     the cells as the balance was read, and timeline.txt:
+                     when each simulated cell got bid requests and work,
+                     marked instances running and reported them); with
                      CORRAL_BENCH_BRAIN_LOG=warn,corral_brain::round=debug the
                      brain logs every round's view of every cell
 
@@ -640,6 +642,8 @@ struct LoadgenOptions {
     start_delay: Duration,
     /// Where to answer "what do the cells run?" (asked on stdin).
     status: Option<PathBuf>,
+    /// Where to write, with each answer, when each cell did what.
+    timeline: Option<PathBuf>,
 }
 
 /// What the simulated cells hold, as they see it.
@@ -674,12 +678,32 @@ fn cells_status(cells: &[sim::SimHandle]) -> CellsStatus {
     st
 }
 
+/// Writes every cell's timeline to `path`, one `<cell> <mark> <µs since
+/// the epoch> <items>` line per step.
+fn write_timeline(cells: &[sim::SimHandle], path: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for (i, c) in cells.iter().enumerate() {
+        let name = cell_name(i);
+        for m in c.timeline() {
+            writeln!(out, "{name} {} {} {}", m.mark.name(), m.at_us, m.n)?;
+        }
+    }
+    out.flush()
+}
+
 /// Answers every line on stdin (a sequence number) by writing
-/// `<seq> <slots running> <running> <live>` to `path`, replaced whole.
-fn answer_status(cells: Vec<sim::SimHandle>, path: PathBuf) {
+/// `<seq> <slots running> <running> <live>` to `path`, replaced whole
+/// (and the cells' timelines to `timeline`, if given).
+fn answer_status(cells: Vec<sim::SimHandle>, path: PathBuf, timeline: Option<PathBuf>) {
     let tmp = path.with_extension("tmp");
     for line in std::io::stdin().lines() {
         let Ok(line) = line else { return };
+        if let Some(t) = &timeline {
+            if let Err(e) = write_timeline(&cells, t) {
+                eprintln!("writing {}: {e}", t.display());
+            }
+        }
         let st = cells_status(&cells);
         let text = format!(
             "{} {} {} {}\n",
@@ -722,6 +746,7 @@ pub fn loadgen(args: &[String]) -> Result<()> {
         cells: 1000,
         start_delay: Duration::from_millis(10),
         status: None,
+        timeline: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -732,6 +757,7 @@ pub fn loadgen(args: &[String]) -> Result<()> {
             "--cells" => o.cells = value(name, it.next())?,
             "--start-delay-ms" => o.start_delay = Duration::from_millis(value(name, it.next())?),
             "--status" => o.status = Some(value(name, it.next())?),
+            "--timeline" => o.timeline = Some(value(name, it.next())?),
             other => bail!("unknown argument {other:?}"),
         }
     }
@@ -763,9 +789,15 @@ pub fn loadgen(args: &[String]) -> Result<()> {
                 Duration::from_secs(1),
             ));
         }
+        if o.timeline.is_some() {
+            for c in &cells {
+                c.record_timeline();
+            }
+        }
         if let Some(path) = o.status.clone() {
             let cells = cells.clone();
-            std::thread::spawn(move || answer_status(cells, path));
+            let timeline = o.timeline.clone();
+            std::thread::spawn(move || answer_status(cells, path, timeline));
         }
         let started = Instant::now();
         let mut last = usize::MAX;
@@ -832,7 +864,7 @@ pub fn run(args: &[String]) -> Result<()> {
     let result = run_in(&o, &brain_bin, &dir);
     if o.keep || result.is_err() {
         println!(
-            "kept {} (certificates, store, brain.log, loadgen.log, cells.json)",
+            "kept {} (certificates, store, brain.log, loadgen.log, cells.json, timeline.txt)",
             dir.display()
         );
     } else {
@@ -940,6 +972,17 @@ fn run_in(o: &Options, brain_bin: &Path, dir: &Path) -> Result<()> {
             .args(["--start-delay-ms", &o.start_delay_ms.to_string()])
             .arg("--status")
             .arg(dir.join("loadgen.status"))
+            .args(
+                o.keep
+                    .then(|| {
+                        [
+                            "--timeline".into(),
+                            dir.join("timeline.txt").into_os_string(),
+                        ]
+                    })
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::piped())
             .stdout(log.try_clone()?)
             .stderr(log),
