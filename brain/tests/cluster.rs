@@ -9,7 +9,7 @@
 
 use corral_brain::certs::{self, Validity};
 use corral_brain::config::{Config, TlsFiles, Token, Tokens};
-use corral_brain::sim::{self, SimCell, SimHandle};
+use corral_brain::sim::{self, Mark, SimCell, SimHandle};
 use corral_brain::tls::Credentials;
 use corral_brain::PeerIdentity;
 use corral_proto::wire::{BrainId, Zone};
@@ -243,6 +243,7 @@ async fn apps_spread_scale_heal_and_survive_a_brain_restart() {
     let c2 = cell(&certs, "c2", "z2", brain.quic, fast);
     let c3 = cell(&certs, "c3", "z3", brain.quic, fast);
     let all = [&c1, &c2, &c3];
+    c1.record_timeline();
     wait_for("three cells", || all.iter().all(|c| c.connected())).await;
     let (_, cells) = call(brain.api, "GET", "/v1/cells", None).await;
     assert_eq!(cells["cells"].as_array().unwrap().len(), 3, "{cells}");
@@ -250,6 +251,30 @@ async fn apps_spread_scale_heal_and_survive_a_brain_restart() {
     // Six instances spread evenly over three cells in three zones.
     push(brain.api, "web", 6).await;
     assert_eq!(settled(&all, 6).await, vec![2, 2, 2]);
+    // The timeline (what `bench auction --quic --keep` writes) has each
+    // step of c1's two starts, in order.
+    let steps: Vec<(Mark, u32)> = c1.timeline().iter().map(|m| (m.mark, m.n)).collect();
+    let count = |mark: Mark| -> u32 {
+        steps
+            .iter()
+            .filter(|(m, _)| *m == mark)
+            .map(|(_, n)| n)
+            .sum()
+    };
+    for mark in [
+        Mark::BidRequest,
+        Mark::Bids,
+        Mark::StartWork,
+        Mark::Running,
+        Mark::Delta,
+    ] {
+        assert_eq!(count(mark), 2, "{mark:?} in {steps:?}");
+    }
+    let first = |mark: Mark| steps.iter().position(|(m, _)| *m == mark).unwrap();
+    assert!(first(Mark::BidRequest) < first(Mark::Bids), "{steps:?}");
+    assert!(first(Mark::Bids) < first(Mark::StartWork), "{steps:?}");
+    assert!(first(Mark::StartWork) < first(Mark::Running), "{steps:?}");
+    assert!(first(Mark::Running) < first(Mark::Delta), "{steps:?}");
     let (_, inst) = call(brain.api, "GET", "/v1/apps/web/instances?tenant=acme", None).await;
     let list = inst["instances"].as_array().unwrap();
     assert_eq!(list.len(), 6, "{inst}");
