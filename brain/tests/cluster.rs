@@ -261,13 +261,11 @@ async fn apps_spread_scale_heal_and_survive_a_brain_restart() {
             .map(|(_, n)| n)
             .sum()
     };
-    for mark in [
-        Mark::BidRequest,
-        Mark::Bids,
-        Mark::StartWork,
-        Mark::Running,
-        Mark::Delta,
-    ] {
+    // (An offer the brain gave up waiting for would be offered again.)
+    for mark in [Mark::BidRequest, Mark::Bids] {
+        assert!(count(mark) >= 2, "{mark:?} in {steps:?}");
+    }
+    for mark in [Mark::StartWork, Mark::Running, Mark::Delta] {
         assert_eq!(count(mark), 2, "{mark:?} in {steps:?}");
     }
     let first = |mark: Mark| steps.iter().position(|(m, _)| *m == mark).unwrap();
