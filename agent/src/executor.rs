@@ -706,6 +706,12 @@ impl Executor {
         p: &InstancePaths,
         netns: Option<PathBuf>,
     ) -> Result<(), ExecError> {
+        // Written at start-up (`adopt`); again if the run directory lost it.
+        let init = crate::init::path(&self.layout.run_dir);
+        if !init.exists() {
+            crate::init::install(&self.layout.run_dir)
+                .map_err(io(format!("writing {}", init.display())))?;
+        }
         let launch = Launch {
             id: id.clone(),
             spec: spec.clone(),
@@ -719,6 +725,7 @@ impl Executor {
             issued_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            init: Some(init),
         };
         let launch_json = serde_json::to_vec_pretty(&launch)
             .map_err(|e| io("encoding launch")(std::io::Error::other(e)))?;
@@ -1103,6 +1110,10 @@ impl Executor {
         let dir = self.layout.instances_data();
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         std::fs::create_dir_all(self.layout.instances_run()).map_err(io("creating the run dir"))?;
+        crate::init::install(&self.layout.run_dir).map_err(io(format!(
+            "writing {}",
+            crate::init::path(&self.layout.run_dir).display()
+        )))?;
         let mut adopted = 0;
         for ent in std::fs::read_dir(&dir).map_err(io(format!("reading {}", dir.display())))? {
             let Ok(ent) = ent else { continue };

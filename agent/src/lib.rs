@@ -19,6 +19,8 @@ pub mod executor;
 #[cfg(feature = "runtime")]
 pub mod health;
 #[cfg(feature = "runtime")]
+pub mod init;
+#[cfg(feature = "runtime")]
 pub mod layer;
 #[cfg(feature = "runtime")]
 pub mod logs;

@@ -54,6 +54,11 @@ pub struct Launch {
     /// holds the lock, that the launch file is still the one it read.
     #[serde(default)]
     pub issued_ns: u64,
+    /// The `corral-init` executable ([`crate::init`]) to run the command
+    /// under; none (a launch from an agent before it): the command is the
+    /// container's first process itself.
+    #[serde(default)]
+    pub init: Option<PathBuf>,
 }
 
 /// What the shim records about its instance; the agent's source of truth.
@@ -258,6 +263,15 @@ struct Running {
     init: Pid,
     out: Option<OwnedFd>,
     err: Option<OwnedFd>,
+    /// The read end of `corral-init`'s status pipe (non-blocking).
+    status: Option<OwnedFd>,
+}
+
+/// How the container's first process ended, and, when it is `corral-init`,
+/// how the command it ran ended.
+struct Exit {
+    init: WaitStatus,
+    child: Option<crate::init::ChildEnd>,
 }
 
 impl Shim {
@@ -395,11 +409,31 @@ impl Shim {
                 .map_err(|e| format!("fcntl: {e}"))?;
         }
         let null = std::fs::File::open("/dev/null").map_err(|e| format!("/dev/null: {e}"))?;
+        // Under corral-init: its executable, open for the container's first
+        // process to run, and the pipe it reports on. Both close on exec.
+        let init = match &l.init {
+            Some(path) => {
+                let exe = std::fs::File::open(path)
+                    .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+                let (status_r, status_w) =
+                    nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+                        .map_err(|e| format!("pipe: {e}"))?;
+                Some((exe, status_r, status_w))
+            }
+            None => None,
+        };
 
-        let mut container = ContainerBuilder::new(container_id(&l.id), SyscallType::default())
+        let builder = ContainerBuilder::new(container_id(&l.id), SyscallType::default())
             .with_root_path(p.container_state())
-            .map_err(|e| format!("container state dir: {e}"))?
-            .with_executor(DefaultExecutor {})
+            .map_err(|e| format!("container state dir: {e}"))?;
+        let builder = match &init {
+            Some((exe, _, status_w)) => builder.with_executor(crate::init::InitExecutor {
+                init: exe.as_raw_fd(),
+                status: status_w.as_raw_fd(),
+            }),
+            None => builder.with_executor(DefaultExecutor {}),
+        };
+        let mut container = builder
             .with_stdin(OwnedFd::from(null))
             .with_stdout(out_w)
             .with_stderr(err_w)
@@ -410,13 +444,13 @@ impl Shim {
             .with_detach(true)
             .build()
             .map_err(|e| format!("cannot create the container: {e}"))?;
-        let init = container.pid().ok_or("the container has no init process")?;
+        let first = container.pid().ok_or("the container has no init process")?;
 
         if let Some(root) = &l.cgroup2_root {
             let dir = p.cgroup2();
             debug_assert!(dir.starts_with(root));
             std::fs::create_dir_all(&dir)
-                .and_then(|()| std::fs::write(dir.join("cgroup.procs"), init.as_raw().to_string()))
+                .and_then(|()| std::fs::write(dir.join("cgroup.procs"), first.as_raw().to_string()))
                 .map_err(|e| {
                     format!(
                         "cannot place the instance in cgroup2 {}: {e}",
@@ -428,15 +462,18 @@ impl Shim {
             .start()
             .map_err(|e| format!("cannot start the container: {e}"))?;
         Ok(Running {
-            init,
+            init: first,
             out: Some(out_r),
             err: Some(err_r),
+            // The executable and the write end close here: the container's
+            // process has its own.
+            status: init.map(|(_, status_r, _)| status_r),
         })
     }
 
     /// Waits for the container's init to end, copying its output into the
     /// logs and carrying out a stop request. Returns how it ended.
-    fn supervise(&mut self, r: Running) -> WaitStatus {
+    fn supervise(&mut self, r: Running) -> Exit {
         let mask = supervised_signals();
         let _ = mask.thread_block();
         let mut sfd =
@@ -478,7 +515,10 @@ impl Shim {
                     pump.finish();
                     self.record.logs_dropped = pump.log.as_ref().map_or(0, |w| w.dropped);
                     self.last_err = pump.last_err.take();
-                    return ws;
+                    return Exit {
+                        init: ws,
+                        child: r.status.as_ref().and_then(read_child_end),
+                    };
                 }
             }
 
@@ -503,10 +543,13 @@ impl Shim {
                             .unwrap_or(self.launch.stop_grace_secs);
                         self.apply(Event::StopRequested);
                         let _ = kill(r.init, Signal::SIGTERM);
-                        // An init that does not handle SIGTERM never sees
-                        // it: waiting the grace would be waiting for nothing.
-                        let deaf = std::fs::read_to_string(format!("/proc/{}/status", r.init))
-                            .is_ok_and(|s| sigterm_is_dropped(&s));
+                        // A command that is its container's init itself (a
+                        // launch without corral-init) and does not handle
+                        // SIGTERM never sees it: waiting the grace would be
+                        // waiting for nothing. corral-init passes it on.
+                        let deaf = self.launch.init.is_none()
+                            && std::fs::read_to_string(format!("/proc/{}/status", r.init))
+                                .is_ok_and(|s| sigterm_is_dropped(&s));
                         kill_at = Some(if deaf {
                             Instant::now()
                         } else {
@@ -524,15 +567,11 @@ impl Shim {
         }
     }
 
-    fn finish(&mut self, ws: WaitStatus) {
+    fn finish(&mut self, exit: Exit) {
         let stats = cgroups::read_v1(&self.launch.paths);
         self.record.cpu_ns = stats.cpu_ns;
         self.record.oom_kills = stats.oom_kills.unwrap_or(0);
-        let (code, signal) = match ws {
-            WaitStatus::Exited(_, c) => (Some(c), None),
-            WaitStatus::Signaled(_, s, _) => (None, Some(s as i32)),
-            _ => (None, None),
-        };
+        let (code, signal) = exit_of(&exit);
         // A SIGKILL while the memory cgroup recorded an OOM kill is the OOM killer's.
         let oom_killed = self.record.oom_kills > 0 && signal == Some(libc::SIGKILL);
         self.cleanup();
@@ -565,13 +604,36 @@ impl Shim {
     }
 }
 
+/// How the instance ended: as `corral-init` said its command ended when it
+/// exited (its own exit code is the command's, or 128 + the signal), else
+/// as the first process itself ended (killed by a signal from outside, or
+/// a command run without corral-init).
+fn exit_of(exit: &Exit) -> (Option<i32>, Option<i32>) {
+    use crate::init::ChildEnd;
+    match (exit.init, exit.child) {
+        (WaitStatus::Exited(..), Some(ChildEnd::Exited(c))) => (Some(c), None),
+        (WaitStatus::Exited(..), Some(ChildEnd::Signaled(s))) => (None, Some(s)),
+        (WaitStatus::Exited(_, c), None) => (Some(c), None),
+        (WaitStatus::Signaled(_, s, _), _) => (None, Some(s as i32)),
+        _ => (None, None),
+    }
+}
+
+/// What corral-init wrote on its status pipe, once it has exited.
+fn read_child_end(fd: &OwnedFd) -> Option<crate::init::ChildEnd> {
+    let mut buf = [0u8; 64];
+    let n = nix::unistd::read(fd.as_raw_fd(), &mut buf).ok()?;
+    crate::init::parse_status(&buf[..n])
+}
+
 /// Replaces the shim's image with `corral-agent shim-monitor`, handing over
-/// the container's pid and output pipes. Returns only on failure.
+/// the container's pid, output pipes and status pipe. Returns only on
+/// failure.
 fn exec_monitor(launch_path: &Path, r: &Running, lock: Option<RawFd>) -> std::io::Error {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     let fd = |f: &Option<OwnedFd>| f.as_ref().map_or(-1, |f| f.as_raw_fd());
-    let handed = [&r.out, &r.err]
+    let handed = [&r.out, &r.err, &r.status]
         .into_iter()
         .flatten()
         .map(|f| f.as_raw_fd());
@@ -593,6 +655,7 @@ fn exec_monitor(launch_path: &Path, r: &Running, lock: Option<RawFd>) -> std::io
         fd(&r.out).to_string().into_bytes(),
         fd(&r.err).to_string().into_bytes(),
         lock.unwrap_or(-1).to_string().into_bytes(),
+        fd(&r.status).to_string().into_bytes(),
     ]
     .into_iter()
     .map(CString::new)
@@ -611,7 +674,7 @@ fn exec_monitor(launch_path: &Path, r: &Running, lock: Option<RawFd>) -> std::io
 }
 
 /// Entry point of `corral-agent shim-monitor LAUNCH INIT_PID OUT_FD ERR_FD
-/// LOCK_FD` (-1: none):
+/// LOCK_FD STATUS_FD` (-1: none):
 /// the second half of a shim's life, after the container started.
 pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
     let parse = |i: usize| {
@@ -660,7 +723,15 @@ pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
         init: Pid::from_raw(init),
         out: sys::owned_fd(out),
         err: sys::owned_fd(err),
+        status: parse(5).and_then(sys::owned_fd),
     };
+    // Not handed to anything this monitor starts.
+    for fd in [&running.out, &running.err, &running.status].into_iter().flatten() {
+        let _ = fcntl(
+            fd.as_raw_fd(),
+            FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
     let exit = shim.supervise(running);
     shim.finish(exit);
     std::process::exit(0)

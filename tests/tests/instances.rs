@@ -433,9 +433,10 @@ fn instances_run_confined() {
         let said = logs.lines().any(|l| l.ends_with(&format!(" F {escape}")));
         assert!(!said, "{escape}: {logs}");
     }
-    // Its own pid namespace: PID 1 is its own shell, and the host's
-    // processes are invisible (the shell, ls, wc and a few more at most).
-    assert!(logs.contains("pid1=/bin/sh -c"), "{logs}");
+    // Its own pid namespace: PID 1 is corral-init running its shell, and
+    // the host's processes are invisible (the init, the shell, ls, wc and a
+    // few more at most).
+    assert!(logs.contains("pid1=corral-init /bin/sh -c"), "{logs}");
     let procs: usize = logs
         .lines()
         .find_map(|l| l.split("procs=").nth(1))
@@ -480,7 +481,7 @@ fn metrics_expose_instances_and_capacity() {
 }
 
 #[test]
-fn a_stop_gives_a_sigterm_handler_its_grace_and_does_not_wait_for_an_init_without_one() {
+fn a_stop_gives_a_sigterm_handler_its_grace_and_ends_a_command_without_one_at_once() {
     let cell = Cell::start();
     // A handler: it gets SIGTERM and ends on its own, with its own status.
     cell.put_ok(
@@ -502,9 +503,10 @@ fn a_stop_gives_a_sigterm_handler_its_grace_and_does_not_wait_for_an_init_withou
     // Its own exit status: the trap ran.
     assert_eq!(gone["exit_code"], 7, "{gone:#}");
 
-    // No handler (`sleep` as the container's init): the kernel drops the
-    // SIGTERM, so the stop kills it at once instead of waiting out a grace
-    // of 600 s (the client gives up after 90 s).
+    // No handler (`sleep`): corral-init, the container's first process,
+    // passes the SIGTERM on and the default action ends the command at once
+    // (were `sleep` the namespace's init itself, the kernel would drop it),
+    // rather than after the 600 s grace (the client gives up after 90 s).
     cell.put_ok("deaf", &lrp("exec sleep 100000"));
     cell.wait_state("deaf", "running");
     let started = Instant::now();
@@ -514,11 +516,66 @@ fn a_stop_gives_a_sigterm_handler_its_grace_and_does_not_wait_for_an_init_withou
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     let gone: serde_json::Value = r.json().unwrap();
-    assert_eq!(gone["signal"], 9, "{gone:#}");
+    assert_eq!(gone["signal"], 15, "{gone:#}");
     eprintln!(
-        "an init without a SIGTERM handler stopped in {:?}",
+        "a command without a SIGTERM handler stopped in {:?}",
         started.elapsed()
     );
+    cell.assert_clean();
+}
+
+#[test]
+fn orphans_are_reaped_and_signals_reach_the_command() {
+    let cell = Cell::start();
+    // A subshell starts `sleep 0.2` in the background and exits at once:
+    // the sleep is orphaned, re-parented to the namespace's first process,
+    // and ends. Were that `sleep 1000` itself (exec'd by the shell), it
+    // would never wait for it: a zombie for the instance's whole life.
+    cell.put_ok(
+        "orphans",
+        &lrp("for i in 1 2 3 4 5; do (sleep 0.2 &); done; exec sleep 1000"),
+    );
+    cell.wait_state("orphans", "running");
+    let pid = cell.get("orphans")["pid"].as_u64().unwrap();
+    let procs = format!(
+        "/sys/fs/cgroup/memory/{}/orphans/cgroup.procs",
+        cell.cgroup_root
+    );
+    let states = || -> Vec<(u64, String)> {
+        std::fs::read_to_string(&procs)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<u64>().ok())
+            .filter_map(|p| {
+                let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+                let state = stat[stat.rfind(')')? + 1..].split_whitespace().next()?;
+                Some((p, state.to_owned()))
+            })
+            .collect()
+    };
+    // The orphans end within 0.2 s; give them (and a loaded machine) 10 s
+    // to end and be reaped, leaving corral-init and `sleep 1000`.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = states();
+        if now.len() == 2 && now.iter().all(|(_, s)| s != "Z") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not reaped: {now:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(states().iter().any(|(p, _)| *p == pid), "{:?}", states());
+    // A signal to the instance's pid reaches the command: SIGUSR1 ends
+    // `sleep` (its default action), and the instance records that signal.
+    #[allow(unsafe_code)]
+    // SAFETY: kill(2) on the first process of a container this test started.
+    unsafe {
+        libc::kill(pid as i32, libc::SIGUSR1);
+    }
+    let v = cell.wait_for("orphans", "crashed", |v| v["state"] == "crashed");
+    assert_eq!(v["signal"], libc::SIGUSR1, "{v:#}");
+    assert!(v["exit_code"].is_null(), "{v:#}");
+    cell.delete("orphans");
     cell.assert_clean();
 }
 

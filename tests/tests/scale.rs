@@ -176,30 +176,49 @@ fn incomplete(scrape: &str, must: &BTreeSet<String>, may: &BTreeSet<String>) -> 
     wrong
 }
 
-/// The process `pid` is alive (not a zombie), runs `sleep` and sits in the
-/// instance's own memory cgroup.
+/// The process `pid` (the instance's first, `corral-init`) is alive (not a
+/// zombie) and sits in the instance's own memory cgroup, and its one child
+/// runs `sleep`.
 fn check_process(cell: &Cell, id: &str, pid: u64) {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .unwrap_or_else(|e| panic!("{id}: process {pid} is gone: {e}"));
-    let state = stat[stat.rfind(')').unwrap() + 1..]
-        .split_whitespace()
-        .next();
-    assert_ne!(state, Some("Z"), "{id}: process {pid} is a zombie");
-    // Answered "running", the container's init may still be on its way
-    // into `sleep` (its execve under way): give it a moment.
+    let alive = |pid: u64| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_else(|e| panic!("{id}: process {pid} is gone: {e}"));
+        let state = stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .next()
+            .map(str::to_owned);
+        assert_ne!(state.as_deref(), Some("Z"), "{id}: process {pid} is a zombie");
+    };
+    alive(pid);
+    let init = common::cmdline(pid as u32).unwrap_or_default();
+    assert!(
+        init.starts_with(b"corral-init\0/bin/sh\0"),
+        "{id}: process {pid} runs {:?}",
+        String::from_utf8_lossy(&init)
+    );
+    // Answered "running", the command may still be on its way into
+    // `sleep` (its execve under way): give it a moment.
     let deadline = Instant::now() + Duration::from_secs(10);
-    let cmdline = loop {
-        let cmd = common::cmdline(pid as u32).unwrap_or_default();
+    let (child, cmdline) = loop {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default();
+        let child: Option<u64> = children.split_whitespace().next().and_then(|c| c.parse().ok());
+        let cmd = child
+            .and_then(|c| common::cmdline(c as u32))
+            .unwrap_or_default();
         if cmd.starts_with(b"/bin/sleep\0") || Instant::now() >= deadline {
-            break cmd;
+            break (child, cmd);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(
         String::from_utf8_lossy(&cmdline).starts_with("/bin/sleep\0"),
-        "{id}: process {pid} runs {:?}",
+        "{id}: the child {child:?} of {pid} runs {:?}",
         String::from_utf8_lossy(&cmdline)
     );
+    if let Some(child) = child {
+        alive(child);
+    }
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     let own = format!("/{}/{id}", cell.cgroup_root);
     assert!(
