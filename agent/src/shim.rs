@@ -415,9 +415,8 @@ impl Shim {
             Some(path) => {
                 let exe = std::fs::File::open(path)
                     .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-                let (status_r, status_w) =
-                    nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
-                        .map_err(|e| format!("pipe: {e}"))?;
+                let (status_r, status_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
+                    .map_err(|e| format!("pipe: {e}"))?;
                 Some((exe, status_r, status_w))
             }
             None => None,
@@ -726,7 +725,10 @@ pub fn monitor_main(args: &[std::ffi::OsString]) -> ! {
         status: parse(5).and_then(sys::owned_fd),
     };
     // Not handed to anything this monitor starts.
-    for fd in [&running.out, &running.err, &running.status].into_iter().flatten() {
+    for fd in [&running.out, &running.err, &running.status]
+        .into_iter()
+        .flatten()
+    {
         let _ = fcntl(
             fd.as_raw_fd(),
             FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
