@@ -41,7 +41,7 @@ pub fn install(run_dir: &Path) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(run_dir)?;
     let tmp = run_dir.join(format!(".corral-init.{}", std::process::id()));
     std::fs::write(&tmp, BINARY)?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o500))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o555))?;
     std::fs::rename(&tmp, &dst).inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
     })?;

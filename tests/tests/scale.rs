@@ -297,9 +297,19 @@ fn a_cell_with_250_instances_answers_its_api_and_metrics_and_cleans_up() {
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .map(|s| status_kib(&s, "RssAnon:"))
         .sum();
+    // Each instance's first process, corral-init, beside its command.
+    let inits: Vec<u64> = (0..INSTANCES)
+        .filter_map(|i| cell.get(&id(i))["pid"].as_u64())
+        .collect();
+    let init_anon: u64 = inits
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .map(|s| status_kib(&s, "RssAnon:"))
+        .sum();
     println!(
         "agent with {INSTANCES} instances: VmRSS {} (VmHWM {}; {} before the starts), \
-         CPU {:.2} % of a core over {} s idle; the {} shims' private memory (RssAnon) {} in all",
+         CPU {:.2} % of a core over {} s idle; the {} shims' private memory (RssAnon) {} in all, \
+         the {} corral-inits' {}",
         mib(idle.rss_kib),
         mib(idle.hwm_kib),
         mib(at_start.rss_kib),
@@ -307,6 +317,8 @@ fn a_cell_with_250_instances_answers_its_api_and_metrics_and_cleans_up() {
         IDLE.as_secs(),
         shims.len(),
         mib(shim_anon),
+        inits.len(),
+        mib(init_anon),
     );
 
     // Prometheus' part: scrapes over TCP, back to back, for as long as the

@@ -16,8 +16,12 @@ use crate::util::{self, is_root};
 /// `cargo xtask dist` and its tests: systemd (systemd-analyze verify),
 /// binutils (strip); prometheus for promtool (`promtool check metrics`).
 /// `cargo xtask bench lb` compares with iptables (kube-proxy's DNAT chains,
-/// loaded by `iptables-restore`) and IPVS (`ipvsadm`).
+/// loaded by `iptables-restore`) and IPVS (`ipvsadm`). gcc and libc6-dev
+/// (the static C library) build `corral-init` (agent/build.rs); Rust's own
+/// linking needs both too, so they are there before this runs.
 const PACKAGES: &[&str] = &[
+    "gcc",
+    "libc6-dev",
     "clang-19",
     "libbpf-dev",
     "libseccomp-dev",
