@@ -39,6 +39,8 @@ pub struct BrainMetrics {
     messages: Family<MessageLabels, Counter>,
     auctions: Counter,
     auction_duration: Histogram,
+    loop_pass_duration: Histogram,
+    input_wait: Histogram,
     placements: Counter,
     placement_failures: Family<ReasonLabel, Counter>,
     desired: Gauge,
@@ -86,6 +88,21 @@ impl BrainMetrics {
             "Time from an auction round's start to its last bid",
             prometheus_client::registry::Unit::Seconds,
             auction_duration.clone(),
+        );
+        let loop_pass_duration =
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        registry.register_with_unit(
+            "loop_pass_duration",
+            "Time one pass of the brain's loop takes (a batch of inputs applied, convergence, an auction round placed); inputs arriving meanwhile wait",
+            prometheus_client::registry::Unit::Seconds,
+            loop_pass_duration.clone(),
+        );
+        let input_wait = Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        registry.register_with_unit(
+            "input_wait",
+            "Time a cell's message waits between its connection reading it and the loop applying it",
+            prometheus_client::registry::Unit::Seconds,
+            input_wait.clone(),
         );
         let placements = Counter::default();
         registry.register(
@@ -153,6 +170,8 @@ impl BrainMetrics {
             messages,
             auctions,
             auction_duration,
+            loop_pass_duration,
+            input_wait,
             placements,
             placement_failures,
             desired,
@@ -175,6 +194,14 @@ impl BrainMetrics {
     pub fn auction_done(&self, seconds: f64) {
         self.auctions.inc();
         self.auction_duration.observe(seconds);
+    }
+
+    pub fn loop_pass(&self, seconds: f64) {
+        self.loop_pass_duration.observe(seconds);
+    }
+
+    pub fn input_waited(&self, seconds: f64) {
+        self.input_wait.observe(seconds);
     }
 
     pub fn placed(&self, n: usize) {

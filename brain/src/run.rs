@@ -680,12 +680,15 @@ impl Loop {
         self.step(false);
         loop {
             let wake = self.next_wake();
+            // A pass starts when something arrives (or a timer is due).
+            let mut pass: Option<Instant> = None;
             tokio::select! {
                 // What cells said first: a bid deadline must not win over
                 // bids that have arrived.
                 biased;
                 got = input.recv() => {
                     let Some(first) = got else { break };
+                    pass = Some(Instant::now());
                     self.handle(first);
                     // Take whatever else has arrived, then decide once.
                     while let Ok(more) = input.try_recv() {
@@ -709,12 +712,15 @@ impl Loop {
                             Err(_) => break,
                         };
                     }
+                    pass = Some(Instant::now());
                     self.reload_changed(changed);
                 }
                 () = tokio::time::sleep_until(wake.into()) => {}
                 () = &mut shutdown => break,
             }
+            let started = pass.unwrap_or_else(Instant::now);
             self.step(!input.is_empty());
+            self.metrics.loop_pass(started.elapsed().as_secs_f64());
         }
         for conn in self.conns.values() {
             close(&conn.connection, CloseCode::Normal, "brain shutting down");
@@ -869,9 +875,10 @@ impl Loop {
                 if self.conns.get(&cell).is_none_or(|c| c.id != conn) {
                     return; // From a connection already replaced.
                 }
+                let waited = read_at.elapsed();
+                self.metrics.input_waited(waited.as_secs_f64());
                 if let Some(lag) = self.input_lag.as_mut() {
                     if matches!(msg, Message::StateDelta(_)) {
-                        let waited = read_at.elapsed();
                         let worst = lag.entry(cell.clone()).or_default();
                         *worst = (*worst).max(waited);
                     }

@@ -1468,6 +1468,24 @@ fn report(r: &Report<'_>) -> String {
         fmt_quantile(quantile(&buckets, 0.99)),
         sum / count.max(1.0) * 1e3,
     );
+    // The loop's cadence: how long its passes take, and so how long a
+    // cell's answer waits to be applied (a bid that just misses a pass gets
+    // its work a pass later).
+    let hist = |name: &str| {
+        let b = m.buckets(name);
+        format!(
+            "p50 {}, p99 {} over {:.0}",
+            fmt_quantile(quantile(&b, 0.5)),
+            fmt_quantile(quantile(&b, 0.99)),
+            m.get(&format!("{name}_count")),
+        )
+    };
+    s += &format!(
+        "The brain's loop (whole run, setup included): a pass (`corral_brain_loop_pass_duration_seconds`) {} passes; \
+         a cell's message waited to be applied (`corral_brain_input_wait_seconds`) {} messages.\n\n",
+        hist("corral_brain_loop_pass_duration_seconds"),
+        hist("corral_brain_input_wait_seconds"),
+    );
     let msg = |dir: &str, ty: &str| {
         m.get(&format!(
             "corral_brain_messages_total{{direction=\"{dir}\",type=\"{ty}\"}}"
