@@ -1480,10 +1480,21 @@ fn report(r: &Report<'_>) -> String {
             m.get(&format!("{name}_count")),
         )
     };
+    let passes = m.buckets("corral_brain_loop_pass_duration_seconds");
+    let total = passes.last().map_or(0.0, |b| b.1);
+    let within = |le: f64| {
+        passes
+            .iter()
+            .find(|b| (b.0 - le).abs() < 1e-9)
+            .map_or(0.0, |b| b.1)
+    };
     s += &format!(
-        "The brain's loop (whole run, setup included): a pass (`corral_brain_loop_pass_duration_seconds`) {} passes; \
+        "The brain's loop (whole run, setup included): a pass (`corral_brain_loop_pass_duration_seconds`) {} passes, \
+         of which {:.0} took over 100 ms and {:.0} over 250 ms; \
          a cell's message waited to be applied (`corral_brain_input_wait_seconds`) {} messages.\n\n",
         hist("corral_brain_loop_pass_duration_seconds"),
+        total - within(0.1),
+        total - within(0.25),
         hist("corral_brain_input_wait_seconds"),
     );
     let msg = |dir: &str, ty: &str| {
