@@ -603,17 +603,17 @@ impl Shim {
     }
 }
 
-/// How the instance ended: as `corral-init` said its command ended when it
-/// exited (its own exit code is the command's, or 128 + the signal), else
-/// as the first process itself ended (killed by a signal from outside, or
-/// a command run without corral-init).
+/// How the instance ended: as `corral-init` said its command ended (its own
+/// exit code is the command's, or 128 + the signal), else as the first
+/// process itself ended (killed from outside before the command ended, as
+/// by a stop's SIGKILL, or a command run without corral-init).
 fn exit_of(exit: &Exit) -> (Option<i32>, Option<i32>) {
     use crate::init::ChildEnd;
-    match (exit.init, exit.child) {
-        (WaitStatus::Exited(..), Some(ChildEnd::Exited(c))) => (Some(c), None),
-        (WaitStatus::Exited(..), Some(ChildEnd::Signaled(s))) => (None, Some(s)),
-        (WaitStatus::Exited(_, c), None) => (Some(c), None),
-        (WaitStatus::Signaled(_, s, _), _) => (None, Some(s as i32)),
+    match (exit.child, exit.init) {
+        (Some(ChildEnd::Exited(c)), _) => (Some(c), None),
+        (Some(ChildEnd::Signaled(s)), _) => (None, Some(s)),
+        (None, WaitStatus::Exited(_, c)) => (Some(c), None),
+        (None, WaitStatus::Signaled(_, s, _)) => (None, Some(s as i32)),
         _ => (None, None),
     }
 }
@@ -915,6 +915,44 @@ mod tests {
              SigBlk:\t0000000000000000\nSigIgn:\t{ignored}\nSigCgt:\t{caught}\n\
              CapInh:\t0000000000000000\n"
         )
+    }
+
+    #[test]
+    fn an_instance_ends_as_corral_init_says_its_command_ended() {
+        use crate::init::ChildEnd;
+        let pid = Pid::from_raw(42);
+        let exit = |init, child| exit_of(&Exit { init, child });
+        // The init exits with the command's code, or 128 + its signal: the
+        // line says which.
+        assert_eq!(
+            exit(WaitStatus::Exited(pid, 3), Some(ChildEnd::Exited(3))),
+            (Some(3), None)
+        );
+        assert_eq!(
+            exit(WaitStatus::Exited(pid, 137), Some(ChildEnd::Signaled(9))),
+            (None, Some(9))
+        );
+        // A command that exits 137 itself is an exit code.
+        assert_eq!(
+            exit(WaitStatus::Exited(pid, 137), Some(ChildEnd::Exited(137))),
+            (Some(137), None)
+        );
+        // No line (no init, or it could not say): its own status.
+        assert_eq!(exit(WaitStatus::Exited(pid, 7), None), (Some(7), None));
+        // The init killed from outside (a stop's SIGKILL) before the
+        // command ended: that signal.
+        assert_eq!(
+            exit(WaitStatus::Signaled(pid, Signal::SIGKILL, false), None),
+            (None, Some(9))
+        );
+        // Killed just after the command ended and it said so: the command's.
+        assert_eq!(
+            exit(
+                WaitStatus::Signaled(pid, Signal::SIGKILL, false),
+                Some(ChildEnd::Exited(0))
+            ),
+            (Some(0), None)
+        );
     }
 
     #[test]

@@ -1102,9 +1102,79 @@ fn run_in(o: &Options, brain_bin: &Path, dir: &Path) -> Result<()> {
         log: &log_summary,
     });
     println!("\n{report}");
+    if o.keep {
+        match std::fs::read_to_string(dir.join("timeline.txt")) {
+            Ok(text) => println!("{}", timeline_summary(&text)),
+            Err(e) => println!("no timeline.txt: {e}"),
+        }
+    }
     brain.stop();
     loadgen.stop();
     Ok(())
+}
+
+/// What the simulated cells' timelines (`timeline.txt`, `<cell> <mark>
+/// <µs> <n>` per line) say about where a start's time went, over every
+/// cell: from a cell's bid answer to the next `StartWork` it received (the
+/// brain's loop and the way back), from a `StartWork` to the next instance
+/// its timer marked running (the load generator's timers), and from that
+/// to the next report sent (the load generator). Each step is paired with
+/// the next one of the following kind on the same cell, so it is an
+/// estimate, good for telling which side is slow.
+fn timeline_summary(text: &str) -> String {
+    let mut cells: BTreeMap<&str, BTreeMap<&str, Vec<u64>>> = BTreeMap::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(cell), Some(mark), Some(Ok(us))) = (f.next(), f.next(), f.next().map(str::parse))
+        else {
+            continue;
+        };
+        cells
+            .entry(cell)
+            .or_default()
+            .entry(mark)
+            .or_default()
+            .push(us);
+    }
+    let step = |from: &str, to: &str| {
+        let mut waits: Vec<u64> = Vec::new();
+        for marks in cells.values() {
+            let (Some(a), Some(b)) = (marks.get(from), marks.get(to)) else {
+                continue;
+            };
+            let mut b = b.clone();
+            b.sort_unstable();
+            for &t in a {
+                let next = b.partition_point(|&x| x < t);
+                if let Some(&u) = b.get(next) {
+                    waits.push(u - t);
+                }
+            }
+        }
+        waits.sort_unstable();
+        // Nearest rank.
+        let at = |q: f64| {
+            let i = ((waits.len() as f64 * q).ceil() as usize).saturating_sub(1);
+            waits
+                .get(i)
+                .map_or("n/a".to_owned(), |us| format!("{:.0} ms", *us as f64 / 1e3))
+        };
+        format!(
+            "p50 {}, p90 {}, max {} ({} pairs)",
+            at(0.5),
+            at(0.9),
+            at(1.0),
+            waits.len()
+        )
+    };
+    format!(
+        "Simulated cells' timelines ({} cells, timeline.txt): bid answer → StartWork {}; \
+         StartWork → running (the start delay's timer) {}; running → report {}.",
+        cells.len(),
+        step("bids", "start-work"),
+        step("start-work", "running"),
+        step("running", "delta"),
+    )
 }
 
 fn cell_views(http: &mut Http) -> Result<Vec<CellView>> {
@@ -1629,6 +1699,31 @@ fn report(r: &Report<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_timeline_is_summarised_step_by_step() {
+        let text = "c1 bids 1000 2\nc1 start-work 5000 1\nc1 start-work 6000 1\n\
+                    c1 running 16000 1\nc1 running 17000 1\nc1 delta 17000 2\n\
+                    c2 bids 2000 1\nc2 start-work 102000 1\nc2 running 112000 1\n\
+                    c2 delta 113000 1\nnot a line\n";
+        let s = timeline_summary(text);
+        assert!(s.contains("(2 cells"), "{s}");
+        // c1 waited 4 ms, c2 100 ms.
+        assert!(
+            s.contains("bid answer → StartWork p50 4 ms, p90 100 ms, max 100 ms (2 pairs)"),
+            "{s}"
+        );
+        // Each StartWork to the next running: 11 and 10 ms on c1, 10 on c2.
+        assert!(
+            s.contains("timer) p50 10 ms, p90 11 ms, max 11 ms (3 pairs)"),
+            "{s}"
+        );
+        // Each running to the next report: 1 and 0 ms on c1, 1 on c2.
+        assert!(
+            s.contains("running → report p50 1 ms, p90 1 ms, max 1 ms (3 pairs)"),
+            "{s}"
+        );
+    }
 
     #[test]
     fn quantiles_interpolate_within_buckets() {
