@@ -707,10 +707,9 @@ impl Executor {
         netns: Option<PathBuf>,
     ) -> Result<(), ExecError> {
         // Written at start-up (`adopt`); again if the run directory lost it.
-        let init = crate::init::path(&self.layout.run_dir);
+        let mut init = crate::init::path(&self.layout.run_dir);
         if !init.exists() {
-            crate::init::install(&self.layout.run_dir)
-                .map_err(io(format!("writing {}", init.display())))?;
+            init = self.install_init()?;
         }
         let launch = Launch {
             id: id.clone(),
@@ -809,6 +808,13 @@ impl Executor {
                 this.release_network(&id).await;
             }
         });
+    }
+
+    /// Writes `corral-init` into the run directory unless it is there whole.
+    fn install_init(&self) -> Result<PathBuf, ExecError> {
+        let run = &self.layout.run_dir;
+        crate::init::install(run)
+            .map_err(io(format!("writing {}", crate::init::path(run).display())))
     }
 
     /// A start whose shim never said how it went: still starting, it fails
@@ -1110,10 +1116,7 @@ impl Executor {
         let dir = self.layout.instances_data();
         std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
         std::fs::create_dir_all(self.layout.instances_run()).map_err(io("creating the run dir"))?;
-        crate::init::install(&self.layout.run_dir).map_err(io(format!(
-            "writing {}",
-            crate::init::path(&self.layout.run_dir).display()
-        )))?;
+        self.install_init()?;
         let mut adopted = 0;
         for ent in std::fs::read_dir(&dir).map_err(io(format!("reading {}", dir.display())))? {
             let Ok(ent) = ent else { continue };

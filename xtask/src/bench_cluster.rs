@@ -54,7 +54,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{bail, Context, Result};
 use corral_brain::api::{CellState, CellView};
 use corral_brain::certs::{self, Validity};
-use corral_brain::sim::{self, SimCell};
+use corral_brain::sim::{self, Mark, SimCell};
 use corral_brain::tls::Credentials;
 use corral_brain::PeerIdentity;
 use corral_proto::wire::{BrainId, Zone};
@@ -1171,9 +1171,9 @@ fn timeline_summary(text: &str) -> String {
         "Simulated cells' timelines ({} cells, timeline.txt): bid answer → StartWork {}; \
          StartWork → running (the start delay's timer) {}; running → report {}.",
         cells.len(),
-        step("bids", "start-work"),
-        step("start-work", "running"),
-        step("running", "delta"),
+        step(Mark::Bids.name(), Mark::StartWork.name()),
+        step(Mark::StartWork.name(), Mark::Running.name()),
+        step(Mark::Running.name(), Mark::Delta.name()),
     )
 }
 
