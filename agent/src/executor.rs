@@ -1127,11 +1127,30 @@ impl Executor {
             };
             let p = self.layout.instance(&id);
             let spec: InstanceSpec = match std::fs::read(p.spec())
-                .map_err(|e| e.to_string())
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+                .map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::NotFound {
+                        None
+                    } else {
+                        Some(e.to_string())
+                    }
+                })
+                .and_then(|b| serde_json::from_slice(&b).map_err(|e| Some(e.to_string())))
             {
                 Ok(s) => s,
-                Err(e) => {
+                Err(None) => {
+                    // A start cut between making the instance's directories
+                    // and writing its spec (written first, atomically):
+                    // nothing else of it exists, and it was never answered.
+                    self.span(&id).in_scope(|| {
+                        tracing::warn!(
+                            "removing the directories of a start cut before its spec was written"
+                        )
+                    });
+                    let _ = std::fs::remove_dir_all(&p.data);
+                    let _ = std::fs::remove_dir_all(&p.run);
+                    continue;
+                }
+                Err(Some(e)) => {
                     self.span(&id).in_scope(|| {
                         tracing::error!("ignoring instance with unreadable spec.json: {e}")
                     });

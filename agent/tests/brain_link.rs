@@ -161,7 +161,7 @@ impl BrainConn {
             panic!("the first message must be a hello");
         };
         self.send(Message::HelloAck(HelloAck {
-            version: 1,
+            version: corral_proto::wire::PROTOCOL_VERSION,
             brain: brain_id(),
             subnet: None,
         }))

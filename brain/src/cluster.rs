@@ -286,6 +286,9 @@ pub struct Pending {
 pub enum Effect {
     /// Persist the slot's crash record.
     PersistCrash(CrashRecord),
+    /// The slot's instance was lost by its cell (see
+    /// [`InstanceInfo::lost`]): not counted as a crash; only logged.
+    Lost { slot: LrpKey, reason: String },
     /// Persist a task's new state.
     PersistTask(Task),
     /// Forget a placement (its instance left its cell).
@@ -294,6 +297,14 @@ pub enum Effect {
     Remove { cell: CellId, id: InstanceId },
     /// Ask the cell for a fresh snapshot: a delta did not follow on.
     RequestState { cell: CellId },
+    /// Send a start in flight again (see [`Cluster::start_again`]).
+    StartAgain {
+        cell: CellId,
+        id: InstanceId,
+        spec: Box<corral_proto::InstanceSpec>,
+        slot: Option<LrpKey>,
+        task: Option<TaskId>,
+    },
 }
 
 /// Why a report from a cell was not applied.
@@ -488,6 +499,12 @@ impl Cluster {
         // What was offered to an older connection is answered, or not, by
         // the round's deadline; the snapshot that follows says what runs.
         release_all(&mut self.tally, cell);
+        // A stop sent on an older connection was carried out (the snapshot
+        // will say so) or died with it: either way it is no longer in
+        // flight, and convergence sends it again if the snapshot shows the
+        // instance still running. A stop is idempotent on the cell.
+        self.stopping
+            .retain(|id, _| !cell.instances.contains_key(id));
         self.touched.all = true;
     }
 
@@ -597,12 +614,60 @@ impl Cluster {
             if !in_flight {
                 self.placements.remove(&gone);
                 effects.push(Effect::DeletePlacement(gone));
+            } else if let Some(again) = self.start_again(id, &gone, now) {
+                effects.push(again);
             }
         }
         for info in reported.into_values() {
             self.upsert(id, info, now, wall, &mut effects);
         }
         Ok(effects)
+    }
+
+    /// A start in flight to `cell` that the cell's snapshot does not show:
+    /// sent on an older connection (lost with it when the agent restarted)
+    /// or still queued on the cell. It is sent again, its capacity held
+    /// again: a start is idempotent on a cell (the same id and spec is
+    /// answered as done), and the slot need not wait for the start timeout.
+    /// None when the start is no longer the one wanted (the app changed
+    /// version, the task ended): convergence sees to those.
+    fn start_again(&mut self, cell: &CellId, id: &InstanceId, now: Time) -> Option<Effect> {
+        let p = self.placements.get(id)?;
+        let (spec, slot, task) = match &p.workload {
+            Workload::Lrp {
+                app,
+                index,
+                version,
+            } => {
+                let key = AppKey {
+                    tenant: p.tenant.clone(),
+                    name: app.clone(),
+                };
+                let slot = LrpKey::new(key.clone(), *index);
+                let pending = self.pending.get(&slot)?;
+                let a = self.apps.get(&key)?;
+                if &pending.id != id || pending.version != *version || a.version != *version {
+                    return None;
+                }
+                (a.instance_spec(*index), Some(slot), None)
+            }
+            Workload::Task { task } => {
+                let t = self.tasks.get(task)?;
+                if t.state.is_final() || !self.pending_tasks.contains_key(task) {
+                    return None;
+                }
+                (t.instance_spec(), None, Some(task.clone()))
+            }
+        };
+        let app = slot.as_ref().map(|s| s.app.clone());
+        self.reserve(cell, id, Capacity::of(&spec), app, now);
+        Some(Effect::StartAgain {
+            cell: cell.clone(),
+            id: id.clone(),
+            spec: Box::new(spec),
+            slot,
+            task,
+        })
     }
 
     /// Changes since the last snapshot or delta.
@@ -675,6 +740,7 @@ impl Cluster {
         let kind = info.kind;
         let exit_code = info.exit_code;
         let reason = info.reason.clone();
+        let lost = info.lost;
         // Reported: its capacity is in the cell's `available` now, so its
         // hold is released (after counting the instance itself, so that
         // the app's count on the cell does not drop to zero and come back).
@@ -780,9 +846,16 @@ impl Cluster {
                     }
                     InstanceState::Crashed => {
                         // A crash of the slot's current placement counts;
-                        // a stale copy's does not.
+                        // a stale copy's does not, nor an instance its cell
+                        // lost (an agent killed during its start, a node
+                        // restart): restarted at once, not backed off.
                         let current = self.placements.get(&id).is_some_and(|p| &p.cell == cell_id);
-                        if current && self.apps.contains_key(&slot.app) {
+                        if current && lost && self.apps.contains_key(&slot.app) {
+                            effects.push(Effect::Lost {
+                                slot: slot.clone(),
+                                reason: reason.clone().unwrap_or_default(),
+                            });
+                        } else if current && self.apps.contains_key(&slot.app) {
                             let backoff = self
                                 .crashes
                                 .entry(slot.clone())
@@ -1858,6 +1931,191 @@ mod tests {
             .actual
             .iter()
             .all(|a| a.id.as_str() != "mine"));
+    }
+
+    #[test]
+    fn an_instance_its_cell_lost_is_removed_and_restarted_without_counting_a_crash() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot {
+                apps: vec![app("web", 1)],
+                ..Snapshot::default()
+            },
+            Time::ZERO,
+            Timestamp(1),
+        );
+        c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
+        let mut lost = info("web-0-a", "web", 0, InstanceState::Starting, None);
+        let mut status = corral_proto::Status::new();
+        status
+            .apply(
+                InstanceKind::Lrp,
+                corral_proto::Event::Lost {
+                    reason: "no runtime record".into(),
+                    at: Timestamp(2),
+                },
+            )
+            .unwrap();
+        (lost.state, lost.lost, lost.reason) = (status.state, status.lost, status.reason);
+        assert!(lost.lost && lost.state == InstanceState::Crashed);
+        // Lost four times: a crash each would back the slot off (the fourth
+        // waits 30 s); lost, it is started again at once every time.
+        for n in 0..4 {
+            let id = format!("web-0-{n}");
+            c.placements.insert(
+                InstanceId::new(&id).unwrap(),
+                placement(&id, "c1", "web", 0, 3 + n),
+            );
+            lost.id = InstanceId::new(&id).unwrap();
+            let effects = c
+                .apply_snapshot(
+                    &cell_id("c1"),
+                    snapshot(n, vec![lost.clone()]),
+                    Time::from_secs(n + 1),
+                    Timestamp(2),
+                )
+                .unwrap();
+            assert!(
+                !effects.iter().any(|e| matches!(e, Effect::PersistCrash(_))),
+                "{effects:?}"
+            );
+            assert!(effects.iter().any(|e| matches!(e, Effect::Lost { .. })));
+            assert!(effects.iter().any(|e| matches!(e, Effect::Remove { .. })));
+            c.removed(&cell_id("c1"), &lost.id, &mut Vec::new());
+        }
+        assert!(c.crashes.is_empty());
+    }
+
+    #[test]
+    fn a_start_in_flight_that_a_reconnected_cell_does_not_show_is_sent_again() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot {
+                apps: vec![app("web", 2)],
+                ..Snapshot::default()
+            },
+            Time::ZERO,
+            Timestamp(1),
+        );
+        let c1 = hello("c1", "10.244.1.0/24", "10.99.0.2");
+        c.connect(&c1, Timestamp(1));
+        let key = app("web", 2).key();
+        assert_eq!(c.apps[&key].version, 1);
+        for (index, id) in [(0, "web-0-a"), (1, "web-1-a")] {
+            c.pending.insert(
+                LrpKey::new(key.clone(), index),
+                Pending {
+                    id: InstanceId::new(id).unwrap(),
+                    version: 1,
+                    since: Time::ZERO,
+                },
+            );
+            c.placements.insert(
+                InstanceId::new(id).unwrap(),
+                placement(id, "c1", "web", index, 2),
+            );
+        }
+        // The agent restarted: web-0-a had been admitted, web-1-a was lost
+        // with the old connection.
+        c.connect(&c1, Timestamp(2));
+        let shown = info("web-0-a", "web", 0, InstanceState::Starting, None);
+        let effects = c
+            .apply_snapshot(
+                &cell_id("c1"),
+                snapshot(0, vec![shown]),
+                Time::from_secs(1),
+                Timestamp(2),
+            )
+            .unwrap();
+        let again: Vec<_> = effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::StartAgain {
+                    cell,
+                    id,
+                    spec,
+                    slot,
+                    task,
+                } => Some((
+                    cell.as_str(),
+                    id.as_str(),
+                    spec.index,
+                    slot.clone(),
+                    task.clone(),
+                )),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            again,
+            [("c1", "web-1-a", 1, Some(LrpKey::new(key.clone(), 1)), None)],
+            "{effects:?}"
+        );
+        // Its capacity is held again until the cell reports it.
+        assert!(c.cells[&cell_id("c1")]
+            .reserved
+            .contains_key(&InstanceId::new("web-1-a").unwrap()));
+        // Not once the app moved on to another version: convergence
+        // replaces it.
+        c.apps.get_mut(&key).unwrap().version = 2;
+        let effects = c
+            .apply_snapshot(
+                &cell_id("c1"),
+                snapshot(1, vec![]),
+                Time::from_secs(2),
+                Timestamp(3),
+            )
+            .unwrap();
+        assert!(
+            !effects
+                .iter()
+                .any(|e| matches!(e, Effect::StartAgain { .. })),
+            "{effects:?}"
+        );
+    }
+
+    #[test]
+    fn a_stop_sent_on_an_older_connection_is_no_longer_in_flight_once_the_cell_reconnects() {
+        let mut c = Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot {
+                apps: vec![app("web", 2)],
+                ..Snapshot::default()
+            },
+            Time::ZERO,
+            Timestamp(1),
+        );
+        let (c1, c2) = (
+            hello("c1", "10.244.1.0/24", "10.99.0.2"),
+            hello("c2", "10.244.2.0/24", "10.99.0.3"),
+        );
+        c.connect(&c1, Timestamp(1));
+        c.connect(&c2, Timestamp(1));
+        let running = |id, index| info(id, "web", index, InstanceState::Running, None);
+        c.apply_snapshot(
+            &cell_id("c1"),
+            snapshot(0, vec![running("w0", 0)]),
+            Time::ZERO,
+            Timestamp(1),
+        )
+        .unwrap();
+        c.apply_snapshot(
+            &cell_id("c2"),
+            snapshot(0, vec![running("w1", 1)]),
+            Time::ZERO,
+            Timestamp(1),
+        )
+        .unwrap();
+        let now = Time::from_secs(1);
+        let resend = Duration::from_secs(30);
+        for id in ["w0", "w1"] {
+            c.stopping.insert(InstanceId::new(id).unwrap(), Time::ZERO);
+        }
+        // c1's agent restarts: its connection is new, its older stop gone
+        // with the old one; c2's stop is still in flight.
+        c.connect(&c1, Timestamp(2));
+        assert!(!c.stop_in_flight(&InstanceId::new("w0").unwrap(), now, resend));
+        assert!(c.stop_in_flight(&InstanceId::new("w1").unwrap(), now, resend));
     }
 
     #[test]

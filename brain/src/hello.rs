@@ -76,7 +76,7 @@ pub fn accept_hello(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use corral_proto::wire::{Zone, SUPPORTED_VERSIONS};
+    use corral_proto::wire::{Zone, PROTOCOL_VERSION as V, SUPPORTED_VERSIONS};
     use corral_proto::Capacity;
 
     fn hello(cell: &str, min: u16, max: u16) -> Hello {
@@ -105,12 +105,12 @@ mod tests {
             None,
         )
         .unwrap();
-        assert_eq!(ack.version, 1);
+        assert_eq!(ack.version, V);
         assert_eq!(ack.brain, brain);
 
         let err = accept_hello(
             &peer,
-            &hello("c2", 1, 1),
+            &hello("c2", V, V),
             SUPPORTED_VERSIONS,
             &brain,
             None,
@@ -138,7 +138,7 @@ mod tests {
         assert!(matches!(
             accept_hello(
                 &other_brain,
-                &hello("c1", 1, 1),
+                &hello("c1", V, V),
                 SUPPORTED_VERSIONS,
                 &brain,
                 None,
@@ -153,7 +153,7 @@ mod tests {
         let brain = BrainId::new("b1").unwrap();
         let peer = PeerIdentity::Cell(CellId::new("c1").unwrap());
         let net = |s: &str| s.parse::<Ipv4Net>().unwrap();
-        let mut h = hello("c1", 1, 1);
+        let mut h = hello("c1", V, V);
         h.subnet = Some(net("10.96.4.0/24"));
         let err = accept_hello(
             &peer,

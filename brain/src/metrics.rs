@@ -48,6 +48,7 @@ pub struct BrainMetrics {
     convergence_runs: Counter,
     convergence_actions: Family<ActionLabel, Counter>,
     crashes: Counter,
+    lost: Counter,
     services: Gauge,
     service_backends: Gauge,
     vips_free: Gauge,
@@ -146,6 +147,12 @@ impl BrainMetrics {
             "Crashes of long-running instances counted against their slot",
             crashes.clone(),
         );
+        let lost = Counter::default();
+        registry.register(
+            "instances_lost",
+            "Long-running instances their cell lost (start interrupted by an agent restart, shim died, node restarted), restarted without counting a crash",
+            lost.clone(),
+        );
         let services = Gauge::default();
         registry.register(
             "services",
@@ -179,6 +186,7 @@ impl BrainMetrics {
             convergence_runs,
             convergence_actions,
             crashes,
+            lost,
             services,
             service_backends,
             vips_free,
@@ -226,6 +234,10 @@ impl BrainMetrics {
 
     pub fn crash(&self) {
         self.crashes.inc();
+    }
+
+    pub fn lost(&self) {
+        self.lost.inc();
     }
 
     pub fn observe_cluster(&self, view: &ActualSnapshot, desired: u64, running: u64) {

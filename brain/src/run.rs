@@ -944,6 +944,10 @@ impl Loop {
                         expect: crate::store::Expect::Any,
                     });
                 }
+                Effect::Lost { slot, reason } => {
+                    tracing::warn!(%slot, "instance lost by its cell, restarted without counting a crash: {reason}");
+                    self.metrics.lost();
+                }
                 Effect::PersistTask(task) => {
                     tasks.push(task.clone());
                     ops.push(Op::PutTask {
@@ -969,6 +973,33 @@ impl Loop {
                 }
                 Effect::RequestState { cell } => {
                     self.send(&cell, Message::RequestState);
+                }
+                Effect::StartAgain {
+                    cell,
+                    id,
+                    spec,
+                    slot,
+                    task,
+                } => {
+                    tracing::info!(%cell, instance = %id, "sending a start again: the cell's snapshot does not show it");
+                    let request = self.request_id();
+                    self.requests.insert(
+                        request,
+                        Request::Start {
+                            cell: cell.clone(),
+                            id: id.clone(),
+                            slot,
+                            task,
+                        },
+                    );
+                    self.send(
+                        &cell,
+                        Message::StartWork(StartWork {
+                            request,
+                            id,
+                            spec: *spec,
+                        }),
+                    );
                 }
             }
         }

@@ -286,7 +286,10 @@ async fn a_cell_connects_and_the_brain_learns_who_it_is_from_its_certificate() -
     let Message::HelloAck(ack) = &cell_saw[0] else {
         bail!("expected a hello-ack first, got {cell_saw:?}");
     };
-    assert_eq!((ack.version, &ack.brain), (1, &me));
+    assert_eq!(
+        (ack.version, &ack.brain),
+        (corral_proto::wire::PROTOCOL_VERSION, &me)
+    );
     assert_eq!(
         &cell_saw[1..],
         [Message::Pong { seq: 1 }, Message::Pong { seq: 2 }]

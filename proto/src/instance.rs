@@ -260,6 +260,11 @@ pub struct Status {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     pub reason: Option<String>,
+    /// Ended by [`Event::Lost`]: the agent lost track of the instance (its
+    /// start was interrupted, its shim died, the node restarted), which is
+    /// not the workload's doing.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 impl Default for Status {
@@ -279,6 +284,7 @@ impl Status {
             started_at: None,
             finished_at: None,
             reason: None,
+            lost: false,
         }
     }
 
@@ -304,6 +310,7 @@ impl Status {
                 self.state = S::Crashed;
                 self.finished_at = Some(at);
                 self.reason = Some(reason);
+                self.lost = true;
             }
             (S::Starting | S::Running, Event::StopRequested) => self.state = S::Stopping,
             (S::Stopping, Event::StopRequested) => {}
@@ -344,6 +351,7 @@ impl Status {
                 self.state = S::Crashed;
                 self.finished_at = Some(at);
                 self.reason = Some(reason);
+                self.lost = true;
             }
             (state, event) => return Err(refuse(state, &event)),
         }
@@ -377,6 +385,11 @@ pub struct InstanceInfo {
     /// connections): only ready instances receive load-balanced traffic.
     #[serde(default)]
     pub ready: bool,
+    /// Crashed because the agent lost track of it (see [`Status::lost`]),
+    /// not by the workload's doing: the brain restarts it without counting
+    /// a crash against its slot.
+    #[serde(default)]
+    pub lost: bool,
 }
 
 impl InstanceInfo {
@@ -399,6 +412,7 @@ impl InstanceInfo {
             ports: spec.ports.clone(),
             address: None,
             ready: false,
+            lost: status.lost,
         }
     }
 }

@@ -32,6 +32,10 @@
 //!   version adds to the greeting travels in a new message after `HelloAck`.
 //! - Any other change to a message's fields needs a new protocol version.
 //!
+//! Versions: 1, the first; 2 added [`InstanceInfo::lost`] (2026-12). Before
+//! a release a build speaks only its own version: a peer of another is
+//! refused at hello, with both sides' ranges in the error.
+//!
 //! Decoding validates what the types can: ids, tags, subnets and version
 //! ranges refuse bad values, and every list this module defines has a bound
 //! checked *while* decoding (as soon as its length prefix is read). Memory is
@@ -71,9 +75,9 @@ pub use codec::{
 };
 
 /// The protocol version this build speaks best.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Every protocol version this build speaks.
-pub const SUPPORTED_VERSIONS: VersionRange = VersionRange { min: 1, max: 1 };
+pub const SUPPORTED_VERSIONS: VersionRange = VersionRange { min: 2, max: 2 };
 
 /// Most placement tags a cell or a work item may carry.
 pub const MAX_TAGS: usize = 64;

@@ -110,6 +110,7 @@ struct RecordRef<'a> {
     ports: &'a [u16],
     address: Option<Ipv4Addr>,
     ready: bool,
+    lost: bool,
 }
 
 #[derive(Deserialize)]
@@ -135,6 +136,7 @@ struct Record {
     ports: Vec<u16>,
     address: Option<Ipv4Addr>,
     ready: bool,
+    lost: bool,
 }
 
 impl<'a> From<&'a InstanceInfo> for RecordRef<'a> {
@@ -157,6 +159,7 @@ impl<'a> From<&'a InstanceInfo> for RecordRef<'a> {
             ports: &i.ports,
             address: i.address,
             ready: i.ready,
+            lost: i.lost,
         }
     }
 }
@@ -181,6 +184,7 @@ impl From<Record> for InstanceInfo {
             ports: r.ports,
             address: r.address,
             ready: r.ready,
+            lost: r.lost,
         }
     }
 }

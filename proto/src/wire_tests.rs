@@ -106,13 +106,14 @@ fn info() -> impl Strategy<Value = InstanceInfo> {
             vec(any::<u16>(), 0..4),
             proptest::option::of(any::<u32>().prop_map(Ipv4Addr::from)),
             any::<bool>(),
+            any::<bool>(),
         ),
     )
         .prop_map(
             |(
                 (id, tenant, app, index, kind, state),
                 (pid, exit_code, signal, oom_killed),
-                (started_at, finished_at, reason, resources, ports, address, ready),
+                (started_at, finished_at, reason, resources, ports, address, ready, lost),
             )| InstanceInfo {
                 id,
                 tenant,
@@ -131,6 +132,7 @@ fn info() -> impl Strategy<Value = InstanceInfo> {
                 ports,
                 address,
                 ready,
+                lost,
             },
         )
 }
@@ -527,7 +529,7 @@ fn hello_and_hello_ack_are_frozen() {
         concat!(
             "00000028",       // payload length 40
             "00",             // Message::Hello
-            "0101",           // versions 1..=1
+            "0202",           // versions 2..=2
             "0663656c6c2d31", // cell "cell-1"
             "027a31",         // zone "z1"
             "0103737364",     // tags {"ssd"}
@@ -707,7 +709,7 @@ fn invalid_ids_and_values_are_refused_on_decode() {
     let bad = patch(&[10, 1, 2, 0, 24], &[10, 1, 2, 9, 24]);
     assert!(matches!(decode_all(&bad), Err(WireError::Malformed { .. })));
     // A version range starting at 0.
-    let bad = patch(&[0, 0, 0, 0x28, 0, 1, 1], &[0, 0, 0, 0x28, 0, 0, 1]);
+    let bad = patch(&[0, 0, 0, 0x28, 0, 2, 2], &[0, 0, 0, 0x28, 0, 0, 2]);
     assert!(matches!(decode_all(&bad), Err(WireError::Malformed { .. })));
 }
 

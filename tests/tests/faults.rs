@@ -188,7 +188,21 @@ fn shims_by_id(cell: &Cell) -> BTreeMap<String, Vec<u32>> {
             by.entry(id).or_default().push(pid);
         }
     }
+    // While a shim starts its container, libcontainer's forks of it carry
+    // its command line until they exec: children of a shim are its own.
+    for pids in by.values_mut() {
+        let group = pids.clone();
+        pids.retain(|p| !parent(*p).is_some_and(|pp| group.contains(&pp)));
+    }
     by
+}
+
+/// A process's parent pid, from `/proc/PID/stat` (None once it is gone).
+fn parent(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name, in parentheses, may hold spaces: fields follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(1)?.parse().ok()
 }
 
 /// The instance id in a path under the cell's `instances/` or `layers/`.
@@ -204,13 +218,14 @@ fn id_in_path(p: &str) -> Option<String> {
     None
 }
 
-/// The host sides of instance veths: every link of the node namespace but lo.
+/// The host sides of instance veths: every link of the node namespace but
+/// lo and `n0`, the node's link to the test fabric (in cluster tests).
 fn veths(cell: &Cell) -> Vec<String> {
     sh_ok("ip", &["-n", &cell.netns, "-o", "link", "show"])
         .lines()
         .filter_map(|l| l.split(':').nth(1).map(|n| n.trim().to_owned()))
         .map(|n| n.split('@').next().unwrap_or_default().to_owned())
-        .filter(|n| n != "lo")
+        .filter(|n| n != "lo" && n != "n0")
         .collect()
 }
 
@@ -290,8 +305,9 @@ fn dataplane(cell: &Cell) -> (BTreeSet<String>, BTreeSet<String>) {
 /// Everything the kernel and the filesystem hold for the cell matches the
 /// instances the agent lists: one shim, one cgroup, one veth, one data
 /// plane entry each; mounts and loop devices only for them; the listed
-/// running ones are alive, in their cgroup.
-fn assert_matches_listed(cell: &Cell, pins_at_start: &BTreeSet<String>) {
+/// running ones are alive, in their cgroup. The endpoint map holds them and
+/// `remote`, the addresses of other cells' instances.
+fn assert_matches_listed(cell: &Cell, pins_at_start: &BTreeSet<String>, remote: &BTreeSet<String>) {
     let all = settled(cell);
     let live: BTreeSet<String> = all
         .iter()
@@ -348,7 +364,8 @@ fn assert_matches_listed(cell: &Cell, pins_at_start: &BTreeSet<String>) {
         .map(|id| all[id]["address"].as_str().expect("an address").to_owned())
         .collect();
     let (endpoints, interfaces) = dataplane(cell);
-    assert_eq!(endpoints, addrs, "endpoint map vs running instances");
+    let everywhere: BTreeSet<String> = addrs.union(remote).cloned().collect();
+    assert_eq!(endpoints, everywhere, "endpoint map vs running instances");
     assert_eq!(interfaces, addrs, "interface map vs running instances");
     let v = veths(cell);
     assert_eq!(v.len(), live.len(), "veths {v:?} for running {live:?}");
@@ -473,13 +490,13 @@ fn agent_kill9_during_starts_and_stops_leaks_nothing_and_loses_nothing() {
         .map(|(id, _)| id.clone())
         .collect();
     assert_eq!(running, want, "(seed {seed})");
-    assert_matches_listed(&cell, &pins_at_start);
+    assert_matches_listed(&cell, &pins_at_start, &BTreeSet::new());
 
     // Emptied, the cell holds nothing.
     for id in &want {
         cell.delete(id);
     }
-    assert_matches_listed(&cell, &pins_at_start);
+    assert_matches_listed(&cell, &pins_at_start, &BTreeSet::new());
     assert!(loops(&cell).is_empty());
     cell.assert_clean();
 }
@@ -920,6 +937,188 @@ fn brain_kill9_with_pushes_and_scales_in_flight_loses_nothing_acknowledged() {
         dups.is_empty(),
         "copies stopped as duplicates (seed {seed}):\n{}",
         dups.join("\n")
+    );
+    teardown(fabric, cells);
+}
+
+/// Every instance of `apps` the brain lists, with its state, index and cell.
+fn brain_instances(fabric: &Fabric, apps: &[&str]) -> Option<Vec<Value>> {
+    let mut all = vec![];
+    for app in apps {
+        all.extend(instances_of(fabric, app)?["instances"].as_array()?.clone());
+    }
+    Some(all)
+}
+
+/// Whether the brain and the cells agree on `want` (app → count): the brain
+/// lists exactly indexes 0..count of each app, one running copy each, and
+/// the cells run exactly those copies and nothing else, every instance
+/// settled.
+fn converged(fabric: &Fabric, cells: &[Cell], want: &BTreeMap<&str, usize>) -> Result<(), String> {
+    let apps: Vec<&str> = want.keys().copied().collect();
+    let listed_by_brain = brain_instances(fabric, &apps).ok_or("the brain did not answer")?;
+    let mut brain_running = BTreeSet::new();
+    let mut slots = BTreeSet::new();
+    for i in &listed_by_brain {
+        if i["state"] != "running" {
+            return Err(format!("the brain lists {i}"));
+        }
+        let slot = (
+            i["app"].as_str().unwrap_or_default().to_owned(),
+            i["index"].as_u64().unwrap_or(u64::MAX),
+        );
+        if !slots.insert(slot.clone()) {
+            return Err(format!("two copies of {slot:?}"));
+        }
+        brain_running.insert(i["id"].as_str().unwrap_or_default().to_owned());
+    }
+    let expected: BTreeSet<(String, u64)> = want
+        .iter()
+        .flat_map(|(app, n)| (0..*n as u64).map(|i| (app.to_string(), i)))
+        .collect();
+    if slots != expected {
+        return Err(format!("the brain runs {slots:?}, wants {expected:?}"));
+    }
+    let mut on_cells = BTreeSet::new();
+    for c in cells {
+        for (id, v) in listed(c) {
+            if v["state"] != "running" {
+                return Err(format!("{} lists {id} {}", c.name, v["state"]));
+            }
+            on_cells.insert(id);
+        }
+    }
+    if on_cells != brain_running {
+        return Err(format!(
+            "the cells run {on_cells:?}, the brain {brain_running:?}"
+        ));
+    }
+    Ok(())
+}
+
+#[test]
+fn agent_kill9_while_the_brain_scales_apps_converges_to_what_the_brain_wants() {
+    common::require_root();
+    let seed = seed("agent kill -9 under the brain");
+    let mut rng = Rng(seed);
+    const APPS: [&str; 3] = ["churn-a", "churn-b", "churn-c"];
+    let (fabric, mut cells) = cluster(2, |i| {
+        format!("[network]\nsubnet = \"10.244.{}.0/24\"\n", 31 + i)
+    });
+    let pins_at_start: Vec<BTreeSet<String>> = cells.iter().map(pins).collect();
+    for app in APPS {
+        fabric.cli_ok(
+            &push_args(app, 2, &["/bin/sleep", "100000"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+    }
+
+    // The brain scales the apps up and down (0 to 4) all along, so its
+    // starts and stops land on the first cell while its agent is killed.
+    let stop = Arc::new(AtomicBool::new(false));
+    let scales = Arc::new(Mutex::new(0usize));
+    let scaler = {
+        let (stop, scales) = (stop.clone(), scales.clone());
+        let netns = fabric.netns.clone();
+        let mut rng = Rng(rng.next());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let app = APPS[rng.below(APPS.len() as u64) as usize];
+                let to = rng.below(5).to_string();
+                let args: Vec<String> = ["scale", app, &to, "--tenant", "acme"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                if brain_cli(&netns, &args) == Ack::Yes {
+                    *scales.lock().unwrap() += 1;
+                }
+                std::thread::sleep(Duration::from_millis(50 + rng.below(300)));
+            }
+        })
+    };
+    let started = Instant::now();
+    for round in 0..ROUNDS {
+        std::thread::sleep(Duration::from_millis(rng.below(1500)));
+        cells[0].kill9_agent();
+        cells[0].spawn_agent();
+        let shims = shims_by_id(&cells[0]);
+        assert!(
+            shims.values().all(|p| p.len() == 1),
+            "round {round}: duplicate shims {shims:?} (seed {seed})"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    scaler.join().unwrap();
+    eprintln!(
+        "{ROUNDS} kills during {} acknowledged scales, in {:?}",
+        scales.lock().unwrap(),
+        started.elapsed()
+    );
+
+    // A last count for each app; then the brain and both cells agree on
+    // exactly it.
+    let want: BTreeMap<&str, usize> = APPS
+        .iter()
+        .map(|app| (*app, 1 + rng.below(4) as usize))
+        .collect();
+    for (app, n) in &want {
+        fabric.cli_ok(&["scale", app, &n.to_string(), "--tenant", "acme"]);
+    }
+    let t = Instant::now();
+    let deadline = t + Duration::from_secs(120);
+    loop {
+        match converged(&fabric, &cells, &want) {
+            Ok(()) => break,
+            Err(why) => assert!(
+                Instant::now() < deadline,
+                "never converged to {want:?} (seed {seed}): {why}\n{}",
+                fabric.brain_log()
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    eprintln!(
+        "converged to {want:?} {:?} after the last kill",
+        t.elapsed()
+    );
+    // Each cell's endpoint map holds every running instance of the
+    // cluster (the brain sends the other cells'); it may lag a moment.
+    for (i, (cell, pins)) in cells.iter().zip(&pins_at_start).enumerate() {
+        let remote: BTreeSet<String> = cells
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .flat_map(|(_, c)| listed(c).into_values())
+            .map(|v| v["address"].as_str().unwrap().to_owned())
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !dataplane(cell).0.is_superset(&remote) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_matches_listed(cell, pins, &remote);
+    }
+    // The kills cost the apps nothing: no slot was placed twice, and no
+    // start cut by a kill was counted as the workload's crash (which
+    // would back its slot off for 30 s from the fourth on).
+    let log = fabric.brain_log();
+    let said = |what: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(what)).collect() };
+    let (dups, crashes) = (said("stopping: duplicate of"), said("instance crashed"));
+    eprintln!(
+        "instances lost by the agent's deaths: {}; starts sent again after a reconnect: {}",
+        said("instance lost by its cell").len(),
+        said("sending a start again").len()
+    );
+    assert!(
+        dups.is_empty(),
+        "copies stopped as duplicates (seed {seed}):\n{}",
+        dups.join("\n")
+    );
+    assert!(
+        crashes.is_empty(),
+        "crashes counted (seed {seed}):\n{}",
+        crashes.join("\n")
     );
     teardown(fabric, cells);
 }

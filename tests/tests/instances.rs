@@ -260,8 +260,21 @@ fn agent_kill9_and_restart_readopts_instances_and_learns_exits() {
     // The task ends while no agent is running.
     std::thread::sleep(Duration::from_millis(2000));
     assert!(alive(pa) && alive(pb));
+    // What a kill leaves of a start cut before its spec was written: its
+    // directories, empty.
+    let cut = [
+        cell.data().join("instances/cut"),
+        cell.run_dir().join("instances/cut"),
+    ];
+    for d in &cut {
+        std::fs::create_dir_all(d).unwrap();
+    }
 
     cell.spawn_agent();
+    for d in &cut {
+        assert!(!d.exists(), "{} left behind", d.display());
+    }
+    assert_eq!(cell.client.get("/v1/instances/cut").unwrap().status, 404);
     let a2 = cell.get("a");
     let b2 = cell.get("b");
     assert_eq!(
