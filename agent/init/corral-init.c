@@ -24,7 +24,9 @@
  *    sent from inside its namespace: the line keeps the signal exact).
  *
  * When it exits, the kernel kills whatever else is left in the namespace.
- * File descriptor 3 is closed in the child, so the command never sees it.
+ * File descriptor 3 is closed in the child, so the command never sees it,
+ * and the init is not dumpable, so the command cannot reach it through
+ * /proc/1/fd either.
  * Nothing here allocates or depends on the container's files.
  */
 #define _GNU_SOURCE
@@ -33,6 +35,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -74,6 +77,14 @@ int main(int argc, char **argv)
 	/* Keep the shim's pipe from the command; without it, report nothing. */
 	if (fcntl(status_fd, F_SETFD, FD_CLOEXEC) < 0)
 		status_fd = -1;
+	/* Not dumpable: the command runs as the same user without
+	 * CAP_SYS_PTRACE, so it can then neither open /proc/1/fd/3 (and write
+	 * a false end into the shim's pipe) nor ptrace this process. The
+	 * child's exec makes it dumpable again, as any exec does. */
+	if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
+		say("prctl(PR_SET_DUMPABLE)", strerror(errno));
+		return 127;
+	}
 
 	/* Every signal waits for sigwaitinfo below. (A blocked signal is
 	 * queued even for a namespace's init; only an unhandled, unblocked one

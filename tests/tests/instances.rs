@@ -426,6 +426,7 @@ fn instances_run_confined() {
             "unshare -U -n true && echo UNSHARED; ",
             "mknod /tmp/disk b 8 0 && echo MKNOD; ",
             "chroot / true && echo CHROOTED; ",
+            "echo 'exit 0' > /proc/1/fd/3 && echo WROTE_INIT_PIPE; ",
             "echo procs=$(ls -d /proc/[0-9]* | wc -l); ",
             "echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline); ",
             "echo probe-done"
@@ -442,7 +443,14 @@ fn instances_run_confined() {
     assert!(logs.contains("Seccomp:\t2"), "{logs}");
     assert!(logs.contains("probe-done"), "{logs}");
     // (The markers are in the command line too, which the probe prints.)
-    for escape in ["MOUNTED", "MODULE_LOADED", "UNSHARED", "MKNOD", "CHROOTED"] {
+    for escape in [
+        "MOUNTED",
+        "MODULE_LOADED",
+        "UNSHARED",
+        "MKNOD",
+        "CHROOTED",
+        "WROTE_INIT_PIPE",
+    ] {
         let said = logs.lines().any(|l| l.ends_with(&format!(" F {escape}")));
         assert!(!said, "{escape}: {logs}");
     }
