@@ -325,7 +325,7 @@ pub async fn run(
         },
         auction: AuctionConfig::default(),
         next_request: 1,
-        requests: BTreeMap::new(),
+        requests: Requests::default(),
         queue: VecDeque::new(),
         offers: BTreeMap::new(),
         rounds: BTreeMap::new(),
@@ -536,14 +536,42 @@ struct Conn {
 }
 
 /// What a request to a cell was for, to act on its answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Request {
     Start {
-        cell: CellId,
         id: InstanceId,
         slot: Option<LrpKey>,
         task: Option<TaskId>,
     },
     Stop,
+}
+
+/// Requests sent to cells and not answered yet, with the cell each went to.
+/// A cell answers on the connection a request came by, so when it
+/// connects again the answers to what its older connection carried will
+/// never come: they are forgotten (the new connection's snapshot says what
+/// was done, see `Cluster::start_again`), instead of piling up with every
+/// agent restart.
+#[derive(Debug, Default)]
+struct Requests(BTreeMap<RequestId, (CellId, Request)>);
+
+impl Requests {
+    fn insert(&mut self, id: RequestId, cell: &CellId, r: Request) {
+        self.0.insert(id, (cell.clone(), r));
+    }
+
+    /// The request `id` answered by `cell`; None if unknown, or sent to
+    /// another cell (then it stays).
+    fn answered(&mut self, id: RequestId, cell: &CellId) -> Option<Request> {
+        match self.0.get(&id) {
+            Some((to, _)) if to == cell => self.0.remove(&id).map(|(_, r)| r),
+            _ => None,
+        }
+    }
+
+    fn forget_cell(&mut self, cell: &CellId) {
+        self.0.retain(|_, (to, _)| to != cell);
+    }
 }
 
 /// What the change events since the last look touched.
@@ -627,7 +655,7 @@ struct Loop {
     converge: ConvergeConfig,
     auction: AuctionConfig,
     next_request: u64,
-    requests: BTreeMap<RequestId, Request>,
+    requests: Requests,
     queue: VecDeque<Queued>,
     /// Per bid request sent: what it offered.
     offers: BTreeMap<RequestId, Offer>,
@@ -849,6 +877,7 @@ impl Loop {
                     );
                 }
                 self.cluster.connect(&hello, wall);
+                self.requests.forget_cell(&cell);
                 self.conns.insert(
                     cell.clone(),
                     Conn {
@@ -961,7 +990,7 @@ impl Loop {
                 }),
                 Effect::Remove { cell, id } => {
                     let request = self.request_id();
-                    self.requests.insert(request, Request::Stop);
+                    self.requests.insert(request, &cell, Request::Stop);
                     self.send(
                         &cell,
                         Message::StopWork(StopWork {
@@ -985,8 +1014,8 @@ impl Loop {
                     let request = self.request_id();
                     self.requests.insert(
                         request,
+                        &cell,
                         Request::Start {
-                            cell: cell.clone(),
                             id: id.clone(),
                             slot,
                             task,
@@ -1022,24 +1051,13 @@ impl Loop {
     }
 
     fn on_ack(&mut self, cell: &CellId, request: RequestId, outcome: AckOutcome, wall: Timestamp) {
-        let Some(req) = self.requests.remove(&request) else {
+        let Some(req) = self.requests.answered(request, cell) else {
             return;
         };
-        let (
-            AckOutcome::Refused(refusal),
-            Request::Start {
-                cell: asked,
-                id,
-                slot,
-                task,
-            },
-        ) = (outcome, req)
+        let (AckOutcome::Refused(refusal), Request::Start { id, slot, task }) = (outcome, req)
         else {
             return;
         };
-        if &asked != cell {
-            return;
-        }
         self.cluster.release(cell, &id);
         if matches!(refusal, Refusal::Duplicate { .. }) {
             return; // Already there: the start happened.
@@ -1220,7 +1238,7 @@ impl Loop {
                             grace: STOP_GRACE,
                         }),
                     ) {
-                        self.requests.insert(request, Request::Stop);
+                        self.requests.insert(request, &cell, Request::Stop);
                         self.cluster.stopping.insert(instance, now);
                     }
                 }
@@ -1750,8 +1768,8 @@ impl Loop {
             let request = self.request_id();
             self.requests.insert(
                 request,
+                &cell,
                 Request::Start {
-                    cell: cell.clone(),
                     id: q.item.id.clone(),
                     slot: q.slot.as_ref().map(|(s, _)| s.clone()),
                     task: match q.item.kind {
@@ -2014,6 +2032,29 @@ mod tests {
                 bytes.len()
             );
         }
+    }
+
+    #[test]
+    fn a_request_is_answered_by_its_cell_and_forgotten_when_that_cell_reconnects() {
+        let (c1, c2) = (CellId::new("c1").unwrap(), CellId::new("c2").unwrap());
+        let start = |id: &str| Request::Start {
+            id: InstanceId::new(id).unwrap(),
+            slot: None,
+            task: None,
+        };
+        let mut r = Requests::default();
+        r.insert(RequestId(1), &c1, start("a"));
+        r.insert(RequestId(2), &c1, Request::Stop);
+        r.insert(RequestId(3), &c2, start("b"));
+        // Another cell cannot answer c1's request; c1 can, once.
+        assert_eq!(r.answered(RequestId(1), &c2), None);
+        assert_eq!(r.answered(RequestId(1), &c1), Some(start("a")));
+        assert_eq!(r.answered(RequestId(1), &c1), None);
+        // c1 reconnects: its older connection's answers will never come.
+        r.forget_cell(&c1);
+        assert_eq!(r.answered(RequestId(2), &c1), None);
+        assert_eq!(r.answered(RequestId(3), &c2), Some(start("b")));
+        assert!(r.0.is_empty());
     }
 
     #[test]
