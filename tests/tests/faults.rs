@@ -1,8 +1,12 @@
 //! Faults injected on purpose, and what must survive them:
 //!
 //! - the agent SIGKILLed at random moments while instances start and stop
-//!   (50 times): nothing leaks, nothing runs twice, nothing acknowledged is
-//!   lost;
+//!   (50 times), through its own API and while the brain scales apps:
+//!   nothing leaks, nothing runs twice, nothing acknowledged is lost, and
+//!   the cluster ends as the brain wants it;
+//! - a cell's agent, shims and instances all killed at once: the new agent
+//!   cleans up after them, the brain starts them again without counting
+//!   crashes;
 //! - the filesystem holding an instance's logs full: the instance and the
 //!   agent carry on, and the log says how much it lost once space is back;
 //! - the brain SIGKILLed with pushes and scales in flight: nothing it
@@ -1066,10 +1070,27 @@ fn agent_kill9_while_the_brain_scales_apps_converges_to_what_the_brain_wants() {
     for (app, n) in &want {
         fabric.cli_ok(&["scale", app, &n.to_string(), "--tenant", "acme"]);
     }
+    let took = settle(&fabric, &cells, &want, &pins_at_start, seed);
+    eprintln!("converged to {want:?} {took:?} after the last kill");
+    assert_nothing_charged(&fabric, seed);
+    teardown(fabric, cells);
+}
+
+/// Waits (up to 120 s) until the brain and the cells agree on `want`
+/// ([`converged`]); then every cell holds exactly what it runs (its endpoint
+/// map also the other cells' instances, which may lag a moment). Returns
+/// how long agreement took.
+fn settle(
+    fabric: &Fabric,
+    cells: &[Cell],
+    want: &BTreeMap<&str, usize>,
+    pins_at_start: &[BTreeSet<String>],
+    seed: u64,
+) -> Duration {
     let t = Instant::now();
     let deadline = t + Duration::from_secs(120);
     loop {
-        match converged(&fabric, &cells, &want) {
+        match converged(fabric, cells, want) {
             Ok(()) => break,
             Err(why) => assert!(
                 Instant::now() < deadline,
@@ -1079,13 +1100,8 @@ fn agent_kill9_while_the_brain_scales_apps_converges_to_what_the_brain_wants() {
         }
         std::thread::sleep(Duration::from_millis(250));
     }
-    eprintln!(
-        "converged to {want:?} {:?} after the last kill",
-        t.elapsed()
-    );
-    // Each cell's endpoint map holds every running instance of the
-    // cluster (the brain sends the other cells'); it may lag a moment.
-    for (i, (cell, pins)) in cells.iter().zip(&pins_at_start).enumerate() {
+    let took = t.elapsed();
+    for (i, (cell, pins)) in cells.iter().zip(pins_at_start).enumerate() {
         let remote: BTreeSet<String> = cells
             .iter()
             .enumerate()
@@ -1099,14 +1115,18 @@ fn agent_kill9_while_the_brain_scales_apps_converges_to_what_the_brain_wants() {
         }
         assert_matches_listed(cell, pins, &remote);
     }
-    // The kills cost the apps nothing: no slot was placed twice, and no
-    // start cut by a kill was counted as the workload's crash (which
-    // would back its slot off for 30 s from the fourth on).
+    took
+}
+
+/// The faults cost the apps nothing: no slot was placed twice, and no
+/// instance lost by its cell was counted as the workload's crash (which
+/// would back its slot off for 30 s from the fourth on).
+fn assert_nothing_charged(fabric: &Fabric, seed: u64) {
     let log = fabric.brain_log();
     let said = |what: &str| -> Vec<&str> { log.lines().filter(|l| l.contains(what)).collect() };
     let (dups, crashes) = (said("stopping: duplicate of"), said("instance crashed"));
     eprintln!(
-        "instances lost by the agent's deaths: {}; starts sent again after a reconnect: {}",
+        "instances lost by their cell: {}; starts sent again after a reconnect: {}",
         said("instance lost by its cell").len(),
         said("sending a start again").len()
     );
@@ -1120,6 +1140,76 @@ fn agent_kill9_while_the_brain_scales_apps_converges_to_what_the_brain_wants() {
         "crashes counted (seed {seed}):\n{}",
         crashes.join("\n")
     );
+}
+
+#[test]
+fn a_cell_whose_agent_shims_and_instances_all_die_at_once_comes_back_as_the_brain_wants() {
+    common::require_root();
+    let seed = seed("a cell's processes all killed");
+    const APPS: [&str; 2] = ["node-a", "node-b"];
+    let (fabric, mut cells) = cluster(2, |i| {
+        format!("[network]\nsubnet = \"10.244.{}.0/24\"\n", 33 + i)
+    });
+    let pins_at_start: Vec<BTreeSet<String>> = cells.iter().map(pins).collect();
+    let want: BTreeMap<&str, usize> = APPS.iter().map(|a| (*a, 3)).collect();
+    for app in APPS {
+        fabric.cli_ok(
+            &push_args(app, 3, &["/bin/sleep", "100000"])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        );
+    }
+    settle(&fabric, &cells, &want, &pins_at_start, seed);
+    let doomed: BTreeMap<String, Value> = listed(&cells[0]);
+    assert!(!doomed.is_empty(), "nothing placed on the first cell");
+
+    // Everything of the first cell dies at once, as in a power cut of its
+    // processes (kernel state stays: cgroups, mounts, veths, pins): the
+    // agent, every shim, every instance's processes.
+    cells[0].kill9_agent();
+    for pid in cells[0].shim_pids() {
+        let _ = sh("kill", &["-9", &pid.to_string()]);
+    }
+    for id in doomed.keys() {
+        let kill = format!(
+            "/sys/fs/cgroup/unified/{}/{id}/cgroup.kill",
+            cells[0].cgroup_root
+        );
+        std::fs::write(&kill, "1").unwrap_or_else(|e| panic!("{kill}: {e}"));
+    }
+    for v in doomed.values() {
+        let pid = v["pid"].as_u64().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() {
+            assert!(Instant::now() < deadline, "{pid} survived cgroup.kill");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    cells[0].spawn_agent();
+
+    // The new agent finds its instances gone and cleans up after them; the
+    // brain starts them again, and the cell ends holding exactly what runs.
+    let took = settle(&fabric, &cells, &want, &pins_at_start, seed);
+    eprintln!(
+        "{} instances lost with the cell's processes; back to {want:?} {took:?} after the restart",
+        doomed.len()
+    );
+    let running: BTreeSet<String> = running_on_cells(&cells);
+    for id in doomed.keys() {
+        assert!(!running.contains(id), "{id} died, yet is listed running");
+    }
+    let log = fabric.brain_log();
+    let lost = log
+        .lines()
+        .filter(|l| l.contains("instance lost by its cell"))
+        .count();
+    assert_eq!(
+        lost,
+        doomed.len(),
+        "each instance that died is reported lost once:\n{log}"
+    );
+    assert_nothing_charged(&fabric, seed);
     teardown(fabric, cells);
 }
 
