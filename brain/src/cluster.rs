@@ -644,18 +644,22 @@ impl Cluster {
                     name: app.clone(),
                 };
                 let slot = LrpKey::new(key.clone(), *index);
-                let pending = self.pending.get(&slot)?;
                 let a = self.apps.get(&key)?;
+                let pending = self.pending.get_mut(&slot)?;
                 if &pending.id != id || pending.version != *version || a.version != *version {
                     return None;
                 }
+                // The start timeout runs from this sending.
+                pending.since = now;
                 (a.instance_spec(*index), Some(slot), None)
             }
             Workload::Task { task } => {
                 let t = self.tasks.get(task)?;
-                if t.state.is_final() || !self.pending_tasks.contains_key(task) {
+                let since = self.pending_tasks.get_mut(task)?;
+                if t.state.is_final() {
                     return None;
                 }
+                *since = now;
                 (t.instance_spec(), None, Some(task.clone()))
             }
         };
@@ -2051,7 +2055,10 @@ mod tests {
             [("c1", "web-1-a", 1, Some(LrpKey::new(key.clone(), 1)), None)],
             "{effects:?}"
         );
-        // Its capacity is held again until the cell reports it.
+        // Its start timeout runs from now, and its capacity is held again
+        // until the cell reports it.
+        let slot1 = LrpKey::new(key.clone(), 1);
+        assert_eq!(c.pending[&slot1].since, Time::from_secs(1));
         assert!(c.cells[&cell_id("c1")]
             .reserved
             .contains_key(&InstanceId::new("web-1-a").unwrap()));
