@@ -130,6 +130,10 @@ fn exec_error(e: ExecError) -> Response<RespBody> {
         | ExecError::NoCapacity(_)
         | ExecError::Evacuating => StatusCode::CONFLICT,
         ExecError::NotFound(_) => StatusCode::NOT_FOUND,
+        // The cell's disk is full: retrying elsewhere (or later) helps.
+        ExecError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull => {
+            StatusCode::INSUFFICIENT_STORAGE
+        }
         ExecError::StopTimeout { .. } | ExecError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
     };
     let details = match &e {
@@ -687,6 +691,22 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_insufficient_storage_other_io_errors_are_internal() {
+        let io = |errno| ExecError::Io {
+            what: "writing spec.json".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        };
+        assert_eq!(
+            exec_error(io(libc::ENOSPC)).status(),
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            exec_error(io(libc::EIO)).status(),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 
     #[test]
     fn the_tcp_api_asks_for_its_token_except_on_open_routes() {

@@ -623,6 +623,21 @@ fn a_full_log_disk_drops_records_and_says_so_once_space_is_back() {
         }
     }
     assert_eq!(cell.get("chatty")["state"], "running");
+    // A start while the disk is full is refused with the reason, and
+    // leaves nothing of itself behind.
+    let r = cell.put("late", &lrp("exec sleep 100000"));
+    assert!(
+        r.status == 507 && r.text().contains("No space left on device"),
+        "a start on a full disk: {} {}",
+        r.status,
+        r.text()
+    );
+    eprintln!("a start on the full disk: {} {}", r.status, r.text().trim());
+    assert_eq!(cell.client.get("/v1/instances/late").unwrap().status, 404);
+    assert!(
+        !disk.path("instances/late").exists(),
+        "the refused start left its directory"
+    );
     let before = cell.logs("chatty");
     std::fs::remove_file(&filler).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -665,6 +680,9 @@ fn a_full_log_disk_drops_records_and_says_so_once_space_is_back() {
     }
     assert_eq!(cell.get("chatty")["state"], "running");
     assert_eq!(cell.client.get("/readyz").unwrap().status, 200);
+    // With space back, the refused start goes through.
+    cell.put_ok("late", &lrp("exec sleep 100000"));
+    cell.delete("late");
     cell.delete("chatty");
     disk.unmount();
     cell.assert_clean();
