@@ -631,6 +631,22 @@ fn prefix_range(prefix: &str) -> (String, String) {
     (format!("{prefix}/"), format!("{prefix}0"))
 }
 
+/// Opens (creating if needed) the redb file at `path`.
+fn open_db(path: &Path) -> Result<redb::Database, StoreError> {
+    redb::Builder::new()
+        .set_cache_size(64 << 20)
+        .create(path)
+        .map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
+                path: path.to_owned(),
+            },
+            source => StoreError::Open {
+                path: path.to_owned(),
+                source,
+            },
+        })
+}
+
 fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreError {
     move |e| StoreError::Backend {
         op,
@@ -761,7 +777,13 @@ impl Tables<'_> {
 /// blocked (MVCC). The file is locked: a second process (another brain on
 /// the same `data_dir`) cannot open it.
 pub struct RedbStore {
-    db: redb::Database,
+    /// None only while it is being reopened, or when reopening failed.
+    db: std::sync::RwLock<Option<redb::Database>>,
+    /// An I/O error failed an operation: reopen before the next one. redb
+    /// latches I/O errors (every later operation fails with "previous I/O
+    /// error" until the database is closed and opened again), so a disk
+    /// that filled once would refuse every write until a restart.
+    failed: std::sync::atomic::AtomicBool,
     path: PathBuf,
     group: Group,
 }
@@ -814,25 +836,56 @@ impl RedbStore {
                 source,
             })?;
         }
-        let db = redb::Builder::new()
-            .set_cache_size(64 << 20)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => StoreError::Locked {
-                    path: path.to_owned(),
-                },
-                source => StoreError::Open {
-                    path: path.to_owned(),
-                    source,
-                },
-            })?;
         let store = Self {
-            db,
+            db: std::sync::RwLock::new(Some(open_db(path)?)),
+            failed: std::sync::atomic::AtomicBool::new(false),
             path: path.to_owned(),
             group: Group::default(),
         };
         store.init()?;
         Ok(store)
+    }
+
+    /// Runs `f` on the database, reopening it first if an I/O error failed
+    /// an earlier operation; notes an I/O error `f` meets.
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&redb::Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        use std::sync::atomic::Ordering;
+        if self.failed.load(Ordering::Acquire) {
+            let mut db = self.db.write().unwrap_or_else(|e| e.into_inner());
+            if self.failed.swap(false, Ordering::AcqRel) {
+                // The old handle holds the file's lock: closed first.
+                *db = None;
+                match open_db(&self.path) {
+                    Ok(fresh) => {
+                        tracing::warn!(path = %self.path.display(), "store reopened after an I/O error");
+                        *db = Some(fresh);
+                    }
+                    Err(e) => {
+                        self.failed.store(true, Ordering::Release);
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let db = self.db.read().unwrap_or_else(|e| e.into_inner());
+        let Some(db) = db.as_ref() else {
+            // Reopening failed: the next operation tries again.
+            self.failed.store(true, Ordering::Release);
+            return Err(StoreError::Backend {
+                op: "reopening",
+                source: redb::Error::PreviousIo,
+            });
+        };
+        let result = f(db);
+        if let Err(StoreError::Backend { source, .. }) = &result {
+            if matches!(source, redb::Error::Io(_) | redb::Error::PreviousIo) {
+                self.failed.store(true, Ordering::Release);
+            }
+        }
+        result
     }
 
     pub fn path(&self) -> &Path {
@@ -841,7 +894,11 @@ impl RedbStore {
 
     /// Creates the tables of a new file and checks the schema of an old one.
     fn init(&self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(backend("opening"))?;
+        self.with_db(|db| self.init_in(db))
+    }
+
+    fn init_in(&self, db: &redb::Database) -> Result<(), StoreError> {
+        let txn = db.begin_write().map_err(backend("opening"))?;
         {
             let mut meta = txn.open_table(META).map_err(backend("opening"))?;
             let schema = meta
@@ -875,8 +932,10 @@ impl RedbStore {
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let txn = self.db.begin_read().map_err(backend("reading"))?;
-        f(&txn)
+        self.with_db(|db| {
+            let txn = db.begin_read().map_err(backend("reading"))?;
+            f(&txn)
+        })
     }
 }
 
@@ -936,7 +995,11 @@ impl RedbStore {
 
     /// Several commits in one transaction; all or none.
     fn commit_many(&self, commits: Vec<Vec<Op>>) -> Result<Vec<u64>, StoreError> {
-        let txn = self.db.begin_write().map_err(backend("starting a write"))?;
+        self.with_db(|db| Self::commit_many_in(db, commits))
+    }
+
+    fn commit_many_in(db: &redb::Database, commits: Vec<Vec<Op>>) -> Result<Vec<u64>, StoreError> {
+        let txn = db.begin_write().map_err(backend("starting a write"))?;
         let written = (|| {
             let mut meta = txn.open_table(META).map_err(backend("writing"))?;
             let mut rev = meta
