@@ -350,6 +350,15 @@ impl From<StoreError> for Failure {
             | StoreError::Claimed { .. } => StatusCode::CONFLICT,
             StoreError::NotFound { .. } => StatusCode::NOT_FOUND,
             StoreError::VipsExhausted { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            // The brain's disk is full: nothing was written; a retry once
+            // there is room goes through (the store reopens itself).
+            StoreError::Backend {
+                source: redb::Error::Io(io),
+                ..
+            } if io.kind() == std::io::ErrorKind::StorageFull => {
+                tracing::error!("store: {e}");
+                StatusCode::INSUFFICIENT_STORAGE
+            }
             _ => {
                 tracing::error!("store: {e}");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -1172,6 +1181,22 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_insufficient_storage_other_store_failures_are_internal() {
+        let backend = |errno| StoreError::Backend {
+            op: "committing",
+            source: redb::Error::Io(std::io::Error::from_raw_os_error(errno)),
+        };
+        assert_eq!(
+            Failure::from(backend(28)).status,
+            StatusCode::INSUFFICIENT_STORAGE
+        );
+        assert_eq!(
+            Failure::from(backend(5)).status,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+    }
 
     fn t(s: &str) -> TenantId {
         TenantId::new(s).unwrap()
