@@ -1126,18 +1126,8 @@ impl Executor {
                 continue;
             };
             let p = self.layout.instance(&id);
-            let spec: InstanceSpec = match std::fs::read(p.spec())
-                .map_err(|e| {
-                    if e.kind() == std::io::ErrorKind::NotFound {
-                        None
-                    } else {
-                        Some(e.to_string())
-                    }
-                })
-                .and_then(|b| serde_json::from_slice(&b).map_err(|e| Some(e.to_string())))
-            {
-                Ok(s) => s,
-                Err(None) => {
+            let bytes = match std::fs::read(p.spec()) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     // A start cut between making the instance's directories
                     // and writing its spec (written first, atomically):
                     // nothing else of it exists, and it was never answered.
@@ -1150,13 +1140,18 @@ impl Executor {
                     let _ = std::fs::remove_dir_all(&p.run);
                     continue;
                 }
-                Err(Some(e)) => {
-                    self.span(&id).in_scope(|| {
-                        tracing::error!("ignoring instance with unreadable spec.json: {e}")
-                    });
-                    continue;
-                }
+                r => r.map_err(|e| e.to_string()),
             };
+            let spec: InstanceSpec =
+                match bytes.and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.span(&id).in_scope(|| {
+                            tracing::error!("ignoring instance with unreadable spec.json: {e}")
+                        });
+                        continue;
+                    }
+                };
             let rec = match shim::read_record(&p.record()) {
                 Ok(r) => Some(r),
                 Err(_) => self.interrupted_launch(&id, &p).await,

@@ -1443,6 +1443,19 @@ mod tests {
         }
     }
 
+    /// A cluster restored at time zero from a store holding only `apps`.
+    fn with_apps(apps: Vec<App>) -> Cluster {
+        Cluster::restore(
+            BackoffConfig::default(),
+            Snapshot {
+                apps,
+                ..Snapshot::default()
+            },
+            Time::ZERO,
+            Timestamp(1),
+        )
+    }
+
     fn app(name: &str, instances: u32) -> App {
         serde_json::from_value::<crate::desired::NewApp>(serde_json::json!({
             "name": name, "instances": instances, "rootfs": "/r", "command": ["x"],
@@ -1557,15 +1570,7 @@ mod tests {
             (true, 2, 0, true, true),
         ];
         for (same_id, instances, stale, draining, touched) in cases {
-            let mut c = Cluster::restore(
-                BackoffConfig::default(),
-                Snapshot {
-                    apps: vec![app("a0", instances)],
-                    ..Snapshot::default()
-                },
-                Time::ZERO,
-                Timestamp(1),
-            );
+            let mut c = with_apps(vec![app("a0", instances)]);
             let cell = cell_id("c0");
             c.connect(&hello("c0", "10.244.0.0/24", "10.99.0.2"), Timestamp(1));
             c.apply_snapshot(&cell, snapshot(0, vec![]), Time::ZERO, Timestamp(1))
@@ -1619,15 +1624,7 @@ mod tests {
         ];
         for seed in 0..300u64 {
             let mut next = below(seed);
-            let mut c = Cluster::restore(
-                BackoffConfig::default(),
-                Snapshot {
-                    apps: vec![app("a0", 3), app("a1", 2)],
-                    ..Snapshot::default()
-                },
-                Time::ZERO,
-                Timestamp(1),
-            );
+            let mut c = with_apps(vec![app("a0", 3), app("a1", 2)]);
             let cells: Vec<CellId> = (0..3).map(|i| cell_id(&format!("c{i}"))).collect();
             for (i, cell) in cells.iter().enumerate() {
                 let subnet = format!("10.244.{i}.0/24");
@@ -1702,15 +1699,7 @@ mod tests {
                     apps.push(app(&format!("a{a}"), next(4) as u32));
                 }
             }
-            let mut c = Cluster::restore(
-                BackoffConfig::default(),
-                Snapshot {
-                    apps,
-                    ..Snapshot::default()
-                },
-                Time::ZERO,
-                Timestamp(1),
-            );
+            let mut c = with_apps(apps);
             let now = Time::from_secs(100);
             for cell in 0..4 {
                 let name = format!("c{cell}");
@@ -1891,15 +1880,7 @@ mod tests {
 
     #[test]
     fn a_crash_is_counted_and_removed_but_a_local_instance_is_left_alone() {
-        let mut c = Cluster::restore(
-            BackoffConfig::default(),
-            Snapshot {
-                apps: vec![app("web", 1)],
-                ..Snapshot::default()
-            },
-            Time::ZERO,
-            Timestamp(1),
-        );
+        let mut c = with_apps(vec![app("web", 1)]);
         c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
         c.placements.insert(
             InstanceId::new("web-0-a").unwrap(),
@@ -1939,15 +1920,7 @@ mod tests {
 
     #[test]
     fn an_instance_its_cell_lost_is_removed_and_restarted_without_counting_a_crash() {
-        let mut c = Cluster::restore(
-            BackoffConfig::default(),
-            Snapshot {
-                apps: vec![app("web", 1)],
-                ..Snapshot::default()
-            },
-            Time::ZERO,
-            Timestamp(1),
-        );
+        let mut c = with_apps(vec![app("web", 1)]);
         c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
         let mut lost = info("web-0-a", "web", 0, InstanceState::Starting, None);
         let mut status = corral_proto::Status::new();
@@ -1992,15 +1965,7 @@ mod tests {
 
     #[test]
     fn a_start_in_flight_that_a_reconnected_cell_does_not_show_is_sent_again() {
-        let mut c = Cluster::restore(
-            BackoffConfig::default(),
-            Snapshot {
-                apps: vec![app("web", 2)],
-                ..Snapshot::default()
-            },
-            Time::ZERO,
-            Timestamp(1),
-        );
+        let mut c = with_apps(vec![app("web", 2)]);
         let c1 = hello("c1", "10.244.1.0/24", "10.99.0.2");
         c.connect(&c1, Timestamp(1));
         let key = app("web", 2).key();
@@ -2083,15 +2048,7 @@ mod tests {
 
     #[test]
     fn a_stop_sent_on_an_older_connection_is_no_longer_in_flight_once_the_cell_reconnects() {
-        let mut c = Cluster::restore(
-            BackoffConfig::default(),
-            Snapshot {
-                apps: vec![app("web", 2)],
-                ..Snapshot::default()
-            },
-            Time::ZERO,
-            Timestamp(1),
-        );
+        let mut c = with_apps(vec![app("web", 2)]);
         let (c1, c2) = (
             hello("c1", "10.244.1.0/24", "10.99.0.2"),
             hello("c2", "10.244.2.0/24", "10.99.0.3"),
@@ -2127,12 +2084,7 @@ mod tests {
 
     #[test]
     fn a_delta_that_does_not_follow_on_asks_for_a_snapshot() {
-        let mut c = Cluster::restore(
-            BackoffConfig::default(),
-            Snapshot::default(),
-            Time::ZERO,
-            Timestamp(1),
-        );
+        let mut c = with_apps(vec![]);
         c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
         let delta = |seq| StateDelta {
             seq,
@@ -2168,12 +2120,7 @@ mod tests {
 
     #[test]
     fn routes_and_endpoints_cover_every_cell_not_lost() {
-        let mut c = Cluster::restore(
-            BackoffConfig::default(),
-            Snapshot::default(),
-            Time::ZERO,
-            Timestamp(1),
-        );
+        let mut c = with_apps(vec![]);
         c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
         c.connect(&hello("c2", "10.244.2.0/24", "10.99.0.3"), Timestamp(1));
         for (cell, id, addr) in [("c1", "a", "10.244.1.2"), ("c2", "b", "10.244.2.2")] {
@@ -2288,12 +2235,7 @@ mod tests {
 
     #[test]
     fn reserved_work_counts_until_its_cell_reports_it() {
-        let mut c = Cluster::restore(
-            BackoffConfig::default(),
-            Snapshot::default(),
-            Time::ZERO,
-            Timestamp(1),
-        );
+        let mut c = with_apps(vec![]);
         c.connect(&hello("c1", "10.244.1.0/24", "10.99.0.2"), Timestamp(1));
         let full = Capacity {
             memory_mb: 1024,

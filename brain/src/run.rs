@@ -1011,24 +1011,7 @@ impl Loop {
                     task,
                 } => {
                     tracing::info!(%cell, instance = %id, "sending a start again: the cell's snapshot does not show it");
-                    let request = self.request_id();
-                    self.requests.insert(
-                        request,
-                        &cell,
-                        Request::Start {
-                            id: id.clone(),
-                            slot,
-                            task,
-                        },
-                    );
-                    self.send(
-                        &cell,
-                        Message::StartWork(StartWork {
-                            request,
-                            id,
-                            spec: *spec,
-                        }),
-                    );
+                    self.send_start(&cell, id, *spec, slot, task);
                 }
             }
         }
@@ -1765,28 +1748,35 @@ impl Loop {
         }
         self.metrics.placed(accepted.len());
         for (cell, q) in accepted {
-            let request = self.request_id();
-            self.requests.insert(
-                request,
-                &cell,
-                Request::Start {
-                    id: q.item.id.clone(),
-                    slot: q.slot.as_ref().map(|(s, _)| s.clone()),
-                    task: match q.item.kind {
-                        InstanceKind::Task => TaskId::new(q.item.id.as_str()).ok(),
-                        InstanceKind::Lrp => None,
-                    },
-                },
-            );
-            self.send(
-                &cell,
-                Message::StartWork(StartWork {
-                    request,
-                    id: q.item.id,
-                    spec: *q.spec,
-                }),
-            );
+            let task = match q.item.kind {
+                InstanceKind::Task => TaskId::new(q.item.id.as_str()).ok(),
+                InstanceKind::Lrp => None,
+            };
+            let slot = q.slot.map(|(s, _)| s);
+            self.send_start(&cell, q.item.id, *q.spec, slot, task);
         }
+    }
+
+    /// Sends a `StartWork`, noting what it was for to act on its answer.
+    fn send_start(
+        &mut self,
+        cell: &CellId,
+        id: InstanceId,
+        spec: corral_proto::InstanceSpec,
+        slot: Option<LrpKey>,
+        task: Option<TaskId>,
+    ) {
+        let request = self.request_id();
+        self.requests.insert(
+            request,
+            cell,
+            Request::Start {
+                id: id.clone(),
+                slot,
+                task,
+            },
+        );
+        self.send(cell, Message::StartWork(StartWork { request, id, spec }));
     }
 
     fn publish_view(&mut self) {

@@ -733,6 +733,12 @@ fn push_args(app: &str, count: usize, command: &[&str]) -> Vec<String> {
     a
 }
 
+/// `corral push` of acme's `app` (see [`push_args`]), which must succeed.
+fn push_ok(fabric: &Fabric, app: &str, count: usize, command: &[&str]) {
+    let args = push_args(app, count, command);
+    fabric.cli_ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 fn instances_of(fabric: &Fabric, app: &str) -> Option<Value> {
     let o = fabric.cli(&["app", app, "--tenant", "acme", "-o", "json"]);
     if !o.status.success() {
@@ -831,13 +837,7 @@ fn brain_kill9_with_pushes_and_scales_in_flight_loses_nothing_acknowledged() {
     let (mut fabric, cells) = cluster(2, |_| String::new());
     // Steady apps, not touched during the kill: their instances must not restart.
     for app in ["steady-a", "steady-b"] {
-        let o = fabric.cli(
-            &push_args(app, 2, &["/bin/sleep", "100000"])
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        push_ok(&fabric, app, 2, &["/bin/sleep", "100000"]);
     }
     for app in ["steady-a", "steady-b"] {
         fabric.wait_json(&["app", app, "--tenant", "acme"], "2 running", |v| {
@@ -1029,12 +1029,7 @@ fn agent_kill9_while_the_brain_scales_apps_converges_to_what_the_brain_wants() {
     });
     let pins_at_start: Vec<BTreeSet<String>> = cells.iter().map(pins).collect();
     for app in APPS {
-        fabric.cli_ok(
-            &push_args(app, 2, &["/bin/sleep", "100000"])
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
+        push_ok(&fabric, app, 2, &["/bin/sleep", "100000"]);
     }
 
     // The brain scales the apps up and down (0 to 4) all along, so its
@@ -1171,12 +1166,7 @@ fn a_cell_whose_agent_shims_and_instances_all_die_at_once_comes_back_as_the_brai
     let pins_at_start: Vec<BTreeSet<String>> = cells.iter().map(pins).collect();
     let want: BTreeMap<&str, usize> = APPS.iter().map(|a| (*a, 3)).collect();
     for app in APPS {
-        fabric.cli_ok(
-            &push_args(app, 3, &["/bin/sleep", "100000"])
-                .iter()
-                .map(String::as_str)
-                .collect::<Vec<_>>(),
-        );
+        push_ok(&fabric, app, 3, &["/bin/sleep", "100000"]);
     }
     settle(&fabric, &cells, &want, &pins_at_start, seed);
     let doomed: BTreeMap<String, Value> = listed(&cells[0]);
@@ -1313,13 +1303,7 @@ fn a_cell_cut_off_from_the_brain_keeps_serving_and_nothing_runs_above_its_count(
         format!("[network]\nsubnet = \"10.244.{}.0/24\"\n", 21 + i)
     });
     let web = "mkdir -p /www && echo served > /www/index.html && exec httpd -f -p 8080 -h /www";
-    let o = fabric.cli(
-        &push_args("web", DESIRED, &["/bin/sh", "-c", web])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    push_ok(&fabric, "web", DESIRED, &["/bin/sh", "-c", web]);
     let app = ["app", "web", "--tenant", "acme"];
     fabric.wait_json(&app, "4 running on both cells", |v| {
         running_ids(v).len() == DESIRED
